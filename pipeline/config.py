@@ -1,0 +1,106 @@
+"""Typed, bounded configuration of the recognition pipeline.
+
+Loaded once (by the command line or the server) and passed down; nothing here reads the
+environment or files at import time. Every threshold has bounds, so a typo cannot switch a
+check off (a liveness threshold of 0 or a match threshold of -1 is refused at load time).
+
+Why the defaults are what they are (figures from ``facepay eval`` on ../shared/data/bench):
+- ``match.threshold`` 0.45: on LFW View-1 train pairs the impostor cosines' 99.9th percentile
+  is ~0.35 and the EER point ~0.25; a payment system must sit well into the impostor tail
+  because 1:N search multiplies false-match chances by the gallery size. 0.45 keeps
+  ~93% of LFW's hard, unaligned news-photo genuine pairs (camera captures of a cooperating
+  shopper score higher: 0.53-0.98 on ../shared/data/faces) and a passphrase is still asked.
+- ``match.margin`` 0.08: the best subject must beat the second by this much, else the search
+  is ambiguous and asks for phone digits (look-alikes, twins).
+- ``liveness.threshold`` 0.5: the reference operating point of MiniFASNet fusion (p_real);
+  with squared crops it gave APCER 0 / BPCER 0 on NUAA's train subset, single frames. It is
+  applied to the multi-frame fused score, not to single frames.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DetectorConfig(_Strict):
+    """Face detector selection and thresholds."""
+
+    name: Literal["yunet"] = "yunet"
+    #: Real faces scored >= 0.88 on LFW (central faces, 861 images) and ~0.92-0.95 on the
+    #: shared photos; background texture scored up to 0.70 (biden2.jpg's painting).
+    score_threshold: float = Field(0.75, ge=0.3, le=0.99)
+    nms_threshold: float = Field(0.3, ge=0.05, le=0.9)
+    top_k: int = Field(50, ge=1, le=500)
+    max_side: int = Field(640, ge=64, le=4096)
+
+
+class EmbedderConfig(_Strict):
+    """Embedder selection."""
+
+    name: Literal["mobilefacenet"] = "mobilefacenet"
+    flip_augment: bool = False
+
+
+class LivenessConfig(_Strict):
+    """Passive liveness model selection and operating point (fused p_real)."""
+
+    name: Literal["minifasnet_fusion", "minifasnet_v2", "minifasnet_v1se"] = "minifasnet_fusion"
+    threshold: float = Field(0.5, ge=0.2, le=0.99)
+
+
+class QualityConfig(_Strict):
+    """Per-frame quality gate (a frame failing it adds no evidence)."""
+
+    min_face_px: float = Field(64.0, ge=32.0, le=1000.0)
+    min_sharpness: float = Field(20.0, ge=0.0, le=2000.0)
+    max_yaw_deg: float = Field(30.0, ge=5.0, le=60.0)
+    max_pitch_deg: float = Field(25.0, ge=5.0, le=60.0)
+    min_brightness: float = Field(40.0, ge=0.0, le=128.0)
+    max_brightness: float = Field(215.0, ge=128.0, le=255.0)
+    min_detection_score: float = Field(0.8, ge=0.3, le=0.99)
+
+
+class EvidenceConfig(_Strict):
+    """How much video a verdict needs, and how frame scores are fused."""
+
+    min_frames: int = Field(5, ge=2, le=300)
+    min_span_s: float = Field(0.3, ge=0.0, le=30.0)
+    window_s: float = Field(3.0, ge=0.3, le=60.0)
+    max_frames: int = Field(60, ge=2, le=1000)
+    #: Fraction of the lowest single-frame liveness scores ignored by the fusion: a genuine
+    #: face scored as low as 0.33 on single frames (blur, a blink) and must not flip to spoof.
+    trim_low: float = Field(0.2, ge=0.0, le=0.5)
+    #: A spoof verdict is allowed early when this many frames are all far below the
+    #: threshold (p_real < spoof_floor): a print or a screen rarely scores above 0.05.
+    spoof_fast_frames: int = Field(4, ge=2, le=300)
+    spoof_floor: float = Field(0.1, ge=0.0, le=0.5)
+    #: Use the landmark-rigidity cue (planar motion) as extra spoof evidence. Off by default:
+    #: see docs/pipeline.md, measured on synthetic streams only.
+    use_rigidity: bool = False
+    rigidity_min_frames: int = Field(10, ge=4, le=300)
+
+
+class MatchConfig(_Strict):
+    """1:N acceptance: above threshold AND ahead of the second-best subject by margin."""
+
+    threshold: float = Field(0.45, ge=0.2, le=0.95)
+    margin: float = Field(0.08, ge=0.0, le=0.5)
+    top_k: int = Field(5, ge=2, le=100)
+
+
+class PipelineConfig(_Strict):
+    """Everything the pipeline needs; selected by name, bounded, immutable."""
+
+    detector: DetectorConfig = DetectorConfig()
+    embedder: EmbedderConfig = EmbedderConfig()
+    liveness: LivenessConfig = LivenessConfig()
+    quality: QualityConfig = QualityConfig()
+    evidence: EvidenceConfig = EvidenceConfig()
+    match: MatchConfig = MatchConfig()
+    intra_op_threads: int = Field(1, ge=1, le=64)

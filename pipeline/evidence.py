@@ -1,0 +1,199 @@
+"""Per-track evidence across frames, and the live / spoof / undecided verdict.
+
+One frame never decides. Genuine single frames score as low as 0.33 (blur, a blink, a hand
+passing), prints and screens occasionally score high on one frame, so the verdict rests on:
+- fused liveness: a trimmed mean of the window's p_real that drops the lowest ``trim_low``
+  fraction (dips from a live face are forgiven; a spoof scores low on most frames, which
+  trimming cannot hide);
+- enough video: at least ``min_frames`` quality-passed frames over ``min_span_s`` seconds;
+- a fast spoof exit when the last ``spoof_fast_frames`` frames all score under ``spoof_floor``;
+- optionally, the rigidity cue (``use_rigidity``): a sheet of paper or a tablet moves as one
+  rigid plane, so its five landmarks follow an affine map of their first position exactly,
+  while a real head turning even a few degrees moves the nose off that map (parallax). The
+  residual, in eye distances, is reported in every verdict (``nonrigidity``).
+The embedding is the quality-weighted mean of the frames' embeddings, re-normalised.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from pipeline.analyzer import FaceAnalysis
+from pipeline.config import EvidenceConfig
+from pipeline.embedder import l2_normalise
+from pipeline.types import FloatArray
+
+Status = Literal["live", "spoof", "undecided"]
+#: Landmark motion (in eye distances) below which the rigidity cue has nothing to say: a
+#: face that stays still is consistent with any model.
+_RIGIDITY_MIN_MOTION = 0.3
+#: Affine residual (eye distances) under which the motion counts as a rigid plane. YuNet's
+#: landmark jitter on rigidly moved photos measured 0.006-0.031 (80th pct) over 15 streams.
+_RIGID_PLANE_RESIDUAL = 0.035
+
+
+@dataclass(frozen=True, slots=True)
+class FrameEvidence:
+    """What one quality-passed frame contributed."""
+
+    t: float
+    p_real: float | None
+    embedding: FloatArray | None
+    weight: float
+    landmarks: FloatArray
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The evidence's current conclusion about one face track."""
+
+    status: Status
+    reasons: tuple[str, ...]
+    liveness: float | None
+    frames: int
+    span_s: float
+    embedding: FloatArray | None
+    nonrigidity: float | None
+    motion: float | None
+
+    def to_json(self) -> dict[str, object]:
+        """JSON-ready summary (never the embedding itself)."""
+        return {
+            "status": self.status,
+            "reasons": list(self.reasons),
+            "liveness": None if self.liveness is None else round(self.liveness, 4),
+            "frames": self.frames,
+            "span_s": round(self.span_s, 3),
+            "nonrigidity": None if self.nonrigidity is None else round(self.nonrigidity, 4),
+            "motion": None if self.motion is None else round(self.motion, 3),
+        }
+
+
+def trimmed_mean(values: FloatArray, trim_low: float) -> float:
+    """Mean after dropping the lowest ``trim_low`` fraction (at least one value is kept)."""
+    ordered = np.sort(values)
+    drop = min(int(len(ordered) * trim_low), len(ordered) - 1)
+    return float(ordered[drop:].mean())
+
+
+def rigidity(landmarks: list[FloatArray]) -> tuple[float, float]:
+    """(non-rigidity, motion) of a landmark sequence, both in eye distances.
+
+    Non-rigidity is the 80th percentile over frames of the RMS residual of the best affine
+    map from the first frame's five landmarks to that frame's; motion is the largest mean
+    landmark displacement from the first frame.
+    """
+    ref = landmarks[0].astype(np.float64)
+    eye = float(np.linalg.norm(ref[1] - ref[0])) or 1.0
+    design = np.hstack([ref, np.ones((5, 1))])
+    residuals, motions = [], []
+    for pts in landmarks[1:]:
+        target = pts.astype(np.float64)
+        coef, *_ = np.linalg.lstsq(design, target, rcond=None)
+        err = target - design @ coef
+        residuals.append(float(np.sqrt((err**2).sum(axis=1).mean())) / eye)
+        motions.append(float(np.linalg.norm(target - ref, axis=1).mean()) / eye)
+    if not residuals:
+        return 0.0, 0.0
+    return float(np.percentile(residuals, 80)), float(max(motions))
+
+
+class EvidenceAccumulator:
+    """Collects frames of one face track and judges them."""
+
+    def __init__(self, config: EvidenceConfig, liveness_threshold: float) -> None:
+        self.config = config
+        self.liveness_threshold = liveness_threshold
+        self.frames: deque[FrameEvidence] = deque(maxlen=config.max_frames)
+        self.rejected: dict[str, int] = {}
+        self.seen = 0
+
+    def add(self, t: float, analysis: FaceAnalysis) -> bool:
+        """Add one frame's analysis; returns whether it counted (quality passed)."""
+        self.seen += 1
+        if not analysis.quality.ok:
+            for reason in analysis.quality.reasons:
+                self.rejected[reason] = self.rejected.get(reason, 0) + 1
+            return False
+        self.frames.append(
+            FrameEvidence(
+                t=t,
+                p_real=analysis.p_real,
+                embedding=analysis.embedding,
+                weight=max(analysis.quality.weight, 1e-3),
+                landmarks=analysis.face.landmarks_array(),
+            )
+        )
+        # The window slides: old evidence about a face that has since changed must not count.
+        while self.frames and t - self.frames[0].t > self.config.window_s:
+            self.frames.popleft()
+        return True
+
+    @property
+    def embeddings_count(self) -> int:
+        """How many frames in the window carry an embedding."""
+        return sum(1 for f in self.frames if f.embedding is not None)
+
+    def fused_liveness(self) -> float | None:
+        """Trimmed mean of the window's liveness scores, or None without any."""
+        scores = np.array([f.p_real for f in self.frames if f.p_real is not None], np.float32)
+        return trimmed_mean(scores, self.config.trim_low) if scores.size else None
+
+    def mean_embedding(self) -> FloatArray | None:
+        """Quality-weighted mean of the window's embeddings, L2-normalised."""
+        pairs = [(f.embedding, f.weight) for f in self.frames if f.embedding is not None]
+        if not pairs:
+            return None
+        stacked = np.stack([e for e, _ in pairs])
+        weights = np.array([w for _, w in pairs], dtype=np.float32)
+        return l2_normalise((stacked * weights[:, None]).sum(axis=0))
+
+    def verdict(self) -> Verdict:
+        """Live, spoof or undecided, with reasons."""
+        cfg = self.config
+        scored = [f for f in self.frames if f.p_real is not None]
+        span = scored[-1].t - scored[0].t if scored else 0.0
+        fused = self.fused_liveness()
+        nonrigid: float | None = None
+        motion: float | None = None
+        if len(self.frames) >= 2:
+            nonrigid, motion = rigidity([f.landmarks for f in self.frames])
+
+        def make(status: Status, *reasons: str) -> Verdict:
+            return Verdict(
+                status=status,
+                reasons=reasons,
+                liveness=fused,
+                frames=len(scored),
+                span_s=span,
+                embedding=self.mean_embedding() if status == "live" else None,
+                nonrigidity=nonrigid,
+                motion=motion,
+            )
+
+        recent = [f.p_real for f in scored[-cfg.spoof_fast_frames :] if f.p_real is not None]
+        if len(recent) >= cfg.spoof_fast_frames and max(recent) < cfg.spoof_floor:
+            return make("spoof", "liveness_low")
+        if len(scored) < cfg.min_frames:
+            return make("undecided", "need_more_frames")
+        if span < cfg.min_span_s:
+            return make("undecided", "need_longer_video")
+        assert fused is not None  # scored is non-empty here
+        if fused < self.liveness_threshold:
+            return make("spoof", "liveness_low")
+        if (
+            cfg.use_rigidity
+            and len(self.frames) >= cfg.rigidity_min_frames
+            and motion is not None
+            and nonrigid is not None
+            and motion >= _RIGIDITY_MIN_MOTION
+            and nonrigid < _RIGID_PLANE_RESIDUAL
+        ):
+            return make("spoof", "rigid_plane")
+        if self.embeddings_count == 0:
+            return make("undecided", "no_embedding")
+        return make("live")

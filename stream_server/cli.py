@@ -1,0 +1,76 @@
+"""The ``facepay`` command line.
+
+Contract (DESIGN.md §5): JSON on stdout, human messages on stderr; exit 0 on success, 1 on a
+refused operation, 2 on a usage or connection error. Each sub-command lives in its own
+``cli_*`` module exposing ``register(subparsers)``; handlers return an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pipeline.errors import FacePayError
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def emit(obj: Any) -> None:
+    """Print one JSON object on stdout (one line)."""
+    sys.stdout.write(json.dumps(obj, separators=(",", ":"), default=str) + "\n")
+    sys.stdout.flush()
+
+
+def say(message: str) -> None:
+    """A human message on stderr."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on usage errors, as the contract wants; keep it but print to stderr."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser with every sub-command registered."""
+    from stream_server import cli_models, cli_pipeline
+
+    parser = _Parser(prog="facepay", description="FacePay face payment server and tools")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for module in (cli_models, cli_pipeline):
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``facepay`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except FacePayError as exc:
+        say(f"facepay: {exc}")
+        emit({"error": exc.code, "message": str(exc)})
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        say("facepay: interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
