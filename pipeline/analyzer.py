@@ -23,7 +23,6 @@ from pipeline.models import ModelStore
 from pipeline.quality import QualityReport, QualityThresholds, assess
 from pipeline.types import Face, FloatArray, ImageArray
 
-
 _T = TypeVar("_T")
 _Factory = Callable[[ModelStore, PipelineConfig], _T]
 

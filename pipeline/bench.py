@@ -129,9 +129,17 @@ def _raw_model_ms(
         total = 0.0
         for m in live.models:
             crop = liveness_crop(frame, face.box, m.scale)
-            lfeed = {
-                m.session.get_inputs()[0].name: crop.transpose(2, 0, 1)[None].astype(np.float32)
-            }
-            total += _median_ms(lambda s=m.session, f=lfeed: s.run(None, f), iterations)
+            blob = crop.transpose(2, 0, 1)[None].astype(np.float32)
+            feed = {m.session.get_inputs()[0].name: blob}
+            total += _median_ms(_runner(m.session, feed), iterations)
         out["liveness"] = total
     return out
+
+
+def _runner(session: Any, feed: dict[str, Any]) -> Callable[[], object]:
+    """A bound ``session.run`` for timing (a closure per model, not a late-bound lambda)."""
+
+    def run() -> object:
+        return session.run(None, feed)
+
+    return run

@@ -86,6 +86,16 @@ class EvidenceConfig(_Strict):
     rigidity_min_frames: int = Field(10, ge=4, le=300)
 
 
+class TrackerConfig(_Strict):
+    """Face tracking across frames (see ``pipeline.tracker.Tracker``)."""
+
+    iou_threshold: float = Field(0.3, ge=0.05, le=0.95)
+    max_missed: int = Field(15, ge=1, le=300)
+    max_age_s: float = Field(1.0, ge=0.1, le=30.0)
+    embedding_threshold: float = Field(0.3, ge=-1.0, le=0.9)
+    relink_threshold: float = Field(0.6, ge=0.0, le=1.0)
+
+
 class MatchConfig(_Strict):
     """1:N acceptance: above threshold AND ahead of the second-best subject by margin."""
 
@@ -102,5 +112,6 @@ class PipelineConfig(_Strict):
     liveness: LivenessConfig = LivenessConfig()
     quality: QualityConfig = QualityConfig()
     evidence: EvidenceConfig = EvidenceConfig()
+    tracker: TrackerConfig = TrackerConfig()
     match: MatchConfig = MatchConfig()
     intra_op_threads: int = Field(1, ge=1, le=64)

@@ -91,7 +91,7 @@ class YuNetDetector:
         """Faces in a BGR image, best score first."""
         image = to_bgr(image)
         blob, scale = self._prepare(image)
-        ph, pw = blob.shape[2:]
+        pw = blob.shape[3]
         outs = dict(zip(self._outputs, self.session.run(None, {self._input: blob}), strict=True))
         all_boxes, all_kps, all_scores = [], [], []
         for stride in STRIDES:

@@ -37,6 +37,18 @@ class ModelChecksumError(ModelError):
     code = "model_checksum"
 
 
+class DownloadRefused(ModelError):
+    """A server answered, but its file was refused (HTTP error, too large, wrong sha256)."""
+
+    code = "download_refused"
+
+
+class DownloadUnreachable(ModelError):
+    """No HTTP answer came back from a URL (refused connection, DNS, timeout, reset)."""
+
+    code = "download_unreachable"
+
+
 class ConfigError(FacePayError):
     """Configuration is invalid or names an unknown component."""
 

@@ -163,7 +163,9 @@ def protocol_scores(
     Failures to acquire are kept (as the lowest possible score) rather than dropped, so they
     count against the system as the protocol intends. Returns also the number of such pairs.
     """
-    genuine, impostor, failed = [], [], 0
+    genuine: list[float] = []
+    impostor: list[float] = []
+    failed = 0
     for a_name, a_n, b_name, b_n in pairs:
         a = embeddings.get(lfw_image(root, a_name, a_n))
         b = embeddings.get(lfw_image(root, b_name, b_n))

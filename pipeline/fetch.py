@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from pipeline.errors import ModelError
+from pipeline.errors import DownloadRefused, DownloadUnreachable, ModelError
 from pipeline.models import ModelSpec, verify_model
 
 log = logging.getLogger(__name__)
@@ -39,18 +39,6 @@ ALLOWED_SCHEMES = ("http", "https")
 USER_AGENT = "facepay-models-fetch/1"
 
 Progress = Callable[[str], None]
-
-
-class DownloadRefused(ModelError):
-    """A server answered, but its file was refused (HTTP error, too large, wrong sha256)."""
-
-    code = "download_refused"
-
-
-class DownloadUnreachable(ModelError):
-    """No HTTP answer came back from a URL (refused connection, DNS, timeout, reset)."""
-
-    code = "download_unreachable"
 
 
 @dataclass(slots=True)

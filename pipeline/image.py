@@ -19,30 +19,51 @@ MIN_SIDE = 16
 
 
 def _peek_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG or JPEG header without decoding, else None.
+    """(width, height) from a PNG, JPEG, WebP or BMP header without decoding, else None.
 
     Lets us refuse a decompression bomb (tiny file, enormous dimensions) before OpenCV
-    allocates the full image.
+    allocates the full image: a 10 KB WebP claiming 16000x16000 otherwise costs ~1.5 GB.
     """
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
         width, height = struct.unpack(">II", data[16:24])
         return int(width), int(height)
     if data[:2] == b"\xff\xd8":
-        i = 2
-        while i + 9 < len(data):
-            if data[i] != 0xFF:
-                i += 1
-                continue
-            marker = data[i + 1]
-            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
-                i += 1 if marker == 0xFF else 2
-                continue
-            (seg_len,) = struct.unpack(">H", data[i + 2 : i + 4])
-            # SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC) carry the frame size.
-            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-                height, width = struct.unpack(">HH", data[i + 5 : i + 9])
-                return int(width), int(height)
-            i += 2 + seg_len
+        return _peek_jpeg(data)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
+        chunk = data[12:16]
+        if chunk == b"VP8X":
+            width = int.from_bytes(data[24:27], "little") + 1
+            height = int.from_bytes(data[27:30], "little") + 1
+            return width, height
+        if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+            width, height = struct.unpack("<HH", data[26:30])
+            return width & 0x3FFF, height & 0x3FFF
+        if chunk == b"VP8L" and data[20] == 0x2F:
+            bits = int.from_bytes(data[21:25], "little")
+            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        return None
+    if data[:2] == b"BM" and len(data) >= 26:
+        width, height = struct.unpack("<ii", data[18:26])
+        return abs(width), abs(height)
+    return None
+
+
+def _peek_jpeg(data: bytes) -> tuple[int, int] | None:
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            i += 1
+            continue
+        marker = data[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+            i += 1 if marker == 0xFF else 2
+            continue
+        (seg_len,) = struct.unpack(">H", data[i + 2 : i + 4])
+        # SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC) carry the frame size.
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+            return int(width), int(height)
+        i += 2 + seg_len
     return None
 
 
@@ -82,7 +103,12 @@ def decode_image(data: bytes) -> ImageArray:
     if len(data) > MAX_FILE_BYTES:
         raise ImageError(f"image file is too large ({len(data)} bytes; at most {MAX_FILE_BYTES})")
     size = _peek_size(data)
-    if size is not None and size[0] * size[1] > MAX_PIXELS:
+    if size is None:
+        # Only formats whose size we can read before decoding are accepted (see above).
+        raise ImageError(
+            "image data is corrupt or in an unsupported format (use JPEG, PNG, WebP or BMP)"
+        )
+    if size[0] * size[1] > MAX_PIXELS:
         raise ImageError(f"image is too large ({size[0]}x{size[1]}); at most {MAX_PIXELS} pixels")
     buf = np.frombuffer(data, dtype=np.uint8)
     # IMREAD_COLOR applies the EXIF orientation (phone photos are often stored sideways with

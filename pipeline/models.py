@@ -153,5 +153,7 @@ class ModelStore:
                 row.update(ok=False, error=str(exc), found=sha256_file(self.models_dir / spec.file))
             except ModelMissingError as exc:
                 row.update(ok=False, error=str(exc), found=None)
+            except OSError as exc:  # unreadable file: report it, keep checking the rest
+                row.update(ok=False, error=f"cannot read {spec.file}: {exc}", found=None)
             rows.append(row)
         return rows

@@ -14,6 +14,7 @@ from pipeline.analyzer import FaceAnalyzer
 from pipeline.config import PipelineConfig
 from pipeline.evaluate import (
     SampleSet,
+    Selection,
     all_pair_scores,
     analyse_images,
     identity_folders,
@@ -153,19 +154,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if folder is not None and not folder.is_dir():
             say(f"facepay eval: {folder} is not a folder")
             return EXIT_USAGE
-    analyzer = build_analyzer(args)
-    how = args.face_select or ("central" if args.pairs else "single")
-    folders = identity_folders(args.faces_dir)
-    items = [(name, p) for name, paths in folders for p in paths]
+    pairs: list[tuple[str, int, str, int]] = []
     if args.pairs:
         try:
             pairs = parse_pairs(args.pairs)
         except (OSError, ValueError) as exc:
             say(f"facepay eval: cannot read pairs file: {exc}")
             return EXIT_USAGE
+    analyzer = build_analyzer(args)
+    how: Selection = args.face_select or ("central" if args.pairs else "single")
+    folders = identity_folders(args.faces_dir)
+    items = [(name, p) for name, paths in folders for p in paths]
+    if args.pairs:
         known = {p for _, p in items}
         items += [it for it in pair_images(pairs, args.faces_dir) if it[1] not in known]
-    say(f"facepay eval: {len(items)} images of {len(folders)} identities")
+    say(f"facepay eval: {len(items)} images in {len(folders)} folders")
     samples: SampleSet = analyse_images(
         analyzer, items, how, embed=True, liveness=False, progress=_progress("faces")
     )
@@ -184,7 +187,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         proto = verification_report(pg, pi, threshold).to_json()
         proto["pairs_file"] = str(args.pairs)
         proto["failed_to_acquire"] = failed
-        proto["accuracy_at_eer_threshold"] = _accuracy(pg, pi, proto["eer_threshold"])
+        eer_thr = proto["eer_threshold"]
+        proto["accuracy_at_eer_threshold"] = _accuracy(
+            pg, pi, eer_thr if isinstance(eer_thr, float) else None
+        )
         out["protocol"] = proto
         plot_sets["pairs file"] = (pg, pi)
     pad: dict[str, Any] | None = None

@@ -278,3 +278,28 @@ def test_accepts_gray_and_list_gaps(obama: np.ndarray) -> None:
     assert len(frames) == 3 and frames[1].shape == (120, 160, 3)
     with pytest.raises(ValueError, match="uint8"):
         list(generate_frames(obama.astype(np.float32), spec))
+
+
+def test_cover_mode_never_shows_the_background(data_dir: Path) -> None:
+    """Camera view: every pixel comes from the photo, even at the motion extremes."""
+    photo = cv2.imread(str(data_dir / "spoof" / "image_T1.jpg"))
+    assert photo is not None
+    spec = StreamSpec(
+        frames=40,
+        cover=True,
+        motion_px=20,
+        noise_std=0,
+        brightness_jitter=0,
+        blur_prob=0,
+        background=(255, 0, 255),
+    )
+    for frame in generate_frames(photo, spec):
+        magenta = np.all(frame == (255, 0, 255), axis=2)
+        assert not magenta.any()
+    # Focus keeps the chosen region (here the upper third) in view.
+    h, w = photo.shape[:2]
+    top = StreamSpec(frames=1, cover=True, focus=(0, 0, w, h / 3), noise_std=0)
+    plan = plan_frames(photo.shape, top)[0]
+    assert plan.matrix is not None
+    cy_frame = plan.matrix[1][1] * (h / 6) + plan.matrix[1][0] * (w / 2) + plan.matrix[1][2]
+    assert cy_frame < spec.height / 2

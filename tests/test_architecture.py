@@ -1,0 +1,57 @@
+"""Rules of the code base that a reviewer would otherwise check by hand."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from pipeline.config import PipelineConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+FORBIDDEN_IN_PIPELINE = {"asyncio", "aiohttp", "aiortc", "redis", "av", "session", "stream_server"}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "pipeline").glob("*.py")), ids=lambda p: p.name)
+def test_pipeline_is_pure(path):
+    bad = _imports(path) & FORBIDDEN_IN_PIPELINE
+    assert not bad, f"{path.name} imports {bad}: pipeline/ must stay numpy/OpenCV/onnxruntime"
+
+
+def test_config_refuses_unknown_keys():
+    with pytest.raises(ValidationError):
+        PipelineConfig.model_validate({"liveness": {"treshold": 0.5}})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"liveness": {"threshold": 0.0}},
+        {"match": {"threshold": -1}},
+        {"match": {"margin": 0.9}},
+        {"evidence": {"min_frames": 1}},
+        {"detector": {"name": "haar"}},
+    ],
+)
+def test_config_refuses_out_of_bounds_values(bad):
+    with pytest.raises(ValidationError):
+        PipelineConfig.model_validate(bad)
+
+
+def test_config_is_immutable():
+    cfg = PipelineConfig()
+    with pytest.raises(ValidationError):
+        cfg.match.threshold = 0.1  # type: ignore[misc]

@@ -1,0 +1,136 @@
+"""Evidence accumulation: the mechanisms (dips, frames, span, fast spoof, window, rigidity).
+
+Unit tests of one piece, so frame analyses are built by hand.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.analyzer import FaceAnalysis
+from pipeline.config import EvidenceConfig
+from pipeline.evidence import EvidenceAccumulator, rigidity, trimmed_mean
+from pipeline.quality import QualityReport
+from pipeline.types import Box, Face
+
+LANDMARKS = ((40.0, 50.0), (72.0, 50.0), (56.0, 70.0), (43.0, 90.0), (69.0, 90.0))
+
+
+def _quality(ok: bool = True, weight: float = 0.8) -> QualityReport:
+    return QualityReport(ok, () if ok else ("blurry",), 120, 300, 0, 0, 120, weight if ok else 0)
+
+
+def _analysis(p_real, embedding=None, ok=True, weight=0.8, landmarks=LANDMARKS):
+    face = Face(Box(20, 20, 100, 120), landmarks, 0.93)
+    return FaceAnalysis(face, _quality(ok, weight), p_real, embedding)
+
+
+def _unit(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(128).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def _feed(acc, scores, fps=30.0, start=0):
+    for i, p in enumerate(scores, start=start):
+        acc.add(i / fps, _analysis(p, _unit(i)))
+
+
+def test_single_frame_dips_of_a_live_face_do_not_flip_the_verdict():
+    acc = EvidenceAccumulator(EvidenceConfig(), 0.5)
+    # Genuine single frames measured as low as 0.33; two such dips among ten frames.
+    _feed(acc, [0.97, 0.33, 0.95, 0.98, 0.35, 0.96, 0.99, 0.94, 0.97, 0.96])
+    assert acc.verdict().status == "live"
+
+
+def test_mostly_low_scores_are_spoof_even_with_some_high_frames():
+    acc = EvidenceAccumulator(EvidenceConfig(), 0.5)
+    _feed(acc, [0.2, 0.9, 0.15, 0.3, 0.95, 0.2, 0.25, 0.3, 0.2, 0.3])
+    verdict = acc.verdict()
+    assert verdict.status == "spoof" and verdict.reasons == ("liveness_low",)
+    assert verdict.embedding is None
+
+
+def test_needs_enough_frames_and_enough_time():
+    cfg = EvidenceConfig(min_frames=5, min_span_s=0.3)
+    acc = EvidenceAccumulator(cfg, 0.5)
+    _feed(acc, [0.99] * 4)
+    assert acc.verdict().reasons == ("need_more_frames",)
+    fast = EvidenceAccumulator(cfg, 0.5)
+    _feed(fast, [0.99] * 8, fps=100.0)  # 8 frames within 70 ms
+    assert fast.verdict().reasons == ("need_longer_video",)
+    _feed(acc, [0.99] * 6, start=4)  # 10 frames at 30 fps: 0.3 s
+    assert acc.verdict().status == "live"
+
+
+def test_fast_spoof_exit_before_the_full_window():
+    acc = EvidenceAccumulator(EvidenceConfig(spoof_fast_frames=4, spoof_floor=0.1), 0.5)
+    _feed(acc, [0.01, 0.02, 0.0, 0.03])
+    assert acc.verdict().status == "spoof"
+    acc2 = EvidenceAccumulator(EvidenceConfig(spoof_fast_frames=4, spoof_floor=0.1), 0.5)
+    _feed(acc2, [0.01, 0.02, 0.4, 0.03])  # one frame above the floor: wait for more video
+    assert acc2.verdict().status == "undecided"
+
+
+def test_quality_failures_add_no_evidence_and_are_counted():
+    acc = EvidenceAccumulator(EvidenceConfig(), 0.5)
+    for i in range(10):
+        acc.add(i / 30, _analysis(0.99, _unit(i), ok=False))
+    verdict = acc.verdict()
+    assert verdict.status == "undecided" and verdict.frames == 0
+    assert acc.rejected == {"blurry": 10}
+
+
+def test_window_slides_old_frames_out():
+    acc = EvidenceAccumulator(EvidenceConfig(window_s=1.0), 0.5)
+    for i in range(30):
+        acc.add(i * 0.1, _analysis(0.05, _unit(i)))  # spoof-like for 3 s
+    for i in range(30, 45):
+        acc.add(i * 0.1, _analysis(0.99, _unit(i)))  # then live-like for 1.5 s
+    assert all(f.t >= 3.4 for f in acc.frames)
+    assert acc.verdict().status == "live"
+
+
+def test_mean_embedding_is_quality_weighted_and_normalised():
+    acc = EvidenceAccumulator(EvidenceConfig(), 0.5)
+    a, b = _unit(1), _unit(2)
+    acc.add(0.0, _analysis(0.9, a, weight=0.9))
+    acc.add(0.1, _analysis(0.9, b, weight=0.1))
+    mean = acc.mean_embedding()
+    assert mean is not None and np.linalg.norm(mean) == pytest.approx(1.0, abs=1e-5)
+    assert float(mean @ a) > float(mean @ b)
+
+
+def test_trimmed_mean_drops_only_the_lowest_share():
+    values = np.array([0.1, 0.9, 0.9, 0.9, 0.9], np.float32)
+    assert trimmed_mean(values, 0.2) == pytest.approx(0.9)
+    assert trimmed_mean(values, 0.0) == pytest.approx(0.74)
+    assert trimmed_mean(np.array([0.3], np.float32), 0.5) == pytest.approx(0.3)
+
+
+def _rotate_head(yaw_deg: float) -> np.ndarray:
+    """Project a 3-D face (nose sticks out) turned by yaw: not an affine map of frontal."""
+    pts3 = np.array([[-16, -10, 0], [16, -10, 0], [0, 10, 18], [-13, 30, 2], [13, 30, 2]], float)
+    a = np.deg2rad(yaw_deg)
+    rot = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+    return (pts3 @ rot.T)[:, :2] + 60
+
+
+def test_rigidity_separates_a_moved_plane_from_a_turning_head():
+    base = np.array(LANDMARKS)
+    plane = [base * s + [dx, 0] for s, dx in [(1, 0), (1.1, 10), (0.95, 25), (1.05, 40)]]
+    nonrigid, motion = rigidity(plane)
+    assert nonrigid < 1e-6 and motion > 0.3
+    head = [_rotate_head(y) for y in (0, 8, 15, -10)]
+    nonrigid_head, _ = rigidity(head)
+    assert nonrigid_head > 0.035
+
+
+def test_rigidity_cue_flags_a_moved_plane_only_when_enabled():
+    cfg_on = EvidenceConfig(use_rigidity=True, rigidity_min_frames=10)
+    for cfg, expected in [(EvidenceConfig(), "live"), (cfg_on, "spoof")]:
+        acc = EvidenceAccumulator(cfg, 0.5)
+        for i in range(12):
+            moved = tuple((x * (1 + 0.02 * i) + 4 * i, y) for x, y in LANDMARKS)
+            acc.add(i / 30, _analysis(0.95, _unit(i), landmarks=moved))
+        assert acc.verdict().status == expected

@@ -1,0 +1,64 @@
+"""Quality gate: each failure is reported with its reason."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.align import align
+from pipeline.quality import assess, estimate_pose
+from pipeline.types import Box, Face
+
+
+def _report(analyzer, image):
+    faces = analyzer.detect(image)
+    assert faces, "expected a face"
+    face = max(faces, key=lambda f: f.box.area)
+    return assess(face, align(image, face), analyzer.limits)
+
+
+def test_good_photo_passes(analyzer, photo):
+    report = _report(analyzer, photo("faces/obama/obama.jpg"))
+    assert report.ok and report.reasons == () and report.weight > 0
+
+
+def test_small_face_is_too_small(analyzer, photo):
+    image = photo("faces/obama/obama.jpg")
+    tiny = cv2.resize(image, (image.shape[1] // 6, image.shape[0] // 6))
+    assert "too_small" in _report(analyzer, tiny).reasons
+
+
+def test_blurred_face_is_blurry(analyzer, photo):
+    blurred = cv2.GaussianBlur(photo("spoof/image_T1.jpg"), (0, 0), 6)
+    assert "blurry" in _report(analyzer, blurred).reasons
+
+
+def test_dark_and_bright_exposure(analyzer, photo):
+    image = photo("faces/obama/obama.jpg").astype(np.float32)
+    dark = np.clip(image * 0.2, 0, 255).astype(np.uint8)
+    bright = np.clip(image * 1.9 + 60, 0, 255).astype(np.uint8)
+    assert "too_dark" in _report(analyzer, dark).reasons
+    assert "too_bright" in _report(analyzer, bright).reasons
+
+
+def test_profile_face_is_turned_away(analyzer, photo):
+    faces = analyzer.detect(photo("faces/group/obama_and_biden.jpg"))
+    image = photo("faces/group/obama_and_biden.jpg")
+    reasons = [assess(f, align(image, f), analyzer.limits).reasons for f in faces]
+    assert sum("turned_away" in r for r in reasons) == 1  # the man in profile
+    assert sum(r == () for r in reasons) == 2
+
+
+def test_pose_is_zero_for_the_template_and_signed_for_turns():
+    frontal = Face(
+        Box(0, 0, 112, 112),
+        ((38.29, 51.70), (73.53, 51.50), (56.03, 71.74), (41.55, 92.37), (70.73, 92.20)),
+        0.9,
+    )
+    yaw, pitch = estimate_pose(frontal)
+    assert yaw == pytest.approx(0, abs=2) and pitch == pytest.approx(0, abs=2)
+    pts = list(frontal.landmarks)
+    pts[2] = (pts[2][0] + 15, pts[2][1])  # nose pushed to the image right
+    turned = Face(frontal.box, tuple(pts), 0.9)
+    assert estimate_pose(turned)[0] > 20
