@@ -63,3 +63,64 @@ class QualityError(FacePayError):
     def __init__(self, message: str, reasons: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.reasons = reasons
+
+
+# --- session and payment errors (raised by session/, translated at the edge) -----------------
+
+
+class StoreUnavailable(FacePayError):
+    """Redis cannot be reached or failed mid-operation; nothing was committed."""
+
+    code = "unavailable"
+
+
+class NotFound(FacePayError):
+    """A merchant, terminal, account or payment does not exist (or is not yours)."""
+
+    code = "not_found"
+
+
+class AuthError(FacePayError):
+    """A token is missing, unknown or revoked."""
+
+    code = "unauthorized"
+
+
+class Forbidden(FacePayError):
+    """Authenticated, but not allowed (another merchant's data, wrong terminal mode)."""
+
+    code = "forbidden"
+
+
+class Conflict(FacePayError):
+    """The thing already exists (account id taken, order already paid)."""
+
+    code = "conflict"
+
+
+class InvalidRequest(FacePayError):
+    """A request is malformed or out of bounds (amount, order id, message shape)."""
+
+    code = "invalid_request"
+
+
+class IllegalTransition(FacePayError):
+    """A session was asked to move between states that are not connected."""
+
+    code = "illegal_transition"
+
+
+class AccountLocked(FacePayError):
+    """Too many wrong passphrases; the account is locked until ``until`` (epoch seconds)."""
+
+    code = "locked"
+
+    def __init__(self, message: str, until: float | None = None) -> None:
+        super().__init__(message)
+        self.until = until
+
+
+class LimitExceeded(FacePayError):
+    """The payment is above the per-payment or the daily limit."""
+
+    code = "limit"

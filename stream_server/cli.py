@@ -41,12 +41,12 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The full parser with every sub-command registered."""
-    from stream_server import cli_models, cli_pipeline
+    from stream_server import cli_models, cli_pipeline, cli_replay, cli_server
 
     parser = _Parser(prog="facepay", description="FacePay face payment server and tools")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for module in (cli_models, cli_pipeline):
+    for module in (cli_models, cli_pipeline, cli_server, cli_replay):
         module.register(sub)
     return parser
 

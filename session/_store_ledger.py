@@ -1,0 +1,186 @@
+"""Private base of ``session.store.Store``: key naming, the audit stream, passphrase lockout
+and the payment ledger. ``Store`` inherits these methods; code against ``Store`` only.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.commands.core import AsyncScript
+
+from pipeline.errors import Conflict, InvalidRequest, LimitExceeded, NotFound
+from session import _store_lua as h
+from session.models import Payment
+
+
+class PaymentConflict(Conflict):
+    """Conflict raised when an order is already paid; ``payment_id`` names that payment.
+
+    A ``Conflict`` for every caller that catches ``Conflict``; the message ends with the
+    existing payment id as well.
+    """
+
+    def __init__(self, message: str, payment_id: str) -> None:
+        super().__init__(message)
+        self.payment_id = payment_id
+
+
+class StoreCore:
+    """Shared state and the ledger/lockout/audit half of ``Store``."""
+
+    _r: Redis
+    _p: str
+    _pay_script: AsyncScript
+
+    def _init_core(self, redis: Redis, prefix: str) -> None:
+        self._r = redis
+        self._p = prefix
+        self._pay_script = redis.register_script(h.PAY_LUA)
+
+    def _k(self, *parts: str) -> str:
+        """A key under this store's prefix: ``_k("pay", mid, order)`` -> ``fp:pay:mid:order``."""
+        return self._p + ":".join(parts)
+
+    def _queue_audit(self, pipe: Pipeline, entry: dict[str, str]) -> None:
+        """Queue an XADD of a checked audit entry into a MULTI/EXEC pipeline."""
+        pipe.xadd(self._k("audit"), entry, maxlen=h.AUDIT_MAXLEN, approximate=True)  # type: ignore[arg-type]
+
+    # --- audit --------------------------------------------------------------------------
+    async def audit(self, event: str, **fields: str) -> None:
+        """Append to the audit stream (refuses field names that could carry secrets)."""
+        entry = h.audit_fields(event, time.time(), fields)
+        with h.unavailable("audit"):
+            await self._r.xadd(
+                self._k("audit"),
+                entry,  # type: ignore[arg-type]
+                maxlen=h.AUDIT_MAXLEN,
+                approximate=True,
+            )
+
+    async def read_audit(self, count: int = 100) -> list[dict[str, str]]:
+        """The newest ``count`` audit records, oldest first."""
+        if count <= 0:
+            return []
+        with h.unavailable("read_audit"):
+            rows = await self._r.xrevrange(self._k("audit"), count=count)
+        return [h.decode_hash(fields) for _, fields in reversed(rows or [])]
+
+    # --- passphrase lockout ---------------------------------------------------------------
+    async def locked_until(self, account_id: str) -> float | None:
+        """Epoch seconds the account stays locked, or None."""
+        with h.unavailable("locked_until"):
+            raw = await self._r.get(self._k("lock", account_id))
+        if raw is None:
+            return None
+        until = float(h.text(raw))
+        return until if until > time.time() else None
+
+    async def record_failure(
+        self, account_id: str, max_attempts: int, lockout_s: float
+    ) -> tuple[int, float | None]:
+        """Count a wrong passphrase; returns (attempts left, locked_until if now locked).
+
+        The counter lives ``lockout_s`` after the latest failure; reaching ``max_attempts``
+        sets ``fp:lock:{aid}`` for ``lockout_s`` and resets the counter.
+        """
+        if max_attempts < 1 or not lockout_s > 0 or not math.isfinite(lockout_s):
+            raise InvalidRequest("max_attempts must be >= 1 and lockout_s > 0")
+        ttl_ms = max(1, math.ceil(lockout_s * 1000))
+        fail_key, lock_key = self._k("fail", account_id), self._k("lock", account_id)
+        with h.unavailable("record_failure"):
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.incr(fail_key)
+                pipe.pexpire(fail_key, ttl_ms)
+                count, _ = await pipe.execute()
+            if int(count) < max_attempts:
+                return max_attempts - int(count), None
+            until = time.time() + lockout_s
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.set(lock_key, repr(until), px=ttl_ms)
+                pipe.delete(fail_key)
+                await pipe.execute()
+        return 0, until
+
+    async def clear_failures(self, account_id: str) -> None:
+        """Reset the wrong-passphrase counter after a correct one."""
+        with h.unavailable("clear_failures"):
+            await self._r.delete(self._k("fail", account_id))
+
+    # --- payments -------------------------------------------------------------------------
+    async def find_payment(self, merchant_id: str, order_id: str) -> Payment | None:
+        """The payment for this order, if any."""
+        with h.unavailable("find_payment"):
+            raw = await self._r.hgetall(self._k("pay", merchant_id, order_id))
+        return h.payment_from_hash(h.decode_hash(raw)) if raw else None
+
+    async def create_payment(
+        self,
+        *,
+        merchant_id: str,
+        order_id: str,
+        account_id: str,
+        terminal_id: str,
+        amount: int,
+        currency: str,
+        daily_limit: int,
+        payment_id: str | None = None,
+    ) -> Payment:
+        """Write one payment atomically (Lua): Conflict if the order is already paid,
+        LimitExceeded if the account's daily total would pass ``daily_limit``. Audit ``payment``.
+
+        ``payment_id`` (new random id by default) is chosen before the script runs, so a call
+        that redis-py retries after a lost reply finds its own payment and succeeds. The
+        Conflict for an order paid by another payment is a ``PaymentConflict`` whose
+        ``payment_id`` attribute (and message) names the existing payment.
+        """
+        h.check_payment_args(order_id, amount, currency, daily_limit)
+        pid = payment_id or f"p_{secrets.token_urlsafe(16)}"
+        now = time.time()
+        day = datetime.fromtimestamp(now, UTC).strftime("%Y%m%d")
+        keys = [
+            self._k("pay", merchant_id, order_id),
+            self._k("payid", pid),
+            self._k("daily", account_id, day),
+            self._k("audit"),
+        ]
+        args: list[Any] = [
+            pid,
+            merchant_id,
+            order_id,
+            account_id,
+            terminal_id,
+            str(amount),
+            currency,
+            repr(now),
+            str(daily_limit),
+            f"{merchant_id}:{order_id}",
+            str(h.DAILY_TTL_S),
+            str(h.AUDIT_MAXLEN),
+        ]
+        with h.unavailable("create_payment"):
+            status, value = await self._pay_script(keys=keys, args=args)
+        status, value = h.text(status), h.text(value)
+        if status == "limit":
+            raise LimitExceeded("daily limit reached for this account")
+        if status == "exists" and value != pid:
+            raise PaymentConflict(f"order already paid by payment {value}", value)
+        # "ok", or "exists" with our own id: a retried call whose first attempt committed.
+        return await self.get_payment(pid)
+
+    async def get_payment(self, payment_id: str) -> Payment:
+        """A payment by id, or NotFound."""
+        with h.unavailable("get_payment"):
+            ref = await self._r.get(self._k("payid", payment_id))
+            if ref is None:
+                raise NotFound("no such payment")
+            merchant_id, _, order_id = h.text(ref).partition(":")
+            raw = await self._r.hgetall(self._k("pay", merchant_id, order_id))
+        if not raw:
+            raise NotFound("no such payment")
+        return h.payment_from_hash(h.decode_hash(raw))

@@ -1,0 +1,165 @@
+"""Private helpers of ``session.store``: the payment Lua script, Redis error mapping, input
+checks and reply decoding. Nothing here is part of the public interface.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from pipeline.errors import InvalidRequest, StoreUnavailable
+from session.models import Payment
+
+AUDIT_MAXLEN = 100_000
+DAILY_TTL_S = 2 * 24 * 3600
+MAX_AUDIT_VALUE = 256
+
+# Field names that could carry a secret or biometric data are refused by ``audit``.
+FORBIDDEN_AUDIT_WORDS = (
+    "passphrase",
+    "pass",
+    "hash",
+    "embedding",
+    "template",
+    "image",
+    "frame",
+    "token",
+)
+RESERVED_AUDIT_FIELDS = frozenset({"event", "t"})
+
+_ACCOUNT_ID = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+_PHONE = re.compile(r"\+?[0-9]{6,20}")
+_ORDER_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_CURRENCY = re.compile(r"[A-Z]{3}")
+
+# KEYS: 1 pay hash, 2 payid key, 3 daily key, 4 audit stream
+# ARGV: 1 payment_id, 2 merchant_id, 3 order_id, 4 account_id, 5 terminal_id, 6 amount,
+#       7 currency, 8 created, 9 daily_limit, 10 payid value, 11 daily ttl, 12 audit maxlen
+# Returns {"ok", pid} | {"exists", existing_pid} | {"limit", spent_today}.
+PAY_LUA = """
+local existing = redis.call('HGET', KEYS[1], 'payment_id')
+if existing then
+  return {'exists', existing}
+end
+local amount = tonumber(ARGV[6])
+local spent = tonumber(redis.call('GET', KEYS[3]) or '0')
+if spent + amount > tonumber(ARGV[9]) then
+  return {'limit', tostring(spent)}
+end
+redis.call('HSET', KEYS[1],
+  'payment_id', ARGV[1], 'merchant_id', ARGV[2], 'order_id', ARGV[3],
+  'account_id', ARGV[4], 'terminal_id', ARGV[5], 'amount', ARGV[6],
+  'currency', ARGV[7], 'created', ARGV[8], 'status', 'captured')
+redis.call('SET', KEYS[2], ARGV[10])
+redis.call('INCRBY', KEYS[3], ARGV[6])
+redis.call('EXPIRE', KEYS[3], tonumber(ARGV[11]))
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[12], '*',
+  'event', 'payment', 't', ARGV[8], 'payment_id', ARGV[1], 'merchant_id', ARGV[2],
+  'order_id', ARGV[3], 'account_id', ARGV[4], 'terminal_id', ARGV[5], 'amount', ARGV[6])
+return {'ok', ARGV[1]}
+"""
+
+
+@contextmanager
+def unavailable(what: str) -> Iterator[None]:
+    """Turn any Redis (or socket) failure inside the block into ``StoreUnavailable``."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise StoreUnavailable(f"redis unavailable during {what} ({type(exc).__name__})") from exc
+
+
+def text(value: object) -> str:
+    """A Redis reply (bytes or str) as str."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8")
+    return str(value)
+
+
+def decode_hash(raw: Mapping[Any, Any] | None) -> dict[str, str]:
+    """HGETALL's bytes mapping as str -> str."""
+    return {text(k): text(v) for k, v in (raw or {}).items()}
+
+
+def has_control(value: str) -> bool:
+    """True if ``value`` holds an ASCII/Unicode C0 or C1 control character."""
+    return any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value)
+
+
+def check_account_fields(account_id: str, name: str, phone: str) -> tuple[str, str]:
+    """Validate enrolment fields; returns the (name, phone) as stored. InvalidRequest."""
+    check_account_id(account_id)
+    name = name.strip() if isinstance(name, str) else ""
+    if not 1 <= len(name) <= 100 or has_control(name):
+        raise InvalidRequest("name must be 1 to 100 characters without control characters")
+    # People type phone numbers with spaces, dashes, dots and brackets: keep only the digits
+    # (and a leading +) so "+1 202-555-0101" and "+12025550101" are the same number.
+    phone = phone.strip() if isinstance(phone, str) else ""
+    phone = re.sub(r"[\s\-().]", "", phone)
+    if not _PHONE.fullmatch(phone):
+        raise InvalidRequest("phone must be 6 to 20 digits with an optional leading +")
+    return name, phone
+
+
+def check_account_id(account_id: str) -> None:
+    """InvalidRequest unless 1-64 characters of ``[A-Za-z0-9_.@-]``."""
+    if not isinstance(account_id, str) or not _ACCOUNT_ID.fullmatch(account_id):
+        raise InvalidRequest("account id must be 1 to 64 characters of [A-Za-z0-9_.@-]")
+
+
+def check_label(value: str, what: str, limit: int = 100) -> str:
+    """A stripped 1..limit character label without control characters, or InvalidRequest."""
+    value = value.strip() if isinstance(value, str) else ""
+    if not 1 <= len(value) <= limit or has_control(value):
+        raise InvalidRequest(f"{what} must be 1 to {limit} characters without control characters")
+    return value
+
+
+def check_payment_args(order_id: str, amount: int, currency: str, daily_limit: int) -> None:
+    """InvalidRequest for a malformed order id, amount, currency or limit."""
+    if not isinstance(order_id, str) or not _ORDER_ID.fullmatch(order_id):
+        raise InvalidRequest("order id must be 1 to 64 characters of [A-Za-z0-9_.:-]")
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+        raise InvalidRequest("amount must be a positive integer (minor units)")
+    if not isinstance(currency, str) or not _CURRENCY.fullmatch(currency):
+        raise InvalidRequest("currency must be three upper-case letters")
+    if isinstance(daily_limit, bool) or not isinstance(daily_limit, int) or daily_limit < 0:
+        raise InvalidRequest("daily limit must be a non-negative integer")
+
+
+def audit_fields(event: str, t: float, fields: Mapping[str, str]) -> dict[str, str]:
+    """The stream entry for an audit event; InvalidRequest for a secret-ish field name."""
+    if not isinstance(event, str) or not event or len(event) > 64 or has_control(event):
+        raise InvalidRequest("audit event must be a short name")
+    entry = {"event": event, "t": repr(t)}
+    for name, value in fields.items():
+        lowered = name.lower()
+        if lowered in RESERVED_AUDIT_FIELDS:
+            raise InvalidRequest(f"audit field {name!r} is reserved")
+        if any(word in lowered for word in FORBIDDEN_AUDIT_WORDS):
+            raise InvalidRequest(f"audit field {name!r} could carry a secret; refused")
+        if not isinstance(value, str):
+            raise InvalidRequest(f"audit field {name!r} must be a string")
+        if len(value) > MAX_AUDIT_VALUE:
+            raise InvalidRequest(f"audit field {name!r} is longer than {MAX_AUDIT_VALUE}")
+        entry[name] = value
+    return entry
+
+
+def payment_from_hash(raw: Mapping[str, str]) -> Payment:
+    """A ``Payment`` from its decoded Redis hash."""
+    return Payment(
+        payment_id=raw["payment_id"],
+        merchant_id=raw["merchant_id"],
+        order_id=raw["order_id"],
+        account_id=raw["account_id"],
+        terminal_id=raw["terminal_id"],
+        amount=int(raw["amount"]),
+        currency=raw["currency"],
+        created=float(raw["created"]),
+        status=raw.get("status", "captured"),
+    )

@@ -1,0 +1,423 @@
+"""One checkout: newest frames in, one decision out, exactly one payment at most.
+
+The session runs as one asyncio task per terminal checkout. All CPU work (frame conversion,
+inference, argon2) goes to the executor; the event loop only waits and routes messages.
+Every failure closes: Redis down, a timeout, a dropped terminal or an unexpected error
+declines, and no payment is written without a correct passphrase.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, NoReturn, Protocol
+
+from pipeline.analyzer import FaceAnalyzer
+from pipeline.errors import (
+    Conflict,
+    IllegalTransition,
+    InvalidRequest,
+    LimitExceeded,
+    NotFound,
+    StoreUnavailable,
+)
+from pipeline.gallery import Decision
+from pipeline.stream import StreamAnalyzer, TrackReport
+from pipeline.types import FloatArray, ImageArray
+from session.config import FacePayConfig
+from session.crypto import PassphraseHasher
+from session.directory import Directory
+from session.frames import FrameSlot
+from session.models import Account, format_amount
+from session.states import CheckoutMachine, CheckoutState
+from session.store import Store
+
+log = logging.getLogger(__name__)
+S = CheckoutState
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+#: Face boxes are pushed to the terminal at most this often (the page draws them).
+FACES_EVENT_INTERVAL_S = 0.2
+#: After a frame with several comparable faces, no decision for this long: sizes flicker
+#: around the crowd ratio from frame to frame, and one frame below it must not let the
+#: session pick a face.
+CROWD_HOLD_S = 1.0
+
+
+class Observer(Protocol):
+    """What a session reports to the edge (metrics); all methods must be cheap."""
+
+    def frame_processed(self, timings_ms: dict[str, float]) -> None: ...
+
+    def confirm_latency(self, seconds: float) -> None: ...
+
+    def decision(self, mode: str, outcome: str, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class SessionServices:
+    """What a session needs from the server, injected."""
+
+    config: FacePayConfig
+    store: Store
+    directory: Directory
+    analyzer: FaceAnalyzer
+    hasher: PassphraseHasher
+    executor: Executor
+    to_bgr: Callable[[Any], ImageArray]
+    observer: Observer
+
+
+@dataclass(frozen=True)
+class CheckoutRequest:
+    """What the terminal asked for."""
+
+    merchant_id: str
+    terminal_id: str
+    order_id: str
+    amount: int
+    currency: str
+
+
+class _Ended(Exception):
+    """Internal: the session reached a terminal state."""
+
+
+class CheckoutSession:
+    """Scanning -> verifying -> awaiting passphrase -> approved / declined."""
+
+    def __init__(
+        self,
+        services: SessionServices,
+        request: CheckoutRequest,
+        frames: FrameSlot[Any],
+        emit: Emit,
+    ) -> None:
+        self.svc = services
+        self.req = request
+        self.frames = frames
+        self.emit = emit
+        self.machine = CheckoutMachine()
+        self.session_id = "c_" + secrets.token_urlsafe(9)
+        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=16)
+        self.policy = services.config.policy
+        self._stream = StreamAnalyzer(services.analyzer, services.config.pipeline)
+        self._first_frame_t: float | None = None
+        self._last_faces_event = 0.0
+        self.payment_id: str | None = None
+        self._crowded = False
+        self._crowd_until = 0.0
+
+    # --- input from the terminal --------------------------------------------------------
+    def deliver(self, message: dict[str, Any]) -> None:
+        """Queue a terminal message (passphrase, phone_digits, cancel) for the session.
+
+        A message that does not fit the current state is refused with IllegalTransition
+        (the edge answers with an error event; the session is unaffected).
+        """
+        kind = message.get("type")
+        expected = {"passphrase": S.AWAITING_PASSPHRASE, "phone_digits": S.AWAITING_PHONE}
+        if self.machine.finished:
+            raise IllegalTransition(f"the checkout has ended ({self.machine.state})")
+        if kind in expected and self.machine.state is not expected[kind]:
+            raise IllegalTransition(f"{kind} is not expected while {self.machine.state}")
+        try:
+            self.inbox.put_nowait(message)
+        except asyncio.QueueFull as exc:
+            raise InvalidRequest("too many messages; wait for the session") from exc
+
+    # --- life cycle ---------------------------------------------------------------------
+    async def run(self) -> CheckoutState:
+        """Run to a terminal state; never raises (except cancellation)."""
+        try:
+            await self._run()
+        except _Ended:
+            pass
+        except StoreUnavailable:
+            log.warning("checkout %s: store unavailable; declining", self.session_id)
+            await self._finish(S.DECLINED, "unavailable")
+        except asyncio.CancelledError:
+            if not self.machine.finished:
+                self.machine.move(S.CANCELLED, "disconnected")
+                self.svc.observer.decision("checkout", "cancelled", "disconnected")
+            raise
+        except Exception:  # a bug must decline, never approve or hang
+            log.exception("checkout %s failed; declining", self.session_id)
+            if not self.machine.finished:
+                await self._finish(S.DECLINED, "internal_error")
+        return self.machine.state
+
+    async def _run(self) -> None:
+        paid = await self.svc.store.find_payment(self.req.merchant_id, self.req.order_id)
+        if paid is not None:
+            await self._finish(S.DECLINED, "duplicate_order", payment_id=paid.payment_id)
+        await self._set(S.SCANNING)
+        deadline = time.monotonic() + self.policy.session_timeout_s
+        account, subject = await self._recognise(deadline)
+        await self._confirm(account, subject)
+
+    async def _set(self, state: CheckoutState, **extra: Any) -> None:
+        self.machine.move(state)
+        await self._send(
+            {"type": "state", "state": str(state), "session_id": self.session_id, **extra}
+        )
+
+    async def _finish(self, state: CheckoutState, reason: str, **extra: Any) -> NoReturn:
+        """Move to a terminal state, tell the terminal, and stop the session."""
+        self.machine.move(state, reason)
+        outcome = str(state)
+        if state is S.DECLINED:
+            await self._send({"type": "declined", "reason": reason, **extra})
+        await self._send(
+            {"type": "state", "state": outcome, "reason": reason, "session_id": self.session_id}
+        )
+        self.svc.observer.decision("checkout", outcome, reason)
+        raise _Ended
+
+    async def _send(self, event: dict[str, Any]) -> None:
+        try:
+            await self.emit(event)
+        except (ConnectionError, RuntimeError):
+            # The terminal went away; the connection handler cancels us shortly.
+            log.debug("checkout %s: could not send %s", self.session_id, event.get("type"))
+
+    def _check_inbox_for_cancel(self) -> None:
+        while not self.inbox.empty():
+            msg = self.inbox.get_nowait()
+            if msg.get("type") == "cancel":
+                raise _CancelRequested
+
+    # --- recognition --------------------------------------------------------------------
+    async def _recognise(self, deadline: float) -> tuple[Account, str]:
+        """Frames until one live, single, matched face: returns its account and subject."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                self._check_inbox_for_cancel()
+            except _CancelRequested:
+                await self._finish(S.CANCELLED, "cancelled")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                await self._finish(S.TIMEOUT, "session_timeout")
+            item = await self.frames.get(timeout=min(remaining, 0.5))
+            if item is None:
+                continue
+            if self._first_frame_t is None:
+                self._first_frame_t = item.t
+            t0 = time.perf_counter()
+            reports, size = await loop.run_in_executor(
+                self.svc.executor, self._analyse, item.frame, item.t
+            )
+            timings = {"frame": (time.perf_counter() - t0) * 1000}
+            for r in reports:
+                timings.update(r.analysis.timings_ms)
+            self.svc.observer.frame_processed(timings)
+            await self._faces_event(reports, size)
+            live = self._single_live_face(reports)
+            if live is None:
+                continue
+            if live.verdict.status == "spoof":
+                await self._finish(S.DECLINED, "spoof")
+            embedding = live.verdict.embedding
+            assert embedding is not None  # a live verdict carries its embedding
+            return await self._identify(embedding)
+
+    def _analyse(self, frame: Any, t: float) -> tuple[list[TrackReport], tuple[int, int]]:
+        """Worker thread: convert the frame and run the pipeline on it."""
+        image = self.svc.to_bgr(frame)
+        return self._stream.process(image, t), (int(image.shape[1]), int(image.shape[0]))
+
+    def _single_live_face(self, reports: list[TrackReport]) -> TrackReport | None:
+        """The one decided face, or None while undecided or while several people are in view."""
+        if not reports:
+            return None
+        main = max(reports, key=lambda r: r.face.box.area)
+        crowd = [
+            r
+            for r in reports
+            if r is not main
+            and r.face.box.area >= self.policy.crowd_area_ratio * main.face.box.area
+        ]
+        now = time.monotonic()
+        if crowd:
+            self._crowded = True
+            self._crowd_until = now + CROWD_HOLD_S
+            return None
+        if now < self._crowd_until:
+            return None
+        return main if main.verdict.status in ("live", "spoof") else None
+
+    async def _faces_event(self, reports: list[TrackReport], size: tuple[int, int]) -> None:
+        now = time.monotonic()
+        if self._crowded:
+            self._crowded = False
+            await self._send(
+                {
+                    "type": "state",
+                    "state": str(self.machine.state),
+                    "session_id": self.session_id,
+                    "hint": "one_person_at_a_time",
+                }
+            )
+        if now - self._last_faces_event < FACES_EVENT_INTERVAL_S:
+            return
+        self._last_faces_event = now
+        await self._send(
+            {
+                "type": "faces",
+                "width": size[0],
+                "height": size[1],
+                "boxes": [r.face.box.as_list() for r in reports],
+            }
+        )
+
+    async def _identify(self, embedding: FloatArray) -> tuple[Account, str]:
+        await self._set(S.VERIFYING)
+        decision = self.svc.directory.identify(embedding)
+        if decision.status == "ambiguous":
+            decision = await self._narrow_by_phone(embedding)
+        if decision.status != "match" or decision.subject_id is None:
+            await self._finish(S.DECLINED, "no_match")
+        subject = str(decision.subject_id)
+        try:
+            account_id = await self.svc.store.account_for_subject(subject)
+            account = await self.svc.store.get_account(account_id)
+        except NotFound:
+            # Erased between the search and now: behave as if never enrolled.
+            await self._finish(S.DECLINED, "no_match")
+        locked = await self.svc.store.locked_until(account.account_id)
+        if locked is not None:
+            await self._finish(S.DECLINED, "locked", locked_until=locked)
+        return account, subject
+
+    async def _narrow_by_phone(self, embedding: FloatArray) -> Decision:
+        """Ambiguous top-2: ask for the last four phone digits and search again."""
+        self.machine.move(S.AWAITING_PHONE)
+        attempts = self.policy.phone_digit_attempts
+        deadline = time.monotonic() + self.policy.prompt_expiry_s
+        while attempts > 0:
+            await self._send({"type": "need_phone_digits", "attempts_left": attempts})
+            await self._send(
+                {"type": "state", "state": str(S.AWAITING_PHONE), "session_id": self.session_id}
+            )
+            msg = await self._next_message(deadline, "phone_digits")
+            digits = str(msg.get("digits", ""))
+            decision = self.svc.directory.identify(embedding, phone_last4=digits)
+            if decision.status == "match":
+                return decision
+            attempts -= 1
+        await self._finish(S.DECLINED, "ambiguous")
+
+    async def _next_message(self, deadline: float, wanted: str) -> dict[str, Any]:
+        """The next terminal message of type ``wanted`` (or cancel) before ``deadline``."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                await self._finish(S.TIMEOUT, "prompt_expired")
+            try:
+                msg = await asyncio.wait_for(self.inbox.get(), remaining)
+            except TimeoutError:
+                continue
+            if msg.get("type") == "cancel":
+                await self._finish(S.CANCELLED, "cancelled")
+            if msg.get("type") == wanted:
+                return msg
+            await self._send(
+                {
+                    "type": "error",
+                    "code": "illegal_transition",
+                    "message": f"expected {wanted} now, got {msg.get('type')}",
+                }
+            )
+
+    # --- confirmation and payment -------------------------------------------------------
+    async def _confirm(self, account: Account, subject: str) -> None:
+        prompt_id = "q_" + secrets.token_urlsafe(9)
+        expires_in = self.policy.prompt_expiry_s
+        deadline = time.monotonic() + expires_in
+        self.machine.move(S.AWAITING_PASSPHRASE)
+        await self._send(
+            {
+                "type": "confirm",
+                "prompt_id": prompt_id,
+                "account": account.masked_name,
+                "amount": format_amount(self.req.amount),
+                "currency": self.req.currency,
+                "expires_in_s": expires_in,
+                "session_id": self.session_id,
+            }
+        )
+        if self._first_frame_t is not None:
+            self.svc.observer.confirm_latency(time.monotonic() - self._first_frame_t)
+        await self._send(
+            {"type": "state", "state": str(S.AWAITING_PASSPHRASE), "session_id": self.session_id}
+        )
+        stored_hash = await self.svc.store.passphrase_hash(account.account_id)
+        loop = asyncio.get_running_loop()
+        while True:
+            msg = await self._next_message(deadline, "passphrase")
+            if msg.get("prompt_id") != prompt_id:
+                await self._send(
+                    {
+                        "type": "error",
+                        "code": "invalid_request",
+                        "message": "unknown or stale prompt_id",
+                    }
+                )
+                continue
+            passphrase = str(msg.get("passphrase", ""))
+            ok = await loop.run_in_executor(
+                self.svc.executor, self.svc.hasher.verify, stored_hash, passphrase
+            )
+            del passphrase, msg  # keep the secret's lifetime short
+            if ok:
+                break
+            left, locked_until = await self.svc.store.record_failure(
+                account.account_id, self.policy.passphrase_attempts, self.policy.lockout_s
+            )
+            await self.svc.store.audit(
+                "passphrase_failed", account=account.account_id, terminal=self.req.terminal_id
+            )
+            if locked_until is not None:
+                await self._finish(S.DECLINED, "locked", locked_until=locked_until)
+            await self._send({"type": "wrong_passphrase", "attempts_left": left})
+        await self.svc.store.clear_failures(account.account_id)
+        await self._pay(account)
+
+    async def _pay(self, account: Account) -> None:
+        try:
+            payment = await self.svc.store.create_payment(
+                merchant_id=self.req.merchant_id,
+                order_id=self.req.order_id,
+                account_id=account.account_id,
+                terminal_id=self.req.terminal_id,
+                amount=self.req.amount,
+                currency=self.req.currency,
+                daily_limit=self.policy.daily_limit,
+            )
+        except Conflict:
+            await self._finish(S.DECLINED, "duplicate_order")
+        except LimitExceeded:
+            await self._finish(S.DECLINED, "limit")
+        self.payment_id = payment.payment_id
+        self.machine.move(S.APPROVED, "paid")
+        await self._send(
+            {
+                "type": "approved",
+                "payment_id": payment.payment_id,
+                "amount": format_amount(payment.amount),
+                "currency": payment.currency,
+                "account": account.masked_name,
+                "order_id": payment.order_id,
+            }
+        )
+        await self._send({"type": "state", "state": str(S.APPROVED), "session_id": self.session_id})
+        self.svc.observer.decision("checkout", "approved", "paid")
+
+
+class _CancelRequested(Exception):
+    """Internal: a cancel arrived while scanning."""

@@ -1,0 +1,99 @@
+"""The one FacePay configuration object: pipeline, payment policy and server settings.
+
+Loaded once at start-up (``load_config``) and passed down; nothing reads the environment at
+import time. Every field is bounded, unknown keys are refused (a typo in a threshold must not
+silently keep the default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from pipeline.config import PipelineConfig
+from pipeline.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PolicyConfig(_Strict):
+    """Payment policy. Amounts are in minor units (cents, fen)."""
+
+    currency: str = Field("CNY", pattern=r"^[A-Z]{3}$")
+    #: Wrong passphrases before the account is locked, and for how long.
+    passphrase_attempts: int = Field(3, ge=1, le=10)
+    lockout_s: float = Field(900.0, ge=5.0, le=7 * 86400.0)
+    #: From start_checkout to a confirm prompt (scanning + verifying).
+    session_timeout_s: float = Field(60.0, ge=3.0, le=600.0)
+    #: How long a confirm prompt stays valid (DESIGN: at most 30 s).
+    prompt_expiry_s: float = Field(30.0, ge=3.0, le=30.0)
+    #: Terminal has this long after connecting to send a valid hello (DESIGN: 5 s).
+    hello_timeout_s: float = Field(5.0, ge=0.5, le=30.0)
+    max_payment: int = Field(500_00, ge=1, le=10**9)
+    daily_limit: int = Field(2000_00, ge=1, le=10**10)
+    #: Phone-digit answers allowed when the match is ambiguous.
+    phone_digit_attempts: int = Field(2, ge=1, le=5)
+    #: A second face at least this share of the main face's area makes checkout ask for
+    #: one person at a time (no paying for the person behind you).
+    crowd_area_ratio: float = Field(0.5, ge=0.1, le=1.0)
+    #: Gate mode: fare charged per entry, at most once per account per window.
+    gate_fare: int = Field(3_00, ge=1, le=10**6)
+    gate_limit: int = Field(20_00, ge=1, le=10**7)
+    gate_entry_window_s: float = Field(60.0, ge=1.0, le=86400.0)
+
+
+class ServerConfig(_Strict):
+    """Network, storage and secrets."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    #: None: start a private redis-server in ``data_dir`` (embedded default).
+    redis_url: str | None = None
+    data_dir: Path = Path("data")
+    #: Dev mode generates and keeps a template key in data_dir; production must pass one.
+    dev_mode: bool = False
+    admin_token: SecretStr | None = None
+    #: 32-byte AES-GCM key, hex or base64 (FACEPAY_TEMPLATE_KEY).
+    template_key: SecretStr | None = None
+    #: Inference/argon2 workers; None = number of cores.
+    workers: int | None = Field(None, ge=1, le=64)
+    max_message_bytes: int = Field(64 * 1024, ge=1024, le=4 * 1024 * 1024)
+    max_sessions: int = Field(64, ge=1, le=10_000)
+    #: Allowed WebSocket Origin values ("*" or none = any; browsers always send one).
+    allowed_origins: tuple[str, ...] = ()
+
+
+class FacePayConfig(_Strict):
+    """Everything, in one typed object."""
+
+    pipeline: PipelineConfig = PipelineConfig()
+    policy: PolicyConfig = PolicyConfig()
+    server: ServerConfig = ServerConfig()
+
+
+def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> FacePayConfig:
+    """Read a JSON config file (optional) and apply section overrides on top.
+
+    ``overrides`` are nested dicts by section, e.g. ``server={"port": 0}``; values that are
+    None are ignored so command-line options that were not given keep the file's value.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    for section, values in overrides.items():
+        merged = dict(data.get(section, {}))
+        merged.update({k: v for k, v in values.items() if v is not None})
+        data[section] = merged
+    try:
+        return FacePayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc

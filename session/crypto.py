@@ -1,0 +1,154 @@
+"""Template encryption (AES-GCM) and passphrase hashing (argon2id).
+
+Both are CPU work: callers run argon2 in the executor, never on the event loop. AES-GCM over
+a 512-byte template is microseconds and may run inline.
+
+- ``TemplateCipher``: AES-256-GCM, a fresh 12-byte random nonce per template, the subject id
+  as associated data (a blob moved to another subject id does not decrypt). The stored blob is
+  ``nonce || ciphertext || tag``; the plaintext is the template as little-endian float32.
+- ``PassphraseHasher``: argon2id (argon2-cffi) with OWASP's minimum parameters by default.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import unicodedata
+
+import numpy as np
+from argon2 import PasswordHasher, Type
+from argon2.exceptions import InvalidHashError, VerificationError
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from pipeline.errors import ConfigError, InvalidRequest
+from pipeline.types import FloatArray
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+TAG_BYTES = 16
+TEMPLATE_DIM = 128
+PASSPHRASE_MIN = 6
+PASSPHRASE_MAX = 128
+
+_FLOAT_LE = np.dtype("<f4")
+
+
+def generate_key() -> bytes:
+    """A fresh random 32-byte AES-256 key."""
+    return os.urandom(KEY_BYTES)
+
+
+def parse_key(secret: str) -> bytes:
+    """A 32-byte key from hex (64 chars) or base64; ConfigError otherwise.
+
+    The secret itself never appears in an error message.
+    """
+    if not isinstance(secret, str):
+        raise ConfigError("template key must be a string (64 hex characters or base64)")
+    text = secret.strip()
+    if len(text) == 2 * KEY_BYTES:
+        try:
+            return bytes.fromhex(text)
+        except ValueError:
+            pass  # 64 characters that are not hex: may still be base64 of something else
+    key = _b64decode(text)
+    if key is None or len(key) != KEY_BYTES:
+        raise ConfigError(
+            "template key must be 32 bytes given as 64 hex characters or base64 "
+            f"(got {len(text)} characters that decode to neither)"
+        )
+    return key
+
+
+def _b64decode(text: str) -> bytes | None:
+    """Standard or URL-safe base64 (padding optional), or None if it is neither."""
+    if not text:
+        return None
+    padded = text + "=" * (-len(text) % 4)
+    for altchars in (None, b"-_"):
+        try:
+            return base64.b64decode(padded, altchars=altchars, validate=True)
+        except (binascii.Error, ValueError):
+            continue
+    return None
+
+
+class TemplateCipher:
+    """AES-256-GCM over float32 templates; the subject id is the associated data."""
+
+    def __init__(self, key: bytes, *, dim: int = TEMPLATE_DIM) -> None:
+        if not isinstance(key, bytes | bytearray) or len(key) != KEY_BYTES:
+            raise ConfigError(f"template key must be exactly {KEY_BYTES} bytes")
+        self._aead = AESGCM(bytes(key))
+        self.dim = dim
+
+    def encrypt(self, subject_id: str, template: FloatArray) -> bytes:
+        """nonce (12 bytes) || ciphertext+tag of the float32 bytes."""
+        if not subject_id:
+            raise InvalidRequest("subject id is empty")
+        vector = np.asarray(template)
+        if vector.shape != (self.dim,):
+            raise InvalidRequest(f"template must have shape ({self.dim},), got {vector.shape}")
+        if not np.all(np.isfinite(vector)):
+            raise InvalidRequest("template holds non-finite values")
+        plaintext = np.ascontiguousarray(vector, dtype=_FLOAT_LE).tobytes()
+        nonce = os.urandom(NONCE_BYTES)
+        return nonce + self._aead.encrypt(nonce, plaintext, subject_id.encode("utf-8"))
+
+    def decrypt(self, subject_id: str, blob: bytes) -> FloatArray:
+        """The template back, or ``InvalidRequest`` if tampered, wrong key or wrong subject."""
+        expected = NONCE_BYTES + self.dim * _FLOAT_LE.itemsize + TAG_BYTES
+        if len(blob) != expected:
+            raise InvalidRequest("encrypted template has the wrong length")
+        nonce, sealed = bytes(blob[:NONCE_BYTES]), bytes(blob[NONCE_BYTES:])
+        try:
+            plaintext = self._aead.decrypt(nonce, sealed, subject_id.encode("utf-8"))
+        except InvalidTag as exc:
+            raise InvalidRequest(
+                "encrypted template failed authentication (tampered, wrong key or subject)"
+            ) from exc
+        return np.frombuffer(plaintext, dtype=_FLOAT_LE).astype(np.float32)
+
+
+class PassphraseHasher:
+    """argon2id with OWASP's minimum parameters (m=19 MiB, t=2, p=1) by default."""
+
+    def __init__(self, time_cost: int = 2, memory_kib: int = 19456, parallelism: int = 1) -> None:
+        self._hasher = PasswordHasher(
+            time_cost=time_cost,
+            memory_cost=memory_kib,
+            parallelism=parallelism,
+            type=Type.ID,
+        )
+
+    def hash(self, passphrase: str) -> str:
+        """An encoded argon2id hash."""
+        return self._hasher.hash(passphrase)
+
+    def verify(self, encoded: str, passphrase: str) -> bool:
+        """True if the passphrase matches (False on mismatch or a malformed hash)."""
+        try:
+            return self._hasher.verify(encoded, passphrase)
+        except (VerificationError, InvalidHashError, ValueError, TypeError):
+            return False
+
+    def needs_rehash(self, encoded: str) -> bool:
+        """True if ``encoded`` was made with other parameters than this hasher's."""
+        try:
+            return self._hasher.check_needs_rehash(encoded)
+        except (InvalidHashError, ValueError):
+            return True
+
+
+def check_passphrase(passphrase: str) -> None:
+    """InvalidRequest unless 6-128 characters with no control characters."""
+    if not isinstance(passphrase, str):
+        raise InvalidRequest("passphrase must be a string")
+    if not PASSPHRASE_MIN <= len(passphrase) <= PASSPHRASE_MAX:
+        raise InvalidRequest(
+            f"passphrase must be {PASSPHRASE_MIN} to {PASSPHRASE_MAX} characters long"
+        )
+    if any(unicodedata.category(c) == "Cc" for c in passphrase):
+        raise InvalidRequest("passphrase must not contain control characters")

@@ -1,0 +1,72 @@
+"""Newest-frame-wins hand-off from the video receiver to the session worker.
+
+The receiver ``put``s every decoded frame; the worker ``get``s the newest one when it is ready
+for more. A frame replaced before anyone took it counts as dropped: we never queue frames, so
+a slow CPU lowers the analysed frame rate instead of growing a backlog and the latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class TimedFrame(Generic[T]):
+    """A frame and the monotonic time (seconds) it arrived."""
+
+    frame: T
+    t: float
+    index: int
+
+
+class FrameSlot(Generic[T]):
+    """Holds at most one frame: the newest."""
+
+    def __init__(self) -> None:
+        self._item: TimedFrame[T] | None = None
+        self._event = asyncio.Event()
+        self._closed = False
+        self.received = 0
+        self.dropped = 0
+        self.taken = 0
+
+    def put(self, frame: T, t: float) -> None:
+        """Offer a frame; an untaken older frame is dropped."""
+        if self._closed:
+            return
+        if self._item is not None:
+            self.dropped += 1
+        self.received += 1
+        self._item = TimedFrame(frame, t, self.received)
+        self._event.set()
+
+    async def get(self, timeout: float | None = None) -> TimedFrame[T] | None:
+        """The newest frame not yet taken; waits for one. None on timeout or when closed."""
+        while self._item is None and not self._closed:
+            self._event.clear()
+            try:
+                await asyncio.wait_for(self._event.wait(), timeout)
+            except TimeoutError:
+                return None
+        item, self._item = self._item, None
+        if item is not None:
+            self.taken += 1
+        return item
+
+    def clear(self) -> None:
+        """Forget a waiting frame (e.g. when a new checkout starts); not counted as dropped."""
+        self._item = None
+
+    def close(self) -> None:
+        """Wake waiters; further puts are ignored."""
+        self._closed = True
+        self._event.set()
+
+    @property
+    def closed(self) -> bool:
+        """True once the stream has ended."""
+        return self._closed

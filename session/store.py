@@ -1,0 +1,386 @@
+"""FacePay's records on Redis: merchants, terminals, accounts, encrypted templates, links,
+payments, lockouts and the audit stream.
+
+INTERFACE CONTRACT (implemented by the store owner; other modules code against it).
+
+Key layout (prefix ``fp:``), chosen so that a stolen dump does not join faces to people:
+- ``fp:merchant:{mid}`` hash {name, created}
+- ``fp:terminal:{tid}`` hash {merchant_id, mode, token_sha256, created, status}
+- ``fp:termtok:{sha256(token)}`` -> tid
+- ``fp:account:{aid}`` hash {name, phone, phone_last4, passhash, status, created}
+- ``fp:tpl:{sid}`` hash {0: blob, 1: blob, ...}: AES-GCM(nonce || ciphertext), AAD = sid;
+  ``sid`` is random and says nothing about the account
+- ``fp:subjects`` set of sids; ``fp:link:s2a:{sid}`` -> aid; ``fp:link:a2s:{aid}`` set of sids
+  (the only place where a face and a person meet)
+- ``fp:pay:{mid}:{order_id}`` hash (the payment); ``fp:payid:{pid}`` -> "{mid}:{order_id}"
+- ``fp:daily:{aid}:{YYYYMMDD}`` spent today (minor units), expires after 2 days
+- ``fp:fail:{aid}`` failed passphrase counter; ``fp:lock:{aid}`` -> locked-until (TTL)
+- ``fp:audit`` stream: event, time and ids only; never a passphrase, hash, embedding or image
+
+After an enrolment or an erasure commits, the store PUBLISHes ``enrolled:{sid}`` or
+``erased:{sid}`` on channel ``fp:events`` so every server instance updates its directory.
+
+Every Redis failure becomes ``StoreUnavailable`` (chained); multi-key writes are atomic
+(MULTI/EXEC or a Lua script) so a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import cast, get_args
+
+from redis.asyncio import Redis
+from redis.exceptions import WatchError
+
+from pipeline.errors import AuthError, Conflict, InvalidRequest, NotFound
+from pipeline.types import FloatArray
+from session import _store_lua as h
+from session._store_ledger import PaymentConflict, StoreCore
+from session.crypto import TemplateCipher
+from session.models import Account, Merchant, Terminal, TerminalMode
+
+__all__ = ["PaymentConflict", "Store"]
+
+log = logging.getLogger(__name__)
+
+_WATCH_RETRIES = 8
+_PII_FIELDS = ("name", "phone", "phone_last4", "passhash")
+
+
+def _new_id(kind: str, nbytes: int = 16) -> str:
+    """A random id such as ``s_<22 url-safe chars>``; it says nothing about its owner."""
+    return f"{kind}_{secrets.token_urlsafe(nbytes)}"
+
+
+def _token_sha256(token: str) -> str:
+    """The hex sha256 under which a terminal token is stored and looked up."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class Store(StoreCore):
+    """Async access to FacePay's Redis records.
+
+    Lockout (``locked_until``, ``record_failure``, ``clear_failures``), payments
+    (``find_payment``, ``create_payment``, ``get_payment``) and the audit stream (``audit``,
+    ``read_audit``) are inherited from ``session._store_ledger.StoreCore``.
+    """
+
+    def __init__(self, redis: Redis, cipher: TemplateCipher, prefix: str = "fp:") -> None:
+        self._init_core(redis, prefix)
+        self._cipher = cipher
+        self.events_channel = f"{prefix}events"
+
+    async def ping(self) -> bool:
+        """True if Redis answers (never raises)."""
+        try:
+            return bool(await self._r.ping())
+        except Exception:
+            return False
+
+    # --- merchants and terminals ------------------------------------------------------------
+    async def add_merchant(self, name: str) -> Merchant:
+        """Create a merchant with a new random id."""
+        name = h.check_label(name, "merchant name")
+        merchant = Merchant(_new_id("m", 12), name, time.time())
+        with h.unavailable("add_merchant"):
+            await self._r.hset(
+                self._k("merchant", merchant.merchant_id),
+                mapping={"name": name, "created": repr(merchant.created)},
+            )
+        return merchant
+
+    async def get_merchant(self, merchant_id: str) -> Merchant:
+        """The merchant, or NotFound."""
+        with h.unavailable("get_merchant"):
+            raw = h.decode_hash(await self._r.hgetall(self._k("merchant", merchant_id)))
+        if not raw:
+            raise NotFound("no such merchant")
+        return Merchant(merchant_id, raw["name"], float(raw["created"]))
+
+    async def add_terminal(self, merchant_id: str, mode: TerminalMode) -> tuple[Terminal, str]:
+        """Create a terminal; returns it and its token (shown once, stored only as sha256)."""
+        if mode not in get_args(TerminalMode):
+            raise InvalidRequest(f"terminal mode must be one of {get_args(TerminalMode)}")
+        await self.get_merchant(merchant_id)
+        terminal = Terminal(_new_id("t", 12), merchant_id, mode, time.time())
+        token = secrets.token_urlsafe(32)
+        digest = _token_sha256(token)
+        with h.unavailable("add_terminal"):
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.hset(
+                    self._k("terminal", terminal.terminal_id),
+                    mapping={
+                        "merchant_id": merchant_id,
+                        "mode": mode,
+                        "token_sha256": digest,
+                        "created": repr(terminal.created),
+                        "status": terminal.status,
+                    },
+                )
+                pipe.set(self._k("termtok", digest), terminal.terminal_id)
+                await pipe.execute()
+        return terminal, token
+
+    async def get_terminal(self, terminal_id: str) -> Terminal:
+        """The terminal (active or revoked), or NotFound."""
+        with h.unavailable("get_terminal"):
+            raw = h.decode_hash(await self._r.hgetall(self._k("terminal", terminal_id)))
+        if not raw:
+            raise NotFound("no such terminal")
+        return self._terminal(terminal_id, raw)
+
+    async def revoke_terminal(self, terminal_id: str) -> None:
+        """Revoke a terminal: its token stops working at once. NotFound if unknown."""
+        with h.unavailable("revoke_terminal"):
+            key = self._k("terminal", terminal_id)
+            digest = await self._r.hget(key, "token_sha256")
+            if digest is None:
+                raise NotFound("no such terminal")
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.hset(key, mapping={"status": "revoked", "revoked": repr(time.time())})
+                pipe.delete(self._k("termtok", h.text(digest)))
+                entry = h.audit_fields(
+                    "terminal_revoked", time.time(), {"terminal_id": terminal_id}
+                )
+                self._queue_audit(pipe, entry)
+                await pipe.execute()
+
+    async def authenticate_terminal(self, token: str) -> Terminal:
+        """The active terminal whose token this is, or AuthError (constant-time compare)."""
+        if not isinstance(token, str) or not token or len(token) > 256:
+            raise AuthError("missing or malformed terminal token")
+        digest = _token_sha256(token)
+        with h.unavailable("authenticate_terminal"):
+            tid = await self._r.get(self._k("termtok", digest))
+            if tid is None:
+                raise AuthError("unknown terminal token")
+            terminal_id = h.text(tid)
+            raw = h.decode_hash(await self._r.hgetall(self._k("terminal", terminal_id)))
+        stored = raw.get("token_sha256", "")
+        if not hmac.compare_digest(stored.encode(), digest.encode()):
+            raise AuthError("unknown terminal token")
+        if raw.get("status") != "active":
+            raise AuthError("terminal revoked")
+        return self._terminal(terminal_id, raw)
+
+    @staticmethod
+    def _terminal(terminal_id: str, raw: Mapping[str, str]) -> Terminal:
+        mode = raw["mode"]
+        if mode not in get_args(TerminalMode):
+            raise InvalidRequest("stored terminal has an unknown mode")
+        return Terminal(
+            terminal_id=terminal_id,
+            merchant_id=raw["merchant_id"],
+            mode=cast(TerminalMode, mode),
+            created=float(raw["created"]),
+            status=raw.get("status", "active"),
+        )
+
+    # --- accounts and templates ---------------------------------------------------------------
+    async def create_account(
+        self,
+        account_id: str,
+        name: str,
+        phone: str,
+        passphrase_hash: str,
+        templates: list[FloatArray],
+        consent: Mapping[str, str],
+    ) -> tuple[Account, str]:
+        """Create an account with its encrypted templates under a new subject id, atomically.
+
+        Returns (account, subject_id). Conflict if the account id exists (and is not erased).
+        Records ``consent`` and ``enrolled`` audit events (no biometric data).
+        """
+        name, phone = h.check_account_fields(account_id, name, phone)
+        if not isinstance(passphrase_hash, str) or not passphrase_hash.startswith("$argon2"):
+            raise InvalidRequest("passphrase hash must be an encoded argon2 hash")
+        if not templates or len(templates) > 64:
+            raise InvalidRequest("an enrolment needs 1 to 64 templates")
+        now = time.time()
+        sid = _new_id("s", 16)
+        blobs = {str(i): self._cipher.encrypt(sid, t) for i, t in enumerate(templates)}
+        # Built (and so checked) before anything is written. No subject id in the audit: the
+        # link keys are the only place where a face and a person meet.
+        consent_entry = h.audit_fields("consent", now, {**consent, "account_id": account_id})
+        enrolled_entry = h.audit_fields(
+            "enrolled",
+            now,
+            {"account_id": account_id, "subjects": "1", "samples": str(len(blobs))},
+        )
+        account = Account(account_id, name, phone, "active", now)
+        akey, a2s = self._k("account", account_id), self._k("link", "a2s", account_id)
+        with h.unavailable("create_account"):
+            async with self._r.pipeline(transaction=True) as pipe:
+                for _ in range(_WATCH_RETRIES):
+                    try:
+                        await pipe.watch(akey, a2s)
+                        status = await pipe.hget(akey, "status")
+                        if status is not None and h.text(status) != "erased":
+                            if await pipe.sismember(a2s, sid):
+                                break  # our EXEC committed but its reply was lost
+                            raise Conflict("account id already taken")
+                        pipe.multi()
+                        pipe.delete(akey)
+                        pipe.hset(
+                            akey,
+                            mapping={
+                                "name": name,
+                                "phone": phone,
+                                "phone_last4": account.phone_last4,
+                                "passhash": passphrase_hash,
+                                "status": "active",
+                                "created": repr(now),
+                            },
+                        )
+                        pipe.hset(self._k("tpl", sid), mapping=blobs)  # type: ignore[arg-type]
+                        pipe.set(self._k("link", "s2a", sid), account_id)
+                        pipe.sadd(a2s, sid)
+                        pipe.sadd(self._k("subjects"), sid)
+                        self._queue_audit(pipe, consent_entry)
+                        self._queue_audit(pipe, enrolled_entry)
+                        pipe.publish(self.events_channel, f"enrolled:{sid}")
+                        await pipe.execute()
+                        break
+                    except WatchError:
+                        continue
+                else:
+                    raise Conflict("account id is being changed concurrently; try again")
+        return account, sid
+
+    async def get_account(self, account_id: str) -> Account:
+        """The account, or NotFound (an erased account is NotFound)."""
+        with h.unavailable("get_account"):
+            raw = h.decode_hash(await self._r.hgetall(self._k("account", account_id)))
+        if raw.get("status") != "active":
+            raise NotFound("no such account")
+        return Account(account_id, raw["name"], raw["phone"], "active", float(raw["created"]))
+
+    async def passphrase_hash(self, account_id: str) -> str:
+        """The stored argon2id hash, or NotFound."""
+        with h.unavailable("passphrase_hash"):
+            status, passhash = await self._r.hmget(
+                self._k("account", account_id), ["status", "passhash"]
+            )
+        if status is None or h.text(status) != "active" or passhash is None:
+            raise NotFound("no such account")
+        return h.text(passhash)
+
+    async def account_for_subject(self, subject_id: str) -> str:
+        """The account a subject id belongs to, or NotFound."""
+        with h.unavailable("account_for_subject"):
+            aid = await self._r.get(self._k("link", "s2a", subject_id))
+        if aid is None:
+            raise NotFound("no such subject")
+        return h.text(aid)
+
+    async def iter_subjects(self) -> AsyncIterator[tuple[str, list[FloatArray], str]]:
+        """Every enrolled subject: (subject_id, decrypted templates, phone_last4).
+
+        Subjects whose link, account or templates are missing (or fail to decrypt) are
+        skipped with a warning.
+        """
+        cursor: int = 0
+        seen: set[str] = set()
+        while True:
+            with h.unavailable("iter_subjects"):
+                cursor, batch = await self._r.sscan(self._k("subjects"), cursor, count=256)
+                sids = [s for s in dict.fromkeys(h.text(b) for b in batch) if s not in seen]
+                seen.update(sids)
+                rows = await self._subject_rows(sids)
+            for sid, raw, last4 in rows:
+                if raw is None or last4 is None:
+                    log.warning("skipping subject %s: link, account or templates missing", sid)
+                    continue
+                try:
+                    templates = self._decrypt_all(sid, raw)
+                except InvalidRequest:
+                    log.warning("skipping subject %s: templates fail to decrypt", sid)
+                    continue
+                yield sid, templates, last4
+            if int(cursor) == 0:
+                return
+
+    async def get_subject(self, subject_id: str) -> tuple[list[FloatArray], str]:
+        """One subject's decrypted templates and phone_last4 (for live directory updates)."""
+        with h.unavailable("get_subject"):
+            [(_, raw, last4)] = await self._subject_rows([subject_id])
+        if raw is None or last4 is None:
+            raise NotFound("no such subject")
+        return self._decrypt_all(subject_id, raw), last4
+
+    async def _subject_rows(
+        self, sids: list[str]
+    ) -> list[tuple[str, dict[bytes, bytes] | None, str | None]]:
+        """(sid, encrypted templates, phone_last4) per sid; None where a piece is missing."""
+        if not sids:
+            return []
+        async with self._r.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.hgetall(self._k("tpl", sid))
+                pipe.get(self._k("link", "s2a", sid))
+            replies = await pipe.execute()
+        tpls, aids = replies[0::2], [None if a is None else h.text(a) for a in replies[1::2]]
+        async with self._r.pipeline(transaction=False) as pipe:
+            for aid in aids:
+                pipe.hmget(self._k("account", aid or "-"), ["status", "phone_last4"])
+            accounts = await pipe.execute()
+        rows: list[tuple[str, dict[bytes, bytes] | None, str | None]] = []
+        for sid, tpl, aid, (status, last4) in zip(sids, tpls, aids, accounts, strict=True):
+            active = aid is not None and status is not None and h.text(status) == "active"
+            rows.append((sid, tpl or None, h.text(last4) if active and last4 else None))
+        return rows
+
+    def _decrypt_all(self, subject_id: str, raw: Mapping[bytes, bytes]) -> list[FloatArray]:
+        """The templates of one subject in slot order; InvalidRequest if any is damaged."""
+        try:
+            slots = sorted(raw.items(), key=lambda kv: int(h.text(kv[0])))
+        except ValueError as exc:
+            raise InvalidRequest("a stored template slot is malformed") from exc
+        return [self._cipher.decrypt(subject_id, bytes(blob)) for _, blob in slots]
+
+    async def erase_account(self, account_id: str, reason: str = "request") -> int:
+        """Delete templates, links, subject ids and the PII of an account; mark it erased.
+
+        Returns the number of templates deleted; audit ``erased``. NotFound if unknown.
+        """
+        reason = h.check_label(reason, "erasure reason", limit=64)
+        akey, a2s = self._k("account", account_id), self._k("link", "a2s", account_id)
+        with h.unavailable("erase_account"):
+            async with self._r.pipeline(transaction=True) as pipe:
+                for _ in range(_WATCH_RETRIES):
+                    try:
+                        await pipe.watch(akey, a2s)
+                        status = await pipe.hget(akey, "status")
+                        if status is None or h.text(status) != "active":
+                            raise NotFound("no such account")
+                        sids = sorted(h.text(s) for s in await pipe.smembers(a2s))
+                        count = 0
+                        for sid in sids:
+                            count += int(await pipe.hlen(self._k("tpl", sid)))
+                        now = time.time()
+                        pipe.multi()
+                        for sid in sids:
+                            pipe.delete(self._k("tpl", sid), self._k("link", "s2a", sid))
+                            pipe.srem(self._k("subjects"), sid)
+                        pipe.delete(a2s, self._k("fail", account_id), self._k("lock", account_id))
+                        pipe.hdel(akey, *_PII_FIELDS)
+                        pipe.hset(akey, mapping={"status": "erased", "erased": repr(now)})
+                        fields = {
+                            "account_id": account_id,
+                            "reason": reason,
+                            "subjects": str(len(sids)),
+                            "samples": str(count),
+                        }
+                        self._queue_audit(pipe, h.audit_fields("erased", now, fields))
+                        for sid in sids:
+                            pipe.publish(self.events_channel, f"erased:{sid}")
+                        await pipe.execute()
+                        return count
+                    except WatchError:
+                        continue
+        raise Conflict("account is being changed concurrently; try again")

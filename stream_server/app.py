@@ -1,0 +1,108 @@
+"""The aiohttp application factory: ``create_app(config)``.
+
+Shared state lives under ``web.AppKey``s; each resource has its own ``cleanup_ctx`` (Redis
+pool, executor, models and directory, peer connections), so start-up and shutdown are
+symmetric and a test can build an app on any config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from pipeline.analyzer import FaceAnalyzer
+from pipeline.models import ModelStore
+from session.config import FacePayConfig
+from session.crypto import PassphraseHasher, TemplateCipher
+from session.directory import Directory
+from session.store import Store
+from stream_server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("config", FacePayConfig)
+METRICS = web.AppKey("metrics", Metrics)
+REDIS = web.AppKey("redis", aioredis.Redis)
+STORE = web.AppKey("store", Store)
+EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
+ANALYZER = web.AppKey("analyzer", FaceAnalyzer)
+DIRECTORY = web.AppKey("directory", Directory)
+HASHER = web.AppKey("hasher", PassphraseHasher)
+CIPHER = web.AppKey("cipher", TemplateCipher)
+PEERS = web.AppKey("peers", set)  # RTCPeerConnection objects, closed on shutdown
+CONNECTIONS = web.AppKey("connections", set)  # open terminal connections
+MODELS_DIR = web.AppKey("models_dir", str)
+
+
+def create_app(
+    config: FacePayConfig,
+    *,
+    cipher: TemplateCipher,
+    redis_url: str,
+    models_dir: str | os.PathLike[str] | None = None,
+) -> web.Application:
+    """Build the FacePay app. ``redis_url`` is resolved by the caller (embedded or given)."""
+    app = web.Application(client_max_size=8 * 1024 * 1024)
+    app[CONFIG] = config
+    app[METRICS] = Metrics()
+    app[CIPHER] = cipher
+    app[HASHER] = PassphraseHasher()
+    app[PEERS] = set()
+    app[CONNECTIONS] = set()
+    app[MODELS_DIR] = str(models_dir) if models_dir is not None else ""
+
+    async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+        client = aioredis.from_url(
+            redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10
+        )
+        app[REDIS] = client
+        app[STORE] = Store(client, cipher)
+        yield
+        await client.aclose()
+
+    async def executor_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Inference and argon2 release the GIL: one thread per core keeps both cores busy
+        # without oversubscribing (onnxruntime sessions use one intra-op thread each).
+        workers = config.server.workers or os.cpu_count() or 2
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="facepay-work")
+        app[EXECUTOR] = pool
+        yield
+        pool.shutdown(wait=True, cancel_futures=True)
+
+    async def models_ctx(app: web.Application) -> AsyncIterator[None]:
+        store = ModelStore(models_dir, intra_op_threads=1)
+        app[ANALYZER] = FaceAnalyzer.from_config(config.pipeline, store)
+        directory = Directory(config.pipeline.match)
+        count = await directory.load(app[STORE])
+        log.info("directory loaded: %s enrolled subjects", count)
+        app[DIRECTORY] = directory
+        yield
+
+    async def peers_ctx(app: web.Application) -> AsyncIterator[None]:
+        yield
+        for pc in list(app[PEERS]):
+            await pc.close()
+        app[PEERS].clear()
+
+    app.cleanup_ctx.extend([redis_ctx, executor_ctx, models_ctx, peers_ctx])
+    _add_routes(app)
+    return app
+
+
+def _add_routes(app: web.Application) -> None:
+    from stream_server import admin, health, ws
+
+    health.setup(app)
+    admin.setup(app)
+    ws.setup(app)
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    """A compact JSON response."""
+    return web.json_response(data, status=status)

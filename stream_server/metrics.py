@@ -1,0 +1,55 @@
+"""Prometheus metrics, one registry per app (no module-level globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+STAGE_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
+DECISION_BUCKETS = (0.1, 0.2, 0.3, 0.33, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
+
+
+class Metrics:
+    """The server's counters, gauges and histograms."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.sessions = Counter("facepay_sessions", "Sessions started", ["mode"], registry=r)
+        self.sessions_active = Gauge(
+            "facepay_sessions_active", "Terminal connections open", registry=r
+        )
+        self.frames_received = Counter(
+            "facepay_frames_received", "Video frames received", registry=r
+        )
+        self.frames_processed = Counter(
+            "facepay_frames_processed", "Video frames analysed", registry=r
+        )
+        self.frames_dropped = Counter(
+            "facepay_frames_dropped", "Frames replaced by a newer one before analysis", registry=r
+        )
+        self.stage_seconds = Histogram(
+            "facepay_stage_seconds",
+            "Per-stage latency",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.decisions = Counter(
+            "facepay_decisions", "Session outcomes", ["mode", "outcome", "reason"], registry=r
+        )
+        self.confirm_seconds = Histogram(
+            "facepay_confirm_seconds",
+            "Checkout: first frame to confirm prompt",
+            buckets=DECISION_BUCKETS,
+            registry=r,
+        )
+        self.decision_seconds = Histogram(
+            "facepay_gate_decision_seconds",
+            "Gate: first frame at minimum face size to decision",
+            buckets=DECISION_BUCKETS,
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,214 @@
+"""Frame sources for ``facepay replay`` and the track that plays them in real time.
+
+A SOURCE is a photo (made into a camera-view stream with small natural motion by
+:mod:`pipeline.streamgen`), a video file (decoded with PyAV, looped if shorter than needed)
+or a folder of photos (each a short camera-view segment, in name order, with a moment of
+empty scene between them). Every source yields 640x480 BGR frames for ``seconds``; after
+that :class:`ReplayTrack` keeps sending the last frame until it is stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+from aiortc import VideoStreamTrack
+from aiortc.mediastreams import MediaStreamError
+
+from pipeline.errors import FacePayError, ImageError
+from pipeline.image import load_image
+from pipeline.streamgen import StreamSpec, generate_frames
+
+log = logging.getLogger(__name__)
+
+FRAME_W, FRAME_H = 640, 480
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+#: Empty scene shown between two photos of a folder, so a tracker sees two people, not one.
+FOLDER_GAP_S = 0.3
+_CLOCK = 90000
+Box = tuple[float, float, float, float]
+
+
+class ReplaySourceError(FacePayError):
+    """SOURCE is missing, unreadable or holds nothing to stream."""
+
+    code = "bad_source"
+
+
+def _fit(image: np.ndarray) -> np.ndarray:
+    """Scale and centre-crop ``image`` to fill 640x480 (no bars, aspect kept)."""
+    h, w = image.shape[:2]
+    if (w, h) == (FRAME_W, FRAME_H):
+        return image
+    scale = max(FRAME_W / w, FRAME_H / h)
+    size = (max(FRAME_W, round(w * scale)), max(FRAME_H, round(h * scale)))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(image, size, interpolation=interp)
+    x0, y0 = (size[0] - FRAME_W) // 2, (size[1] - FRAME_H) // 2
+    return np.ascontiguousarray(resized[y0 : y0 + FRAME_H, x0 : x0 + FRAME_W])
+
+
+def photo_frames(
+    image: np.ndarray, *, fps: float, seconds: float, focus: Box | None = None, seed: int = 0
+) -> Iterator[np.ndarray]:
+    """A camera-view stream of one photo (``focus``: box in photo pixels to centre on)."""
+    spec = StreamSpec(fps=fps, seconds=seconds, cover=True, focus=focus, seed=seed)
+    return generate_frames(image, spec)
+
+
+def folder_frames(folder: Path, *, fps: float, seconds: float) -> Iterator[np.ndarray]:
+    """Each photo of ``folder`` in name order, ``seconds`` shared out (at least 1 s each)."""
+    photos = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    if not photos:
+        raise ReplaySourceError(f"{folder}: no photos ({', '.join(sorted(IMAGE_EXTS))})")
+    segment = max(1.0, seconds / len(photos))
+    n = round(segment * fps)
+    gap = min(n // 3, round(FOLDER_GAP_S * fps))
+
+    def frames() -> Iterator[np.ndarray]:
+        for i, path in enumerate(photos):
+            try:
+                image = load_image(path)
+            except ImageError as exc:
+                log.warning("skipping %s: %s", path, exc)
+                continue
+            gaps = ((n - gap, n),) if gap and i < len(photos) - 1 else ()
+            spec = StreamSpec(fps=fps, frames=n, cover=True, seed=i, gap_frames=gaps)
+            yield from generate_frames(image, spec)
+
+    return frames()
+
+
+def video_frames(path: Path, *, fps: float, seconds: float) -> Iterator[np.ndarray]:
+    """``seconds`` of ``path`` resampled to ``fps`` in its own time, looped if shorter."""
+    needed = round(seconds * fps)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ReplaySourceError(f"{path}: no video stream")
+    except (av.FFmpegError, OSError) as exc:
+        raise ReplaySourceError(f"{path}: not a readable photo or video ({exc})") from exc
+
+    def frames() -> Iterator[np.ndarray]:
+        produced, offset = 0, 0.0
+        while produced < needed:
+            last: np.ndarray | None = None
+            first_t: float | None = None
+            t = 0.0
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                rate = float(stream.average_rate or 25)
+                for index, frame in enumerate(container.decode(stream)):
+                    ft = frame.time if frame.time is not None else index / rate
+                    first_t = ft if first_t is None else first_t
+                    t = ft - first_t
+                    # Output frames due before this decoded frame show the previous one.
+                    while last is not None and produced < needed and produced / fps < offset + t:
+                        yield last
+                        produced += 1
+                    if produced >= needed:
+                        return
+                    last = _fit(frame.to_ndarray(format="bgr24"))
+            if last is None:
+                raise ReplaySourceError(f"{path}: no decodable video frames")
+            offset += t + 1.0 / rate
+            while produced < needed and produced / fps < offset:
+                yield last
+                produced += 1
+
+    return frames()
+
+
+def open_source(
+    source: str | Path, *, fps: float, seconds: float, focus: Box | None = None
+) -> Iterator[np.ndarray]:
+    """Frames (640x480 BGR) for SOURCE: a photo, a video file or a folder of photos."""
+    path = Path(source)
+    if not path.exists():
+        raise ReplaySourceError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return folder_frames(path, fps=fps, seconds=seconds)
+    if path.suffix.lower() in IMAGE_EXTS:
+        try:
+            image = load_image(path)
+        except ImageError as exc:
+            raise ReplaySourceError(str(exc)) from exc
+        return photo_frames(image, fps=fps, seconds=seconds, focus=focus)
+    return video_frames(path, fps=fps, seconds=seconds)
+
+
+class ReplayTrack(VideoStreamTrack):
+    """Plays BGR frames at ``fps`` in real time; repeats the last one once they run out.
+
+    Frames are produced in a worker thread. ``source_done`` is set when the frames run out;
+    ``first_frame_at`` is the ``time.monotonic()`` of the first frame handed to the sender.
+    """
+
+    def __init__(self, frames: Iterable[np.ndarray], fps: float = 15.0) -> None:
+        super().__init__()
+        if not fps > 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        self.fps = fps
+        self._frames = iter(frames)
+        self._last: np.ndarray | None = None
+        self._pending: asyncio.Future[np.ndarray | None] | None = None
+        self._t0: float | None = None
+        self._pts = 0.0
+        self.frames_sent = 0
+        self.first_frame_at: float | None = None
+        self.source_done = asyncio.Event()
+        self.source_error: str | None = None
+
+    async def next_timestamp(self) -> tuple[int, fractions.Fraction]:
+        """Wait until the next frame is due at ``fps``; return its pts in a 90 kHz clock."""
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._t0 is None:
+            self._t0 = time.monotonic()
+        else:
+            self._pts += _CLOCK / self.fps
+            wait = self._t0 + self._pts / _CLOCK - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        return round(self._pts), fractions.Fraction(1, _CLOCK)
+
+    def _next_source_frame(self) -> np.ndarray | None:
+        try:
+            return next(self._frames, None)
+        except Exception as exc:  # a broken source ends it; the stream goes on
+            log.warning("replay source failed: %s", exc)
+            self.source_error = str(exc)
+            return None
+
+    async def _next_image(self) -> np.ndarray:
+        if not self.source_done.is_set():
+            if self._pending is None:
+                loop = asyncio.get_running_loop()
+                self._pending = loop.run_in_executor(None, self._next_source_frame)
+            image = await asyncio.shield(self._pending)  # survives a cancelled recv()
+            self._pending = None
+            if image is None:
+                self.source_done.set()
+            else:
+                self._last = _fit(image)
+        if self._last is None:
+            self._last = np.full((FRAME_H, FRAME_W, 3), 120, np.uint8)
+        return self._last
+
+    async def recv(self) -> av.VideoFrame:
+        """The next frame, paced at ``fps``."""
+        pts, time_base = await self.next_timestamp()
+        image = await self._next_image()
+        frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+        frame.pts, frame.time_base = pts, time_base
+        if self.first_frame_at is None:
+            self.first_frame_at = time.monotonic()
+        self.frames_sent += 1
+        return frame

@@ -1,0 +1,292 @@
+"""Server-side WebRTC video ingest (aiortc).
+
+One :class:`VideoIngest` per terminal connection: it answers the terminal's offer, receives
+its single video track and hands every decoded frame to a callback on the event loop. The
+callback must be cheap (keep the newest frame); conversion to numpy happens elsewhere, in a
+worker thread, with :func:`frame_to_bgr`.
+
+Loopback: aioice never offers 127.0.0.1 as a host candidate, so a server and a terminal on
+one machine cannot connect unless candidate gathering is restricted with
+:func:`restrict_host_addresses` (process-wide; see DESIGN.md §6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+
+import aioice.ice
+import av
+import numpy as np
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.sdp import SessionDescription
+
+from pipeline.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
+
+#: Added to the answer's video codecs: Chrome then starts at 640x480 instead of scaling down.
+BITRATE_FMTP = "x-google-start-bitrate=1500;x-google-min-bitrate=750;x-google-max-bitrate=3000"
+#: Codecs that carry no picture of their own (retransmission, redundancy, FEC): no bitrate hint.
+_AUX_CODECS = {"rtx", "red", "ulpfec", "flexfec-03"}
+#: Longest offer we parse (a browser's offer is a few KiB).
+MAX_SDP_BYTES = 64 * 1024
+
+FrameCallback = Callable[[av.VideoFrame, float], None]
+
+_original_get_host_addresses = aioice.ice.get_host_addresses
+
+
+class BadSdp(InvalidRequest):
+    """An offer that cannot be parsed, is not an offer, or carries no video."""
+
+    code = "bad_sdp"
+
+
+def rtc_configuration() -> RTCConfiguration:
+    """Peer-connection settings: no ICE servers (aiortc's default asks a public STUN server)."""
+    return RTCConfiguration(iceServers=[])
+
+
+def restrict_host_addresses(addresses: Sequence[str]) -> None:
+    """Make aioice gather host candidates only on ``addresses`` (e.g. ``["127.0.0.1"]``).
+
+    Process-wide: it replaces ``aioice.ice.get_host_addresses`` for every peer connection
+    created afterwards, server and client alike. Idempotent: a later call replaces the list;
+    :func:`unrestrict_host_addresses` restores aioice's own discovery. Never called at import:
+    the server calls it at start-up from configuration, tests from a fixture.
+    """
+    parsed = [ipaddress.ip_address(a) for a in addresses]
+    if not parsed:
+        raise ValueError("restrict_host_addresses needs at least one address")
+    allowed = [str(a) for a in parsed]
+
+    def get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return [
+            a for a in allowed if (use_ipv6 if ipaddress.ip_address(a).version == 6 else use_ipv4)
+        ]
+
+    aioice.ice.get_host_addresses = get_host_addresses
+    log.info("ICE host candidates restricted to %s", ", ".join(allowed))
+
+
+def unrestrict_host_addresses() -> None:
+    """Undo :func:`restrict_host_addresses` (process-wide); harmless if it was never called."""
+    aioice.ice.get_host_addresses = _original_get_host_addresses
+
+
+def frame_to_bgr(frame: av.VideoFrame) -> np.ndarray:
+    """Convert a decoded frame to a contiguous HxWx3 BGR uint8 array.
+
+    Costs a few milliseconds at 640x480: call it in a worker thread, never on the event loop.
+    """
+    return np.ascontiguousarray(frame.to_ndarray(format="bgr24"))
+
+
+def add_bitrate_hints(sdp: str, fmtp: str = BITRATE_FMTP) -> str:
+    """Add ``fmtp`` to every picture codec of every video m-section of ``sdp``.
+
+    Codecs with an ``a=fmtp`` line get the parameters appended; codecs without one (VP8) get
+    a new ``a=fmtp`` line after their ``a=rtpmap``. Retransmission and FEC codecs are left as
+    they are. Line endings of the input are kept.
+    """
+    eol = "\r\n" if "\r\n" in sdp else "\n"
+    lines = sdp.split(eol)
+    # Find payload types per video section first, then rewrite.
+    out: list[str] = []
+    in_video = False
+    picture_pts: set[str] = set()
+    section: list[str] = []
+
+    def flush() -> None:
+        if not in_video:
+            out.extend(section)
+            return
+        has_fmtp = set()
+        for line in section:
+            m = re.match(r"a=fmtp:(\d+) ", line)
+            if m:
+                has_fmtp.add(m.group(1))
+        for line in section:
+            m = re.match(r"a=fmtp:(\d+) (.*)$", line)
+            if m and m.group(1) in picture_pts and "x-google-" not in line:
+                out.append(f"{line};{fmtp}")
+                continue
+            out.append(line)
+            m = re.match(r"a=rtpmap:(\d+) ", line)
+            if m and m.group(1) in picture_pts and m.group(1) not in has_fmtp:
+                out.append(f"a=fmtp:{m.group(1)} {fmtp}")
+
+    for line in lines:
+        if line.startswith("m="):
+            flush()
+            section = []
+            in_video = line.startswith("m=video ")
+            picture_pts = set()
+        section.append(line)
+        m = re.match(r"a=rtpmap:(\d+) ([^/]+)/", line)
+        if m and m.group(2).lower() not in _AUX_CODECS:
+            picture_pts.add(m.group(1))
+    flush()
+    return eol.join(out)
+
+
+def _validate_offer(offer_sdp: str, offer_type: str) -> None:
+    """Refuse what is not a parseable offer with a video m-line (raise :class:`BadSdp`)."""
+    if offer_type != "offer":
+        raise BadSdp(f"bad_sdp: expected an SDP of type 'offer', got {offer_type!r}")
+    if not isinstance(offer_sdp, str) or not offer_sdp.strip():
+        raise BadSdp("bad_sdp: the offer is empty")
+    if len(offer_sdp) > MAX_SDP_BYTES:
+        raise BadSdp(f"bad_sdp: the offer is longer than {MAX_SDP_BYTES} bytes")
+    try:
+        parsed = SessionDescription.parse(offer_sdp)
+    except Exception as exc:  # aiortc raises ValueError, KeyError, IndexError... on garbage
+        raise BadSdp(f"bad_sdp: the offer cannot be parsed ({type(exc).__name__})") from exc
+    if not any(m.kind == "video" for m in parsed.media):
+        raise BadSdp("bad_sdp: the offer has no video m-line")
+
+
+class VideoIngest:
+    """Receive one terminal's video over WebRTC and pass each decoded frame to ``on_frame``.
+
+    ``on_frame(frame, t_monotonic)`` runs on the event loop for every frame: keep it cheap
+    (store the newest frame; convert later in a worker with :func:`frame_to_bgr`).
+    ``peers`` is the server's set of open peer connections: the connection is added by
+    :meth:`start` and removed when it closes. ``on_closed`` is called once, on the event
+    loop, when the connection ends on its own (ICE/DTLS failure, the peer closed, the track
+    ended); it is not called after :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        on_frame: FrameCallback,
+        peers: set[RTCPeerConnection],
+        on_closed: Callable[[], None] | None = None,
+    ) -> None:
+        self._on_frame = on_frame
+        self._peers = peers
+        self._on_closed = on_closed
+        self._pc: RTCPeerConnection | None = None
+        self._consumer: asyncio.Task[None] | None = None
+        self._closing = False
+        self._close_task: asyncio.Task[None] | None = None
+        #: Frames received so far.
+        self.frames = 0
+        #: ``time.monotonic()`` of the newest frame, or None before the first.
+        self.last_frame_at: float | None = None
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran or the connection ended."""
+        return self._closing
+
+    @property
+    def connection_state(self) -> str:
+        """The peer connection's state (``new`` before :meth:`start`)."""
+        return self._pc.connectionState if self._pc is not None else "new"
+
+    async def start(
+        self, offer_sdp: str, offer_type: str, *, timeout_s: float = 10.0
+    ) -> RTCSessionDescription:
+        """Answer ``offer_sdp``; return the answer once ICE gathering is complete.
+
+        Raises :class:`BadSdp` (an :class:`InvalidRequest`, code ``bad_sdp``) for an offer
+        that cannot be used; nothing stays open then. One offer per instance: for a new
+        offer, close this ingest and start another.
+        """
+        if self._pc is not None or self._closing:
+            raise RuntimeError("VideoIngest.start may be called once")
+        _validate_offer(offer_sdp, offer_type)
+        pc = RTCPeerConnection(rtc_configuration())
+        self._pc = pc
+        self._peers.add(pc)
+        pc.on("track", self._on_track)
+        pc.on("connectionstatechange", self._on_state_change)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+                answer = await pc.createAnswer()
+                await pc.setLocalDescription(answer)  # waits for ICE gathering
+        except BaseException as exc:
+            await self.close()
+            if isinstance(exc, TimeoutError | asyncio.CancelledError):
+                raise
+            if isinstance(exc, Exception):
+                raise BadSdp(f"bad_sdp: the offer was refused ({exc})") from exc
+            raise
+        local = pc.localDescription
+        log.debug("answer ready (%d bytes)", len(local.sdp))
+        return RTCSessionDescription(add_bitrate_hints(local.sdp), local.type)
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind != "video":
+            log.debug("ignoring %s track", track.kind)
+            return
+        if self._consumer is not None:
+            log.warning("second video track ignored; one per connection")
+            return
+        self._consumer = asyncio.ensure_future(self._consume(track))
+
+    async def _consume(self, track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                log.debug("video track ended after %d frames", self.frames)
+                break
+            now = time.monotonic()
+            self.frames += 1
+            self.last_frame_at = now
+            try:
+                self._on_frame(frame, now)  # type: ignore[arg-type]
+            except Exception:
+                log.exception("on_frame callback failed; frame dropped")
+        self._ended_by_peer()
+
+    def _on_state_change(self) -> None:
+        pc = self._pc
+        if pc is None:
+            return
+        log.debug("peer connection %s", pc.connectionState)
+        if pc.connectionState in ("failed", "closed"):
+            self._ended_by_peer()
+
+    def _ended_by_peer(self) -> None:
+        """The connection ended on its own: close it (in a task) and tell the owner once."""
+        if self._closing:
+            return
+        self._close_task = asyncio.ensure_future(self.close())
+        if self._on_closed is not None:
+            try:
+                self._on_closed()
+            except Exception:
+                log.exception("on_closed callback failed")
+
+    async def close(self) -> None:
+        """Stop the consumer, close the peer connection, leave ``peers``. Idempotent."""
+        self._closing = True
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None and consumer is not asyncio.current_task():
+            consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await consumer
+        pc = self._pc
+        if pc is None:
+            return
+        try:
+            async with asyncio.timeout(5.0):
+                await pc.close()
+        except Exception:
+            log.warning("peer connection did not close cleanly", exc_info=True)
+        finally:
+            self._peers.discard(pc)
+
+    def __repr__(self) -> str:
+        return f"<VideoIngest state={self.connection_state} frames={self.frames}>"

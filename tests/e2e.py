@@ -1,0 +1,107 @@
+"""Fixtures' building blocks for end-to-end tests: a real server app on a real Redis."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from aiohttp.test_utils import TestServer
+
+from pipeline.align import align
+from pipeline.streamgen import StreamSpec, generate_frames
+from pipeline.types import ImageArray
+from session.config import FacePayConfig, PolicyConfig, ServerConfig
+from session.crypto import TemplateCipher, generate_key
+from session.models import Merchant
+from session.store import Store
+from stream_server.app import ANALYZER, DIRECTORY, HASHER, REDIS, STORE, create_app
+from tests.terminal import TestTerminal
+
+PASSPHRASE = "correct horse 42"
+
+
+def camera_frames(
+    analyzer: Any, photo: ImageArray, seconds: float = 20, fps: float = 15, seed: int = 0
+) -> Iterator[ImageArray]:
+    """A camera-view stream of the photo's largest face."""
+    faces = analyzer.detect(photo)
+    box = max(faces, key=lambda f: f.box.area).box if faces else None
+    focus = (box.x1, box.y1, box.x2, box.y2) if box else None
+    spec = StreamSpec(seconds=seconds, fps=fps, seed=seed, cover=True, focus=focus)
+    return generate_frames(photo, spec)
+
+
+def empty_frames(seconds: float = 20, fps: float = 15) -> Iterator[ImageArray]:
+    """A camera that sees nobody."""
+    frame = np.full((480, 640, 3), 110, np.uint8)
+    return itertools.repeat(frame, int(seconds * fps))
+
+
+@dataclass
+class Env:
+    """A running FacePay server with one merchant and helpers to enrol and connect."""
+
+    server: TestServer
+    store: Store
+    merchant: Merchant
+    token: str
+    terminals: list[TestTerminal] = field(default_factory=list)
+
+    @property
+    def app(self) -> Any:
+        return self.server.app
+
+    @property
+    def ws_url(self) -> str:
+        return str(self.server.make_url("/ws"))
+
+    async def enroll(
+        self,
+        account_id: str,
+        name: str,
+        phone: str,
+        photo: ImageArray,
+        passphrase: str = PASSPHRASE,
+    ) -> str:
+        analyzer = self.app[ANALYZER]
+        face = max(analyzer.detect(photo), key=lambda f: f.box.area)
+        template = analyzer.embedder.embed(align(photo, face))
+        hashed = self.app[HASHER].hash(passphrase)
+        account, subject = await self.store.create_account(
+            account_id, name, phone, hashed, [template], {"method": "test", "terminal": "t"}
+        )
+        self.app[DIRECTORY].add(subject, [template], account.phone_last4)
+        return subject
+
+    async def terminal(self, token: str | None = None, hello: bool = True) -> TestTerminal:
+        term = TestTerminal(self.ws_url, token or self.token)
+        self.terminals.append(term)
+        await term.connect(hello=hello)
+        return term
+
+    async def payments(self) -> list[bytes]:
+        return [k async for k in self.app[REDIS].scan_iter("fp:pay:*")]
+
+    async def close(self) -> None:
+        for term in self.terminals:
+            await term.close()
+
+
+async def start_env(aiohttp_server: Any, redis_url: str, models_dir: Path, **policy: Any) -> Env:
+    """Start the app (real Redis, models) with policy overrides; one merchant + terminal."""
+    config = FacePayConfig(
+        policy=PolicyConfig(**policy),
+        server=ServerConfig(admin_token="admin-secret-token", workers=2),
+    )
+    app = create_app(
+        config, cipher=TemplateCipher(generate_key()), redis_url=redis_url, models_dir=models_dir
+    )
+    server = await aiohttp_server(app)
+    store = app[STORE]
+    merchant = await store.add_merchant("Shop A")
+    _, token = await store.add_terminal(merchant.merchant_id, "checkout")
+    return Env(server=server, store=store, merchant=merchant, token=token)

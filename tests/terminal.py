@@ -1,0 +1,117 @@
+"""A real test terminal: aiohttp WebSocket + aiortc video, on 127.0.0.1 only.
+
+Not a fake: it speaks the same protocol over the same transports as a kiosk, with frames
+from the stream generator. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable
+from typing import Any
+
+import aiohttp
+import numpy as np
+from aiortc import RTCPeerConnection, RTCSessionDescription
+
+from stream_server.replay_source import ReplayTrack
+from stream_server.webrtc import rtc_configuration
+
+
+class TestTerminal:
+    """One terminal connection; events are collected in ``events`` as they arrive."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, ws_url: str, token: str) -> None:
+        self.ws_url = ws_url
+        self.token = token
+        self.events: list[dict[str, Any]] = []
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.http: aiohttp.ClientSession | None = None
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.pc: RTCPeerConnection | None = None
+        self.track: ReplayTrack | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self.close_code: int | None = None
+
+    async def connect(self, hello: bool = True) -> dict[str, Any] | None:
+        """Open the socket and (by default) authenticate; returns the hello reply."""
+        self.http = aiohttp.ClientSession()
+        self.ws = await self.http.ws_connect(self.ws_url, timeout=aiohttp.ClientWSTimeout(5))
+        self._reader = asyncio.create_task(self._read())
+        if not hello:
+            return None
+        await self.send({"type": "hello", "token": self.token})
+        return await self.expect("hello")
+
+    async def _read(self) -> None:
+        assert self.ws is not None
+        async for msg in self.ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                event = msg.json()
+                self.events.append(event)
+                await self._queue.put(event)
+        self.close_code = self.ws.close_code
+        await self._queue.put({"type": "_closed", "code": self.ws.close_code})
+
+    async def send(self, message: dict[str, Any]) -> None:
+        assert self.ws is not None
+        await self.ws.send_json(message)
+
+    async def send_raw(self, text: str) -> None:
+        assert self.ws is not None
+        await self.ws.send_str(text)
+
+    async def next(self, timeout: float = 20.0) -> dict[str, Any]:
+        """The next event (or a ``_closed`` marker)."""
+        return await asyncio.wait_for(self._queue.get(), timeout)
+
+    async def expect(self, *types: str, timeout: float = 20.0) -> dict[str, Any]:
+        """Skip events until one of ``types`` arrives; fails on close or timeout."""
+        async with asyncio.timeout(timeout):
+            while True:
+                event = await self._queue.get()
+                if event["type"] in types:
+                    return event
+                if event["type"] == "_closed":
+                    raise AssertionError(f"closed ({event['code']}) while waiting for {types}")
+
+    async def until_end(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait for the session's final state event (approved/declined/cancelled/timeout)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                event = await self.expect("state", timeout=timeout)
+                if event["state"] in ("approved", "declined", "cancelled", "timeout"):
+                    return event
+
+    async def start_video(self, frames: Iterable[np.ndarray], fps: float = 15.0) -> None:
+        """Negotiate WebRTC over the socket and start streaming ``frames``."""
+        self.pc = RTCPeerConnection(rtc_configuration())
+        self.track = ReplayTrack(frames, fps=fps)
+        self.pc.addTrack(self.track)
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        local = self.pc.localDescription
+        await self.send({"type": "offer", "sdp": local.sdp, "sdp_type": local.type})
+        answer = await self.expect("answer")
+        await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["sdp_type"]))
+
+    async def checkout(self, amount: str, order_id: str) -> dict[str, Any]:
+        await self.send({"type": "start_checkout", "amount": amount, "order_id": order_id})
+        return await self.expect("state")
+
+    def types(self) -> list[str]:
+        return [e["type"] for e in self.events]
+
+    async def close(self) -> None:
+        if self.pc is not None:
+            await self.pc.close()
+        if self.ws is not None and not self.ws.closed:
+            await self.ws.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        if self.http is not None:
+            await self.http.close()

@@ -1,0 +1,168 @@
+"""Checkout end to end: real WebRTC on 127.0.0.1, real Redis, real models, real photos."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from stream_server.webrtc import restrict_host_addresses, unrestrict_host_addresses
+from tests.e2e import PASSPHRASE, camera_frames, empty_frames, start_env
+
+ENROLL = "faces/obama/obama.jpg"
+SHOPPER = "faces/obama/obama3.jpg"  # another photo of the enrolled person
+
+
+@pytest.fixture(autouse=True)
+def loopback_ice():
+    restrict_host_addresses(["127.0.0.1"])
+    yield
+    unrestrict_host_addresses()
+
+
+@pytest.fixture
+async def make_env(aiohttp_server, redis_url, models_dir):
+    envs = []
+
+    async def make(**policy):
+        env = await start_env(aiohttp_server, redis_url, models_dir, **policy)
+        envs.append(env)
+        return env
+
+    yield make
+    for env in envs:
+        await env.close()
+
+
+async def _shopper_session(env, analyzer, photo, order="o-1", amount="12.50", rel=SHOPPER, seed=0):
+    term = await env.terminal()
+    await term.start_video(camera_frames(analyzer, photo(rel), seed=seed))
+    state = await term.checkout(amount, order)
+    assert state["state"] == "scanning"
+    return term
+
+
+async def test_enrolled_shopper_pays_once(make_env, analyzer, photo):
+    env = await make_env()
+    await env.enroll("acct-obama", "Barack Obama", "+1 202 555 0101", photo(ENROLL))
+    term = await _shopper_session(env, analyzer, photo)
+    confirm = await term.expect("confirm", "declined")
+    assert confirm["type"] == "confirm", term.events
+    assert confirm["account"] == "B***********"
+    assert confirm["amount"] == "12.50" and 0 < confirm["expires_in_s"] <= 30
+    await term.send(
+        {"type": "passphrase", "prompt_id": confirm["prompt_id"], "passphrase": PASSPHRASE}
+    )
+    approved = await term.expect("approved", "declined")
+    assert approved["type"] == "approved", term.events
+    assert (await term.until_end())["state"] == "approved"
+    assert len(await env.payments()) == 1
+    payment = await env.store.get_payment(approved["payment_id"])
+    assert payment.account_id == "acct-obama" and payment.amount == 1250
+    assert payment.merchant_id == env.merchant.merchant_id
+    # The same terminal can run the next checkout on the same connection and video.
+    await term.checkout("3.00", "o-2")
+    confirm2 = await term.expect("confirm")
+    assert confirm2["amount"] == "3.00"
+    await term.send({"type": "cancel"})
+    assert (await term.until_end())["state"] == "cancelled"
+    assert len(await env.payments()) == 1
+
+
+async def test_three_wrong_passphrases_lock_the_account(make_env, analyzer, photo):
+    env = await make_env()
+    await env.enroll("acct-obama", "Barack Obama", "+1 202 555 0101", photo(ENROLL))
+    term = await _shopper_session(env, analyzer, photo)
+    confirm = await term.expect("confirm")
+    for left in (2, 1):
+        await term.send(
+            {"type": "passphrase", "prompt_id": confirm["prompt_id"], "passphrase": "wrong-guess"}
+        )
+        wrong = await term.expect("wrong_passphrase")
+        assert wrong["attempts_left"] == left
+    await term.send(
+        {"type": "passphrase", "prompt_id": confirm["prompt_id"], "passphrase": "wrong-guess"}
+    )
+    declined = await term.expect("declined")
+    assert declined["reason"] == "locked"
+    assert await env.payments() == []
+    # A fresh session for that account is refused while locked, with the reason.
+    await term.checkout("1.00", "o-2")
+    again = await term.expect("declined", "confirm")
+    assert again == {**again, "type": "declined", "reason": "locked"}
+    # Even the right passphrase cannot be tried: no prompt is ever sent.
+    assert "confirm" not in term.types()[term.types().index("declined") :]
+
+
+async def test_unknown_face_is_declined_no_match(make_env, analyzer, photo):
+    env = await make_env()
+    await env.enroll("acct-obama", "Barack Obama", "+1 202 555 0101", photo(ENROLL))
+    term = await _shopper_session(env, analyzer, photo, rel="spoof/image_T1.jpg")
+    declined = await term.expect("declined", "confirm")
+    assert declined["type"] == "declined" and declined["reason"] == "no_match"
+    assert "confirm" not in term.types()
+
+
+@pytest.mark.parametrize("attack", ["spoof/image_F1.jpg", "spoof/image_F2.jpg"])
+async def test_print_and_screen_attacks_are_declined_spoof(make_env, analyzer, photo, attack):
+    env = await make_env()
+    # Enrol the attacked person's own photo: even a perfect match must not pay.
+    await env.enroll("acct-victim", "Victim Person", "+86 138 0000 1234", photo(attack))
+    term = await _shopper_session(env, analyzer, photo, rel=attack)
+    declined = await term.expect("declined", "confirm")
+    assert declined["type"] == "declined" and declined["reason"] == "spoof", term.events
+    assert "confirm" not in term.types()
+
+
+async def test_no_face_times_out_without_charge(make_env):
+    env = await make_env(session_timeout_s=3.0)
+    term = await env.terminal()
+    await term.start_video(empty_frames())
+    await term.checkout("5.00", "o-1")
+    end = await term.until_end(timeout=15)
+    assert end["state"] == "timeout" and end["reason"] == "session_timeout"
+    assert await env.payments() == []
+
+
+async def test_prompt_expires(make_env, analyzer, photo):
+    env = await make_env(prompt_expiry_s=3.0)
+    await env.enroll("acct-obama", "Barack Obama", "+1 202 555 0101", photo(ENROLL))
+    term = await _shopper_session(env, analyzer, photo)
+    confirm = await term.expect("confirm")
+    assert confirm["expires_in_s"] == 3.0
+    end = await term.until_end(timeout=10)
+    assert end["state"] == "timeout" and end["reason"] == "prompt_expired"
+    # A late passphrase is refused and pays nothing.
+    await term.send(
+        {"type": "passphrase", "prompt_id": confirm["prompt_id"], "passphrase": PASSPHRASE}
+    )
+    err = await term.expect("error")
+    assert err["code"] == "illegal_transition"
+    assert await env.payments() == []
+
+
+async def test_cancel_while_scanning(make_env):
+    env = await make_env()
+    term = await env.terminal()
+    await term.start_video(empty_frames())
+    await term.checkout("5.00", "o-1")
+    await term.send({"type": "cancel"})
+    end = await term.until_end(timeout=10)
+    assert end["state"] == "cancelled"
+
+
+async def test_dropped_connection_during_confirm_charges_nothing(make_env, analyzer, photo):
+    env = await make_env()
+    await env.enroll("acct-obama", "Barack Obama", "+1 202 555 0101", photo(ENROLL))
+    term = await _shopper_session(env, analyzer, photo)
+    await term.expect("confirm")
+    await term.close()
+    await asyncio.sleep(0.5)
+    assert await env.payments() == []
+    # The server is fine: a new terminal pays normally.
+    term2 = await _shopper_session(env, analyzer, photo, order="o-2")
+    confirm = await term2.expect("confirm")
+    await term2.send(
+        {"type": "passphrase", "prompt_id": confirm["prompt_id"], "passphrase": PASSPHRASE}
+    )
+    assert (await term2.expect("approved"))["order_id"] == "o-2"

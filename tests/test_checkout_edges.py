@@ -1,0 +1,211 @@
+"""Checkout edge cases end to end: crowds, look-alikes, duplicates, auth, outages, garbage."""
+
+from __future__ import annotations
+
+import asyncio
+
+import cv2
+import numpy as np
+import pytest
+
+from stream_server.webrtc import restrict_host_addresses, unrestrict_host_addresses
+from tests.e2e import PASSPHRASE, camera_frames, empty_frames, start_env
+
+ENROLL = "faces/obama/obama.jpg"
+SHOPPER = "faces/obama/obama3.jpg"
+
+
+@pytest.fixture(autouse=True)
+def loopback_ice():
+    restrict_host_addresses(["127.0.0.1"])
+    yield
+    unrestrict_host_addresses()
+
+
+@pytest.fixture
+async def make_env(aiohttp_server, redis_url, models_dir):
+    envs = []
+
+    async def make(**policy):
+        env = await start_env(aiohttp_server, redis_url, models_dir, **policy)
+        envs.append(env)
+        return env
+
+    yield make
+    for env in envs:
+        await env.close()
+
+
+def two_people(analyzer, photo):
+    """Two comparable faces side by side in every frame."""
+    left = camera_frames(analyzer, photo("faces/obama/obama.jpg"), seed=1)
+    right = camera_frames(analyzer, photo("spoof/image_T1.jpg"), seed=2)
+    for a, b in zip(left, right, strict=False):
+        yield np.ascontiguousarray(
+            cv2.resize(np.hstack([a[:, 160:480], b[:, 160:480]]), (640, 480))
+        )
+
+
+async def test_two_comparable_faces_wait_for_one_person(make_env, analyzer, photo):
+    env = await make_env(session_timeout_s=6.0)
+    await env.enroll("acct-obama", "Barack Obama", "+12025550101", photo(ENROLL))
+    term = await env.terminal()
+    await term.start_video(two_people(analyzer, photo))
+    await term.checkout("9.99", "o-crowd")
+    hint = await term.expect("state")
+    while hint.get("hint") != "one_person_at_a_time":
+        hint = await term.expect("state")
+    end = await term.until_end(timeout=15)
+    assert end["state"] == "timeout"  # nobody is charged for the person behind them
+    assert "confirm" not in term.types()
+    assert await env.payments() == []
+
+
+async def test_lookalikes_ask_for_phone_digits(make_env, analyzer, photo):
+    env = await make_env()
+    # Two accounts whose templates are nearly identical (the same face at two resolutions):
+    # the search cannot tell them apart by margin and must ask.
+    await env.enroll("acct-a", "Barack Obama", "+12025550101", photo(ENROLL))
+    await env.enroll("acct-b", "Twin", "+12025559999", photo("faces/obama/obama-480p.jpg"))
+    term = await env.terminal()
+    await term.start_video(camera_frames(analyzer, photo(SHOPPER)))
+    await term.checkout("4.20", "o-twin")
+    ask = await term.expect("need_phone_digits", "confirm", "declined")
+    assert ask["type"] == "need_phone_digits", term.events
+    await term.send({"type": "phone_digits", "digits": "9999"})
+    confirm = await term.expect("confirm", "declined")
+    assert confirm["type"] == "confirm" and confirm["account"] == "T***"
+    await term.send(
+        {"type": "passphrase", "prompt_id": confirm["prompt_id"], "passphrase": PASSPHRASE}
+    )
+    approved = await term.expect("approved")
+    payment = await env.store.get_payment(approved["payment_id"])
+    assert payment.account_id == "acct-b"
+
+
+async def test_same_order_twice_and_concurrently_pays_once(make_env, analyzer, photo):
+    env = await make_env()
+    await env.enroll("acct-obama", "Barack Obama", "+12025550101", photo(ENROLL))
+    terms = []
+    for seed in (0, 1):
+        term = await env.terminal()
+        await term.start_video(camera_frames(analyzer, photo(SHOPPER), seed=seed))
+        await term.checkout("10.00", "dup-1")
+        terms.append(term)
+    confirms = [await t.expect("confirm") for t in terms]
+    await asyncio.gather(
+        *[
+            t.send({"type": "passphrase", "prompt_id": c["prompt_id"], "passphrase": PASSPHRASE})
+            for t, c in zip(terms, confirms, strict=True)
+        ]
+    )
+    outcomes = sorted([(await t.expect("approved", "declined"))["type"] for t in terms])
+    assert outcomes == ["approved", "declined"]
+    declined = next(e for t in terms for e in t.events if e["type"] == "declined")
+    assert declined["reason"] == "duplicate_order"
+    assert len(await env.payments()) == 1
+    # And once more, later: refused before any prompt.
+    await terms[0].checkout("10.00", "dup-1")
+    again = await terms[0].expect("declined", "confirm")
+    assert again["type"] == "declined" and again["reason"] == "duplicate_order"
+    assert len(await env.payments()) == 1
+
+
+async def test_wrong_missing_or_late_token_is_refused_4401(make_env):
+    env = await make_env(hello_timeout_s=1.0)
+    wrong = await env.terminal(token="not-a-real-token", hello=False)
+    await wrong.send({"type": "hello", "token": "not-a-real-token"})
+    assert (await wrong.next())["code"] == 4401
+    first_not_hello = await env.terminal(hello=False)
+    await first_not_hello.send({"type": "ping"})
+    assert (await first_not_hello.next())["code"] == 4401
+    silent = await env.terminal(hello=False)
+    assert (await silent.next(timeout=5))["code"] == 4401
+
+
+async def test_terminal_cannot_charge_for_another_merchant(make_env, analyzer, photo):
+    env = await make_env()
+    await env.enroll("acct-obama", "Barack Obama", "+12025550101", photo(ENROLL))
+    other = await env.store.add_merchant("Shop B")
+    _, token_b = await env.store.add_terminal(other.merchant_id, "checkout")
+    term_b = await env.terminal(token=token_b)
+    # The terminal cannot even name a merchant: its merchant comes from its token.
+    await term_b.send(
+        {
+            "type": "start_checkout",
+            "amount": "1.00",
+            "order_id": "o-1",
+            "merchant_id": env.merchant.merchant_id,
+        }
+    )
+    err = await term_b.expect("error")
+    assert err["code"] == "invalid_request"
+    await term_b.start_video(camera_frames(analyzer, photo(SHOPPER)))
+    await term_b.checkout("7.00", "o-1")
+    confirm = await term_b.expect("confirm")
+    await term_b.send(
+        {"type": "passphrase", "prompt_id": confirm["prompt_id"], "passphrase": PASSPHRASE}
+    )
+    approved = await term_b.expect("approved")
+    payment = await env.store.get_payment(approved["payment_id"])
+    assert payment.merchant_id == other.merchant_id
+    assert await env.store.find_payment(env.merchant.merchant_id, "o-1") is None
+    # A gate terminal cannot run a checkout at all.
+    _, gate_token = await env.store.add_terminal(env.merchant.merchant_id, "gate")
+    gate = await env.terminal(token=gate_token)
+    await gate.send({"type": "start_checkout", "amount": "1.00", "order_id": "o-9"})
+    assert (await gate.expect("error"))["code"] == "invalid_request"
+
+
+async def test_redis_down_mid_session_declines_then_recovers(
+    make_env, analyzer, photo, redis_server
+):
+    env = await make_env()
+    await env.enroll("acct-obama", "Barack Obama", "+12025550101", photo(ENROLL))
+    term = await env.terminal()
+    await term.start_video(camera_frames(analyzer, photo(SHOPPER)))
+    await term.checkout("12.00", "o-down")
+    confirm = await term.expect("confirm")
+    redis_server.stop()
+    try:
+        await term.send(
+            {"type": "passphrase", "prompt_id": confirm["prompt_id"], "passphrase": PASSPHRASE}
+        )
+        declined = await term.expect("declined", "approved", timeout=30)
+        assert declined["type"] == "declined" and declined["reason"] == "unavailable"
+    finally:
+        redis_server.start()
+    assert await env.payments() == []  # nothing half-written
+    await term.checkout("12.00", "o-down")
+    confirm = await term.expect("confirm", timeout=30)
+    await term.send(
+        {"type": "passphrase", "prompt_id": confirm["prompt_id"], "passphrase": PASSPHRASE}
+    )
+    assert (await term.expect("approved"))["order_id"] == "o-down"
+    assert len(await env.payments()) == 1
+
+
+async def test_garbage_gets_clear_errors_and_the_connection_stays(make_env):
+    env = await make_env(max_payment=100_00)
+    term = await env.terminal()
+    cases = [
+        ("{not json", "bad_json"),
+        ('{"type": "launch_missiles"}', "unknown_type"),
+        ('["a", "list"]', "unknown_type"),
+        ('{"type": "start_checkout", "amount": "12.345", "order_id": "o"}', "invalid_request"),
+        ('{"type": "start_checkout", "amount": "-1", "order_id": "o"}', "invalid_request"),
+        ('{"type": "start_checkout", "amount": "1", "order_id": "bad id!"}', "invalid_request"),
+        ('{"type": "passphrase", "prompt_id": "q", "passphrase": "x"}', "invalid_request"),
+        ('{"type": "offer", "sdp": "v=0 garbage", "sdp_type": "offer"}', "bad_sdp"),
+        ('{"type": "offer", "sdp": "' + "x" * 70_000 + '"}', "too_large"),
+    ]
+    for raw, code in cases:
+        await term.send_raw(raw)
+        err = await term.expect("error")
+        assert err["code"] == code, (raw[:60], err)
+    await term.send({"type": "start_checkout", "amount": "100.01", "order_id": "o-big"})
+    assert (await term.expect("declined"))["reason"] == "limit"
+    await term.send({"type": "ping"})
+    assert (await term.expect("pong"))["type"] == "pong"
+    # Video after all that still works.
+    await term.start_video(empty_frames())

@@ -1,0 +1,598 @@
+"""The Redis store on a real redis-server: records, encryption at rest, links, lockout, the
+payment ledger, the audit stream and behaviour when Redis goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from pipeline.errors import (
+    AuthError,
+    Conflict,
+    InvalidRequest,
+    LimitExceeded,
+    NotFound,
+    StoreUnavailable,
+)
+from pipeline.types import FloatArray
+from session.crypto import PassphraseHasher, TemplateCipher, generate_key
+from session.store import PaymentConflict, Store
+
+PASSPHRASE = "open sesame 42"
+CONSENT = {"terminal": "t_enrol", "method": "kiosk-checkbox", "time": "2024-05-01T10:00:00Z"}
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    r = aioredis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=2)
+    yield r
+    await r.aclose()
+
+
+@pytest.fixture
+def db(client: aioredis.Redis) -> Store:
+    return Store(client, TemplateCipher(generate_key()))
+
+
+@pytest.fixture(scope="module")
+def passhash() -> str:
+    return PassphraseHasher(time_cost=1, memory_kib=64).hash(PASSPHRASE)
+
+
+def _templates(n: int = 3, seed: int = 0) -> list[FloatArray]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        v = rng.standard_normal(128).astype(np.float32)
+        out.append((v / np.linalg.norm(v)).astype(np.float32))
+    return out
+
+
+async def _enrol(
+    db: Store, passhash: str, aid: str = "alice", seed: int = 0, n: int = 3
+) -> tuple[str, list[FloatArray]]:
+    templates = _templates(n, seed)
+    _, sid = await db.create_account(
+        aid, "Alice Liddell", "+8613800001234", passhash, templates, CONSENT
+    )
+    return sid, templates
+
+
+async def _dump(client: aioredis.Redis) -> dict[str, list[bytes]]:
+    """Every key with every byte string stored under it (hash fields, members, entries)."""
+    out: dict[str, list[bytes]] = {}
+    async for key in client.scan_iter(count=500):
+        kind = (await client.type(key)).decode()
+        values: list[bytes] = []
+        if kind == "string":
+            values = [await client.get(key)]
+        elif kind == "hash":
+            for f, v in (await client.hgetall(key)).items():
+                values += [f, v]
+        elif kind == "set":
+            values = list(await client.smembers(key))
+        elif kind == "stream":
+            for _, fields in await client.xrange(key):
+                for f, v in fields.items():
+                    values += [f, v]
+        else:  # pragma: no cover - the store writes no other kind
+            pytest.fail(f"unexpected key type {kind} for {key!r}")
+        out[key.decode()] = values
+    return out
+
+
+# --- merchants and terminals ---------------------------------------------------------------------
+
+
+async def test_merchant_round_trip(db: Store) -> None:
+    m = await db.add_merchant("Corner Shop")
+    assert m.merchant_id.startswith("m_")
+    assert await db.get_merchant(m.merchant_id) == m
+    with pytest.raises(NotFound):
+        await db.get_merchant("m_nope")
+    with pytest.raises(InvalidRequest):
+        await db.add_merchant("  ")
+
+
+async def test_terminal_token_authenticates_and_is_stored_hashed(
+    db: Store, client: aioredis.Redis
+) -> None:
+    m = await db.add_merchant("Corner Shop")
+    terminal, token = await db.add_terminal(m.merchant_id, "checkout")
+    assert terminal.terminal_id.startswith("t_") and len(token) >= 43
+    assert await db.authenticate_terminal(token) == terminal
+    assert await db.get_terminal(terminal.terminal_id) == terminal
+    dump = await _dump(client)
+    assert all(token not in k for k in dump)
+    assert all(token.encode() not in v for vs in dump.values() for v in vs)
+
+
+async def test_terminal_auth_refuses_wrong_empty_and_revoked_tokens(db: Store) -> None:
+    m = await db.add_merchant("Corner Shop")
+    terminal, token = await db.add_terminal(m.merchant_id, "gate")
+    for bad in ["", token[:-1], token + "x", "x" * 1000]:
+        with pytest.raises(AuthError):
+            await db.authenticate_terminal(bad)
+    await db.revoke_terminal(terminal.terminal_id)
+    with pytest.raises(AuthError):
+        await db.authenticate_terminal(token)
+    assert (await db.get_terminal(terminal.terminal_id)).status == "revoked"
+    with pytest.raises(NotFound):
+        await db.revoke_terminal("t_nope")
+
+
+async def test_terminal_needs_a_merchant_and_a_known_mode(db: Store) -> None:
+    with pytest.raises(NotFound):
+        await db.add_terminal("m_nope", "checkout")
+    m = await db.add_merchant("Corner Shop")
+    with pytest.raises(InvalidRequest):
+        await db.add_terminal(m.merchant_id, "vending")  # type: ignore[arg-type]
+
+
+# --- accounts ------------------------------------------------------------------------------------
+
+
+async def test_account_create_get_and_duplicate(db: Store, passhash: str) -> None:
+    account, sid = await db.create_account(
+        "alice", " Alice Liddell ", "+8613800001234", passhash, _templates(), CONSENT
+    )
+    assert sid.startswith("s_") and len(sid) >= 2 + 22
+    assert account.name == "Alice Liddell" and account.phone_last4 == "1234"
+    assert await db.get_account("alice") == account
+    assert await db.passphrase_hash("alice") == passhash
+    assert await db.account_for_subject(sid) == "alice"
+    with pytest.raises(Conflict):
+        await db.create_account("alice", "Other", "123456", passhash, _templates(1, 9), CONSENT)
+    with pytest.raises(NotFound):
+        await db.get_account("bob")
+    with pytest.raises(NotFound):
+        await db.passphrase_hash("bob")
+    with pytest.raises(NotFound):
+        await db.account_for_subject("s_nope")
+
+
+@pytest.mark.parametrize(
+    ("aid", "name", "phone"),
+    [
+        ("", "Alice", "123456"),
+        ("a" * 65, "Alice", "123456"),
+        ("al ice", "Alice", "123456"),
+        ("al:ice", "Alice", "123456"),
+        ("alice", "", "123456"),
+        ("alice", "x" * 101, "123456"),
+        ("alice", "Al\x00ice", "123456"),
+        ("alice", "Alice", "12345"),
+        ("alice", "Alice", "1" * 21),
+        ("alice", "Alice", "12-34-56"),
+        ("alice", "Alice", "++123456"),
+    ],
+)
+async def test_account_fields_are_validated(
+    db: Store, client: aioredis.Redis, passhash: str, aid: str, name: str, phone: str
+) -> None:
+    with pytest.raises(InvalidRequest):
+        await db.create_account(aid, name, phone, passhash, _templates(), CONSENT)
+    assert await client.dbsize() == 0
+
+
+async def test_account_refuses_no_templates_a_plain_passphrase_and_secret_consent(
+    db: Store, client: aioredis.Redis, passhash: str
+) -> None:
+    with pytest.raises(InvalidRequest):
+        await db.create_account("alice", "Alice", "123456", passhash, [], CONSENT)
+    with pytest.raises(InvalidRequest):
+        await db.create_account("alice", "Alice", "123456", PASSPHRASE, _templates(), CONSENT)
+    with pytest.raises(InvalidRequest):
+        await db.create_account(
+            "alice", "Alice", "123456", passhash, _templates(), {"passphrase": PASSPHRASE}
+        )
+    assert await client.dbsize() == 0
+
+
+async def test_concurrent_enrolments_of_one_id_create_one_account(
+    db: Store, client: aioredis.Redis, passhash: str
+) -> None:
+    results = await asyncio.gather(
+        *(
+            db.create_account("alice", "Alice", "123456", passhash, _templates(1, i), CONSENT)
+            for i in range(10)
+        ),
+        return_exceptions=True,
+    )
+    wins = [r for r in results if not isinstance(r, BaseException)]
+    assert len(wins) == 1
+    assert all(isinstance(r, Conflict) for r in results if isinstance(r, BaseException))
+    assert await client.scard("fp:subjects") == 1
+
+
+# --- templates and links -------------------------------------------------------------------------
+
+
+async def test_templates_round_trip_through_iter_and_get_subject(db: Store, passhash: str) -> None:
+    sid_a, tpl_a = await _enrol(db, passhash, "alice", seed=1, n=3)
+    _, sid_b = await db.create_account(
+        "bob", "Bob", "5550009876", passhash, _templates(2, 2), CONSENT
+    )
+    seen = {sid: (templates, last4) async for sid, templates, last4 in db.iter_subjects()}
+    assert set(seen) == {sid_a, sid_b}
+    for got, want in zip(seen[sid_a][0], tpl_a, strict=True):
+        assert got.dtype == np.float32 and np.array_equal(got, want)
+    assert seen[sid_a][1] == "1234" and seen[sid_b][1] == "9876"
+    assert len(seen[sid_b][0]) == 2
+    templates, last4 = await db.get_subject(sid_a)
+    assert last4 == "1234"
+    assert all(np.array_equal(g, w) for g, w in zip(templates, tpl_a, strict=True))
+    with pytest.raises(NotFound):
+        await db.get_subject("s_nope")
+
+
+async def test_iter_subjects_pages_through_many(db: Store, passhash: str) -> None:
+    sids = set()
+    for i in range(300):
+        _, sid = await db.create_account(
+            f"user{i}", "User", f"+1555{i:07d}", passhash, _templates(1, i), CONSENT
+        )
+        sids.add(sid)
+    got = [sid async for sid, _, _ in db.iter_subjects()]
+    assert len(got) == 300 and set(got) == sids
+
+
+async def test_iter_subjects_skips_broken_subjects_with_a_warning(
+    db: Store, client: aioredis.Redis, passhash: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    sid_a, _ = await _enrol(db, passhash, "alice", seed=1)
+    sid_b, _ = await _enrol(db, passhash, "bob", seed=2)
+    sid_c, _ = await _enrol(db, passhash, "carol", seed=3)
+    await client.delete(f"fp:link:s2a:{sid_a}")  # link gone
+    await client.delete("fp:account:bob")  # account gone
+    with caplog.at_level(logging.WARNING, logger="session.store"):
+        got = [sid async for sid, _, _ in db.iter_subjects()]
+    assert got == [sid_c]
+    assert sum("skipping subject" in r.getMessage() for r in caplog.records) == 2
+    assert all(r.args for r in caplog.records)  # %-style arguments, not pre-formatted text
+    with pytest.raises(NotFound):
+        await db.get_subject(sid_a)
+    with pytest.raises(NotFound):
+        await db.get_subject(sid_b)
+
+
+async def test_a_template_under_another_subject_id_does_not_decrypt(
+    db: Store, client: aioredis.Redis, passhash: str
+) -> None:
+    sid_a, _ = await _enrol(db, passhash, "alice", seed=1)
+    sid_b, _ = await _enrol(db, passhash, "bob", seed=2)
+    await client.hset(f"fp:tpl:{sid_b}", "0", await client.hget(f"fp:tpl:{sid_a}", "0"))
+    with pytest.raises(InvalidRequest):
+        await db.get_subject(sid_b)
+    assert [sid async for sid, _, _ in db.iter_subjects()] == [sid_a]
+
+
+async def test_nothing_at_rest_leaks_templates_passphrase_or_the_face_person_join(
+    db: Store, client: aioredis.Redis, passhash: str
+) -> None:
+    aid = "alice.liddell@example"
+    sid, templates = await _enrol(db, passhash, aid, seed=5)
+    m = await db.add_merchant("Shop")
+    await db.create_payment(
+        merchant_id=m.merchant_id,
+        order_id="o-1",
+        account_id=aid,
+        terminal_id="t_x",
+        amount=500,
+        currency="CNY",
+        daily_limit=10_000,
+    )
+    dump = await _dump(client)
+    raw = [t.tobytes() for t in templates] + [base64.b64encode(t.tobytes()) for t in templates]
+    everything = b"\x00".join(k.encode() + b"\x00" + b"\x00".join(v) for k, v in dump.items())
+    for blob in raw:
+        assert blob not in everything
+        assert blob[:64] not in everything  # not even a slice of a template
+    assert PASSPHRASE.encode() not in everything
+    assert f"{templates[0][0]:.6f}".encode() not in everything
+    tpl_keys = [k for k in dump if k.startswith("fp:tpl:")]
+    assert tpl_keys == [f"fp:tpl:{sid}"]
+    assert aid.encode() not in b"".join(dump[tpl_keys[0]])
+    assert aid not in sid
+    # the only records naming both the subject and the account are the two link keys
+    joins = sorted(
+        k
+        for k, values in dump.items()
+        if (sid in k or any(sid.encode() in v for v in values))
+        and (aid in k or any(aid.encode() in v for v in values))
+    )
+    assert joins == [f"fp:link:a2s:{aid}", f"fp:link:s2a:{sid}"]
+    # the passphrase hash lives in the account hash and nowhere else
+    holders = [k for k, vs in dump.items() if passhash.encode() in vs]
+    assert holders == [f"fp:account:{aid}"]
+
+
+async def test_enrol_and_erase_are_published(
+    db: Store, client: aioredis.Redis, passhash: str
+) -> None:
+    pubsub = client.pubsub()
+    await pubsub.subscribe("fp:events")
+    try:
+        first = await pubsub.get_message(timeout=2)
+        assert first is not None and first["type"] == "subscribe"
+        sid, _ = await _enrol(db, passhash, "alice")
+        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+        assert msg is not None and msg["data"] == f"enrolled:{sid}".encode()
+        await db.erase_account("alice")
+        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+        assert msg is not None and msg["data"] == f"erased:{sid}".encode()
+    finally:
+        await pubsub.aclose()
+
+
+async def test_erase_removes_biometrics_links_and_pii(
+    db: Store, client: aioredis.Redis, passhash: str
+) -> None:
+    sid, _ = await _enrol(db, passhash, "alice", n=4)
+    await _enrol(db, passhash, "bob", seed=2)
+    await db.record_failure("alice", 5, 60)
+    assert await db.erase_account("alice", reason="user-request") == 4
+    for call in (db.get_account, db.passphrase_hash):
+        with pytest.raises(NotFound):
+            await call("alice")
+    with pytest.raises(NotFound):
+        await db.account_for_subject(sid)
+    with pytest.raises(NotFound):
+        await db.get_subject(sid)
+    with pytest.raises(NotFound):
+        await db.erase_account("alice")
+    with pytest.raises(NotFound):
+        await db.erase_account("nobody")
+    assert [s async for s, _, _ in db.iter_subjects()] != [] and sid not in [
+        s async for s, _, _ in db.iter_subjects()
+    ]
+    dump = await _dump(client)
+    assert not any(sid in k or any(sid.encode() in v for v in vs) for k, vs in dump.items())
+    left = {k: v for k, v in (await client.hgetall("fp:account:alice")).items()}
+    assert set(left) == {b"status", b"created", b"erased"} and left[b"status"] == b"erased"
+    assert not await client.exists("fp:link:a2s:alice", "fp:fail:alice")
+    erased = [e for e in await db.read_audit() if e["event"] == "erased"]
+    assert erased == [
+        {
+            "event": "erased",
+            "t": erased[0]["t"],
+            "account_id": "alice",
+            "reason": "user-request",
+            "subjects": "1",
+            "samples": "4",
+        }
+    ]
+
+
+async def test_an_erased_account_may_enrol_again(db: Store, passhash: str) -> None:
+    old_sid, _ = await _enrol(db, passhash, "alice", seed=1)
+    await db.erase_account("alice")
+    account, new_sid = await db.create_account(
+        "alice", "Alice Again", "123456789", passhash, _templates(2, 7), CONSENT
+    )
+    assert new_sid != old_sid
+    assert await db.get_account("alice") == account
+    assert [s async for s, _, _ in db.iter_subjects()] == [new_sid]
+    with pytest.raises(Conflict):
+        await _enrol(db, passhash, "alice", seed=3)
+
+
+async def test_enrolment_audit_records_consent_without_biometrics(db: Store, passhash: str) -> None:
+    sid, _ = await _enrol(db, passhash, "alice", n=3)
+    events = await db.read_audit()
+    assert [e["event"] for e in events] == ["consent", "enrolled"]
+    consent, enrolled = events
+    assert consent["account_id"] == "alice"
+    assert {k: consent[k] for k in CONSENT} == CONSENT
+    assert enrolled["account_id"] == "alice"
+    assert enrolled["subjects"] == "1" and enrolled["samples"] == "3"
+    assert all(sid not in v for e in events for v in e.values())
+
+
+# --- lockout -------------------------------------------------------------------------------------
+
+
+async def test_lockout_counts_locks_and_expires(db: Store, client: aioredis.Redis) -> None:
+    assert await db.locked_until("alice") is None
+    assert await db.record_failure("alice", 3, 1.0) == (2, None)
+    assert await db.record_failure("alice", 3, 1.0) == (1, None)
+    before = time.time()
+    left, until = await db.record_failure("alice", 3, 1.0)
+    assert left == 0 and until is not None and before + 0.9 < until < time.time() + 1.1
+    assert await db.locked_until("alice") == pytest.approx(until)
+    assert not await client.exists("fp:fail:alice")  # counter reset once locked
+    assert 0 < await client.pttl("fp:lock:alice") <= 1000
+    await asyncio.sleep(1.1)
+    assert await db.locked_until("alice") is None
+    assert await db.record_failure("alice", 3, 1.0) == (2, None)
+
+
+async def test_failure_counter_expires_and_clears(db: Store) -> None:
+    assert await db.record_failure("alice", 3, 0.3) == (2, None)
+    await asyncio.sleep(0.4)
+    assert await db.record_failure("alice", 3, 0.3) == (2, None)
+    assert await db.record_failure("alice", 3, 0.3) == (1, None)
+    await db.clear_failures("alice")
+    assert await db.record_failure("alice", 3, 0.3) == (2, None)
+    with pytest.raises(InvalidRequest):
+        await db.record_failure("alice", 0, 1.0)
+
+
+# --- payments ------------------------------------------------------------------------------------
+
+
+def _pay(**overrides: Any) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "merchant_id": "m_shop",
+        "order_id": "order-1",
+        "account_id": "alice",
+        "terminal_id": "t_till",
+        "amount": 1250,
+        "currency": "CNY",
+        "daily_limit": 100_000,
+    }
+    args.update(overrides)
+    return args
+
+
+async def test_twenty_concurrent_payments_for_one_order_charge_once(
+    db: Store, client: aioredis.Redis
+) -> None:
+    results = await asyncio.gather(
+        *(db.create_payment(**_pay()) for _ in range(20)), return_exceptions=True
+    )
+    paid = [r for r in results if not isinstance(r, BaseException)]
+    conflicts = [r for r in results if isinstance(r, PaymentConflict)]
+    assert len(paid) == 1 and len(conflicts) == 19
+    winner = paid[0]
+    assert all(c.payment_id == winner.payment_id for c in conflicts)
+    assert all(winner.payment_id in str(c) for c in conflicts)
+    assert all(isinstance(c, Conflict) for c in conflicts)
+    assert len([k async for k in client.scan_iter("fp:payid:*")]) == 1
+    day = time.strftime("%Y%m%d", time.gmtime())
+    assert await client.get(f"fp:daily:alice:{day}") == b"1250"
+    ttl = await client.ttl(f"fp:daily:alice:{day}")
+    assert 2 * 86400 - 5 < ttl <= 2 * 86400
+    audit = [e for e in await db.read_audit() if e["event"] == "payment"]
+    assert len(audit) == 1
+    assert audit[0]["payment_id"] == winner.payment_id and audit[0]["amount"] == "1250"
+
+
+async def test_a_retry_with_the_same_payment_id_succeeds(db: Store) -> None:
+    first = await db.create_payment(**_pay(), payment_id="p_fixed")
+    again = await db.create_payment(**_pay(), payment_id="p_fixed")
+    assert again == first and first.payment_id == "p_fixed"
+    with pytest.raises(PaymentConflict) as info:
+        await db.create_payment(**_pay())
+    assert info.value.payment_id == "p_fixed"
+
+
+async def test_payment_lookup(db: Store) -> None:
+    p = await db.create_payment(**_pay())
+    assert p.payment_id.startswith("p_") and p.status == "captured"
+    assert p.amount == 1250 and p.currency == "CNY" and p.order_id == "order-1"
+    assert await db.get_payment(p.payment_id) == p
+    assert await db.find_payment("m_shop", "order-1") == p
+    assert await db.find_payment("m_shop", "order-2") is None
+    assert await db.find_payment("m_other", "order-1") is None
+    with pytest.raises(NotFound):
+        await db.get_payment("p_nope")
+
+
+async def test_daily_limit(db: Store) -> None:
+    await db.create_payment(**_pay(order_id="a", amount=600, daily_limit=1000))
+    with pytest.raises(LimitExceeded):
+        await db.create_payment(**_pay(order_id="b", amount=500, daily_limit=1000))
+    assert await db.find_payment("m_shop", "b") is None
+    await db.create_payment(**_pay(order_id="c", amount=400, daily_limit=1000))
+    with pytest.raises(LimitExceeded):
+        await db.create_payment(**_pay(order_id="d", amount=1, daily_limit=1000))
+    # another account has its own total
+    await db.create_payment(**_pay(order_id="e", account_id="bob", amount=1000, daily_limit=1000))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"amount": 0},
+        {"amount": -5},
+        {"amount": 12.5},
+        {"amount": True},
+        {"amount": "100"},
+        {"order_id": ""},
+        {"order_id": "has space"},
+        {"order_id": "x" * 65},
+        {"currency": "cny"},
+        {"currency": "EURO"},
+    ],
+)
+async def test_payment_arguments_are_validated(
+    db: Store, client: aioredis.Redis, bad: dict[str, Any]
+) -> None:
+    with pytest.raises(InvalidRequest):
+        await db.create_payment(**_pay(**bad))
+    assert await client.dbsize() == 0
+
+
+# --- audit ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "passphrase",
+        "Pass",
+        "user_password",
+        "passhash",
+        "HASH",
+        "embedding",
+        "template_count",
+        "image",
+        "frame_no",
+        "token",
+        "api_Token",
+    ],
+)
+async def test_audit_refuses_secretish_field_names(
+    db: Store, client: aioredis.Redis, field: str
+) -> None:
+    with pytest.raises(InvalidRequest):
+        await db.audit("login", **{field: "x"})
+    assert await client.dbsize() == 0
+
+
+async def test_audit_appends_and_reads_oldest_first(db: Store) -> None:
+    for i in range(5):
+        await db.audit("login", account_id=f"a{i}", result="ok")
+    rows = await db.read_audit(3)
+    assert [r["account_id"] for r in rows] == ["a2", "a3", "a4"]
+    assert all(isinstance(k, str) and isinstance(v, str) for r in rows for k, v in r.items())
+    assert rows[0]["event"] == "login" and float(rows[0]["t"]) <= time.time()
+    with pytest.raises(InvalidRequest):
+        await db.audit("login", note="x" * 1000)  # too long to be a short id or reason
+
+
+# --- Redis going away ----------------------------------------------------------------------------
+
+
+async def test_redis_down_is_store_unavailable_and_the_client_recovers(
+    db: Store, redis_server: Any, passhash: str
+) -> None:
+    sid, _ = await _enrol(db, passhash, "alice")
+    await db.create_payment(**_pay())  # loads the Lua script into the server's cache
+    redis_server.stop()
+    try:
+        assert await db.ping() is False
+        calls = [
+            db.get_account("alice"),
+            db.create_payment(**_pay(order_id="o-2")),
+            db.audit("login", account_id="alice"),
+            db.record_failure("alice", 3, 1.0),
+            db.erase_account("alice"),
+            db.get_subject(sid),
+            _enrol(db, passhash, "bob"),
+        ]
+        for call in calls:
+            with pytest.raises(StoreUnavailable) as info:
+                await call
+            assert info.value.__cause__ is not None
+        with pytest.raises(StoreUnavailable):
+            async for _ in db.iter_subjects():
+                pass
+    finally:
+        redis_server.start()
+    # a restarted server on the same port (its data kept or not): the same client object works
+    # again, and the payment script is reloaded transparently into the empty script cache
+    assert await db.ping() is True
+    sid_b, _ = await _enrol(db, passhash, "bob")
+    assert sid_b in [s async for s, _, _ in db.iter_subjects()]
+    p = await db.create_payment(**_pay(order_id="o-3"))
+    assert await db.get_payment(p.payment_id) == p
