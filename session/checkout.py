@@ -111,6 +111,7 @@ class CheckoutSession:
         self.payment_id: str | None = None
         self._crowded = False
         self._crowd_until = 0.0
+        self._stopped = False
 
     # --- input from the terminal --------------------------------------------------------
     def deliver(self, message: dict[str, Any]) -> None:
@@ -131,6 +132,21 @@ class CheckoutSession:
             raise InvalidRequest("too many messages; wait for the session") from exc
 
     # --- life cycle ---------------------------------------------------------------------
+    def stop(self) -> None:
+        """The terminal is gone: never write a payment from here on.
+
+        A flag, not only a cancel: on Python 3.11 redis-py can swallow ``Task.cancel()``
+        (its ``wait_for`` returns a reply that already arrived), so the session checks this
+        before every step that could charge.
+        """
+        self._stopped = True
+
+    async def _check_stopped(self) -> None:
+        if self._stopped and not self.machine.finished:
+            self.machine.move(S.CANCELLED, "disconnected")
+            self.svc.observer.decision("checkout", "cancelled", "disconnected")
+            raise _Ended
+
     async def run(self) -> CheckoutState:
         """Run to a terminal state; never raises (except cancellation)."""
         try:
@@ -196,6 +212,7 @@ class CheckoutSession:
         """Frames until one live, single, matched face: returns its account and subject."""
         loop = asyncio.get_running_loop()
         while True:
+            await self._check_stopped()
             try:
                 self._check_inbox_for_cancel()
             except _CancelRequested:
@@ -315,11 +332,13 @@ class CheckoutSession:
     async def _next_message(self, deadline: float, wanted: str) -> dict[str, Any]:
         """The next terminal message of type ``wanted`` (or cancel) before ``deadline``."""
         while True:
+            await self._check_stopped()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 await self._finish(S.TIMEOUT, "prompt_expired")
             try:
-                msg = await asyncio.wait_for(self.inbox.get(), remaining)
+                # Short waits so a stop() is noticed even if a cancel was lost.
+                msg = await asyncio.wait_for(self.inbox.get(), min(remaining, 0.5))
             except TimeoutError:
                 continue
             if msg.get("type") == "cancel":
@@ -373,6 +392,7 @@ class CheckoutSession:
             ok = await loop.run_in_executor(
                 self.svc.executor, self.svc.hasher.verify, stored_hash, passphrase
             )
+            await self._check_stopped()
             del passphrase, msg  # keep the secret's lifetime short
             if ok:
                 break
@@ -389,6 +409,7 @@ class CheckoutSession:
         await self._pay(account)
 
     async def _pay(self, account: Account) -> None:
+        await self._check_stopped()  # last chance: a gone terminal is never charged
         try:
             payment = await self.svc.store.create_payment(
                 merchant_id=self.req.merchant_id,

@@ -108,7 +108,9 @@ class Store(StoreCore):
             raise InvalidRequest(f"terminal mode must be one of {get_args(TerminalMode)}")
         await self.get_merchant(merchant_id)
         terminal = Terminal(_new_id("t", 12), merchant_id, mode, time.time())
-        token = secrets.token_urlsafe(32)
+        # A prefix makes tokens recognisable in leaks and never starts with "-" (which
+        # command lines would read as an option).
+        token = "fpt_" + secrets.token_urlsafe(32)
         digest = _token_sha256(token)
         with h.unavailable("add_terminal"):
             async with self._r.pipeline(transaction=True) as pipe:

@@ -96,9 +96,10 @@ def create_app(
 
 
 def _add_routes(app: web.Application) -> None:
-    from stream_server import admin, health, ws
+    from stream_server import admin, health, sync, ws
 
     health.setup(app)
+    sync.setup(app)
     admin.setup(app)
     ws.setup(app)
 

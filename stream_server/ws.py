@@ -152,10 +152,20 @@ class TerminalConnection:
     async def close(self) -> None:
         """Cancel the session (no charge), close video; called when the socket ends."""
         self.frames.close()
-        if self.session_task is not None and not self.session_task.done():
-            self.session_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.session_task
+        if self.session is not None:
+            self.session.stop()
+        task = self.session_task
+        if task is not None:
+            # Repeat the cancel: redis-py on Python 3.11 can swallow one (see
+            # CheckoutSession.stop); the stop flag guarantees no charge meanwhile.
+            for _ in range(50):
+                if task.done():
+                    break
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.2)
+            if task.done() and not task.cancelled():
+                with contextlib.suppress(Exception):
+                    task.result()
         if self.ingest is not None:
             await self.ingest.close()
 

@@ -209,3 +209,24 @@ async def test_garbage_gets_clear_errors_and_the_connection_stays(make_env):
     assert (await term.expect("pong"))["type"] == "pong"
     # Video after all that still works.
     await term.start_video(empty_frames())
+
+
+async def test_stopped_session_never_charges_even_if_its_cancel_was_lost(make_env, analyzer, photo):
+    # Simulates redis-py swallowing Task.cancel(): only the stop flag is set, the task runs on.
+    from stream_server.app import CONNECTIONS
+
+    env = await make_env()
+    await env.enroll("acct-obama", "Barack Obama", "+12025550101", photo(ENROLL))
+    term = await env.terminal()
+    await term.start_video(camera_frames(analyzer, photo(SHOPPER)))
+    await term.checkout("12.00", "o-stop")
+    confirm = await term.expect("confirm")
+    (conn,) = env.app[CONNECTIONS]
+    conn.session.stop()
+    await term.send(
+        {"type": "passphrase", "prompt_id": confirm["prompt_id"], "passphrase": PASSPHRASE}
+    )
+    await asyncio.wait_for(conn.session_task, 5)
+    assert conn.session.machine.state == "cancelled"
+    assert conn.session.machine.reason == "disconnected"
+    assert await env.payments() == []

@@ -171,7 +171,8 @@ async def test_account_create_get_and_duplicate(db: Store, passhash: str) -> Non
         ("alice", "Al\x00ice", "123456"),
         ("alice", "Alice", "12345"),
         ("alice", "Alice", "1" * 21),
-        ("alice", "Alice", "12-34-56"),
+        ("alice", "Alice", "12-34-5"),  # separators are allowed, but only 5 digits remain
+        ("alice", "Alice", "12ab3456"),
         ("alice", "Alice", "++123456"),
     ],
 )
@@ -596,3 +597,10 @@ async def test_redis_down_is_store_unavailable_and_the_client_recovers(
     assert sid_b in [s async for s, _, _ in db.iter_subjects()]
     p = await db.create_payment(**_pay(order_id="o-3"))
     assert await db.get_payment(p.payment_id) == p
+
+
+async def test_phone_separators_are_normalised(db: Store, passhash: str) -> None:
+    account, _ = await db.create_account(
+        "bob", "Bob", "+1 (202) 555-0101", passhash, _templates(), CONSENT
+    )
+    assert account.phone == "+12025550101" and account.phone_last4 == "0101"

@@ -1,0 +1,127 @@
+"""Enrolment from photos (back-office import: the admin API and ``facepay enroll``).
+
+Each photo must hold exactly one usable face: none is refused ``no_face``; a second face at
+least half the area of the largest is refused ``several_faces`` (whose face would we keep?);
+a face that fails the quality gate is refused with the gate's reasons. Every accepted photo
+gives one template. CPU work (detection, embedding, argon2) runs in the executor.
+
+Liveness is deliberately NOT required here: these are photos chosen by an operator for a
+back-office import (DESIGN §2), so a liveness score would only say "this is a photo". Live
+enrolment at a terminal, with multi-frame liveness, is the enroll session's job.
+
+Nothing here logs the passphrase, its hash or an embedding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
+
+from pipeline.analyzer import FaceAnalyzer
+from pipeline.errors import QualityError
+from pipeline.types import FloatArray, ImageArray
+from session import _store_lua as _store_rules
+from session.crypto import PassphraseHasher, check_passphrase
+from session.directory import Directory
+from session.models import Account
+from session.store import Store
+
+log = logging.getLogger(__name__)
+
+#: A second face at least this share of the largest face's area makes a photo ambiguous.
+SECOND_FACE_AREA_RATIO = 0.5
+
+
+class ImageQualityError(QualityError):
+    """A QualityError that also says which photo (0-based ``index``) was refused."""
+
+    def __init__(self, index: int, message: str, reasons: tuple[str, ...]) -> None:
+        super().__init__(f"image {index}: {message}", reasons)
+        self.index = index
+
+
+def check_account_fields(account_id: str, name: str, phone: str) -> None:
+    """InvalidRequest unless the account id, name and phone are what the store accepts.
+
+    Checked before any photo is analysed, so a typo fails fast; the rules are the store's.
+    """
+    _store_rules.check_account_fields(account_id, name, phone)
+
+
+def template_from_image(analyzer: FaceAnalyzer, image: ImageArray, index: int) -> FloatArray:
+    """The embedding of the one good face in ``image``, or QualityError with reasons.
+
+    ``index`` only names the photo in the error message (0-based, as given).
+    """
+    faces = analyzer.detect(image)
+    if not faces:
+        raise ImageQualityError(index, "no face found", ("no_face",))
+    faces = sorted(faces, key=lambda f: f.box.area, reverse=True)
+    main = faces[0]
+    if len(faces) > 1 and faces[1].box.area >= SECOND_FACE_AREA_RATIO * main.box.area:
+        raise ImageQualityError(
+            index, "several faces of comparable size; use a photo of one person", ("several_faces",)
+        )
+    # liveness=False: back-office photo import (see the module docstring and DESIGN §2).
+    analysis = analyzer.analyze_face(image, main, embed=True, liveness=False)
+    if not analysis.quality.ok:
+        reasons = analysis.quality.reasons or ("bad_quality",)
+        raise ImageQualityError(
+            index, f"face refused by the quality gate ({', '.join(reasons)})", reasons
+        )
+    if analysis.embedding is None:  # pragma: no cover - analyze_face embeds a passing face
+        raise ImageQualityError(index, "face could not be embedded", ("no_embedding",))
+    return analysis.embedding
+
+
+async def templates_from_images(
+    analyzer: FaceAnalyzer, executor: Executor, images: Sequence[ImageArray]
+) -> list[FloatArray]:
+    """One template per photo, computed in the executor; the first refusal wins."""
+    if not images:
+        raise QualityError("no image given", ("no_image",))
+    loop = asyncio.get_running_loop()
+    templates: list[FloatArray] = []
+    for index, image in enumerate(images):
+        templates.append(
+            await loop.run_in_executor(executor, template_from_image, analyzer, image, index)
+        )
+    return templates
+
+
+async def enroll_from_images(
+    *,
+    store: Store,
+    directory: Directory,
+    analyzer: FaceAnalyzer,
+    hasher: PassphraseHasher,
+    executor: Executor,
+    account_id: str,
+    name: str,
+    phone: str,
+    passphrase: str,
+    images: list[ImageArray],
+    consent: Mapping[str, str],
+) -> tuple[Account, int]:
+    """Create an account from photos; returns (account, number of templates).
+
+    Raises InvalidRequest (fields or passphrase rules), ImageQualityError (a photo refused,
+    with reasons), Conflict (account id taken) or StoreUnavailable. The new subject is added to this
+    process's directory at once; other instances learn of it through ``fp:events``.
+    """
+    check_passphrase(passphrase)
+    check_account_fields(account_id, name, phone)
+    templates = await templates_from_images(analyzer, executor, images)
+    loop = asyncio.get_running_loop()
+    passhash = await loop.run_in_executor(executor, hasher.hash, passphrase)
+    account, subject_id = await store.create_account(
+        account_id, name, phone, passhash, templates, consent
+    )
+    # The store also publishes ``enrolled:{sid}``; stream_server.sync skips a subject that is
+    # already indexed, so adding it here at once does not index it twice.
+    if subject_id not in directory.gallery:
+        directory.add(subject_id, templates, account.phone_last4)
+    log.info("enrolled account %s with %s templates", account.account_id, len(templates))
+    return account, len(templates)

@@ -1,0 +1,383 @@
+"""The admin HTTP API (``/api/...``): merchants, terminals, back-office enrolment, erasure
+and payment look-ups. See docs/api.md.
+
+Every route needs ``Authorization: Bearer <admin token>`` (``server.admin_token``, compared in
+constant time). With no admin token configured the API answers 503 ``admin_disabled``: it is
+never open. One middleware turns domain errors (``pipeline.errors``) into JSON error answers;
+anything unexpected becomes a 500 that says nothing about the internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar
+
+from aiohttp import BodyPartReader, web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import (
+    AccountLocked,
+    AuthError,
+    Conflict,
+    FacePayError,
+    Forbidden,
+    ImageError,
+    InvalidRequest,
+    LimitExceeded,
+    NotFound,
+    QualityError,
+    StoreUnavailable,
+)
+from pipeline.image import decode_image
+from pipeline.types import ImageArray
+from session.enrollment import ImageQualityError, enroll_from_images
+from stream_server.app import ANALYZER, CONFIG, DIRECTORY, EXECUTOR, HASHER, STORE
+
+log = logging.getLogger(__name__)
+
+#: Largest JSON body, text form field, image file, and number of images per enrolment.
+MAX_JSON_BYTES = 16 * 1024
+MAX_FIELD_BYTES = 1024
+MAX_IMAGE_BYTES = 10 * 1024 * 1024
+MAX_IMAGES = 10
+MAX_UPLOAD_BYTES = 40 * 1024 * 1024
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_M = TypeVar("_M", bound=BaseModel)
+
+
+class PayloadTooLarge(InvalidRequest):
+    """A body, field or file is larger than the API accepts (HTTP 413)."""
+
+    code = "too_large"
+
+
+class UploadedImageError(ImageError):
+    """An uploaded file that is not a readable image; ``index`` is its 0-based position."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(f"image {index}: {message}")
+        self.index = index
+
+
+class AdminDisabled(FacePayError):
+    """No admin token is configured, so the admin API stays shut (HTTP 503)."""
+
+    code = "admin_disabled"
+
+
+#: Domain error -> HTTP status; the first matching class wins (subclasses first).
+STATUS: tuple[tuple[type[FacePayError], int], ...] = (
+    (PayloadTooLarge, 413),
+    (AdminDisabled, 503),
+    (InvalidRequest, 400),
+    (QualityError, 400),
+    (ImageError, 400),
+    (AuthError, 401),
+    (Forbidden, 403),
+    (NotFound, 404),
+    (Conflict, 409),
+    (LimitExceeded, 422),
+    (AccountLocked, 423),
+    (StoreUnavailable, 503),
+)
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+# --- request bodies ---------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    # No whitespace stripping: a passphrase is taken exactly as typed (the store trims names).
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MerchantIn(_Body):
+    """``POST /api/merchants``."""
+
+    name: str = Field(min_length=1, max_length=100)
+
+
+class TerminalIn(_Body):
+    """``POST /api/terminals``."""
+
+    merchant_id: str = Field(min_length=1, max_length=64)
+    mode: Literal["checkout", "gate", "enroll"]
+
+
+class AccountForm(_Body):
+    """The text fields of ``POST /api/accounts`` (multipart/form-data)."""
+
+    account_id: str = Field(min_length=1, max_length=64)
+    name: str = Field(min_length=1, max_length=100)
+    phone: str = Field(min_length=4, max_length=32)
+    passphrase: str = Field(min_length=1, max_length=256)
+    consent: Literal["true"]
+
+
+def _validation_message(exc: ValidationError) -> str:
+    """A short description of what is wrong, without echoing any input (passphrases)."""
+    parts = []
+    for err in exc.errors(include_input=False, include_url=False, include_context=False):
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def _validate(model: type[_M], data: Any) -> _M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidRequest(_validation_message(exc)) from None
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes:
+    """The raw body, or PayloadTooLarge once it passes ``limit`` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"body is larger than {limit} bytes")
+    buf = bytearray()
+    while chunk := await request.content.readany():
+        buf += chunk
+        if len(buf) > limit:
+            raise PayloadTooLarge(f"body is larger than {limit} bytes")
+    return bytes(buf)
+
+
+async def _json_body(request: web.Request, model: type[_M]) -> _M:
+    raw = await _read_limited(request, MAX_JSON_BYTES)
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("body must be a JSON object") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("body must be a JSON object")
+    return _validate(model, data)
+
+
+async def _read_part(part: BodyPartReader, limit: int, what: str) -> bytes:
+    buf = bytearray()
+    while chunk := await part.read_chunk(64 * 1024):
+        buf += chunk
+        if len(buf) > limit:
+            raise PayloadTooLarge(f"{what} is larger than {limit} bytes")
+    return bytes(buf)
+
+
+async def _account_form(request: web.Request) -> tuple[AccountForm, list[bytes]]:
+    """Text fields and image files of an enrolment upload, each size-limited."""
+    if not request.content_type.startswith("multipart/"):
+        raise InvalidRequest("expected multipart/form-data with the fields and image files")
+    if request.content_length is not None and request.content_length > MAX_UPLOAD_BYTES:
+        raise PayloadTooLarge(f"upload is larger than {MAX_UPLOAD_BYTES} bytes")
+    try:
+        reader = await request.multipart()
+    except (ValueError, AssertionError, KeyError):
+        raise InvalidRequest("malformed multipart body") from None
+    fields: dict[str, str] = {}
+    images: list[bytes] = []
+    total = 0
+    while True:
+        part = await reader.next()
+        if part is None:
+            break
+        if not isinstance(part, BodyPartReader):
+            raise InvalidRequest("nested multipart bodies are not accepted")
+        name = part.name or ""
+        if name == "image":
+            if len(images) >= MAX_IMAGES:
+                raise InvalidRequest(f"at most {MAX_IMAGES} images per enrolment")
+            data = await _read_part(part, MAX_IMAGE_BYTES, f"image {len(images)}")
+            images.append(data)
+        elif name in AccountForm.model_fields:
+            if name in fields:
+                raise InvalidRequest(f"field {name!r} given twice")
+            data = await _read_part(part, MAX_FIELD_BYTES, f"field {name!r}")
+            try:
+                fields[name] = data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidRequest(f"field {name!r} is not UTF-8 text") from None
+        else:
+            raise InvalidRequest(f"unknown field {name!r}")
+        total += len(data)
+        if total > MAX_UPLOAD_BYTES:
+            raise PayloadTooLarge(f"upload is larger than {MAX_UPLOAD_BYTES} bytes")
+    if fields.get("consent", "").strip().lower() != "true":
+        raise InvalidRequest("consent required: send consent=true after the person agreed")
+    form = _validate(AccountForm, {**fields, "consent": "true"})
+    if not images:
+        raise InvalidRequest("at least one image file is required (field 'image')")
+    return form, images
+
+
+# --- errors and authentication -----------------------------------------------------------------
+
+
+def error_response(exc: FacePayError) -> web.Response:
+    """The JSON answer for a domain error: {"error": code, "message", "reasons"?, ...}."""
+    status = next((s for cls, s in STATUS if isinstance(exc, cls)), 500)
+    body: dict[str, Any] = {"error": exc.code, "message": str(exc)}
+    if isinstance(exc, QualityError):
+        body["reasons"] = list(exc.reasons)
+    if isinstance(exc, ImageQualityError | UploadedImageError):
+        body["image"] = exc.index
+    if isinstance(exc, AccountLocked) and exc.until is not None:
+        body["locked_until"] = exc.until
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return web.json_response(body, status=status, headers=headers)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Translate domain errors under ``/api/`` to HTTP; hide unexpected failures' details."""
+    if not request.path.startswith("/api/"):
+        return await handler(request)
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        return web.json_response(
+            {"error": code, "message": exc.reason}, status=exc.status, headers=headers
+        )
+    except FacePayError as exc:
+        if isinstance(exc, StoreUnavailable):
+            log.warning("%s %s: store unavailable: %s", request.method, request.path, exc)
+        return error_response(exc)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return web.json_response(
+            {"error": "internal", "message": "internal server error"}, status=500
+        )
+
+
+def check_admin(request: web.Request) -> None:
+    """AdminDisabled if no admin token is configured; AuthError unless the bearer matches."""
+    secret = request.app[CONFIG].server.admin_token
+    if secret is None or not secret.get_secret_value():
+        raise AdminDisabled("admin API disabled: no admin token is configured")
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    expected = secret.get_secret_value().encode()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+        log.warning("admin API: bad or missing token from %s", request.remote)
+        raise AuthError("missing or wrong admin token")
+
+
+def admin_route(handler: Handler) -> Handler:
+    """Wrap a handler so that it runs only for the admin."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        check_admin(request)
+        return await handler(request)
+
+    wrapped.__name__ = handler.__name__
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
+
+
+# --- handlers ---------------------------------------------------------------------------------
+
+
+async def add_merchant(request: web.Request) -> web.StreamResponse:
+    """``POST /api/merchants {name}`` -> 201 {merchant_id, name, created}."""
+    body = await _json_body(request, MerchantIn)
+    merchant = await request.app[STORE].add_merchant(body.name)
+    return web.json_response(
+        {"merchant_id": merchant.merchant_id, "name": merchant.name, "created": merchant.created},
+        status=201,
+    )
+
+
+async def add_terminal(request: web.Request) -> web.StreamResponse:
+    """``POST /api/terminals {merchant_id, mode}`` -> 201 {terminal_id, token, ...}."""
+    body = await _json_body(request, TerminalIn)
+    store = request.app[STORE]
+    await store.get_merchant(body.merchant_id)  # NotFound for an unknown merchant
+    terminal, token = await store.add_terminal(body.merchant_id, body.mode)
+    return web.json_response(
+        {
+            "terminal_id": terminal.terminal_id,
+            "merchant_id": terminal.merchant_id,
+            "mode": terminal.mode,
+            "token": token,
+        },
+        status=201,
+    )
+
+
+async def add_account(request: web.Request) -> web.StreamResponse:
+    """``POST /api/accounts`` (multipart) -> 201 {account_id, templates}."""
+    form, blobs = await _account_form(request)
+    app = request.app
+    loop = asyncio.get_running_loop()
+    images: list[ImageArray] = []
+    for index, blob in enumerate(blobs):
+        try:
+            images.append(await loop.run_in_executor(app[EXECUTOR], decode_image, blob))
+        except ImageError as exc:
+            raise UploadedImageError(index, str(exc)) from None
+    account, count = await enroll_from_images(
+        store=app[STORE],
+        directory=app[DIRECTORY],
+        analyzer=app[ANALYZER],
+        hasher=app[HASHER],
+        executor=app[EXECUTOR],
+        account_id=form.account_id,
+        name=form.name,
+        phone=form.phone,
+        passphrase=form.passphrase,
+        images=images,
+        consent={"source": "admin_api", "given_at": f"{time.time():.3f}"},
+    )
+    return web.json_response(
+        {"account_id": account.account_id, "templates": count, "name": account.masked_name},
+        status=201,
+    )
+
+
+async def erase_account(request: web.Request) -> web.StreamResponse:
+    """``DELETE /api/accounts/{account_id}`` -> 200 {account_id, erased: templates deleted}.
+
+    This instance's directory, like every other's, drops the subject when the store's
+    ``erased:{sid}`` event arrives (stream_server.sync); a stale index entry meanwhile cannot
+    pay, because the subject's link to the account is already gone.
+    """
+    account_id = request.match_info["account_id"]
+    erased = await request.app[STORE].erase_account(account_id, reason="admin_api")
+    return web.json_response({"account_id": account_id, "erased": erased})
+
+
+async def get_payment(request: web.Request) -> web.StreamResponse:
+    """``GET /api/payments/{payment_id}`` -> the payment."""
+    payment = await request.app[STORE].get_payment(request.match_info["payment_id"])
+    return web.json_response(payment.to_json())
+
+
+async def get_order(request: web.Request) -> web.StreamResponse:
+    """``GET /api/merchants/{merchant_id}/orders/{order_id}`` -> the payment, or 404."""
+    mid, oid = request.match_info["merchant_id"], request.match_info["order_id"]
+    payment = await request.app[STORE].find_payment(mid, oid)
+    if payment is None:
+        raise NotFound(f"no payment for order {oid!r} of merchant {mid!r}")
+    return web.json_response(payment.to_json())
+
+
+def setup(app: web.Application) -> None:
+    """Add the admin routes and the error middleware."""
+    app.middlewares.append(errors_middleware)
+    app.router.add_post("/api/merchants", admin_route(add_merchant))
+    app.router.add_post("/api/terminals", admin_route(add_terminal))
+    app.router.add_post("/api/accounts", admin_route(add_account))
+    app.router.add_delete("/api/accounts/{account_id}", admin_route(erase_account))
+    app.router.add_get("/api/payments/{payment_id}", admin_route(get_payment))
+    app.router.add_get("/api/merchants/{merchant_id}/orders/{order_id}", admin_route(get_order))

@@ -1,0 +1,453 @@
+"""``facepay serve``, ``facepay admin merchant-add|terminal-add`` and ``facepay enroll``.
+
+Where things come from (an option wins over its environment variable):
+- Redis: ``--redis-url`` / ``FACEPAY_REDIS_URL`` / the config file; ``serve`` without one
+  starts an embedded redis-server in the data folder, and ``admin``/``enroll`` without one
+  use the URL that embedded server wrote to ``DATA_DIR/redis.url``.
+- Data folder: ``--data-dir`` / ``FACEPAY_DATA_DIR`` / config ``server.data_dir`` (``data``).
+- Template key: ``FACEPAY_TEMPLATE_KEY`` / config; else, in dev mode (``--dev`` or
+  ``FACEPAY_DEV=1``), ``DATA_DIR/template.key`` (made once, mode 0600); else refused (exit 2).
+- Admin token: ``--admin-token-file`` / ``FACEPAY_ADMIN_TOKEN`` / config; else, in dev mode,
+  ``DATA_DIR/admin.token`` (made once); else the admin API is disabled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import secrets
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from pydantic import SecretStr
+
+from pipeline.errors import (
+    ConfigError,
+    ImageError,
+    ModelError,
+    QualityError,
+    StoreUnavailable,
+)
+from session.config import FacePayConfig, load_config
+from session.crypto import TemplateCipher, generate_key, parse_key
+from session.store import Store
+from stream_server.cli import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, emit, say
+from stream_server.embedded_redis import EmbeddedRedis, read_url_file
+
+_T = TypeVar("_T")
+
+ENV_REDIS = "FACEPAY_REDIS_URL"
+ENV_MODELS = "FACEPAY_MODELS_DIR"
+ENV_ADMIN = "FACEPAY_ADMIN_TOKEN"
+ENV_KEY = "FACEPAY_TEMPLATE_KEY"
+ENV_DATA = "FACEPAY_DATA_DIR"
+ENV_DEV = "FACEPAY_DEV"
+KEY_FILE = "template.key"
+ADMIN_TOKEN_FILE = "admin.token"
+
+
+class UsageError(Exception):
+    """A usage, configuration or connection problem: message on stderr, exit 2."""
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (for printing)."""
+    return re.sub(r"(?<=:)[^:@/]*(?=@)", "***", url, count=1) if "@" in url else url
+
+
+def _write_secret(path: Path, text: str) -> None:
+    """Create ``path`` with mode 0600 (refuses to overwrite)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+
+
+def _read_secret(path: Path, what: str) -> str:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
+    if not text:
+        raise UsageError(f"{what} file {path} is empty")
+    return text
+
+
+def resolve_template_key(config: FacePayConfig, data_dir: Path, *, create: bool) -> bytes:
+    """The template key: env, config, else (dev) ``data_dir/template.key``; UsageError if none.
+
+    ``create`` (``serve --dev``) makes the key file when missing; ``enroll`` only reads it.
+    """
+    secret = os.environ.get(ENV_KEY) or (
+        config.server.template_key.get_secret_value() if config.server.template_key else None
+    )
+    path = data_dir / KEY_FILE
+    try:
+        if secret:
+            return parse_key(secret)
+        if path.exists():
+            return parse_key(_read_secret(path, "template key"))
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    if create:
+        key = generate_key()
+        _write_secret(path, key.hex())
+        say(f"facepay: dev mode: generated a template key in {path} (keep it: it decrypts faces)")
+        return key
+    raise UsageError(
+        f"no template key: set {ENV_KEY} (64 hex characters; e.g. "
+        "python -c 'import secrets; print(secrets.token_hex(32))'), "
+        f"or run facepay serve --dev once to keep one in {path}"
+    )
+
+
+def resolve_admin_token(args: argparse.Namespace, config: FacePayConfig, data_dir: Path) -> str:
+    """The admin token, or "" (admin API disabled)."""
+    if args.admin_token_file:
+        return _read_secret(Path(args.admin_token_file), "admin token")
+    token = os.environ.get(ENV_ADMIN) or (
+        config.server.admin_token.get_secret_value() if config.server.admin_token else ""
+    )
+    if token or not config.server.dev_mode:
+        return token
+    path = data_dir / ADMIN_TOKEN_FILE
+    if not path.exists():
+        _write_secret(path, "fpa_" + secrets.token_urlsafe(32))
+        say(f"facepay: dev mode: generated an admin token in {path}")
+    else:
+        say(f"facepay: dev mode: admin token in {path}")
+    return _read_secret(path, "admin token")
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    return Path(args.data_dir or os.environ.get(ENV_DATA) or "data")
+
+
+def client_redis_url(args: argparse.Namespace) -> str:
+    """``--redis-url``, ``FACEPAY_REDIS_URL``, else the embedded server's ``redis.url``."""
+    url = args.redis_url or os.environ.get(ENV_REDIS)
+    if url:
+        return str(url)
+    data_dir = _data_dir(args)
+    url = read_url_file(data_dir)
+    if url:
+        return url
+    raise UsageError(
+        f"no Redis: pass --redis-url (or set {ENV_REDIS}), or start facepay serve --dev "
+        f"with the same data folder ({data_dir})"
+    )
+
+
+async def with_store(
+    url: str, cipher: TemplateCipher, work: Callable[[Store], Awaitable[_T]]
+) -> _T:
+    """Run ``work`` on a Store connected to ``url``; UsageError if Redis cannot be reached."""
+    try:
+        client = aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
+    except ValueError as exc:
+        raise UsageError(f"bad Redis URL {redact_url(url)}: {exc}") from None
+    try:
+        store = Store(client, cipher)
+        if not await store.ping():
+            raise UsageError(f"cannot reach Redis at {redact_url(url)}")
+        return await work(store)
+    except StoreUnavailable as exc:
+        raise UsageError(f"Redis at {redact_url(url)} failed: {exc}") from None
+    finally:
+        await client.aclose()
+
+
+def _run(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Map UsageError (and configuration/connection failures) to exit 2."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except UsageError as exc:
+            say(f"facepay: {exc}")
+            emit({"error": "usage", "message": str(exc)})
+            return EXIT_USAGE
+        except (ConfigError, ModelError, StoreUnavailable) as exc:
+            say(f"facepay: {exc}")
+            emit({"error": exc.code, "message": str(exc)})
+            return EXIT_USAGE
+
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
+
+
+# --- facepay admin ... -----------------------------------------------------------------------
+
+
+def cmd_merchant_add(args: argparse.Namespace) -> int:
+    """Create a merchant; prints {"merchant_id", "name"}."""
+    url = client_redis_url(args)
+    # Merchants and terminals hold no templates: the store's cipher is never used here.
+    merchant = asyncio.run(
+        with_store(url, TemplateCipher(generate_key()), lambda s: s.add_merchant(args.name))
+    )
+    emit({"merchant_id": merchant.merchant_id, "name": merchant.name})
+    return EXIT_OK
+
+
+def cmd_terminal_add(args: argparse.Namespace) -> int:
+    """Create a terminal; prints {"terminal_id", "token", ...} (the token is shown once)."""
+    url = client_redis_url(args)
+    terminal, token = asyncio.run(
+        with_store(
+            url,
+            TemplateCipher(generate_key()),
+            lambda s: s.add_terminal(args.merchant, args.mode),
+        )
+    )
+    emit(
+        {
+            "terminal_id": terminal.terminal_id,
+            "token": token,
+            "merchant_id": terminal.merchant_id,
+            "mode": terminal.mode,
+        }
+    )
+    return EXIT_OK
+
+
+# --- facepay enroll -----------------------------------------------------------------------------
+
+
+def _read_passphrase(args: argparse.Namespace) -> str:
+    if args.passphrase_file:
+        try:
+            text = Path(args.passphrase_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot read passphrase file: {exc.strerror or exc}") from None
+    else:
+        text = sys.stdin.read()
+    return text.rstrip("\r\n")
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    """Enrol an account from photos; prints {"account_id", "templates"}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.analyzer import FaceAnalyzer
+    from pipeline.image import load_image
+    from pipeline.models import ModelStore
+    from session.crypto import PassphraseHasher, check_passphrase
+    from session.directory import Directory
+    from session.enrollment import ImageQualityError, check_account_fields, enroll_from_images
+
+    if not args.consent:
+        say("facepay: consent required: pass --consent once the person has agreed")
+        emit({"error": "consent_required", "message": "consent required"})
+        return EXIT_REFUSED
+    passphrase = _read_passphrase(args)
+    check_passphrase(passphrase)
+    check_account_fields(args.account, args.name, args.phone)
+    config = _load(args)
+    images = []
+    for path in args.images:
+        try:
+            images.append(load_image(path))
+        except ImageError as exc:
+            say(f"facepay: {exc}")
+            emit({"error": exc.code, "message": str(exc), "image": str(path)})
+            return EXIT_REFUSED
+    cipher = TemplateCipher(resolve_template_key(config, _data_dir(args), create=False))
+    url = client_redis_url(args)
+    analyzer = FaceAnalyzer.from_config(config.pipeline, ModelStore(args.models_dir))
+
+    async def work(store: Store) -> tuple[str, int]:
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="facepay-enroll") as pool:
+            account, count = await enroll_from_images(
+                store=store,
+                directory=Directory(config.pipeline.match),  # servers learn via fp:events
+                analyzer=analyzer,
+                hasher=PassphraseHasher(),
+                executor=pool,
+                account_id=args.account,
+                name=args.name,
+                phone=args.phone,
+                passphrase=passphrase,
+                images=images,
+                consent={"source": "cli"},
+            )
+        return account.account_id, count
+
+    try:
+        account_id, count = asyncio.run(with_store(url, cipher, work))
+    except QualityError as exc:
+        body: dict[str, Any] = {
+            "error": exc.code,
+            "message": str(exc),
+            "reasons": list(exc.reasons),
+        }
+        if isinstance(exc, ImageQualityError):
+            body["image"] = str(args.images[exc.index])
+        say(f"facepay: photo refused: {exc}")
+        emit(body)
+        return EXIT_REFUSED
+    emit({"account_id": account_id, "templates": count})
+    return EXIT_OK
+
+
+# --- facepay serve -----------------------------------------------------------------------------
+
+
+def _load(args: argparse.Namespace) -> FacePayConfig:
+    server: dict[str, Any] = {}
+    for key in ("host", "port"):
+        server[key] = getattr(args, key, None)
+    if getattr(args, "dev", False) or _env_flag(ENV_DEV):
+        server["dev_mode"] = True
+    try:
+        return load_config(getattr(args, "config", None), server=server)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the server until SIGINT/SIGTERM; prints {"url", "redis_url", "dev"} once listening."""
+    config = _load(args)
+    data_dir = Path(args.data_dir or os.environ.get(ENV_DATA) or config.server.data_dir)
+    dev = config.server.dev_mode
+    cipher = TemplateCipher(resolve_template_key(config, data_dir, create=dev))
+    admin_token = resolve_admin_token(args, config, data_dir)
+    if not admin_token:
+        say(f"facepay: admin API disabled (set {ENV_ADMIN} or --admin-token-file to enable it)")
+    server = config.server.model_copy(
+        update={
+            "admin_token": SecretStr(admin_token) if admin_token else None,
+            "data_dir": data_dir,
+        }
+    )
+    config = config.model_copy(update={"server": server})
+    redis_url = args.redis_url or os.environ.get(ENV_REDIS) or config.server.redis_url
+    embedded: EmbeddedRedis | None = None
+    if not redis_url:
+        embedded = EmbeddedRedis(data_dir)
+        redis_url = embedded.start()
+        say(f"facepay: embedded Redis at {redis_url} (pid {embedded.pid})")
+    try:
+        return asyncio.run(_serve(config, cipher, redis_url, args.models_dir))
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+async def _serve(
+    config: FacePayConfig, cipher: TemplateCipher, redis_url: str, models_dir: str | None
+) -> int:
+    from aiohttp import web
+
+    from stream_server.app import create_app
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    app = create_app(config, cipher=cipher, redis_url=redis_url, models_dir=models_dir)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    try:
+        try:
+            await runner.setup()  # start-up: Redis, models, directory
+        except (StoreUnavailable, ModelError, ConfigError) as exc:
+            raise UsageError(f"cannot start: {exc}") from None
+        host, port = config.server.host, config.server.port
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        real_port = runner.addresses[0][1] if runner.addresses else port
+        shown = f"[{host}]" if ":" in host else host
+        emit(
+            {
+                "url": f"http://{shown}:{real_port}",
+                "redis_url": redact_url(redis_url),
+                "dev": config.server.dev_mode,
+            }
+        )
+        say(f"facepay: serving on http://{shown}:{real_port} (Ctrl-C stops)")
+        await stop.wait()
+        say("facepay: stopping")
+    finally:
+        with contextlib.suppress(Exception):
+            await runner.cleanup()
+    return EXIT_OK
+
+
+# --- registration ------------------------------------------------------------------------------
+
+
+def _redis_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--redis-url",
+        default=None,
+        help=f"Redis URL (env {ENV_REDIS}; default: the embedded server's DATA_DIR/redis.url)",
+    )
+    parser.add_argument("--data-dir", default=None, help=f"data folder (env {ENV_DATA}; data)")
+
+
+def _models_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--models-dir",
+        default=os.environ.get(ENV_MODELS),
+        help=f"folder with the model files (env {ENV_MODELS}; default models/)",
+    )
+
+
+def register(sub: Any) -> None:
+    """Add ``serve``, ``admin`` and ``enroll`` to the ``facepay`` parser."""
+    p = sub.add_parser("serve", help="run the FacePay server (embedded Redis by default)")
+    p.add_argument("--host", default=None, help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8080; 0 = any free)")
+    _redis_arg(p)
+    _models_arg(p)
+    p.add_argument(
+        "--dev",
+        action="store_true",
+        help=f"dev mode (env {ENV_DEV}=1): keep a generated template key and admin token "
+        "in the data folder",
+    )
+    p.add_argument("--config", default=None, help="JSON configuration file")
+    p.add_argument(
+        "--admin-token-file", default=None, help=f"file holding the admin token (env {ENV_ADMIN})"
+    )
+    p.set_defaults(handler=_run(cmd_serve))
+
+    admin = sub.add_parser("admin", help="create merchants and terminals")
+    asub = admin.add_subparsers(dest="admin_command", required=True)
+    p = asub.add_parser("merchant-add", help="create a merchant")
+    _redis_arg(p)
+    p.add_argument("name", help="merchant name")
+    p.set_defaults(handler=_run(cmd_merchant_add))
+    p = asub.add_parser("terminal-add", help="create a terminal and print its token once")
+    _redis_arg(p)
+    p.add_argument("--merchant", required=True, help="merchant id")
+    p.add_argument("--mode", required=True, choices=("checkout", "gate", "enroll"))
+    p.set_defaults(handler=_run(cmd_terminal_add))
+
+    p = sub.add_parser("enroll", help="enrol an account from photos (back-office import)")
+    _redis_arg(p)
+    _models_arg(p)
+    p.add_argument("--account", required=True, help="account id")
+    p.add_argument("--name", required=True, help="display name")
+    p.add_argument("--phone", required=True, help="phone number (its last 4 digits narrow)")
+    p.add_argument("--consent", action="store_true", help="the person agreed to enrolment")
+    p.add_argument("--config", default=None, help="JSON configuration file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--passphrase-stdin", action="store_true", help="read it from stdin")
+    src.add_argument("--passphrase-file", default=None, help="read it from a file")
+    p.add_argument("images", nargs="+", type=Path, help="photos with one face each")
+    p.set_defaults(handler=_run(cmd_enroll))

@@ -1,0 +1,354 @@
+"""The admin HTTP API, the health endpoints and the directory sync, on real Redis and models."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import aiohttp
+import cv2
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from session.config import FacePayConfig
+from session.crypto import PassphraseHasher, TemplateCipher, generate_key
+from session.store import Store
+from stream_server import sync
+from stream_server.app import DIRECTORY, STORE, create_app
+
+ADMIN = "admin-token-for-tests-0123456789"
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
+PASSPHRASE = "correct horse"
+
+
+def _config(admin_token: str | None = ADMIN) -> FacePayConfig:
+    return FacePayConfig.model_validate({"server": {"admin_token": admin_token}})
+
+
+@pytest.fixture
+def cipher() -> TemplateCipher:
+    return TemplateCipher(generate_key())
+
+
+@pytest.fixture
+async def client(aiohttp_client, redis_url, models_dir, cipher):  # type: ignore[no-untyped-def]
+    app = create_app(_config(), cipher=cipher, redis_url=redis_url, models_dir=models_dir)
+    sync.setup(app)  # idempotent: a no-op once create_app sets it up itself
+    return await aiohttp_client(app)
+
+
+def _enrol_form(images: list[bytes], **fields: str) -> aiohttp.FormData:
+    values = {
+        "account_id": "alice",
+        "name": "Alice Example",
+        "phone": "+8613800001234",
+        "passphrase": PASSPHRASE,
+        "consent": "true",
+        **fields,
+    }
+    form = aiohttp.FormData()
+    for key, value in values.items():
+        form.add_field(key, value)
+    for i, data in enumerate(images):
+        form.add_field("image", data, filename=f"{i}.jpg", content_type="image/jpeg")
+    return form
+
+
+def _jpeg(data_dir: Path, rel: str) -> bytes:
+    return (data_dir / "faces" / rel).read_bytes()
+
+
+async def _eventually(check, timeout: float = 1.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+# --- authentication -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {ADMIN}"}],
+    ids=["missing", "wrong", "not-bearer"],
+)
+async def test_admin_api_needs_the_admin_token(client, headers):
+    resp = await client.post("/api/merchants", json={"name": "Shop"}, headers=headers)
+    assert resp.status == 401
+    assert resp.headers["WWW-Authenticate"] == "Bearer"
+    assert (await resp.json())["error"] == "unauthorized"
+
+
+async def test_admin_api_is_disabled_without_a_configured_token(
+    aiohttp_client, redis_url, models_dir, cipher
+):
+    app = create_app(_config(None), cipher=cipher, redis_url=redis_url, models_dir=models_dir)
+    client = await aiohttp_client(app)
+    for headers in ({}, {"Authorization": "Bearer "}, AUTH):
+        resp = await client.post("/api/merchants", json={"name": "Shop"}, headers=headers)
+        assert resp.status == 503
+        body = await resp.json()
+        assert body["error"] == "admin_disabled"
+        assert "disabled" in body["message"]
+
+
+# --- merchants and terminals ------------------------------------------------------------------
+
+
+async def test_create_merchant_and_terminal(client):
+    resp = await client.post("/api/merchants", json={"name": "Corner Shop"}, headers=AUTH)
+    assert resp.status == 201
+    merchant_id = (await resp.json())["merchant_id"]
+
+    resp = await client.post(
+        "/api/terminals", json={"merchant_id": merchant_id, "mode": "checkout"}, headers=AUTH
+    )
+    assert resp.status == 201
+    body = await resp.json()
+    assert body["merchant_id"] == merchant_id and body["mode"] == "checkout"
+    terminal = await client.app[STORE].authenticate_terminal(body["token"])
+    assert terminal.terminal_id == body["terminal_id"]
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "status", "error"),
+    [
+        ("/api/merchants", {"name": "Shop", "extra": 1}, 400, "invalid_request"),
+        ("/api/merchants", {"name": ""}, 400, "invalid_request"),
+        ("/api/merchants", [1, 2], 400, "invalid_request"),
+        ("/api/merchants", {"name": "x" * 20_000}, 413, "too_large"),
+        ("/api/terminals", {"merchant_id": "m_nope", "mode": "checkout"}, 404, "not_found"),
+        ("/api/terminals", {"merchant_id": "m_nope", "mode": "vending"}, 400, "invalid_request"),
+    ],
+)
+async def test_bad_bodies_are_refused(client, path, payload, status, error):
+    resp = await client.post(path, json=payload, headers=AUTH)
+    assert resp.status == status
+    assert (await resp.json())["error"] == error
+
+
+async def test_malformed_json_is_a_400(client):
+    resp = await client.post("/api/merchants", data=b"{not json", headers=AUTH)
+    assert resp.status == 400
+    assert (await resp.json())["error"] == "invalid_request"
+
+
+async def test_unexpected_errors_hide_their_details(client, monkeypatch):
+    async def boom(name: str) -> None:
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(client.app[STORE], "add_merchant", boom)
+    resp = await client.post("/api/merchants", json={"name": "Shop"}, headers=AUTH)
+    assert resp.status == 500
+    text = await resp.text()
+    assert "secret internals" not in text and "Traceback" not in text
+
+
+# --- enrolment and erasure --------------------------------------------------------------------
+
+
+async def test_enrol_from_photo_then_erase(client, data_dir, redis_url):
+    directory = client.app[DIRECTORY]
+    form = _enrol_form([_jpeg(data_dir, "obama/obama.jpg"), _jpeg(data_dir, "obama/obama2.jpg")])
+    resp = await client.post("/api/accounts", data=form, headers=AUTH)
+    assert resp.status == 201, await resp.text()
+    assert await resp.json() == {"account_id": "alice", "templates": 2, "name": "A************"}
+    assert len(directory.gallery) == 2
+    assert len(directory.gallery.subjects()) == 1
+
+    again = _enrol_form([_jpeg(data_dir, "obama/obama.jpg")])
+    resp = await client.post("/api/accounts", data=again, headers=AUTH)
+    assert resp.status == 409
+
+    resp = await client.delete("/api/accounts/alice", headers=AUTH)
+    assert resp.status == 200
+    assert await resp.json() == {"account_id": "alice", "erased": 2}
+    raw = aioredis.from_url(redis_url)
+    try:
+        assert await raw.keys("fp:tpl:*") == []
+        assert await raw.smembers("fp:subjects") == set()
+    finally:
+        await raw.aclose()
+    await _eventually(lambda: len(directory.gallery) == 0)
+
+    resp = await client.delete("/api/accounts/alice", headers=AUTH)
+    assert resp.status == 404
+
+
+@pytest.mark.parametrize(
+    ("images", "error", "reason"),
+    [
+        (["group/obama_and_biden.jpg"], "bad_quality", "several_faces"),
+        (["obama/obama.jpg", "group/two_people.jpg"], "bad_quality", "several_faces"),
+        ([b"blank"], "bad_quality", "no_face"),
+        ([b"corrupt"], "bad_image", None),
+    ],
+    ids=["group", "second-photo-group", "blank", "corrupt"],
+)
+async def test_enrol_refuses_unusable_photos(client, data_dir, images, error, reason):
+    blobs = []
+    for item in images:
+        if item == b"blank":
+            _, enc = cv2.imencode(".png", np.full((480, 640, 3), 128, np.uint8))
+            blobs.append(enc.tobytes())
+        elif item == b"corrupt":
+            blobs.append(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+        else:
+            blobs.append(_jpeg(data_dir, item))
+    resp = await client.post("/api/accounts", data=_enrol_form(blobs), headers=AUTH)
+    assert resp.status == 400
+    body = await resp.json()
+    assert body["error"] == error
+    assert body["image"] == len(images) - 1
+    if reason is not None:
+        assert reason in body["reasons"]
+    with pytest.raises(Exception, match="no such account"):
+        await client.app[STORE].get_account("alice")
+    assert len(client.app[DIRECTORY].gallery) == 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"consent": "false"}, "consent required"),
+        ({"passphrase": "short"}, "passphrase"),
+        ({"account_id": "bad id!"}, "account id"),
+        ({"phone": "12"}, "phone"),
+    ],
+)
+async def test_enrol_refuses_bad_fields(client, data_dir, fields, message):
+    form = _enrol_form([_jpeg(data_dir, "obama/obama.jpg")], **fields)
+    resp = await client.post("/api/accounts", data=form, headers=AUTH)
+    assert resp.status == 400
+    body = await resp.json()
+    assert body["error"] == "invalid_request"
+    assert message in body["message"]
+    assert "short" not in body["message"]  # never echo a passphrase
+
+
+async def test_passphrase_is_kept_exactly_as_typed(client, data_dir):
+    spaced = "  spaced passphrase  "
+    form = _enrol_form([_jpeg(data_dir, "obama/obama.jpg")], passphrase=spaced)
+    assert (await client.post("/api/accounts", data=form, headers=AUTH)).status == 201
+    stored = await client.app[STORE].passphrase_hash("alice")
+    assert PassphraseHasher().verify(stored, spaced)
+    assert not PassphraseHasher().verify(stored, spaced.strip())
+
+
+async def test_enrol_needs_multipart_and_an_image(client):
+    resp = await client.post("/api/accounts", json={"account_id": "a"}, headers=AUTH)
+    assert resp.status == 400
+    form = _enrol_form([])
+    resp = await client.post("/api/accounts", data=form, headers=AUTH)
+    assert resp.status == 400
+    assert "image" in (await resp.json())["message"]
+
+
+# --- payments -----------------------------------------------------------------------------------
+
+
+async def test_payment_lookups(client):
+    resp = await client.get("/api/payments/p_nope", headers=AUTH)
+    assert resp.status == 404
+    assert (await resp.json())["error"] == "not_found"
+    resp = await client.get("/api/merchants/m_x/orders/o1", headers=AUTH)
+    assert resp.status == 404
+
+    store = client.app[STORE]
+    merchant = await store.add_merchant("Shop")
+    payment = await store.create_payment(
+        merchant_id=merchant.merchant_id,
+        order_id="o1",
+        account_id="acct",
+        terminal_id="t_1",
+        amount=1250,
+        currency="CNY",
+        daily_limit=100_00,
+    )
+    resp = await client.get(f"/api/payments/{payment.payment_id}", headers=AUTH)
+    assert resp.status == 200
+    assert (await resp.json())["amount"] == "12.50"
+    resp = await client.get(f"/api/merchants/{merchant.merchant_id}/orders/o1", headers=AUTH)
+    assert (await resp.json())["payment_id"] == payment.payment_id
+    resp = await client.get(f"/api/payments/{payment.payment_id}")
+    assert resp.status == 401
+
+
+# --- health -------------------------------------------------------------------------------------
+
+
+async def test_health_endpoints(client):
+    resp = await client.get("/healthz")
+    assert resp.status == 200
+    resp = await client.get("/readyz")
+    assert resp.status == 200
+    assert (await resp.json())["checks"] == {"redis": "ok", "models": "ok"}
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    text = await resp.text()
+    assert "facepay_frames_received_total" in text
+    assert "facepay_sessions_active" in text
+
+
+async def test_readyz_reports_redis_down_and_recovers(client, redis_server):
+    redis_server.stop()
+    try:
+        resp = await client.get("/readyz")
+        assert resp.status == 503
+        body = await resp.json()
+        assert body["failed"] == ["redis"]
+        assert (await client.get("/healthz")).status == 200
+    finally:
+        redis_server.start()
+    deadline = time.monotonic() + 5
+    while (await client.get("/readyz")).status != 200:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+
+
+# --- directory sync -------------------------------------------------------------------------
+
+
+async def test_enrolment_elsewhere_reaches_the_directory(client, redis_url, cipher):
+    """An account written by another process (CLI, second server) is searchable here < 1 s."""
+    directory = client.app[DIRECTORY]
+    rng = np.random.default_rng(1)
+    templates = [v / np.linalg.norm(v) for v in rng.standard_normal((2, 128)).astype(np.float32)]
+    other = aioredis.from_url(redis_url)
+    try:
+        store = Store(other, cipher)
+        passhash = PassphraseHasher(time_cost=1, memory_kib=1024).hash(PASSPHRASE)
+        _, sid = await store.create_account(
+            "bob", "Bob", "+8613800005678", passhash, templates, {"source": "test"}
+        )
+        await _eventually(lambda: sid in directory.gallery)
+        decision = directory.identify(templates[0])
+        assert decision.subject_id == sid
+        await store.erase_account("bob")
+        await _eventually(lambda: sid not in directory.gallery)
+    finally:
+        await other.aclose()
+
+
+async def test_sync_survives_a_redis_restart(client, redis_server, redis_url, cipher):
+    directory = client.app[DIRECTORY]
+    redis_server.stop()
+    await asyncio.sleep(0.3)
+    redis_server.start()
+    other = aioredis.from_url(redis_url)
+    try:
+        store = Store(other, cipher)
+        passhash = PassphraseHasher(time_cost=1, memory_kib=1024).hash(PASSPHRASE)
+        template = np.zeros(128, np.float32)
+        template[0] = 1.0
+        _, sid = await store.create_account(
+            "carol", "Carol", "+8613800009999", passhash, [template], {"source": "test"}
+        )
+        # Either the event arrives on the re-made subscription or the reload finds it.
+        await _eventually(lambda: sid in directory.gallery, timeout=sync.MAX_BACKOFF_S)
+    finally:
+        await other.aclose()

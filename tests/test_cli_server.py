@@ -1,0 +1,234 @@
+"""``facepay serve`` (embedded Redis, signals), ``facepay admin ...`` and ``facepay enroll``."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from session.crypto import TemplateCipher, generate_key
+from session.models import Terminal
+from session.store import Store
+from stream_server import embedded_redis
+from stream_server.cli import main
+
+ENV_VARS = (
+    "FACEPAY_REDIS_URL",
+    "FACEPAY_TEMPLATE_KEY",
+    "FACEPAY_ADMIN_TOKEN",
+    "FACEPAY_DATA_DIR",
+    "FACEPAY_DEV",
+)
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[dict], str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, [json.loads(line) for line in out.splitlines() if line.strip()], err
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+# --- serve ---------------------------------------------------------------------------------------
+
+
+def test_serve_with_embedded_redis_then_admin_from_another_shell(tmp_path, models_dir, capsys):
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "stream_server.cli", "serve", "--dev", "--port", "0"),
+            *("--data-dir", str(data), "--models-dir", str(models_dir)),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            line = pool.submit(proc.stdout.readline).result(timeout=30)  # type: ignore[union-attr]
+        started = json.loads(line)
+        assert started["dev"] is True
+        assert started["url"].startswith("http://127.0.0.1:")
+        assert started["redis_url"] == (data / "redis.url").read_text().strip()
+        assert (data / "template.key").stat().st_mode & 0o777 == 0o600
+        assert (data / "admin.token").stat().st_mode & 0o777 == 0o600
+
+        with urllib.request.urlopen(started["url"] + "/readyz", timeout=5) as resp:
+            assert resp.status == 200
+
+        # "Another shell": the admin command finds the embedded Redis through the data dir.
+        code, out, _ = run(capsys, "admin", "merchant-add", "--data-dir", str(data), "Shop")
+        assert code == 0 and out[0]["merchant_id"].startswith("m_")
+        token = (data / "admin.token").read_text().strip()
+        req = urllib.request.Request(
+            f"{started['url']}/api/payments/nope", headers={"Authorization": f"Bearer {token}"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(req, timeout=5)
+        assert caught.value.code == 404
+
+        # A second embedded server on the same data folder is refused, not started.
+        code, _, err = run(capsys, "serve", "--dev", "--port", "0", "--data-dir", str(data))
+        assert code == 2 and "already running" in err
+
+        pids = [int((data / "redis" / "redis.pid").read_text())]
+        assert _alive(pids[0])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        deadline = time.monotonic() + 5
+        while _alive(pids[0]):
+            assert time.monotonic() < deadline, "embedded redis-server still running"
+            time.sleep(0.05)
+        assert not (data / "redis.url").exists()
+        assert (data / "redis" / "appendonlydir").is_dir()  # persistent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_without_a_key_outside_dev_mode_exits_2(tmp_path, capsys):
+    code, _, err = run(capsys, "serve", "--port", "0", "--data-dir", str(tmp_path / "d"))
+    assert code == 2
+    assert "FACEPAY_TEMPLATE_KEY" in err
+    assert not (tmp_path / "d" / "redis").exists()  # refused before starting anything
+
+
+def test_serve_says_when_there_is_no_redis_server(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(embedded_redis, "FALLBACK_PATHS", ())
+    code, _, err = run(capsys, "serve", "--dev", "--port", "0", "--data-dir", str(tmp_path))
+    assert code == 2
+    assert "no redis-server" in err and "--redis-url" in err
+
+
+def test_serve_refuses_a_malformed_key(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FACEPAY_TEMPLATE_KEY", "not-a-key")
+    code, _, err = run(capsys, "serve", "--port", "0", "--data-dir", str(tmp_path))
+    assert code == 2
+    assert "not-a-key" not in err and "template key" in err
+
+
+# --- admin -------------------------------------------------------------------------------------
+
+
+def test_admin_commands(redis_url, capsys):
+    code, out, _ = run(capsys, "admin", "merchant-add", "--redis-url", redis_url, "Corner Shop")
+    assert code == 0
+    merchant_id = out[0]["merchant_id"]
+    code, out, _ = run(
+        capsys, "admin", "terminal-add", "--redis-url", redis_url,
+        "--merchant", merchant_id, "--mode", "gate",
+    )  # fmt: skip
+    assert code == 0
+    assert out[0]["mode"] == "gate"
+
+    async def check(token: str) -> Terminal:
+        client = aioredis.from_url(redis_url)
+        try:
+            return await Store(client, TemplateCipher(generate_key())).authenticate_terminal(token)
+        finally:
+            await client.aclose()
+
+    terminal = asyncio.run(check(out[0]["token"]))
+    assert terminal.terminal_id == out[0]["terminal_id"]
+
+    code, out, _ = run(
+        capsys, "admin", "terminal-add", "--redis-url", redis_url,
+        "--merchant", "m_unknown", "--mode", "checkout",
+    )  # fmt: skip
+    assert code == 1 and out[0]["error"] == "not_found"
+
+
+def test_admin_without_redis_is_a_usage_error(tmp_path, capsys):
+    code, _, err = run(capsys, "admin", "merchant-add", "--data-dir", str(tmp_path), "Shop")
+    assert code == 2 and "--redis-url" in err
+    code, _, err = run(capsys, "admin", "merchant-add", "--redis-url", "redis://127.0.0.1:1", "S")
+    assert code == 2 and "cannot reach Redis" in err
+
+
+# --- enroll --------------------------------------------------------------------------------------
+
+
+def _enroll_args(redis_url: str, models_dir: Path, passfile: Path, *images: Path) -> list[str]:
+    return [
+        "enroll", "--redis-url", redis_url, "--models-dir", str(models_dir),
+        "--account", "alice", "--name", "Alice", "--phone", "+8613800001234",
+        "--passphrase-file", str(passfile), *map(str, images),
+    ]  # fmt: skip
+
+
+def test_enroll_command(redis_url, models_dir, data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FACEPAY_TEMPLATE_KEY", generate_key().hex())
+    passfile = tmp_path / "pass"
+    passfile.write_text("correct horse\n")
+    faces = data_dir / "faces"
+    args = _enroll_args(redis_url, models_dir, passfile, faces / "obama/obama.jpg")
+
+    code, out, err = run(capsys, *args)
+    assert code == 1 and out[0]["error"] == "consent_required" and "consent" in err
+
+    group = faces / "group/obama_and_biden.jpg"
+    code, out, _ = run(capsys, *args, str(group), "--consent")
+    assert code == 1
+    assert out[0]["error"] == "bad_quality"
+    assert out[0]["reasons"] == ["several_faces"]
+    assert out[0]["image"] == str(group)
+
+    code, out, _ = run(capsys, *args, str(faces / "obama/obama2.jpg"), "--consent")
+    assert code == 0
+    assert out == [{"account_id": "alice", "templates": 2}]
+
+    code, out, _ = run(capsys, *args, "--consent")
+    assert code == 1 and out[0]["error"] == "conflict"
+
+
+def test_enroll_reads_the_passphrase_from_stdin(
+    redis_url, models_dir, data_dir, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("FACEPAY_TEMPLATE_KEY", generate_key().hex())
+    args = _enroll_args(redis_url, models_dir, tmp_path, data_dir / "faces/biden/biden.jpg")
+    args[args.index("--passphrase-file") : args.index("--passphrase-file") + 2] = [
+        "--passphrase-stdin"
+    ]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("short\n"))
+    code, out, _ = run(capsys, *args, "--consent")
+    assert code == 1 and out[0]["error"] == "invalid_request"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("long enough phrase\n"))
+    code, out, _ = run(capsys, *args, "--consent")
+    assert code == 0 and out[0]["templates"] == 1
+
+
+def test_enroll_needs_a_template_key(redis_url, models_dir, data_dir, tmp_path, capsys):
+    passfile = tmp_path / "pass"
+    passfile.write_text("correct horse")
+    args = _enroll_args(redis_url, models_dir, passfile, data_dir / "faces/obama/obama.jpg")
+    code, _, err = run(capsys, *args, "--consent", "--data-dir", str(tmp_path))
+    assert code == 2 and "FACEPAY_TEMPLATE_KEY" in err

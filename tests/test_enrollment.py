@@ -1,0 +1,123 @@
+"""Enrolment from photos (session.enrollment) on real models and a real Redis."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from pipeline.config import MatchConfig
+from pipeline.errors import Conflict, InvalidRequest, NotFound, QualityError
+from session.crypto import PassphraseHasher, TemplateCipher, generate_key
+from session.directory import Directory
+from session.enrollment import ImageQualityError, enroll_from_images, template_from_image
+from session.store import Store
+
+PASSPHRASE = "correct horse"
+
+
+@pytest.fixture
+async def env(redis_url, analyzer):  # type: ignore[no-untyped-def]
+    client = aioredis.from_url(redis_url)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {
+            "store": Store(client, TemplateCipher(generate_key())),
+            "directory": Directory(MatchConfig()),
+            "analyzer": analyzer,
+            "hasher": PassphraseHasher(time_cost=1, memory_kib=1024),
+            "executor": pool,
+        }
+    await client.aclose()
+
+
+async def _enroll(env, images, **kw):  # type: ignore[no-untyped-def]
+    args = {
+        "account_id": "alice",
+        "name": "Alice",
+        "phone": "+8613800001234",
+        "passphrase": PASSPHRASE,
+        "consent": {"source": "test"},
+        **kw,
+    }
+    return await enroll_from_images(**env, images=images, **args)
+
+
+async def test_enrol_photos_then_recognise_another(env, photo, analyzer):
+    images = [photo("faces/obama/obama.jpg"), photo("faces/obama/obama2.jpg")]
+    account, count = await _enroll(env, images)
+    assert (account.account_id, count) == ("alice", 2)
+    assert (await env["store"].get_account("alice")).phone_last4 == "1234"
+    hashed = await env["store"].passphrase_hash("alice")
+    assert PASSPHRASE not in hashed and env["hasher"].verify(hashed, PASSPHRASE)
+
+    probe = template_from_image(analyzer, photo("faces/obama/obama3.jpg"), 0)
+    decision = env["directory"].identify(probe)
+    assert decision.status == "match"
+    assert await env["store"].account_for_subject(decision.subject_id) == "alice"
+    other = template_from_image(analyzer, photo("faces/biden/biden.jpg"), 0)
+    assert env["directory"].identify(other).status != "match"
+
+    with pytest.raises(Conflict):
+        await _enroll(env, images[:1])
+
+
+@pytest.mark.parametrize(
+    ("rel", "reason"),
+    [("faces/group/obama_and_biden.jpg", "several_faces"), ("blank", "no_face")],
+)
+async def test_photo_without_exactly_one_face_is_refused(env, photo, rel, reason):
+    bad = np.full((480, 640, 3), 90, np.uint8) if rel == "blank" else photo(rel)
+    with pytest.raises(ImageQualityError) as caught:
+        await _enroll(env, [photo("faces/obama/obama.jpg"), bad])
+    assert caught.value.reasons == (reason,)
+    assert caught.value.index == 1
+    assert "image 1" in str(caught.value)
+    with pytest.raises(NotFound):
+        await env["store"].get_account("alice")
+    assert len(env["directory"].gallery) == 0
+
+
+@pytest.mark.parametrize(
+    ("transform", "reason"),
+    [
+        (lambda im: cv2.GaussianBlur(im, (0, 0), 8), "blurry"),
+        (lambda im: cv2.resize(im, (0, 0), fx=0.2, fy=0.2), "too_small"),
+    ],
+    ids=["blurry", "too_small"],
+)
+async def test_quality_gate_reasons_are_reported(env, photo, transform, reason):
+    with pytest.raises(QualityError) as caught:
+        await _enroll(env, [transform(photo("faces/obama/obama.jpg"))])
+    assert reason in caught.value.reasons
+
+
+async def test_a_small_face_in_the_background_is_allowed(env, photo, analyzer):
+    image = photo("faces/obama/obama.jpg").copy()
+    image[-310:-10, -310:-10] = cv2.resize(photo("faces/biden/biden2.jpg"), (300, 300))
+    faces = analyzer.detect(image)
+    assert len(faces) == 2  # both found; the second is well under half the main face's area
+    _, count = await _enroll(env, [image])
+    assert count == 1
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"passphrase": "12345"}, "passphrase"),
+        ({"account_id": "no spaces"}, "account id"),
+        ({"phone": "call me"}, "phone"),
+        ({"name": "  "}, "name"),
+    ],
+)
+async def test_bad_fields_fail_before_any_analysis(env, kw, match):
+    env = {**env, "analyzer": None}  # would crash if the photos were looked at
+    with pytest.raises(InvalidRequest, match=match):
+        await _enroll(env, [np.zeros((10, 10, 3), np.uint8)], **kw)
+
+
+async def test_no_image_is_refused(env):
+    with pytest.raises(QualityError):
+        await _enroll(env, [])
