@@ -98,6 +98,18 @@ class Conflict(FacePayError):
     code = "conflict"
 
 
+class PaymentConflict(Conflict):
+    """Conflict raised when an order is already paid; ``payment_id`` names that payment.
+
+    A ``Conflict`` for every caller that catches ``Conflict``; the message ends with the
+    existing payment id as well.
+    """
+
+    def __init__(self, message: str, payment_id: str) -> None:
+        super().__init__(message)
+        self.payment_id = payment_id
+
+
 class InvalidRequest(FacePayError):
     """A request is malformed or out of bounds (amount, order id, message shape)."""
 

@@ -14,21 +14,9 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
 
-from pipeline.errors import Conflict, InvalidRequest, LimitExceeded, NotFound
+from pipeline.errors import InvalidRequest, LimitExceeded, NotFound, PaymentConflict
 from session import _store_lua as h
 from session.models import Payment
-
-
-class PaymentConflict(Conflict):
-    """Conflict raised when an order is already paid; ``payment_id`` names that payment.
-
-    A ``Conflict`` for every caller that catches ``Conflict``; the message ends with the
-    existing payment id as well.
-    """
-
-    def __init__(self, message: str, payment_id: str) -> None:
-        super().__init__(message)
-        self.payment_id = payment_id
 
 
 class StoreCore:

@@ -37,10 +37,10 @@ from typing import cast, get_args
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
-from pipeline.errors import AuthError, Conflict, InvalidRequest, NotFound
+from pipeline.errors import AuthError, Conflict, InvalidRequest, NotFound, PaymentConflict
 from pipeline.types import FloatArray
 from session import _store_lua as h
-from session._store_ledger import PaymentConflict, StoreCore
+from session._store_ledger import StoreCore
 from session.crypto import TemplateCipher
 from session.models import Account, Merchant, Terminal, TerminalMode
 
