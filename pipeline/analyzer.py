@@ -156,13 +156,18 @@ class FaceAnalyzer:
         embed: bool = True,
         liveness: bool = True,
         require_quality: bool = True,
+        limits: QualityThresholds | None = None,
     ) -> FaceAnalysis:
-        """Quality-check one face; embed it and score liveness if it passes (or if not required)."""
+        """Quality-check one face; embed it and score liveness if it passes (or if not required).
+
+        ``limits`` overrides the analyzer's quality thresholds (a gate wants larger faces than
+        a checkout, with the same models).
+        """
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         aligned = align(image, face)
         t1 = time.perf_counter()
-        report = assess(face, aligned, self.limits)
+        report = assess(face, aligned, limits or self.limits)
         t2 = time.perf_counter()
         timings["align"] = (t1 - t0) * 1000
         timings["quality"] = (t2 - t1) * 1000

@@ -96,6 +96,27 @@ class TrackerConfig(_Strict):
     relink_threshold: float = Field(0.6, ge=0.0, le=1.0)
 
 
+class SelectionConfig(_Strict):
+    """Which models run on which face, per frame (see docs/gate.md).
+
+    Detection and tracking run on every analysed frame; the expensive per-face models run
+    only where they still add evidence.
+    """
+
+    #: A track stops being embedded once its window holds this many embeddings.
+    max_embeddings: int = Field(3, ge=1, le=60)
+    #: Once a track has ``evidence.min_frames`` liveness scores, score it every N frames.
+    liveness_every: int = Field(2, ge=1, le=30)
+    #: Decided tracks get detection and tracking only (no liveness) ...
+    skip_decided: bool = True
+    #: ... except an embedding every N frames, so the tracker can still veto a different
+    #: person stepping into a decided track's place (measured: without it, a walker who
+    #: took the spot of one who had just passed was absorbed and never decided).
+    recheck_every: int = Field(5, ge=1, le=60)
+    #: Embed/score at most this many faces per frame: undecided first, then larger.
+    max_faces_per_frame: int = Field(5, ge=1, le=50)
+
+
 class MatchConfig(_Strict):
     """1:N acceptance: above threshold AND ahead of the second-best subject by margin."""
 
@@ -113,5 +134,6 @@ class PipelineConfig(_Strict):
     quality: QualityConfig = QualityConfig()
     evidence: EvidenceConfig = EvidenceConfig()
     tracker: TrackerConfig = TrackerConfig()
+    selection: SelectionConfig = SelectionConfig()
     match: MatchConfig = MatchConfig()
     intra_op_threads: int = Field(1, ge=1, le=64)

@@ -3,13 +3,20 @@
 Synchronous and pure: the session room runs ``StreamAnalyzer.process`` in an executor, tests
 run it on generated frames directly. A face that has not yet shown enough video stays
 ``undecided``; a stream without faces yields no track and so no verdict.
+
+Frame selection (``PipelineConfig.selection``): detection and tracking run on every frame;
+per face, the embedder runs only until its track holds ``max_embeddings`` embeddings, the
+liveness models on every frame until ``evidence.min_frames`` scores and then every
+``liveness_every`` frames, and a decided track gets no liveness and only an identity-check
+embedding every ``recheck_every`` frames. At most
+``max_faces_per_frame`` faces get model time per frame, undecided and larger ones first.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.analyzer import FaceAnalysis, FaceAnalyzer
+from pipeline.analyzer import FaceAnalysis, FaceAnalyzer, quality_limits
 from pipeline.config import PipelineConfig
 from pipeline.evidence import EvidenceAccumulator, Verdict
 from pipeline.tracker import Tracker
@@ -26,6 +33,9 @@ class TrackReport:
     verdict: Verdict
     is_new: bool
     first_seen: float
+    #: Time of the first frame in which this track's face reached ``ready_px`` (the gate's
+    #: decision clock starts there); None until it has.
+    ready_since: float | None = None
 
 
 class StreamAnalyzer:
@@ -44,14 +54,69 @@ class StreamAnalyzer:
         )
         self.evidence: dict[int, EvidenceAccumulator] = {}
         self.first_seen: dict[int, float] = {}
+        self.ready_since: dict[int, float] = {}
         self.ended: dict[int, Verdict] = {}
+        self.decided: set[int] = set()
+        self.ready_px = self.config.quality.min_face_px
+        self.limits = quality_limits(self.config)
         self.frames = 0
+        #: Model runs saved by frame selection (embeddings, liveness), for benchmarks.
+        self.skipped = {"embed": 0, "liveness": 0}
+
+    def mark_decided(self, track_id: int) -> None:
+        """The caller decided this track: stop spending embedder and liveness time on it."""
+        self.decided.add(track_id)
+
+    def _plan(self, faces: list[Face], t: float) -> list[tuple[bool, bool]]:
+        """(embed, liveness) per detected face, from its probable track's evidence."""
+        sel = self.config.selection
+        predicted = self.tracker.predict(t)
+        probable: list[int | None] = []
+        taken: set[int] = set()
+        for face in faces:
+            best, best_iou = None, self.config.tracker.iou_threshold
+            for tid, box in predicted.items():
+                iou = face.box.iou(box)
+                if tid not in taken and iou >= best_iou:
+                    best, best_iou = tid, iou
+            if best is not None:
+                taken.add(best)
+            probable.append(best)
+
+        def undecided(i: int) -> bool:
+            guess = probable[i]
+            return guess is None or guess not in self.decided
+
+        order = sorted(range(len(faces)), key=lambda i: (not undecided(i), -faces[i].box.area))
+        plan = [(False, False)] * len(faces)
+        for rank, i in enumerate(order):
+            track = probable[i]
+            if rank >= sel.max_faces_per_frame:
+                continue
+            if sel.skip_decided and not undecided(i):
+                plan[i] = (self.frames % sel.recheck_every == 0, False)
+                continue
+            acc = self.evidence.get(track) if track is not None else None
+            embed = acc is None or acc.embeddings_count < sel.max_embeddings
+            scored = 0 if acc is None else sum(1 for f in acc.frames if f.p_real is not None)
+            live = scored < self.config.evidence.min_frames or self.frames % sel.liveness_every == 0
+            plan[i] = (embed, live)
+        return plan
 
     def process(self, frame: ImageArray, t: float) -> list[TrackReport]:
         """Analyse one frame taken at ``t`` seconds; returns a report per tracked face."""
         self.frames += 1
         faces = self.analyzer.detect(frame)
-        analyses = [self.analyzer.analyze_face(frame, f) for f in faces]
+        plan = self._plan(faces, t)
+        analyses = []
+        for face, (embed, live) in zip(faces, plan, strict=True):
+            self.skipped["embed"] += not embed
+            self.skipped["liveness"] += not live
+            analyses.append(
+                self.analyzer.analyze_face(
+                    frame, face, embed=embed, liveness=live, limits=self.limits
+                )
+            )
         updates = self.tracker.update(faces, t, [a.embedding for a in analyses])
         by_face = {id(f): a for f, a in zip(faces, analyses, strict=True)}
         reports = []
@@ -63,6 +128,10 @@ class StreamAnalyzer:
                 self.evidence[update.track_id] = acc
                 self.first_seen[update.track_id] = t
             acc.add(t, analysis)
+            if update.track_id not in self.ready_since and (
+                min(update.face.box.width, update.face.box.height) >= self.ready_px
+            ):
+                self.ready_since[update.track_id] = t
             reports.append(
                 TrackReport(
                     track_id=update.track_id,
@@ -71,11 +140,14 @@ class StreamAnalyzer:
                     verdict=acc.verdict(),
                     is_new=update.is_new,
                     first_seen=self.first_seen[update.track_id],
+                    ready_since=self.ready_since.get(update.track_id),
                 )
             )
         for track_id in self.tracker.pop_ended():
             acc = self.evidence.pop(track_id, None)
             self.first_seen.pop(track_id, None)
+            self.ready_since.pop(track_id, None)
+            self.decided.discard(track_id)
             if acc is not None:
                 self.ended[track_id] = acc.verdict()
         return reports

@@ -100,6 +100,26 @@ class StoreCore:
         with h.unavailable("clear_failures"):
             await self._r.delete(self._k("fail", account_id))
 
+    # --- gate entries -----------------------------------------------------------------------
+    async def claim_gate_entry(self, merchant_id: str, account_id: str, window_s: float) -> bool:
+        """Atomically claim this account's entry at this merchant for ``window_s`` seconds.
+
+        True for the first claim in the window (charge the fare), False if the account
+        already entered (a track that broke and re-formed, or a second gate): never charge
+        twice. SET NX with an expiry, so concurrent gates cannot both win.
+        """
+        ttl_ms = max(1, int(window_s * 1000))
+        with h.unavailable("claim_gate_entry"):
+            won = await self._r.set(
+                self._k("gate", merchant_id, account_id), "1", nx=True, px=ttl_ms
+            )
+        return bool(won)
+
+    async def release_gate_entry(self, merchant_id: str, account_id: str) -> None:
+        """Undo a claim whose fare could not be charged (limit, outage): the person may retry."""
+        with h.unavailable("release_gate_entry"):
+            await self._r.delete(self._k("gate", merchant_id, account_id))
+
     # --- payments -------------------------------------------------------------------------
     async def find_payment(self, merchant_id: str, order_id: str) -> Payment | None:
         """The payment for this order, if any."""

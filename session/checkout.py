@@ -57,6 +57,8 @@ class Observer(Protocol):
 
     def decision(self, mode: str, outcome: str, reason: str) -> None: ...
 
+    def gate_decision(self, seconds: float) -> None: ...
+
 
 @dataclass(frozen=True)
 class SessionServices:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipeline.errors import AuthError, FacePayError, InvalidRequest, StoreUnavailable
 from session.checkout import CheckoutRequest, CheckoutSession, SessionServices
 from session.frames import FrameSlot
+from session.gate import GateSession, GateTerminal
 from session.models import Terminal, parse_amount
 from stream_server.app import (
     ANALYZER,
@@ -108,6 +109,9 @@ class MetricsObserver:
     def decision(self, mode: str, outcome: str, reason: str) -> None:
         self.metrics.decisions.labels(mode, outcome, reason).inc()
 
+    def gate_decision(self, seconds: float) -> None:
+        self.metrics.decision_seconds.observe(seconds)
+
 
 def _error(code: str, message: str) -> dict[str, Any]:
     return {"type": "error", "code": code, "message": message}
@@ -124,7 +128,7 @@ class TerminalConnection:
         self.terminal: Terminal | None = None
         self.frames: FrameSlot[Any] = FrameSlot()
         self.ingest: Any = None
-        self.session: CheckoutSession | None = None
+        self.session: CheckoutSession | GateSession | None = None
         self.session_task: asyncio.Task[Any] | None = None
         self._send_lock = asyncio.Lock()
 
@@ -235,7 +239,7 @@ class TerminalConnection:
         elif isinstance(message, StartCheckout):
             await self._start_checkout(message)
         else:
-            if self.session is None:
+            if not isinstance(self.session, CheckoutSession):
                 raise InvalidRequest(f"no checkout in progress for {message.type}")
             self.session.deliver(message.model_dump())
 
@@ -256,6 +260,33 @@ class TerminalConnection:
         self.ingest = VideoIngest(on_frame=on_frame, peers=self.app[PEERS])
         answer = await self.ingest.start(offer.sdp, offer.sdp_type)
         await self.send({"type": "answer", "sdp": answer.sdp, "sdp_type": answer.type})
+        if self.terminal is not None and self.terminal.mode == "gate":
+            self._start_gate()
+
+    def _services(self) -> SessionServices:
+        from stream_server.webrtc import frame_to_bgr
+
+        app = self.app
+        return SessionServices(
+            config=self.config,
+            store=app[STORE],
+            directory=app[DIRECTORY],
+            analyzer=app[ANALYZER],
+            hasher=app[HASHER],
+            executor=app[EXECUTOR],
+            to_bgr=frame_to_bgr,
+            observer=MetricsObserver(self.metrics),
+        )
+
+    def _start_gate(self) -> None:
+        """A gate decides continuously while its video flows (started by the first offer)."""
+        assert self.terminal is not None
+        if self.session_task is not None and not self.session_task.done():
+            return
+        gate = GateTerminal(self.terminal.merchant_id, self.terminal.terminal_id)
+        self.session = GateSession(self._services(), gate, self.frames, self.send)
+        self.metrics.sessions.labels("gate").inc()
+        self.session_task = asyncio.create_task(self.session.run())
 
     async def _start_checkout(self, msg: StartCheckout) -> None:
         assert self.terminal is not None
@@ -273,19 +304,7 @@ class TerminalConnection:
             await self.send({"type": "declined", "reason": "limit"})
             self.metrics.decisions.labels("checkout", "declined", "limit").inc()
             return
-        app = self.app
-        from stream_server.webrtc import frame_to_bgr
-
-        services = SessionServices(
-            config=self.config,
-            store=app[STORE],
-            directory=app[DIRECTORY],
-            analyzer=app[ANALYZER],
-            hasher=app[HASHER],
-            executor=app[EXECUTOR],
-            to_bgr=frame_to_bgr,
-            observer=MetricsObserver(self.metrics),
-        )
+        services = self._services()
         request = CheckoutRequest(
             merchant_id=self.terminal.merchant_id,
             terminal_id=self.terminal.terminal_id,

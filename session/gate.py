@@ -1,0 +1,232 @@
+"""Walk-through gate: every face track gets exactly one decision, every account one fare per
+entry window.
+
+A gate session runs for as long as the gate's video flows. Each frame goes through the
+stream analyzer (tracker + per-track evidence + frame selection) in the executor; a track
+whose verdict becomes ``live`` or ``spoof`` is decided at once:
+- spoof -> ``gate_deny spoof``;
+- live -> 1:N search: no match -> ``unknown``, top-2 too close -> ``ambiguous`` (a gate
+  cannot stop to ask for phone digits), locked account -> ``locked``, fare above the gate
+  limit or over the daily limit -> ``limit``;
+- match -> the account's entry is claimed for ``gate_entry_window_s`` (Redis SET NX) and
+  the fare charged -> ``gate_open``. A second track of the same account inside the window
+  (the track broke and re-formed) is not charged and not announced again.
+A track that leaves before its evidence is enough gets no decision: no guess, ever.
+``decision_ms`` runs from the first frame in which the track's face reached the gate's
+minimum size to the decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.errors import LimitExceeded, NotFound, StoreUnavailable
+from pipeline.stream import StreamAnalyzer, TrackReport
+from session.checkout import Emit, SessionServices
+from session.frames import FrameSlot
+from session.models import format_amount
+
+log = logging.getLogger(__name__)
+FACES_EVENT_INTERVAL_S = 0.2
+
+
+@dataclass(frozen=True)
+class GateTerminal:
+    """Who the gate belongs to."""
+
+    merchant_id: str
+    terminal_id: str
+
+
+class GateSession:
+    """Decides each person passing one gate."""
+
+    def __init__(
+        self, services: SessionServices, gate: GateTerminal, frames: FrameSlot[Any], emit: Emit
+    ) -> None:
+        self.svc = services
+        self.gate = gate
+        self.frames = frames
+        self.emit = emit
+        self.policy = services.config.policy
+        self.stream = StreamAnalyzer(services.analyzer, services.config.gate_pipeline())
+        self.decisions: dict[int, str] = {}
+        self.admitted_repeat = 0
+        self._stopped = False
+        self._last_faces_event = 0.0
+        #: (arrival, age at analysis ms, analysis ms, faces) per analysed frame, bounded.
+        self.trace: deque[tuple[float, float, float, int]] = deque(maxlen=2000)
+
+    def stop(self) -> None:
+        """The gate's connection is gone: decide nothing more (see CheckoutSession.stop)."""
+        self._stopped = True
+
+    async def run(self) -> None:
+        """Process the newest frames until the stream ends or the session is stopped."""
+        loop = asyncio.get_running_loop()
+        while not self._stopped:
+            item = await self.frames.get(timeout=0.5)
+            if item is None:
+                if self.frames.closed:
+                    return
+                continue
+            t0 = time.perf_counter()
+            age_ms = (time.monotonic() - item.t) * 1000.0
+            try:
+                reports, size = await loop.run_in_executor(
+                    self.svc.executor, self._analyse, item.frame, item.t
+                )
+            except Exception:  # one bad frame must not stop the gate
+                log.exception("gate %s: frame analysis failed", self.gate.terminal_id)
+                continue
+            timings = {"frame": (time.perf_counter() - t0) * 1000, "frame_age": age_ms}
+            for r in reports:
+                timings.update(r.analysis.timings_ms)
+            self.svc.observer.frame_processed(timings)
+            self.trace.append((item.t, age_ms, timings["frame"], len(reports)))
+            for report in reports:
+                if report.track_id not in self.decisions and report.verdict.status != "undecided":
+                    await self._decide(report)
+            await self._faces_event(reports, size)
+
+    def _analyse(self, frame: Any, t: float) -> tuple[list[TrackReport], tuple[int, int]]:
+        image = self.svc.to_bgr(frame)
+        return self.stream.process(image, t), (int(image.shape[1]), int(image.shape[0]))
+
+    async def _faces_event(self, reports: list[TrackReport], size: tuple[int, int]) -> None:
+        now = time.monotonic()
+        if now - self._last_faces_event < FACES_EVENT_INTERVAL_S:
+            return
+        self._last_faces_event = now
+        await self._send(
+            {
+                "type": "faces",
+                "width": size[0],
+                "height": size[1],
+                "tracks": [
+                    {
+                        "track_id": r.track_id,
+                        "box": r.face.box.as_list(),
+                        "decision": self.decisions.get(r.track_id),
+                    }
+                    for r in reports
+                ],
+            }
+        )
+
+    async def _send(self, event: dict[str, Any]) -> None:
+        try:
+            await self.emit(event)
+        except (ConnectionError, RuntimeError):
+            log.debug("gate %s: could not send %s", self.gate.terminal_id, event.get("type"))
+
+    def _decision_ms(self, report: TrackReport) -> float:
+        start = report.ready_since if report.ready_since is not None else report.first_seen
+        return round((time.monotonic() - start) * 1000.0, 1)
+
+    async def _deny(self, report: TrackReport, reason: str, message: str) -> None:
+        self.decisions[report.track_id] = "deny"
+        ms = self._decision_ms(report)
+        await self._send(
+            {
+                "type": "gate_deny",
+                "track_id": report.track_id,
+                "reason": reason,
+                "message": message,
+                "decision_ms": ms,
+            }
+        )
+        self.svc.observer.decision("gate", "deny", reason)
+        self._observe_latency(ms)
+
+    def _observe_latency(self, ms: float) -> None:
+        self.svc.observer.gate_decision(ms / 1000.0)
+
+    async def _decide(self, report: TrackReport) -> None:
+        """One decision for one track (called once per track)."""
+        self.stream.mark_decided(report.track_id)
+        if self._stopped:
+            return
+        if report.verdict.status == "spoof":
+            await self._deny(
+                report, "spoof", "Please remove any photo or screen and look at the camera"
+            )
+            return
+        embedding = report.verdict.embedding
+        assert embedding is not None  # a live verdict carries its embedding
+        decision = self.svc.directory.identify(embedding)
+        if decision.status == "ambiguous":
+            await self._deny(report, "ambiguous", "Please use the ticket gate")
+            return
+        if decision.status != "match" or decision.subject_id is None:
+            await self._deny(report, "unknown", "Not recognised: please use the ticket gate")
+            return
+        try:
+            await self._admit(report, str(decision.subject_id))
+        except StoreUnavailable:
+            # Fail closed: without the ledger nobody passes for free.
+            await self._deny(report, "unavailable", "Please use the ticket gate")
+
+    async def _admit(self, report: TrackReport, subject_id: str) -> None:
+        store = self.svc.store
+        try:
+            account_id = await store.account_for_subject(subject_id)
+            account = await store.get_account(account_id)
+        except NotFound:
+            await self._deny(report, "unknown", "Not recognised: please use the ticket gate")
+            return
+        if await store.locked_until(account.account_id) is not None:
+            await self._deny(report, "locked", "Account locked: please use the ticket gate")
+            return
+        fare = self.policy.gate_fare
+        if fare > self.policy.gate_limit:
+            await self._deny(report, "limit", "Fare above the gate limit: please pay at the desk")
+            return
+        merchant = self.gate.merchant_id
+        window = self.policy.gate_entry_window_s
+        if not await store.claim_gate_entry(merchant, account.account_id, window):
+            # Same person again inside the entry window (a re-formed track or a second gate):
+            # never charge twice, and do not announce a second opening for one person.
+            self.decisions[report.track_id] = "repeat"
+            self.admitted_repeat += 1
+            self.svc.observer.decision("gate", "repeat", "entry_window")
+            return
+        order_id = f"gate:{self.gate.terminal_id}:{secrets.token_hex(8)}"
+        try:
+            payment = await store.create_payment(
+                merchant_id=merchant,
+                order_id=order_id,
+                account_id=account.account_id,
+                terminal_id=self.gate.terminal_id,
+                amount=fare,
+                currency=self.policy.currency,
+                daily_limit=self.policy.daily_limit,
+            )
+        except LimitExceeded:
+            await store.release_gate_entry(merchant, account.account_id)
+            await self._deny(report, "limit", "Daily limit reached: please use the ticket gate")
+            return
+        except StoreUnavailable:
+            await store.release_gate_entry(merchant, account.account_id)
+            raise
+        self.decisions[report.track_id] = "open"
+        ms = self._decision_ms(report)
+        await self._send(
+            {
+                "type": "gate_open",
+                "track_id": report.track_id,
+                "account": account.masked_name,
+                "fare": format_amount(fare),
+                "currency": self.policy.currency,
+                "payment_id": payment.payment_id,
+                "decision_ms": ms,
+            }
+        )
+        self.svc.observer.decision("gate", "open", "paid")
+        self._observe_latency(ms)

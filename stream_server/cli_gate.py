@@ -1,0 +1,251 @@
+"""``facepay bench-gate [SCENE]``: a walk-through scene through a real gate, measured.
+
+The server runs in this process (so its CPU time is ours to measure, ``os.times``); the gate
+terminal is a separate ``facepay replay --mode gate`` process streaming the pre-rendered
+scene video over WebRTC on 127.0.0.1, as a camera would. People in the scene marked
+``enrolled`` are enrolled first from their ``enroll_photo``. Results are judged by account,
+from the ledger: a ``gate_open`` whose payment belongs to anyone but an enrolled live
+walker (the print attacker's victim included) is a wrong open; an enrolled live walker
+without an open is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from stream_server.cli import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, emit, say
+
+DATA_ENV = "FACEPAY_TEST_DATA"
+
+
+def register(sub: Any) -> None:
+    """Add ``bench-gate``."""
+    p = sub.add_parser("bench-gate", help="measure gate decisions on a walk-through scene")
+    p.add_argument("scene", nargs="?", type=Path, help="scene video (with its .json beside)")
+    p.add_argument("--redis-url", default=os.environ.get("FACEPAY_REDIS_URL"))
+    p.add_argument("--models-dir", default=os.environ.get("FACEPAY_MODELS_DIR"))
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=os.environ.get(DATA_ENV),
+        help="root of the photos the scene names (env FACEPAY_TEST_DATA)",
+    )
+    p.add_argument(
+        "--people",
+        type=int,
+        default=3,
+        choices=(1, 3, 5),
+        help="preset scene to generate when SCENE is not given",
+    )
+    p.add_argument("--fps", type=float, default=30.0)
+    p.set_defaults(handler=cmd_bench_gate)
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return round(ordered[k], 1)
+
+
+def cmd_bench_gate(args: argparse.Namespace) -> int:
+    """Run the benchmark; JSON out (DESIGN.md §5 keys)."""
+    data_root = args.data_dir or Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not Path(data_root, "faces").is_dir():
+        say(f"facepay bench-gate: photos not found in {data_root} (set {DATA_ENV})")
+        return EXIT_USAGE
+    try:
+        return asyncio.run(_bench(args, Path(data_root)))
+    except KeyboardInterrupt:
+        return EXIT_REFUSED
+
+
+async def _bench(args: argparse.Namespace, data_root: Path) -> int:
+    from pipeline.analyzer import FaceAnalyzer
+    from pipeline.config import PipelineConfig
+    from pipeline.image import load_image
+    from pipeline.models import ModelStore
+    from pipeline.scene import preset_scene, scene_from_json, write_scene
+    from session.config import FacePayConfig, ServerConfig
+    from session.crypto import TemplateCipher, generate_key
+    from session.enrollment import enroll_from_images
+    from stream_server.app import (
+        ANALYZER,
+        CONNECTIONS,
+        DIRECTORY,
+        EXECUTOR,
+        HASHER,
+        METRICS,
+        REDIS,
+        STORE,
+        create_app,
+    )
+    from stream_server.embedded_redis import EmbeddedRedis
+    from stream_server.webrtc import restrict_host_addresses
+
+    work = Path(tempfile.mkdtemp(prefix="facepay-bench-gate-"))
+    if args.scene is None:
+        spec = preset_scene(args.people)
+        analyzer = FaceAnalyzer.from_config(PipelineConfig(), ModelStore(args.models_dir))
+
+        def face_box(image: Any) -> tuple[float, float, float, float]:
+            face = max(analyzer.detect(image), key=lambda f: f.box.area)
+            return (face.box.x1, face.box.y1, face.box.x2, face.box.y2)
+
+        video = work / "scene.avi"
+        say(f"bench-gate: rendering a {args.people}-person scene to {video}")
+        write_scene(spec, video, lambda rel: load_image(data_root / rel), face_box)
+    else:
+        video = args.scene
+        spec = scene_from_json(json.loads(video.with_suffix(".json").read_text()))
+
+    embedded = None
+    redis_url = args.redis_url
+    if redis_url is None:
+        embedded = EmbeddedRedis(work / "data")
+        redis_url = embedded.start()
+    restrict_host_addresses(["127.0.0.1"])
+    config = FacePayConfig(server=ServerConfig(workers=2))
+    app = create_app(
+        config,
+        cipher=TemplateCipher(generate_key()),
+        redis_url=redis_url,
+        models_dir=args.models_dir,
+    )
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        store = app[STORE]
+        await app[REDIS].flushdb()
+        merchant = await store.add_merchant("Metro")
+        _, token = await store.add_terminal(merchant.merchant_id, "gate")
+        walkers: dict[str, str] = {}
+        for actor in spec.actors:
+            if not actor.enrolled or actor.enroll_photo is None:
+                continue
+            if actor.name in walkers:
+                continue
+            await enroll_from_images(
+                store=store,
+                directory=app[DIRECTORY],
+                analyzer=app[ANALYZER],
+                hasher=app[HASHER],
+                executor=app[EXECUTOR],
+                account_id=actor.name,
+                name=actor.name.replace("_", " ").title(),
+                phone="+8613800000000",
+                passphrase="bench-gate-passphrase",
+                images=[load_image(data_root / actor.enroll_photo)],
+                consent={"method": "bench"},
+            )
+            walkers[actor.name] = actor.kind
+        cpu0 = os.times()
+        sessions: set[Any] = set()
+        replay = asyncio.create_task(_replay(port, token, video, args.fps, spec.seconds))
+        while not replay.done():
+            # Keep the gate sessions (they leave CONNECTIONS when the terminal hangs up).
+            sessions.update(c.session for c in app[CONNECTIONS] if c.session is not None)
+            await asyncio.wait({replay}, timeout=0.2)
+        events = replay.result()
+        trace = [row for sess in sessions for row in getattr(sess, "trace", ())]
+        cpu1 = os.times()
+        result = await _judge(spec, events, store, walkers)
+        decisions = result["decisions"]
+        cpu_s = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+        metrics = app[METRICS]
+        result["frames"] = {
+            "received": int(metrics.frames_received._value.get()),
+            "processed": int(metrics.frames_processed._value.get()),
+            "dropped": int(metrics.frames_dropped._value.get()),
+        }
+        result["cpu_ms_per_decision"] = round(cpu_s * 1000 / decisions, 1) if decisions else None
+        result["server_cpu_s"] = round(cpu_s, 2)
+        if trace:
+            result["frame_age_ms_p50"] = round(statistics.median(r[1] for r in trace), 1)
+            result["analysis_ms_p50"] = round(statistics.median(r[2] for r in trace), 1)
+        result["scene"] = str(video)
+        emit(result)
+        return EXIT_OK if result["wrong_opens"] == 0 else EXIT_REFUSED
+    finally:
+        await runner.cleanup()
+        if embedded is not None:
+            embedded.stop()
+
+
+async def _replay(
+    port: int, token: str, video: Path, fps: float, seconds: float
+) -> list[dict[str, Any]]:
+    """Run the gate terminal as a separate process; its JSON lines."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "stream_server.cli",
+        "replay",
+        "--server",
+        f"http://127.0.0.1:{port}",
+        "--token",
+        token,
+        "--mode",
+        "gate",
+        "--loopback",
+        "--fps",
+        str(fps),
+        "--duration",
+        str(seconds),
+        "--timeout",
+        str(seconds + 30),
+        str(video),
+    ]
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), seconds + 60)
+    if proc.returncode not in (0, 1):
+        raise RuntimeError(f"replay failed ({proc.returncode}): {err.decode()[-500:]}")
+    return [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
+
+
+async def _judge(
+    spec: Any, events: list[dict[str, Any]], store: Any, walkers: dict[str, str]
+) -> dict[str, Any]:
+    opens = [e for e in events if e.get("type") == "gate_open"]
+    denies = [e for e in events if e.get("type") == "gate_deny"]
+    live_enrolled = {name for name, kind in walkers.items() if kind == "live"}
+    opened: dict[str, int] = {}
+    wrong = 0
+    for e in opens:
+        payment = await store.get_payment(e["payment_id"])
+        opened[payment.account_id] = opened.get(payment.account_id, 0) + 1
+        if payment.account_id not in live_enrolled or opened[payment.account_id] > 1:
+            wrong += 1
+    latencies = [float(e["decision_ms"]) for e in opens + denies]
+    return {
+        "people": len(spec.actors),
+        "decisions": len(opens) + len(denies),
+        "opens": len(opens),
+        "denies": {
+            r: sum(1 for e in denies if e["reason"] == r)
+            for r in sorted({e["reason"] for e in denies})
+        },
+        "decision_ms": {
+            "p50": round(statistics.median(latencies), 1) if latencies else None,
+            "p95": _percentile(latencies, 0.95),
+            "max": round(max(latencies), 1) if latencies else None,
+        },
+        "wrong_opens": wrong,
+        "missed": sorted(live_enrolled - set(opened)),
+    }
