@@ -162,3 +162,33 @@ def redis_url(redis_server: RedisServer) -> str:
         redis_server.start()
     redis_server.flush()
     return redis_server.url
+
+
+# --- end-to-end servers -------------------------------------------------------------------
+
+
+@pytest.fixture
+def loopback_ice():  # type: ignore[no-untyped-def]
+    """aioice gathers host candidates on 127.0.0.1 only (it skips loopback by default)."""
+    from stream_server.webrtc import restrict_host_addresses, unrestrict_host_addresses
+
+    restrict_host_addresses(["127.0.0.1"])
+    yield
+    unrestrict_host_addresses()
+
+
+@pytest.fixture
+async def make_env(aiohttp_server, redis_url, models_dir, loopback_ice):  # type: ignore[no-untyped-def]
+    """Factory: a running FacePay server (real Redis, models) with policy overrides."""
+    from tests.e2e import start_env
+
+    envs = []
+
+    async def make(**policy):  # type: ignore[no-untyped-def]
+        env = await start_env(aiohttp_server, redis_url, models_dir, **policy)
+        envs.append(env)
+        return env
+
+    yield make
+    for env in envs:
+        await env.close()

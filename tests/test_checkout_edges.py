@@ -8,32 +8,13 @@ import cv2
 import numpy as np
 import pytest
 
-from stream_server.webrtc import restrict_host_addresses, unrestrict_host_addresses
-from tests.e2e import PASSPHRASE, camera_frames, empty_frames, start_env
+from tests.e2e import PASSPHRASE, camera_frames, empty_frames
 
 ENROLL = "faces/obama/obama.jpg"
 SHOPPER = "faces/obama/obama3.jpg"
 
 
-@pytest.fixture(autouse=True)
-def loopback_ice():
-    restrict_host_addresses(["127.0.0.1"])
-    yield
-    unrestrict_host_addresses()
-
-
-@pytest.fixture
-async def make_env(aiohttp_server, redis_url, models_dir):
-    envs = []
-
-    async def make(**policy):
-        env = await start_env(aiohttp_server, redis_url, models_dir, **policy)
-        envs.append(env)
-        return env
-
-    yield make
-    for env in envs:
-        await env.close()
+pytestmark = pytest.mark.usefixtures("loopback_ice")
 
 
 def two_people(analyzer, photo):

@@ -13,22 +13,13 @@ import pytest
 from pipeline.scene import Actor, SceneSpec, preset_scene, preset_turn_away, render_scene
 from session.store import Store
 from stream_server.app import CONNECTIONS
-from stream_server.webrtc import restrict_host_addresses, unrestrict_host_addresses
-from tests.e2e import start_env
 
-
-@pytest.fixture(autouse=True)
-def loopback_ice():
-    restrict_host_addresses(["127.0.0.1"])
-    yield
-    unrestrict_host_addresses()
+pytestmark = pytest.mark.usefixtures("loopback_ice")
 
 
 @pytest.fixture
-async def env(aiohttp_server, redis_url, models_dir):
-    env = await start_env(aiohttp_server, redis_url, models_dir)
-    yield env
-    await env.close()
+async def env(make_env):
+    return await make_env()
 
 
 def _face_box(analyzer):
