@@ -80,6 +80,11 @@ class EvidenceConfig(_Strict):
     #: threshold (p_real < spoof_floor): a print or a screen rarely scores above 0.05.
     spoof_fast_frames: int = Field(4, ge=2, le=300)
     spoof_floor: float = Field(0.1, ge=0.0, le=0.5)
+    #: Scored frames needed before a *moderately* low fused score (above the fast-exit
+    #: floor) becomes a spoof verdict; None = ``min_frames``. Prints and screens score near
+    #: 0 and take the fast exit; a live face whose context crop briefly holds another
+    #: person (two walkers crossing) dips to 0.2-0.5 and deserves more video first.
+    spoof_min_frames: int | None = Field(None, ge=2, le=300)
     #: Use the landmark-rigidity cue (planar motion) as extra spoof evidence. Off by default:
     #: see docs/pipeline.md, measured on synthetic streams only.
     use_rigidity: bool = False

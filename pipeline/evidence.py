@@ -184,6 +184,8 @@ class EvidenceAccumulator:
             return make("undecided", "need_longer_video")
         assert fused is not None  # scored is non-empty here
         if fused < self.liveness_threshold:
+            if len(scored) < (cfg.spoof_min_frames or cfg.min_frames):
+                return make("undecided", "need_more_frames")
             return make("spoof", "liveness_low")
         if (
             cfg.use_rigidity

@@ -439,6 +439,14 @@ class CheckoutSession:
             }
         )
         await self._send({"type": "state", "state": str(S.APPROVED), "session_id": self.session_id})
+        if self.policy.offer_text:
+            await self._send(
+                {
+                    "type": "merchant_offer",
+                    "text": self.policy.offer_text,
+                    "kind": self.policy.offer_kind,
+                }
+            )
         self.svc.observer.decision("checkout", "approved", "paid")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
@@ -46,6 +46,9 @@ class PolicyConfig(_Strict):
     gate_fare: int = Field(3_00, ge=1, le=10**6)
     gate_limit: int = Field(20_00, ge=1, le=10**7)
     gate_entry_window_s: float = Field(60.0, ge=1.0, le=86400.0)
+    #: Optional merchant offer pushed to the terminal after ``approved`` (None: none).
+    offer_text: str | None = Field(None, min_length=1, max_length=200)
+    offer_kind: Literal["membership", "coupon"] = "membership"
 
 
 class ServerConfig(_Strict):
@@ -81,8 +84,21 @@ class GateConfig(_Strict):
 
     min_face_px: float = Field(80.0, ge=40.0, le=400.0)
     evidence: EvidenceConfig = EvidenceConfig(
-        min_frames=4, min_span_s=0.1, spoof_fast_frames=3, window_s=2.0
+        min_frames=4, min_span_s=0.1, spoof_fast_frames=3, window_s=2.0, spoof_min_frames=10
     )
+
+
+class EnrollmentConfig(_Strict):
+    """Live enrolment at an ``enroll`` terminal (docs/protocol.md)."""
+
+    #: Good-quality templates collected from different frames of the live face.
+    templates: int = Field(3, ge=1, le=10)
+    #: Minimum time between two collected frames (different frames, not one frame thrice).
+    min_gap_s: float = Field(0.15, ge=0.0, le=5.0)
+    #: From consent to enough live, good frames; then declined ``timeout``.
+    timeout_s: float = Field(60.0, ge=3.0, le=600.0)
+    #: How long the passphrase step may take; then declined ``timeout``.
+    passphrase_timeout_s: float = Field(120.0, ge=3.0, le=600.0)
 
 
 class FacePayConfig(_Strict):
@@ -92,6 +108,7 @@ class FacePayConfig(_Strict):
     policy: PolicyConfig = PolicyConfig()
     server: ServerConfig = ServerConfig()
     gate: GateConfig = GateConfig()
+    enrollment: EnrollmentConfig = EnrollmentConfig()
 
     def gate_pipeline(self) -> PipelineConfig:
         """The pipeline config a gate session runs with (gate evidence and face size)."""

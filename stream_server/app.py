@@ -38,6 +38,8 @@ CIPHER = web.AppKey("cipher", TemplateCipher)
 PEERS = web.AppKey("peers", set)  # RTCPeerConnection objects, closed on shutdown
 CONNECTIONS = web.AppKey("connections", set)  # open terminal connections
 MODELS_DIR = web.AppKey("models_dir", str)
+#: Optional folder with the browser pages (default: the repository's web_client/).
+WEB_ROOT_DIR = web.AppKey("web_root_dir", str)
 
 
 def create_app(
@@ -46,6 +48,7 @@ def create_app(
     cipher: TemplateCipher,
     redis_url: str,
     models_dir: str | os.PathLike[str] | None = None,
+    web_root: str | os.PathLike[str] | None = None,
 ) -> web.Application:
     """Build the FacePay app. ``redis_url`` is resolved by the caller (embedded or given)."""
     app = web.Application(client_max_size=8 * 1024 * 1024)
@@ -56,6 +59,8 @@ def create_app(
     app[PEERS] = set()
     app[CONNECTIONS] = set()
     app[MODELS_DIR] = str(models_dir) if models_dir is not None else ""
+    if web_root is not None:
+        app[WEB_ROOT_DIR] = str(web_root)
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         client = aioredis.from_url(
@@ -96,12 +101,13 @@ def create_app(
 
 
 def _add_routes(app: web.Application) -> None:
-    from stream_server import admin, health, sync, ws
+    from stream_server import admin, health, sync, web, ws
 
     health.setup(app)
     sync.setup(app)
     admin.setup(app)
     ws.setup(app)
+    web.setup(app, app.get(WEB_ROOT_DIR))
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:

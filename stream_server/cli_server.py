@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import signal
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -49,6 +50,8 @@ ENV_ADMIN = "FACEPAY_ADMIN_TOKEN"
 ENV_KEY = "FACEPAY_TEMPLATE_KEY"
 ENV_DATA = "FACEPAY_DATA_DIR"
 ENV_DEV = "FACEPAY_DEV"
+ENV_TLS_CERT = "FACEPAY_TLS_CERT"
+ENV_TLS_KEY = "FACEPAY_TLS_KEY"
 KEY_FILE = "template.key"
 ADMIN_TOKEN_FILE = "admin.token"
 
@@ -316,8 +319,25 @@ def _load(args: argparse.Namespace) -> FacePayConfig:
         raise UsageError(str(exc)) from None
 
 
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The HTTPS context from --tls-cert/--tls-key (or their env); both or neither."""
+    cert = getattr(args, "tls_cert", None) or os.environ.get(ENV_TLS_CERT)
+    key = getattr(args, "tls_key", None) or os.environ.get(ENV_TLS_KEY)
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        raise UsageError("--tls-cert and --tls-key must be given together")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load the TLS certificate or key: {exc}") from None
+    return context
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the server until SIGINT/SIGTERM; prints {"url", "redis_url", "dev"} once listening."""
+    tls = tls_context(args)
     config = _load(args)
     data_dir = Path(args.data_dir or os.environ.get(ENV_DATA) or config.server.data_dir)
     dev = config.server.dev_mode
@@ -339,14 +359,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         redis_url = embedded.start()
         say(f"facepay: embedded Redis at {redis_url} (pid {embedded.pid})")
     try:
-        return asyncio.run(_serve(config, cipher, redis_url, args.models_dir))
+        return asyncio.run(_serve(config, cipher, redis_url, args.models_dir, tls))
     finally:
         if embedded is not None:
             embedded.stop()
 
 
 async def _serve(
-    config: FacePayConfig, cipher: TemplateCipher, redis_url: str, models_dir: str | None
+    config: FacePayConfig,
+    cipher: TemplateCipher,
+    redis_url: str,
+    models_dir: str | None,
+    tls: ssl.SSLContext | None = None,
 ) -> int:
     from aiohttp import web
 
@@ -364,21 +388,22 @@ async def _serve(
         except (StoreUnavailable, ModelError, ConfigError) as exc:
             raise UsageError(f"cannot start: {exc}") from None
         host, port = config.server.host, config.server.port
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=tls)
         try:
             await site.start()
         except OSError as exc:
             raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         real_port = runner.addresses[0][1] if runner.addresses else port
         shown = f"[{host}]" if ":" in host else host
+        scheme = "https" if tls is not None else "http"
         emit(
             {
-                "url": f"http://{shown}:{real_port}",
+                "url": f"{scheme}://{shown}:{real_port}",
                 "redis_url": redact_url(redis_url),
                 "dev": config.server.dev_mode,
             }
         )
-        say(f"facepay: serving on http://{shown}:{real_port} (Ctrl-C stops)")
+        say(f"facepay: serving on {scheme}://{shown}:{real_port} (Ctrl-C stops)")
         await stop.wait()
         say("facepay: stopping")
     finally:
@@ -424,6 +449,10 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--admin-token-file", default=None, help=f"file holding the admin token (env {ENV_ADMIN})"
     )
+    p.add_argument(
+        "--tls-cert", default=None, help=f"PEM certificate for HTTPS (env {ENV_TLS_CERT})"
+    )
+    p.add_argument("--tls-key", default=None, help=f"PEM private key for HTTPS (env {ENV_TLS_KEY})")
     p.set_defaults(handler=_run(cmd_serve))
 
     admin = sub.add_parser("admin", help="create merchants and terminals")

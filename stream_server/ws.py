@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import AuthError, FacePayError, InvalidRequest, StoreUnavailable
 from session.checkout import CheckoutRequest, CheckoutSession, SessionServices
+from session.enroll import EnrollRequest, EnrollSession
 from session.frames import FrameSlot
 from session.gate import GateSession, GateTerminal
 from session.models import Terminal, parse_amount
@@ -78,6 +79,20 @@ class PhoneDigits(_Msg):
     digits: str = Field(pattern=r"^[0-9]{4}$")
 
 
+class StartEnroll(_Msg):
+    type: Literal["start_enroll"]
+    consent: bool = Field(strict=True)
+    account_id: str = Field(min_length=1, max_length=64)
+    name: str = Field(min_length=1, max_length=100)
+    phone: str = Field(min_length=1, max_length=32)
+
+
+class EnrollPassphrase(_Msg):
+    type: Literal["enroll_passphrase"]
+    passphrase: str = Field(min_length=1, max_length=256)
+    confirm: str = Field(min_length=1, max_length=256)
+
+
 class Simple(_Msg):
     type: Literal["cancel", "ping"]
 
@@ -87,6 +102,8 @@ MESSAGES: dict[str, type[_Msg]] = {
     "start_checkout": StartCheckout,
     "passphrase": Passphrase,
     "phone_digits": PhoneDigits,
+    "start_enroll": StartEnroll,
+    "enroll_passphrase": EnrollPassphrase,
     "cancel": Simple,
     "ping": Simple,
 }
@@ -128,7 +145,7 @@ class TerminalConnection:
         self.terminal: Terminal | None = None
         self.frames: FrameSlot[Any] = FrameSlot()
         self.ingest: Any = None
-        self.session: CheckoutSession | GateSession | None = None
+        self.session: CheckoutSession | GateSession | EnrollSession | None = None
         self.session_task: asyncio.Task[Any] | None = None
         self._send_lock = asyncio.Lock()
 
@@ -238,7 +255,15 @@ class TerminalConnection:
             await self._offer(message)
         elif isinstance(message, StartCheckout):
             await self._start_checkout(message)
+        elif isinstance(message, StartEnroll):
+            await self._start_enroll(message)
+        elif isinstance(self.session, EnrollSession) and not isinstance(
+            message, Passphrase | PhoneDigits
+        ):
+            self.session.deliver(message.model_dump())
         else:
+            if isinstance(message, EnrollPassphrase):
+                raise InvalidRequest("no enrolment in progress")
             if not isinstance(self.session, CheckoutSession):
                 raise InvalidRequest(f"no checkout in progress for {message.type}")
             self.session.deliver(message.model_dump())
@@ -251,6 +276,8 @@ class TerminalConnection:
         metrics = self.metrics
 
         def on_frame(frame: Any, t: float) -> None:
+            if not self._wants_frames():
+                return  # an enroll terminal keeps nothing before consent
             before = self.frames.dropped
             self.frames.put(frame, t)
             metrics.frames_received.inc()
@@ -262,6 +289,35 @@ class TerminalConnection:
         await self.send({"type": "answer", "sdp": answer.sdp, "sdp_type": answer.type})
         if self.terminal is not None and self.terminal.mode == "gate":
             self._start_gate()
+
+    def _wants_frames(self) -> bool:
+        """Enroll terminals take frames only while a consented enrolment is capturing."""
+        if self.terminal is None or self.terminal.mode != "enroll":
+            return True
+        return isinstance(self.session, EnrollSession) and self.session.capturing
+
+    async def _start_enroll(self, msg: StartEnroll) -> None:
+        """Consent given: validate, clear any earlier frames and start capturing."""
+        assert self.terminal is not None
+        if self.terminal.mode != "enroll":
+            raise InvalidRequest(f"a {self.terminal.mode} terminal cannot start an enrolment")
+        if not msg.consent:
+            raise InvalidRequest("consent is required before any capture")
+        if self.session_task is not None and not self.session_task.done():
+            await self.send(_error("busy", "an enrolment is already in progress"))
+            return
+        request = EnrollRequest(
+            merchant_id=self.terminal.merchant_id,
+            terminal_id=self.terminal.terminal_id,
+            account_id=msg.account_id,
+            name=msg.name,
+            phone=msg.phone,
+        )
+        session = EnrollSession(self._services(), request, self.frames, self.send)
+        self.frames.clear()  # nothing from before consent is kept
+        self.session = session
+        self.metrics.sessions.labels("enroll").inc()
+        self.session_task = asyncio.create_task(session.run())
 
     def _services(self) -> SessionServices:
         from stream_server.webrtc import frame_to_bgr

@@ -134,3 +134,18 @@ def test_rigidity_cue_flags_a_moved_plane_only_when_enabled():
             moved = tuple((x * (1 + 0.02 * i) + 4 * i, y) for x, y in LANDMARKS)
             acc.add(i / 30, _analysis(0.95, _unit(i), landmarks=moved))
         assert acc.verdict().status == expected
+
+
+def test_moderately_low_scores_wait_for_more_video_when_configured():
+    cfg = EvidenceConfig(min_frames=4, min_span_s=0.1, spoof_fast_frames=3, spoof_min_frames=8)
+    acc = EvidenceAccumulator(cfg, 0.5)
+    _feed(acc, [0.3, 0.4, 0.35, 0.3])  # a live face dipping while another face is near
+    assert acc.verdict().reasons == ("need_more_frames",)
+    _feed(acc, [0.95, 0.97, 0.96, 0.98], start=4)  # the crossing is over
+    assert acc.verdict().status == "live"
+    slow = EvidenceAccumulator(cfg, 0.5)
+    _feed(slow, [0.3, 0.35, 0.3, 0.4, 0.3, 0.35, 0.3, 0.4])
+    assert slow.verdict().status == "spoof"  # low for long enough: still refused
+    fast = EvidenceAccumulator(cfg, 0.5)
+    _feed(fast, [0.01, 0.0, 0.02])
+    assert fast.verdict().status == "spoof"  # a print's near-zero scores exit at once

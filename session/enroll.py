@@ -1,0 +1,331 @@
+"""Live enrolment at an ``enroll`` terminal: consent, capture, passphrase, account.
+
+One asyncio task per enrolment, like ``CheckoutSession``: newest frames in, CPU work
+(frame conversion, inference, argon2) in the executor. Nothing is captured before consent;
+a face is enrolled only from a track whose multi-frame verdict is ``live`` (a photo or a
+screen is declined ``spoof``), with several good-quality templates from different frames.
+
+The passphrase is never logged or echoed; templates are dropped once stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from pipeline.errors import Conflict, IllegalTransition, InvalidRequest, StoreUnavailable
+from pipeline.stream import StreamAnalyzer, TrackReport
+from pipeline.types import FloatArray
+from session import _store_lua as _store_rules
+from session.checkout import FACES_EVENT_INTERVAL_S, SessionServices
+from session.crypto import check_passphrase
+from session.frames import FrameSlot
+
+log = logging.getLogger(__name__)
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+
+#: Quality reasons -> the hint shown to the person, first match wins.
+HINTS: tuple[tuple[str, str], ...] = (
+    ("too_small", "closer"),
+    ("too_dark", "more_light"),
+    ("too_bright", "less_light"),
+    ("turned_away", "look_at_camera"),
+    ("head_tilted", "look_at_camera"),
+    ("blurry", "hold_still"),
+)
+FINAL_STATES = frozenset({"enrolled", "declined", "cancelled"})
+
+
+@dataclass(frozen=True)
+class EnrollRequest:
+    """What the terminal asked for (after consent)."""
+
+    merchant_id: str
+    terminal_id: str
+    account_id: str
+    name: str
+    phone: str
+
+
+class _Ended(Exception):
+    """Internal: the enrolment reached a final state."""
+
+
+def hint_for(reasons: tuple[str, ...]) -> str:
+    """The hint for a face's quality reasons (``ok`` when none applies)."""
+    for reason, hint in HINTS:
+        if reason in reasons:
+            return hint
+    return "ok"
+
+
+class EnrollSession:
+    """capturing -> passphrase -> enrolled / declined / cancelled."""
+
+    def __init__(
+        self,
+        services: SessionServices,
+        request: EnrollRequest,
+        frames: FrameSlot[Any],
+        emit: Emit,
+    ) -> None:
+        """Validate the fields with the store's rules (InvalidRequest) before anything else."""
+        _store_rules.check_account_fields(request.account_id, request.name, request.phone)
+        self.svc = services
+        self.req = request
+        self.frames = frames
+        self.emit = emit
+        self.cfg = services.config.enrollment
+        self.session_id = "e_" + secrets.token_urlsafe(9)
+        self.state = "idle"
+        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=16)
+        pipeline = services.config.pipeline
+        # Embed every frame of the face (the default stops after a few): templates must
+        # come from frames at least ``min_gap_s`` apart.
+        selection = pipeline.selection.model_copy(update={"max_embeddings": 60})
+        self._stream = StreamAnalyzer(
+            services.analyzer, pipeline.model_copy(update={"selection": selection})
+        )
+        self._templates: list[FloatArray] = []
+        self._track: int | None = None
+        self._last_take = -1e9
+        self._last_event = 0.0
+        self._stopped = False
+        self.consent_time = time.time()
+
+    @property
+    def capturing(self) -> bool:
+        """True while frames are wanted (only after consent, until capture ends)."""
+        return self.state == "capturing" and not self._stopped
+
+    @property
+    def finished(self) -> bool:
+        """True once the enrolment reached a final state."""
+        return self.state in FINAL_STATES
+
+    # --- input from the terminal --------------------------------------------------------
+    def deliver(self, message: dict[str, Any]) -> None:
+        """Queue a terminal message (enroll_passphrase, cancel); IllegalTransition if late."""
+        kind = message.get("type")
+        if self.finished:
+            raise IllegalTransition(f"the enrolment has ended ({self.state})")
+        if kind == "enroll_passphrase" and self.state != "passphrase":
+            raise IllegalTransition(f"enroll_passphrase is not expected while {self.state}")
+        try:
+            self.inbox.put_nowait(message)
+        except asyncio.QueueFull as exc:
+            raise InvalidRequest("too many messages; wait for the session") from exc
+
+    def stop(self) -> None:
+        """The terminal is gone: never create an account from here on."""
+        self._stopped = True
+
+    # --- life cycle ---------------------------------------------------------------------
+    async def run(self) -> str:
+        """Run to a final state; never raises (except cancellation)."""
+        try:
+            await self._run()
+        except _Ended:
+            pass
+        except StoreUnavailable:
+            log.warning("enrolment %s: store unavailable; declining", self.session_id)
+            with contextlib.suppress(_Ended):
+                await self._finish("declined", "unavailable")
+        except asyncio.CancelledError:
+            if not self.finished:
+                self.state = "cancelled"
+            raise
+        except Exception:  # a bug must decline, never enrol half
+            log.exception("enrolment %s failed; declining", self.session_id)
+            if not self.finished:
+                with contextlib.suppress(_Ended):
+                    await self._finish("declined", "internal_error")
+        finally:
+            self._templates = []
+        return self.state
+
+    async def _run(self) -> None:
+        await self.svc.store.audit(
+            "consent",
+            method="live",
+            account_id=self.req.account_id,
+            terminal=self.req.terminal_id,
+            time=repr(self.consent_time),
+        )
+        await self._set("capturing")
+        await self._capture(time.monotonic() + self.cfg.timeout_s)
+        await self._set("passphrase")
+        await self._passphrase(time.monotonic() + self.cfg.passphrase_timeout_s)
+
+    async def _set(self, state: str) -> None:
+        self.state = state
+        await self._send({"type": "state", "state": state, "session_id": self.session_id})
+
+    async def _finish(self, state: str, reason: str) -> NoReturn:
+        """Move to a final state, tell the terminal, and stop the session."""
+        self.state = state
+        self._templates = []
+        if state == "declined":
+            await self._send({"type": "declined", "reason": reason})
+        await self._send(
+            {"type": "state", "state": state, "reason": reason, "session_id": self.session_id}
+        )
+        self.svc.observer.decision("enroll", state, reason)
+        raise _Ended
+
+    async def _send(self, event: dict[str, Any]) -> None:
+        try:
+            await self.emit(event)
+        except (ConnectionError, RuntimeError):
+            log.debug("enrolment %s: could not send %s", self.session_id, event.get("type"))
+
+    async def _check(self) -> None:
+        """Stopped (terminal gone) or a queued cancel ends the session."""
+        if self._stopped and not self.finished:
+            self.state = "cancelled"
+            self.svc.observer.decision("enroll", "cancelled", "disconnected")
+            raise _Ended
+        while not self.inbox.empty():
+            if self.inbox.get_nowait().get("type") == "cancel":
+                await self._finish("cancelled", "cancelled")
+
+    # --- capture ------------------------------------------------------------------------
+    async def _capture(self, deadline: float) -> None:
+        """Frames until enough good templates of one live face (or spoof / timeout)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._check()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                await self._finish("declined", "timeout")
+            item = await self.frames.get(timeout=min(remaining, 0.5))
+            if item is None:
+                continue
+            t0 = time.perf_counter()
+            reports, size = await loop.run_in_executor(
+                self.svc.executor, self._analyse, item.frame, item.t
+            )
+            timings = {"frame": (time.perf_counter() - t0) * 1000}
+            for r in reports:
+                timings.update(r.analysis.timings_ms)
+            self.svc.observer.frame_processed(timings)
+            hint, main = self._main_face(reports)
+            if main is not None:
+                if main.verdict.status == "spoof":
+                    await self._finish("declined", "spoof")
+                self._collect(main, item.t)
+            await self._feedback(reports, size, hint)
+            enough = len(self._templates) >= self.cfg.templates
+            if main is not None and enough and main.verdict.status == "live":
+                return
+
+    def _analyse(self, frame: Any, t: float) -> tuple[list[TrackReport], tuple[int, int]]:
+        """Worker thread: convert the frame and run the pipeline on it."""
+        image = self.svc.to_bgr(frame)
+        return self._stream.process(image, t), (int(image.shape[1]), int(image.shape[0]))
+
+    def _main_face(self, reports: list[TrackReport]) -> tuple[str, TrackReport | None]:
+        """(hint, the one main face or None when nobody or several people are in view)."""
+        if not reports:
+            return "no_face", None
+        main = max(reports, key=lambda r: r.face.box.area)
+        ratio = self.svc.config.policy.crowd_area_ratio
+        if any(r is not main and r.face.box.area >= ratio * main.face.box.area for r in reports):
+            return "one_person", None
+        return hint_for(main.analysis.quality.reasons), main
+
+    def _collect(self, main: TrackReport, t: float) -> None:
+        """Keep the main track's embedding from a good frame (another track starts over)."""
+        if main.track_id != self._track:
+            self._track = main.track_id
+            self._templates = []
+            self._last_take = -1e9
+        analysis = main.analysis
+        if not analysis.quality.ok or analysis.embedding is None:
+            return
+        if len(self._templates) >= self.cfg.templates or t - self._last_take < self.cfg.min_gap_s:
+            return
+        self._templates.append(analysis.embedding)
+        self._last_take = t
+
+    async def _feedback(self, reports: list[TrackReport], size: tuple[int, int], hint: str) -> None:
+        now = time.monotonic()
+        if now - self._last_event < FACES_EVENT_INTERVAL_S:
+            return
+        self._last_event = now
+        boxes = [r.face.box.as_list() for r in reports]
+        await self._send({"type": "faces", "width": size[0], "height": size[1], "boxes": boxes})
+        progress = min(1.0, len(self._templates) / self.cfg.templates)
+        await self._send({"type": "enroll_feedback", "hint": hint, "progress": round(progress, 3)})
+
+    # --- passphrase and account ---------------------------------------------------------
+    async def _passphrase(self, deadline: float) -> None:
+        """Wait for two equal, valid passphrases; then create the account."""
+        while True:
+            msg = await self._next_message(deadline)
+            passphrase = str(msg.get("passphrase", ""))
+            confirm = str(msg.get("confirm", ""))
+            del msg
+            try:
+                if passphrase != confirm:
+                    raise InvalidRequest("passphrase and confirmation differ")
+                check_passphrase(passphrase)
+            except InvalidRequest as exc:
+                await self._send({"type": "error", "code": "invalid_request", "message": str(exc)})
+                continue
+            break
+        loop = asyncio.get_running_loop()
+        passhash = await loop.run_in_executor(self.svc.executor, self.svc.hasher.hash, passphrase)
+        del passphrase, confirm  # keep the secret's lifetime short
+        await self._create(passhash)
+
+    async def _next_message(self, deadline: float) -> dict[str, Any]:
+        while True:
+            if self._stopped:
+                await self._check()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                await self._finish("declined", "timeout")
+            try:
+                msg = await asyncio.wait_for(self.inbox.get(), min(remaining, 0.5))
+            except TimeoutError:
+                continue
+            if msg.get("type") == "cancel":
+                await self._finish("cancelled", "cancelled")
+            if msg.get("type") == "enroll_passphrase":
+                return msg
+
+    async def _create(self, passhash: str) -> None:
+        await self._check()  # a gone or cancelling terminal gets no account
+        templates, self._templates = self._templates, []
+        consent = {
+            "method": "live",
+            "terminal": self.req.terminal_id,
+            "time": repr(self.consent_time),
+        }
+        try:
+            account, subject = await self.svc.store.create_account(
+                self.req.account_id,
+                self.req.name,
+                self.req.phone,
+                passhash,
+                templates,
+                consent,
+            )
+        except Conflict:
+            await self._finish("declined", "conflict")
+        if subject not in self.svc.directory.gallery:
+            self.svc.directory.add(subject, templates, account.phone_last4)
+        count = len(templates)
+        del templates
+        log.info("enrolled account %s live with %s templates", account.account_id, count)
+        self.state = "enrolled"
+        await self._send({"type": "enrolled", "account_id": account.account_id, "templates": count})
+        await self._send({"type": "state", "state": "enrolled", "session_id": self.session_id})
+        self.svc.observer.decision("enroll", "enrolled", "enrolled")

@@ -1,0 +1,73 @@
+"""The browser pages: ``web_client/`` served with strict security headers.
+
+``GET /`` (index), ``/checkout``, ``/gate``, ``/enroll`` answer the matching HTML file and
+``/static/`` the assets (no directory listing, no path traversal: aiohttp's static route
+resolves every path inside its folder). A page file that does not exist yet answers 404;
+start-up never depends on the web client being there. The web root defaults to the
+repository's ``web_client/`` and can be set with ``setup(app, root=...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+#: The repository's web client (next to the ``stream_server`` package).
+DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "web_client"
+WEB_ROOT = web.AppKey("web_root", Path)
+
+PAGES = {
+    "/": "index.html",
+    "/checkout": "checkout.html",
+    "/gate": "gate.html",
+    "/enroll": "enroll.html",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data: blob:; "
+        "media-src 'self' blob:; style-src 'self'; script-src 'self'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Permissions-Policy": "camera=(self)",
+}
+
+
+def _page(filename: str) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        path = request.app[WEB_ROOT] / filename
+        if not path.is_file():
+            raise web.HTTPNotFound(text="page not found", headers=SECURITY_HEADERS)
+        response = web.FileResponse(path, headers=SECURITY_HEADERS)
+        response.content_type = "text/html"
+        return response
+
+    return handler
+
+
+@web.middleware
+async def _static_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Security headers on static assets too (nosniff matters most there)."""
+    response = await handler(request)
+    if request.path.startswith("/static/"):
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+    return response
+
+
+def setup(app: web.Application, root: str | Path | None = None) -> None:
+    """Register the pages and ``/static/`` under ``root`` (default: the repo's web_client)."""
+    web_root = Path(root) if root is not None else DEFAULT_ROOT
+    app[WEB_ROOT] = web_root
+    for route, filename in PAGES.items():
+        app.router.add_get(route, _page(filename))
+    static = web_root / "static"
+    # add_static refuses a missing folder at registration; serve 404s until it exists.
+    if static.is_dir():
+        app.router.add_static("/static/", static, show_index=False, follow_symlinks=False)
+    app.middlewares.append(_static_headers)

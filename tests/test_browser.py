@@ -1,0 +1,239 @@
+"""The demo web client in a real headless Chromium against a real server.
+
+Real WebRTC on 127.0.0.1 (Chromium's fake camera plays a y4m camera view of a test photo),
+real Redis and models. Each test saves a screenshot per page state it passes through into
+docs/screenshots/<page>-<state>.png (1024x600).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from stream_server.app import CONNECTIONS
+from stream_server.webrtc import restrict_host_addresses, unrestrict_host_addresses
+from tests.browser import (
+    SCREENSHOTS,
+    StateShots,
+    browser_page,
+    csp_violations,
+    wait_state,
+    write_camera,
+)
+from tests.e2e import PASSPHRASE, start_env
+
+ENROLL = "faces/obama/obama.jpg"
+SHOPPER = "faces/obama/obama3.jpg"  # another photo of the enrolled person
+ATTACK = "spoof/image_F1.jpg"  # a printed photo held up to the camera
+
+
+@pytest.fixture(autouse=True)
+def loopback_ice():
+    restrict_host_addresses(["127.0.0.1"])
+    yield
+    unrestrict_host_addresses()
+
+
+@pytest.fixture
+async def env(aiohttp_server, redis_url, models_dir):
+    env = await start_env(aiohttp_server, redis_url, models_dir)
+    yield env
+    await env.close()
+
+
+def _url(env, path: str) -> str:
+    return str(env.server.make_url(path))
+
+
+OFFER = "Join our membership: 5% off every visit"
+
+
+async def test_checkout_with_passphrase_is_approved(
+    aiohttp_server, redis_url, models_dir, analyzer, photo, tmp_path
+):
+    env = await start_env(aiohttp_server, redis_url, models_dir, offer_text=OFFER)
+    await env.enroll("acct-obama", "Barack Obama", "+1 202 555 0101", photo(ENROLL))
+    camera = write_camera(analyzer, photo(SHOPPER), tmp_path / "cam.y4m")
+    async with browser_page(tmp_path / "profile", camera) as page:
+        shots = StateShots(page, "checkout")
+        shots.start()
+        try:
+            await page.goto(_url(env, f"/checkout#token={env.token}&amount=12.50&order=o-1"))
+            await wait_state(page, "confirm")
+            assert await page.text_content("#confirm-account") == "B***********"
+            assert "12.50" in await page.text_content("#confirm-amount")
+            field = page.locator("input[type=password]")
+            await field.fill(PASSPHRASE)
+            await field.press("Enter")
+            await wait_state(page, "approved")
+            await shots.shot("approved")
+            assert "paid by B***********" in await page.text_content("#result-detail")
+            await page.wait_for_selector("#offer:not([hidden])")
+            assert await page.text_content("#offer") == OFFER
+            await shots.shot("approved")
+            payments = await env.payments()
+            assert len(payments) == 1
+            # "New sale" starts the next checkout on the same connection (seen here on a
+            # phone-sized screen); cancel it.
+            await page.set_viewport_size({"width": 390, "height": 844})
+            await page.click("#new-sale")
+            await wait_state(page, "confirm")
+            await page.screenshot(path=str(SCREENSHOTS / "checkout-confirm-phone.png"))
+            await page.click("#screen-confirm [data-action=cancel]")
+            await wait_state(page, "cancelled")
+            await shots.shot("cancelled")
+            assert len(await env.payments()) == 1
+        finally:
+            await shots.stop()
+        assert csp_violations(page) == []
+    assert {"scanning", "confirm", "approved", "cancelled"} <= set(shots.seen), shots.seen
+
+
+async def test_keypad_wrong_passphrase_and_a_dropped_socket(env, analyzer, photo, tmp_path):
+    await env.enroll("acct-obama", "Barack Obama", "+1 202 555 0101", photo(ENROLL))
+    camera = write_camera(analyzer, photo(SHOPPER), tmp_path / "cam.y4m")
+    async with browser_page(tmp_path / "profile", camera) as page:
+        await page.goto(_url(env, f"/checkout#token={env.token}&amount=7.00&order=o-k"))
+        await wait_state(page, "confirm")
+        # The server drops the socket mid-prompt: nothing is charged, the page says so,
+        # reconnects and runs the same order again.
+        for conn in list(env.app[CONNECTIONS]):
+            await conn.ws.close()
+        await wait_state(page, "connecting")
+        assert "Reconnecting" in await page.text_content("#status")
+        await wait_state(page, "confirm")
+        assert await page.text_content("#order") == "o-k"
+        # A wrong passphrase typed on the on-screen keypad: attempts left are shown.
+        for key in "1234":
+            await page.click(f"#keypad button[data-key='{key}']")
+        assert await page.input_value("input[type=password]") == "1234"
+        await page.click("#pay")
+        await page.wait_for_selector('#wrong:has-text("2 attempt(s) left")')
+        await page.screenshot(path=str(SCREENSHOTS / "checkout-wrong_passphrase.png"))
+        await page.fill("input[type=password]", PASSPHRASE)
+        await page.press("input[type=password]", "Enter")
+        await wait_state(page, "approved")
+        assert csp_violations(page) == []
+    assert len(await env.payments()) == 1
+
+
+async def test_no_camera_says_so(env, tmp_path):
+    async with browser_page(tmp_path / "profile", None) as page:
+        await page.goto(_url(env, f"/checkout#token={env.token}&amount=1.00&order=o-n"))
+        await wait_state(page, "error")
+        await page.screenshot(path=str(SCREENSHOTS / "checkout-no-camera.png"))
+        assert "camera" in (await page.text_content("#error-detail")).lower()
+
+
+async def test_print_attack_shows_the_declined_screen(env, analyzer, photo, tmp_path):
+    # Enrol the attacked person's own photo: even a perfect match must not pay.
+    await env.enroll("acct-victim", "Victim Person", "+86 138 0000 1234", photo(ATTACK))
+    camera = write_camera(analyzer, photo(ATTACK), tmp_path / "cam.y4m")
+    async with browser_page(tmp_path / "profile", camera) as page:
+        shots = StateShots(page, "checkout-spoof")
+        shots.start()
+        try:
+            await page.goto(_url(env, f"/checkout#token={env.token}&amount=5.00&order=o-2"))
+            await wait_state(page, "declined")
+            await shots.shot("declined")
+            detail = await page.text_content("#result-detail")
+            assert "real face, not a photo or screen" in detail
+        finally:
+            await shots.stop()
+        assert csp_violations(page) == []
+    assert await env.payments() == []
+
+
+async def test_gate_opens_for_an_enrolled_person(env, analyzer, photo, tmp_path):
+    await env.enroll("acct-obama", "Barack Obama", "+1 202 555 0101", photo(ENROLL))
+    _, token = await env.store.add_terminal(env.merchant.merchant_id, "gate")
+    camera = write_camera(analyzer, photo(SHOPPER), tmp_path / "cam.y4m")
+    async with browser_page(tmp_path / "profile", camera) as page:
+        shots = StateShots(page, "gate")
+        shots.start()
+        try:
+            await page.goto(_url(env, f"/gate#token={token}"))
+            # (wait_for_function would need 'unsafe-eval', which the page's CSP refuses)
+            await page.wait_for_selector("#decisions li.open", timeout=30_000)
+            await shots.shot("gate_open")
+            assert await page.text_content("#counter") == "1"
+            entry = await page.text_content("#decisions li.open")
+            assert "B***********" in entry and " ms" in entry
+            # The server drops the socket: the page says so and reconnects by itself.
+            for conn in list(env.app[CONNECTIONS]):
+                await conn.ws.close()
+            await wait_state(page, "connecting")
+            await shots.shot("reconnecting")
+            assert "Reconnecting" in await page.text_content("#conn")
+            await wait_state(page, "scanning")
+            await page.wait_for_selector('#conn:text-is("Connected")')
+        finally:
+            await shots.stop()
+        assert csp_violations(page) == []
+    assert len(await env.payments()) == 1
+
+
+async def test_bad_token_and_missing_token_say_so(env, tmp_path):
+    async with browser_page(tmp_path / "profile", None) as page:
+        shots = StateShots(page, "checkout-no-token")
+        await page.goto(_url(env, "/checkout"))
+        await wait_state(page, "error")
+        await shots.shot("error")
+        assert "No terminal token" in await page.text_content("#error-detail")
+        await page.goto(_url(env, "/checkout#token=fpt_wrong&amount=1.00&order=o-9"))
+        await page.reload()  # a fragment-only change does not reload the page
+        await wait_state(page, "error")
+        assert "token was refused" in await page.text_content("#error-detail")
+        # The landing page builds the provisioned links from its fields.
+        await page.goto(_url(env, "/"))
+        await page.fill("#token", "fpt_abc")
+        href = await page.get_attribute("#link-checkout", "href")
+        assert href == "/checkout#token=fpt_abc&amount=12.50&order=order-1"
+        await StateShots(page, "index").shot("links")
+        assert csp_violations(page) == []
+
+
+async def test_enrolment_with_consent_then_the_new_account_pays(env, analyzer, photo, tmp_path):
+    _, token = await env.store.add_terminal(env.merchant.merchant_id, "enroll")
+    camera = write_camera(analyzer, photo(ENROLL), tmp_path / "enrol.y4m")
+    async with browser_page(tmp_path / "profile", camera) as page:
+        shots = StateShots(page, "enroll")
+        shots.start()
+        try:
+            await page.goto(_url(env, f"/enroll#token={token}"))
+            await wait_state(page, "consent")
+            await shots.shot("consent")
+            # Nothing touches the camera before the person agrees.
+            assert await page.evaluate("document.getElementById('preview').srcObject === null")
+            await page.click("#agree")
+            await wait_state(page, "details")
+            await page.fill("#account", "acct-new")
+            await page.fill("#name", "Barack Obama")
+            await page.fill("#phone", "+1 202 555 0101")
+            await shots.shot("details")
+            await page.press("#phone", "Enter")
+            await wait_state(page, "capturing")
+            await page.wait_for_selector("#hint[data-hint]")  # first enroll_feedback shown
+            if await page.get_attribute("body", "data-state") == "capturing":
+                await shots.shot("capturing")
+            await wait_state(page, "passphrase")
+            await shots.shot("passphrase")
+            await page.fill("#pass1", PASSPHRASE)
+            await page.fill("#pass2", PASSPHRASE)
+            await page.press("#pass2", "Enter")
+            await wait_state(page, "enrolled")
+            await shots.shot("enrolled")
+            assert "acct-new" in await page.text_content("#result-detail")
+        finally:
+            await shots.stop()
+        assert csp_violations(page) == []
+    assert {"consent", "details", "capturing", "passphrase", "enrolled"} <= set(shots.seen)
+    # The new account pays at a checkout kiosk with another photo of the same person.
+    camera = write_camera(analyzer, photo(SHOPPER), tmp_path / "shop.y4m")
+    async with browser_page(tmp_path / "profile2", camera) as page:
+        await page.goto(_url(env, f"/checkout#token={env.token}&amount=4.20&order=o-e"))
+        await wait_state(page, "confirm")
+        await page.fill("input[type=password]", PASSPHRASE)
+        await page.press("input[type=password]", "Enter")
+        await wait_state(page, "approved")
+    payments = await env.payments()
+    assert len(payments) == 1

@@ -1,0 +1,180 @@
+"""Live enrolment end to end: real WebRTC on 127.0.0.1, real Redis, models and photos."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from stream_server.app import CONNECTIONS, REDIS
+from stream_server.webrtc import restrict_host_addresses, unrestrict_host_addresses
+from tests.e2e import camera_frames, start_env
+
+ENROLL = "faces/obama/obama.jpg"
+SHOPPER = "faces/obama/obama3.jpg"  # another photo of the same person
+SECRET = "my new pass 77"
+FIELDS = {"account_id": "acct-live", "name": "Barack Obama", "phone": "+1 202 555 0101"}
+HINTS = {"closer", "more_light", "less_light", "look_at_camera", "hold_still"}
+HINTS |= {"one_person", "no_face", "ok"}
+
+
+@pytest.fixture(autouse=True)
+def loopback_ice():
+    restrict_host_addresses(["127.0.0.1"])
+    yield
+    unrestrict_host_addresses()
+
+
+@pytest.fixture
+async def make_env(aiohttp_server, redis_url, models_dir):
+    envs = []
+
+    async def make(**policy):
+        env = await start_env(aiohttp_server, redis_url, models_dir, **policy)
+        envs.append(env)
+        return env
+
+    yield make
+    for env in envs:
+        await env.close()
+
+
+async def _enroll_terminal(env, analyzer, photo, rel=ENROLL):
+    _, token = await env.store.add_terminal(env.merchant.merchant_id, "enroll")
+    term = await env.terminal(token)
+    await term.start_video(camera_frames(analyzer, photo(rel)))
+    return term
+
+
+async def _accounts(env) -> list[bytes]:
+    return [k async for k in env.app[REDIS].scan_iter("fp:account:*")]
+
+
+async def _capture(term, **fields):
+    await term.send({"type": "start_enroll", "consent": True, **FIELDS, **fields})
+    assert (await term.expect("state"))["state"] == "capturing", term.events
+    state = await term.expect("state", timeout=40)
+    assert state["state"] == "passphrase", term.events
+
+
+async def test_consent_is_required_and_nothing_is_stored(make_env, analyzer, photo):
+    env = await make_env()
+    term = await _enroll_terminal(env, analyzer, photo)
+    await term.send({"type": "start_enroll", "consent": False, **FIELDS})
+    assert (await term.expect("error"))["code"] == "invalid_request"
+    await term.send({"type": "start_enroll", **FIELDS})
+    assert (await term.expect("error"))["code"] == "invalid_request"
+    await term.send({"type": "start_enroll", "consent": "true", **FIELDS})
+    assert (await term.expect("error"))["code"] == "invalid_request"
+    await term.send({"type": "start_enroll", "consent": True, **FIELDS, "account_id": "bad id!"})
+    assert (await term.expect("error"))["code"] == "invalid_request"
+    await term.send({"type": "ping"})
+    await term.expect("pong")
+    assert "state" not in term.types()
+    # Video flows, but an enroll terminal keeps no frame before consent.
+    await asyncio.sleep(1.0)
+    (conn,) = env.app[CONNECTIONS]
+    assert conn.frames.received == 0 and conn.frames._item is None
+    assert await _accounts(env) == []
+    audit = await env.store.read_audit()
+    assert not [e for e in audit if e.get("event") == "consent"]
+
+
+async def test_checkout_terminal_cannot_enroll(make_env):
+    env = await make_env()
+    term = await env.terminal()
+    await term.send({"type": "start_enroll", "consent": True, **FIELDS})
+    assert (await term.expect("error"))["code"] == "invalid_request"
+
+
+async def test_live_enrolment_then_the_new_account_pays(make_env, analyzer, photo):
+    env = await make_env()
+    term = await _enroll_terminal(env, analyzer, photo)
+    await _capture(term)
+    feedback = [e for e in term.events if e["type"] == "enroll_feedback"]
+    assert feedback, term.events
+    assert all(e["hint"] in HINTS and 0 <= e["progress"] <= 1 for e in feedback)
+    assert max(e["progress"] for e in feedback) > 0
+    assert any(e["type"] == "faces" for e in term.events)
+    (conn,) = env.app[CONNECTIONS]
+    assert conn.frames.received > 0  # after consent the frames are taken
+    # A mismatch (or a too-short passphrase) is an error and the terminal may try again.
+    await term.send({"type": "enroll_passphrase", "passphrase": SECRET, "confirm": "other one"})
+    error = await term.expect("error")
+    assert error["code"] == "invalid_request" and SECRET not in error["message"]
+    await term.send({"type": "enroll_passphrase", "passphrase": "abc", "confirm": "abc"})
+    assert (await term.expect("error"))["code"] == "invalid_request"
+    await term.send({"type": "enroll_passphrase", "passphrase": SECRET, "confirm": SECRET})
+    enrolled = await term.expect("enrolled", "declined")
+    assert enrolled == {"type": "enrolled", "account_id": "acct-live", "templates": 3}
+    assert (await term.expect("state"))["state"] == "enrolled"
+    assert all(SECRET not in str(e) for e in term.events)
+    audit = await env.store.read_audit()
+    consent = [e for e in audit if e.get("event") == "consent"]
+    assert consent and all(e.get("terminal") for e in consent)
+    # The new account pays at a checkout terminal with another photo of the same person.
+    shop = await env.terminal()
+    await shop.start_video(camera_frames(analyzer, photo(SHOPPER)))
+    assert (await shop.checkout("8.00", "o-live"))["state"] == "scanning"
+    confirm = await shop.expect("confirm", "declined")
+    assert confirm["type"] == "confirm", shop.events
+    await shop.send({"type": "passphrase", "prompt_id": confirm["prompt_id"], "passphrase": SECRET})
+    approved = await shop.expect("approved", "declined")
+    assert approved["type"] == "approved", shop.events
+    payment = await env.store.get_payment(approved["payment_id"])
+    assert payment.account_id == "acct-live"
+
+
+async def test_print_attack_is_declined_spoof(make_env, analyzer, photo):
+    env = await make_env()
+    term = await _enroll_terminal(env, analyzer, photo, rel="spoof/image_F1.jpg")
+    await term.send({"type": "start_enroll", "consent": True, **FIELDS})
+    assert (await term.expect("state"))["state"] == "capturing"
+    declined = await term.expect("declined", "state", timeout=40)
+    while declined["type"] == "state" and declined["state"] == "capturing":
+        declined = await term.expect("declined", "state", timeout=40)
+    assert declined == {"type": "declined", "reason": "spoof"}, term.events
+    assert await _accounts(env) == []
+
+
+async def test_taken_account_id_is_declined_conflict(make_env, analyzer, photo):
+    env = await make_env()
+    await env.enroll("acct-live", "Someone Else", "+1 202 555 0199", photo(SHOPPER))
+    term = await _enroll_terminal(env, analyzer, photo)
+    await _capture(term)
+    await term.send({"type": "enroll_passphrase", "passphrase": SECRET, "confirm": SECRET})
+    declined = await term.expect("declined", "enrolled")
+    assert declined == {"type": "declined", "reason": "conflict"}
+    assert (await term.expect("state"))["state"] == "declined"
+    assert len(await _accounts(env)) == 1
+
+
+async def test_cancel_while_capturing(make_env, analyzer, photo):
+    env = await make_env()
+    term = await _enroll_terminal(env, analyzer, photo)
+    await term.send({"type": "start_enroll", "consent": True, **FIELDS})
+    assert (await term.expect("state"))["state"] == "capturing"
+    await term.send({"type": "cancel"})
+    state = await term.expect("state")
+    assert state["state"] in ("cancelled", "passphrase")
+    if state["state"] == "passphrase":  # capture finished first; cancel still ends it
+        state = await term.expect("state")
+    assert state["state"] == "cancelled"
+    assert await _accounts(env) == []
+
+
+async def test_merchant_offer_after_approval(make_env, analyzer, photo):
+    env = await make_env(offer_text="Join our club: 5% off", offer_kind="coupon")
+    await env.enroll("acct-obama", "Barack Obama", "+1 202 555 0101", photo(ENROLL))
+    term = await env.terminal()
+    await term.start_video(camera_frames(analyzer, photo(SHOPPER)))
+    await term.checkout("2.00", "o-offer")
+    confirm = await term.expect("confirm")
+    from tests.e2e import PASSPHRASE
+
+    await term.send(
+        {"type": "passphrase", "prompt_id": confirm["prompt_id"], "passphrase": PASSPHRASE}
+    )
+    await term.expect("approved")
+    offer = await term.expect("merchant_offer")
+    assert offer == {"type": "merchant_offer", "text": "Join our club: 5% off", "kind": "coupon"}

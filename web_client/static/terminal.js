@@ -1,0 +1,239 @@
+// Shared terminal logic for the FacePay demo pages (docs/protocol.md):
+// provisioning from the URL fragment, the WebSocket with hello and reconnect,
+// camera capture and the WebRTC offer/answer, and the body[data-state] mirror.
+
+/** Read `#token=T&amount=12.50&order=O`. The fragment never reaches server logs. */
+export function readFragment() {
+  const params = new URLSearchParams(window.location.hash.replace(/^#/, ""));
+  return Object.fromEntries(params.entries());
+}
+
+/** Mirror the page state for kiosk automation and tests: body[data-state=...]. */
+export function setState(state) {
+  document.body.dataset.state = state;
+}
+
+/** Show exactly one of the page's screens (elements with class "screen"). */
+export function showScreen(id) {
+  for (const el of document.querySelectorAll(".screen")) {
+    el.hidden = el.id !== id;
+  }
+}
+
+/** Set an element's text by id (textContent only: server text is never parsed as HTML). */
+export function setText(id, text) {
+  const el = document.getElementById(id);
+  if (el) el.textContent = text;
+}
+
+/** Plain-words messages for camera errors (getUserMedia rejections). */
+export function cameraMessage(err) {
+  const name = err && err.name;
+  if (name === "NotAllowedError" || name === "SecurityError") {
+    return "Camera access was denied. Allow the camera for this page and reload.";
+  }
+  if (name === "NotFoundError" || name === "OverconstrainedError") {
+    return "No camera was found. Connect a camera and reload.";
+  }
+  if (name === "NotReadableError") {
+    return "The camera is in use by another program. Close it and reload.";
+  }
+  return "The camera could not be started" + (err && err.message ? ": " + err.message : ".");
+}
+
+function wsUrl() {
+  const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${window.location.host}/ws`;
+}
+
+function waitIceComplete(pc, timeoutMs = 5000) {
+  // The server does not take trickled candidates: the offer must carry them all.
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => {
+      if (pc.iceGatheringState === "complete") {
+        pc.removeEventListener("icegatheringstatechange", done);
+        resolve();
+      }
+    };
+    pc.addEventListener("icegatheringstatechange", done);
+    // Send what was gathered so far rather than hanging forever.
+    setTimeout(resolve, timeoutMs);
+  });
+}
+
+/**
+ * One terminal connection. Callbacks:
+ *   onEvent(msg)        every server event after hello
+ *   onReady(hello)      hello accepted and video negotiated (again after a reconnect)
+ *   onStatus(text, ok)  connection status line in plain words
+ *   onFatal(text)       unrecoverable (bad token, no camera): stop and say why
+ */
+export class Terminal {
+  constructor({ token, video, onEvent, onReady, onStatus, onFatal }) {
+    this.token = token;
+    this.video = video;
+    this.onEvent = onEvent || (() => {});
+    this.onReady = onReady || (() => {});
+    this.onStatus = onStatus || (() => {});
+    this.onFatal = onFatal || (() => {});
+    this.ws = null;
+    this.pc = null;
+    this.stream = null;
+    this.retryDelayMs = 1000;
+    this.stopped = false;
+  }
+
+  /**
+   * Connect, then start the camera once the server accepted the token (a kiosk with a
+   * bad link never turns its camera on). The camera is never asked for before this call.
+   */
+  start() {
+    this.connect();
+  }
+
+  async openCamera() {
+    try {
+      this.stream = await navigator.mediaDevices.getUserMedia({
+        video: { width: 640, height: 480 },
+        audio: false,
+      });
+    } catch (err) {
+      this.stop();
+      this.onFatal(cameraMessage(err));
+      return false;
+    }
+    this.video.srcObject = this.stream;
+    this.video.muted = true;
+    this.video.play().catch(() => {}); // autoplay of a muted stream is allowed
+    return true;
+  }
+
+  connect() {
+    if (this.stopped) return;
+    this.onStatus("Connecting to the server…", false);
+    const ws = new WebSocket(wsUrl());
+    this.ws = ws;
+    ws.addEventListener("open", () => ws.send(JSON.stringify({ type: "hello", token: this.token })));
+    ws.addEventListener("message", (ev) => this.handleMessage(ev.data));
+    ws.addEventListener("close", (ev) => this.handleClose(ev));
+  }
+
+  async handleMessage(data) {
+    let msg;
+    try {
+      msg = JSON.parse(data);
+    } catch {
+      return;
+    }
+    if (msg.type === "hello") {
+      this.retryDelayMs = 1000; // a good connection resets the back-off
+      this.onStatus("Connected", true);
+      if (!this.stream && !(await this.openCamera())) return;
+      await this.negotiate(msg);
+      return;
+    }
+    if (msg.type === "answer") {
+      await this.pc.setRemoteDescription({ type: msg.sdp_type || "answer", sdp: msg.sdp });
+      this.onReady(this.hello);
+      return;
+    }
+    this.onEvent(msg);
+  }
+
+  /** A fresh peer connection per socket: the server ties video to the connection. */
+  async negotiate(hello) {
+    this.hello = hello;
+    if (this.pc) this.pc.close();
+    const pc = new RTCPeerConnection({ iceServers: [] });
+    this.pc = pc;
+    for (const track of this.stream.getVideoTracks()) pc.addTrack(track, this.stream);
+    await pc.setLocalDescription(await pc.createOffer());
+    await waitIceComplete(pc);
+    this.send({ type: "offer", sdp: pc.localDescription.sdp, sdp_type: "offer" });
+  }
+
+  handleClose(ev) {
+    if (this.pc) {
+      this.pc.close();
+      this.pc = null;
+    }
+    if (this.stopped) return;
+    if (ev.code === 4401) {
+      this.onFatal("This terminal's token was refused. Ask the operator for a new link.");
+      return;
+    }
+    if (ev.code === 4403) {
+      this.onFatal("This terminal is not set up for this page (wrong terminal mode).");
+      return;
+    }
+    // Server restart or network blip: try again, waiting longer each time (max 30 s).
+    const seconds = Math.round(this.retryDelayMs / 1000);
+    const what = this.hello ? "Connection to the server lost" : "Server unreachable";
+    this.onStatus(`${what}. Reconnecting in ${seconds} s…`, false);
+    setTimeout(() => this.connect(), this.retryDelayMs);
+    this.retryDelayMs = Math.min(this.retryDelayMs * 2, 30000);
+  }
+
+  send(obj) {
+    if (this.ws && this.ws.readyState === WebSocket.OPEN) {
+      this.ws.send(JSON.stringify(obj));
+      return true;
+    }
+    return false;
+  }
+
+  stop() {
+    this.stopped = true;
+    if (this.ws) this.ws.close();
+    if (this.pc) this.pc.close();
+    if (this.stream) for (const t of this.stream.getTracks()) t.stop();
+  }
+}
+
+/**
+ * Draw face boxes over the preview. Boxes are in the server's frame coordinates
+ * (event width/height); the video is letterboxed (object-fit: contain) in its element.
+ * items: [{box: [x1,y1,x2,y2], color, label}]
+ */
+export function drawBoxes(canvas, video, frameW, frameH, items) {
+  const rect = canvas.getBoundingClientRect();
+  const dpr = window.devicePixelRatio || 1;
+  canvas.width = Math.round(rect.width * dpr);
+  canvas.height = Math.round(rect.height * dpr);
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.clearRect(0, 0, rect.width, rect.height);
+  if (!frameW || !frameH) return;
+  // Where the picture sits inside the element: same aspect as the frame, centred.
+  const scale = Math.min(rect.width / frameW, rect.height / frameH);
+  const offX = (rect.width - frameW * scale) / 2;
+  const offY = (rect.height - frameH * scale) / 2;
+  ctx.lineWidth = 3;
+  ctx.font = "bold 16px system-ui, sans-serif";
+  for (const item of items) {
+    const [x1, y1, x2, y2] = item.box;
+    const x = offX + x1 * scale;
+    const y = offY + y1 * scale;
+    ctx.strokeStyle = item.color;
+    ctx.strokeRect(x, y, (x2 - x1) * scale, (y2 - y1) * scale);
+    if (item.label) {
+      ctx.fillStyle = item.color;
+      ctx.fillText(item.label, x + 2, Math.max(16, y - 6));
+    }
+  }
+}
+
+/** Remove every box from the overlay. */
+export function clearOverlay(canvas) {
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+}
+
+/** Clear the overlay when no faces event came for a while (the face left). */
+export function staleClearer(canvas, ms = 1200) {
+  let timer = null;
+  return () => {
+    clearTimeout(timer);
+    timer = setTimeout(() => clearOverlay(canvas), ms);
+  };
+}
