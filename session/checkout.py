@@ -12,12 +12,9 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn
 
-from pipeline.analyzer import FaceAnalyzer
 from pipeline.errors import (
     Conflict,
     IllegalTransition,
@@ -27,51 +24,22 @@ from pipeline.errors import (
     StoreUnavailable,
 )
 from pipeline.gallery import Decision
-from pipeline.stream import StreamAnalyzer, TrackReport
-from pipeline.types import FloatArray, ImageArray
-from session.config import FacePayConfig
-from session.crypto import PassphraseHasher
-from session.directory import Directory
+from pipeline.stream import TrackReport
+from pipeline.types import FloatArray
 from session.frames import FrameSlot
 from session.models import Account, format_amount
+from session.services import SessionServices
 from session.states import CheckoutMachine, CheckoutState
-from session.store import Store
+from session.video import Emit, VideoSession
 
 log = logging.getLogger(__name__)
 S = CheckoutState
-Emit = Callable[[dict[str, Any]], Awaitable[None]]
 #: Face boxes are pushed to the terminal at most this often (the page draws them).
 FACES_EVENT_INTERVAL_S = 0.2
 #: After a frame with several comparable faces, no decision for this long: sizes flicker
 #: around the crowd ratio from frame to frame, and one frame below it must not let the
 #: session pick a face.
 CROWD_HOLD_S = 1.0
-
-
-class Observer(Protocol):
-    """What a session reports to the edge (metrics); all methods must be cheap."""
-
-    def frame_processed(self, timings_ms: dict[str, float]) -> None: ...
-
-    def confirm_latency(self, seconds: float) -> None: ...
-
-    def decision(self, mode: str, outcome: str, reason: str) -> None: ...
-
-    def gate_decision(self, seconds: float) -> None: ...
-
-
-@dataclass(frozen=True)
-class SessionServices:
-    """What a session needs from the server, injected."""
-
-    config: FacePayConfig
-    store: Store
-    directory: Directory
-    analyzer: FaceAnalyzer
-    hasher: PassphraseHasher
-    executor: Executor
-    to_bgr: Callable[[Any], ImageArray]
-    observer: Observer
 
 
 @dataclass(frozen=True)
@@ -89,8 +57,10 @@ class _Ended(Exception):
     """Internal: the session reached a terminal state."""
 
 
-class CheckoutSession:
+class CheckoutSession(VideoSession):
     """Scanning -> verifying -> awaiting passphrase -> approved / declined."""
+
+    label = "checkout"
 
     def __init__(
         self,
@@ -99,21 +69,17 @@ class CheckoutSession:
         frames: FrameSlot[Any],
         emit: Emit,
     ) -> None:
-        self.svc = services
+        super().__init__(services, frames, emit, services.config.pipeline)
         self.req = request
-        self.frames = frames
-        self.emit = emit
         self.machine = CheckoutMachine()
         self.session_id = "c_" + secrets.token_urlsafe(9)
         self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=16)
         self.policy = services.config.policy
-        self._stream = StreamAnalyzer(services.analyzer, services.config.pipeline)
         self._first_frame_t: float | None = None
         self._last_faces_event = 0.0
         self.payment_id: str | None = None
         self._crowded = False
         self._crowd_until = 0.0
-        self._stopped = False
 
     # --- input from the terminal --------------------------------------------------------
     def deliver(self, message: dict[str, Any]) -> None:
@@ -134,15 +100,6 @@ class CheckoutSession:
             raise InvalidRequest("too many messages; wait for the session") from exc
 
     # --- life cycle ---------------------------------------------------------------------
-    def stop(self) -> None:
-        """The terminal is gone: never write a payment from here on.
-
-        A flag, not only a cancel: on Python 3.11 redis-py can swallow ``Task.cancel()``
-        (its ``wait_for`` returns a reply that already arrived), so the session checks this
-        before every step that could charge.
-        """
-        self._stopped = True
-
     async def _check_stopped(self) -> None:
         if self._stopped and not self.machine.finished:
             self.machine.move(S.CANCELLED, "disconnected")
@@ -196,13 +153,6 @@ class CheckoutSession:
         self.svc.observer.decision("checkout", outcome, reason)
         raise _Ended
 
-    async def _send(self, event: dict[str, Any]) -> None:
-        try:
-            await self.emit(event)
-        except (ConnectionError, RuntimeError):
-            # The terminal went away; the connection handler cancels us shortly.
-            log.debug("checkout %s: could not send %s", self.session_id, event.get("type"))
-
     def _check_inbox_for_cancel(self) -> None:
         while not self.inbox.empty():
             msg = self.inbox.get_nowait()
@@ -212,7 +162,6 @@ class CheckoutSession:
     # --- recognition --------------------------------------------------------------------
     async def _recognise(self, deadline: float) -> tuple[Account, str]:
         """Frames until one live, single, matched face: returns its account and subject."""
-        loop = asyncio.get_running_loop()
         while True:
             await self._check_stopped()
             try:
@@ -222,19 +171,12 @@ class CheckoutSession:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 await self._finish(S.TIMEOUT, "session_timeout")
-            item = await self.frames.get(timeout=min(remaining, 0.5))
-            if item is None:
+            got = await self._analyse_next(min(remaining, 0.5))
+            if got is None:
                 continue
+            reports, size, item = got
             if self._first_frame_t is None:
                 self._first_frame_t = item.t
-            t0 = time.perf_counter()
-            reports, size = await loop.run_in_executor(
-                self.svc.executor, self._analyse, item.frame, item.t
-            )
-            timings = {"frame": (time.perf_counter() - t0) * 1000}
-            for r in reports:
-                timings.update(r.analysis.timings_ms)
-            self.svc.observer.frame_processed(timings)
             await self._faces_event(reports, size)
             live = self._single_live_face(reports)
             if live is None:
@@ -244,11 +186,6 @@ class CheckoutSession:
             embedding = live.verdict.embedding
             assert embedding is not None  # a live verdict carries its embedding
             return await self._identify(embedding)
-
-    def _analyse(self, frame: Any, t: float) -> tuple[list[TrackReport], tuple[int, int]]:
-        """Worker thread: convert the frame and run the pipeline on it."""
-        image = self.svc.to_bgr(frame)
-        return self._stream.process(image, t), (int(image.shape[1]), int(image.shape[0]))
 
     def _single_live_face(self, reports: list[TrackReport]) -> TrackReport | None:
         """The one decided face, or None while undecided or while several people are in view."""

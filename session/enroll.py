@@ -15,20 +15,20 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from pipeline.errors import Conflict, IllegalTransition, InvalidRequest, StoreUnavailable
-from pipeline.stream import StreamAnalyzer, TrackReport
+from pipeline.stream import TrackReport
 from pipeline.types import FloatArray
 from session import _store_lua as _store_rules
-from session.checkout import FACES_EVENT_INTERVAL_S, SessionServices
+from session.checkout import FACES_EVENT_INTERVAL_S
 from session.crypto import check_passphrase
 from session.frames import FrameSlot
+from session.services import SessionServices
+from session.video import Emit, VideoSession
 
 log = logging.getLogger(__name__)
-Emit = Callable[[dict[str, Any]], Awaitable[None]]
 
 #: Quality reasons -> the hint shown to the person, first match wins.
 HINTS: tuple[tuple[str, str], ...] = (
@@ -65,8 +65,10 @@ def hint_for(reasons: tuple[str, ...]) -> str:
     return "ok"
 
 
-class EnrollSession:
+class EnrollSession(VideoSession):
     """capturing -> passphrase -> enrolled / declined / cancelled."""
+
+    label = "enrolment"
 
     def __init__(
         self,
@@ -77,26 +79,22 @@ class EnrollSession:
     ) -> None:
         """Validate the fields with the store's rules (InvalidRequest) before anything else."""
         _store_rules.check_account_fields(request.account_id, request.name, request.phone)
-        self.svc = services
-        self.req = request
-        self.frames = frames
-        self.emit = emit
-        self.cfg = services.config.enrollment
-        self.session_id = "e_" + secrets.token_urlsafe(9)
-        self.state = "idle"
-        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=16)
         pipeline = services.config.pipeline
         # Embed every frame of the face (the default stops after a few): templates must
         # come from frames at least ``min_gap_s`` apart.
         selection = pipeline.selection.model_copy(update={"max_embeddings": 60})
-        self._stream = StreamAnalyzer(
-            services.analyzer, pipeline.model_copy(update={"selection": selection})
+        super().__init__(
+            services, frames, emit, pipeline.model_copy(update={"selection": selection})
         )
+        self.req = request
+        self.cfg = services.config.enrollment
+        self.session_id = "e_" + secrets.token_urlsafe(9)
+        self.state = "idle"
+        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=16)
         self._templates: list[FloatArray] = []
         self._track: int | None = None
         self._last_take = -1e9
         self._last_event = 0.0
-        self._stopped = False
         self.consent_time = time.time()
 
     @property
@@ -121,10 +119,6 @@ class EnrollSession:
             self.inbox.put_nowait(message)
         except asyncio.QueueFull as exc:
             raise InvalidRequest("too many messages; wait for the session") from exc
-
-    def stop(self) -> None:
-        """The terminal is gone: never create an account from here on."""
-        self._stopped = True
 
     # --- life cycle ---------------------------------------------------------------------
     async def run(self) -> str:
@@ -179,12 +173,6 @@ class EnrollSession:
         self.svc.observer.decision("enroll", state, reason)
         raise _Ended
 
-    async def _send(self, event: dict[str, Any]) -> None:
-        try:
-            await self.emit(event)
-        except (ConnectionError, RuntimeError):
-            log.debug("enrolment %s: could not send %s", self.session_id, event.get("type"))
-
     async def _check(self) -> None:
         """Stopped (terminal gone) or a queued cancel ends the session."""
         if self._stopped and not self.finished:
@@ -198,23 +186,15 @@ class EnrollSession:
     # --- capture ------------------------------------------------------------------------
     async def _capture(self, deadline: float) -> None:
         """Frames until enough good templates of one live face (or spoof / timeout)."""
-        loop = asyncio.get_running_loop()
         while True:
             await self._check()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 await self._finish("declined", "timeout")
-            item = await self.frames.get(timeout=min(remaining, 0.5))
-            if item is None:
+            got = await self._analyse_next(min(remaining, 0.5))
+            if got is None:
                 continue
-            t0 = time.perf_counter()
-            reports, size = await loop.run_in_executor(
-                self.svc.executor, self._analyse, item.frame, item.t
-            )
-            timings = {"frame": (time.perf_counter() - t0) * 1000}
-            for r in reports:
-                timings.update(r.analysis.timings_ms)
-            self.svc.observer.frame_processed(timings)
+            reports, size, item = got
             hint, main = self._main_face(reports)
             if main is not None:
                 if main.verdict.status == "spoof":
@@ -224,11 +204,6 @@ class EnrollSession:
             enough = len(self._templates) >= self.cfg.templates
             if main is not None and enough and main.verdict.status == "live":
                 return
-
-    def _analyse(self, frame: Any, t: float) -> tuple[list[TrackReport], tuple[int, int]]:
-        """Worker thread: convert the frame and run the pipeline on it."""
-        image = self.svc.to_bgr(frame)
-        return self._stream.process(image, t), (int(image.shape[1]), int(image.shape[0]))
 
     def _main_face(self, reports: list[TrackReport]) -> tuple[str, TrackReport | None]:
         """(hint, the one main face or None when nobody or several people are in view)."""

@@ -18,7 +18,6 @@ minimum size to the decision.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
@@ -27,10 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import LimitExceeded, NotFound, StoreUnavailable
-from pipeline.stream import StreamAnalyzer, TrackReport
-from session.checkout import Emit, SessionServices
+from pipeline.stream import TrackReport
 from session.frames import FrameSlot
 from session.models import format_amount
+from session.services import SessionServices
+from session.video import Emit, VideoSession
 
 log = logging.getLogger(__name__)
 FACES_EVENT_INTERVAL_S = 0.2
@@ -44,60 +44,42 @@ class GateTerminal:
     terminal_id: str
 
 
-class GateSession:
+class GateSession(VideoSession):
     """Decides each person passing one gate."""
+
+    label = "gate"
 
     def __init__(
         self, services: SessionServices, gate: GateTerminal, frames: FrameSlot[Any], emit: Emit
     ) -> None:
-        self.svc = services
+        super().__init__(services, frames, emit, services.config.gate_pipeline())
         self.gate = gate
-        self.frames = frames
-        self.emit = emit
         self.policy = services.config.policy
-        self.stream = StreamAnalyzer(services.analyzer, services.config.gate_pipeline())
         self.decisions: dict[int, str] = {}
         self.admitted_repeat = 0
-        self._stopped = False
         self._last_faces_event = 0.0
         #: (arrival, age at analysis ms, analysis ms, faces) per analysed frame, bounded.
         self.trace: deque[tuple[float, float, float, int]] = deque(maxlen=2000)
 
-    def stop(self) -> None:
-        """The gate's connection is gone: decide nothing more (see CheckoutSession.stop)."""
-        self._stopped = True
-
     async def run(self) -> None:
         """Process the newest frames until the stream ends or the session is stopped."""
-        loop = asyncio.get_running_loop()
         while not self._stopped:
-            item = await self.frames.get(timeout=0.5)
-            if item is None:
-                if self.frames.closed:
-                    return
-                continue
-            t0 = time.perf_counter()
-            age_ms = (time.monotonic() - item.t) * 1000.0
             try:
-                reports, size = await loop.run_in_executor(
-                    self.svc.executor, self._analyse, item.frame, item.t
-                )
+                got = await self._analyse_next(0.5)
             except Exception:  # one bad frame must not stop the gate
                 log.exception("gate %s: frame analysis failed", self.gate.terminal_id)
                 continue
-            timings = {"frame": (time.perf_counter() - t0) * 1000, "frame_age": age_ms}
-            for r in reports:
-                timings.update(r.analysis.timings_ms)
-            self.svc.observer.frame_processed(timings)
-            self.trace.append((item.t, age_ms, timings["frame"], len(reports)))
+            if got is None:
+                if self.frames.closed:
+                    return
+                continue
+            reports, size, item = got
+            timings = self.last_timings
+            self.trace.append((item.t, timings["frame_age"], timings["frame"], len(reports)))
             for report in reports:
                 if report.track_id not in self.decisions and report.verdict.status != "undecided":
                     await self._decide(report)
             await self._faces_event(reports, size)
-
-    def _analyse(self, frame: Any, t: float) -> tuple[list[TrackReport], tuple[int, int]]:
-        image = self.svc.to_bgr(frame)
-        return self.stream.process(image, t), (int(image.shape[1]), int(image.shape[0]))
 
     async def _faces_event(self, reports: list[TrackReport], size: tuple[int, int]) -> None:
         now = time.monotonic()
@@ -119,12 +101,6 @@ class GateSession:
                 ],
             }
         )
-
-    async def _send(self, event: dict[str, Any]) -> None:
-        try:
-            await self.emit(event)
-        except (ConnectionError, RuntimeError):
-            log.debug("gate %s: could not send %s", self.gate.terminal_id, event.get("type"))
 
     def _decision_ms(self, report: TrackReport) -> float:
         start = report.ready_since if report.ready_since is not None else report.first_seen

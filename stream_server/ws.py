@@ -18,11 +18,12 @@ from aiohttp import WSMsgType, web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import AuthError, FacePayError, InvalidRequest, StoreUnavailable
-from session.checkout import CheckoutRequest, CheckoutSession, SessionServices
+from session.checkout import CheckoutRequest, CheckoutSession
 from session.enroll import EnrollRequest, EnrollSession
 from session.frames import FrameSlot
 from session.gate import GateSession, GateTerminal
 from session.models import Terminal, parse_amount
+from session.services import SessionServices
 from stream_server.app import (
     ANALYZER,
     CONFIG,

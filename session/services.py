@@ -1,0 +1,41 @@
+"""Services and observer a session is given by the edge (injected, so tests can swap them)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pipeline.analyzer import FaceAnalyzer
+from pipeline.types import ImageArray
+from session.config import FacePayConfig
+from session.crypto import PassphraseHasher
+from session.directory import Directory
+from session.store import Store
+
+
+class Observer(Protocol):
+    """What a session reports to the edge (metrics); all methods must be cheap."""
+
+    def frame_processed(self, timings_ms: dict[str, float]) -> None: ...
+
+    def confirm_latency(self, seconds: float) -> None: ...
+
+    def decision(self, mode: str, outcome: str, reason: str) -> None: ...
+
+    def gate_decision(self, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class SessionServices:
+    """What a session needs from the server, injected."""
+
+    config: FacePayConfig
+    store: Store
+    directory: Directory
+    analyzer: FaceAnalyzer
+    hasher: PassphraseHasher
+    executor: Executor
+    to_bgr: Callable[[Any], ImageArray]
+    observer: Observer

@@ -1,0 +1,81 @@
+"""What every session fed by a terminal's video shares (checkout, gate, enrolment).
+
+The newest frame is taken from the slot, converted and analysed in the executor (never on the
+event loop), and the per-stage timings go to the observer. ``stop()`` is a flag as well as
+the connection's cancel: on Python 3.11 redis-py can swallow ``Task.cancel()`` (its
+``wait_for`` returns a reply that already arrived), so each session checks the flag before
+anything that charges or stores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pipeline.config import PipelineConfig
+from pipeline.stream import StreamAnalyzer, TrackReport
+from session.frames import FrameSlot, TimedFrame
+from session.services import SessionServices
+
+log = logging.getLogger(__name__)
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+Analysed = tuple[list[TrackReport], tuple[int, int], TimedFrame[Any]]
+
+
+class VideoSession:
+    """Base of the video-fed sessions: frames in, analysed reports out, events to the terminal."""
+
+    label = "session"
+
+    def __init__(
+        self,
+        services: SessionServices,
+        frames: FrameSlot[Any],
+        emit: Emit,
+        pipeline: PipelineConfig,
+    ) -> None:
+        self.svc = services
+        self.frames = frames
+        self.emit = emit
+        self.stream = StreamAnalyzer(services.analyzer, pipeline)
+        self._stopped = False
+        #: Timings of the last analysed frame (ms): ``frame`` (analysis), ``frame_age``
+        #: (how old the frame was when analysis started), and per stage.
+        self.last_timings: dict[str, float] = {}
+
+    def stop(self) -> None:
+        """The terminal is gone: from now on nothing may be charged or stored."""
+        self._stopped = True
+
+    async def _send(self, event: dict[str, Any]) -> None:
+        try:
+            await self.emit(event)
+        except (ConnectionError, RuntimeError):
+            # The terminal went away; the connection handler stops us shortly.
+            log.debug("%s: could not send %s", self.label, event.get("type"))
+
+    def _analyse(self, frame: Any, t: float) -> tuple[list[TrackReport], tuple[int, int]]:
+        """Worker thread: convert the frame and run the pipeline on it."""
+        image = self.svc.to_bgr(frame)
+        return self.stream.process(image, t), (int(image.shape[1]), int(image.shape[0]))
+
+    async def _analyse_next(self, timeout: float) -> Analysed | None:
+        """The newest frame, analysed in the executor; None if none came within ``timeout``."""
+        item = await self.frames.get(timeout=timeout)
+        if item is None:
+            return None
+        age_ms = (time.monotonic() - item.t) * 1000.0
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        reports, size = await loop.run_in_executor(
+            self.svc.executor, self._analyse, item.frame, item.t
+        )
+        timings = {"frame": (time.perf_counter() - t0) * 1000.0, "frame_age": age_ms}
+        for r in reports:
+            timings.update(r.analysis.timings_ms)
+        self.svc.observer.frame_processed(timings)
+        self.last_timings = timings
+        return reports, size, item
