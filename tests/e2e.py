@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +27,41 @@ from stream_server.app import ANALYZER, DIRECTORY, HASHER, REDIS, STORE, create_
 from tests.terminal import TestTerminal
 
 PASSPHRASE = "correct horse 42"
+REPO = Path(__file__).resolve().parent.parent
+#: Variables a ``facepay serve`` reads; tests start servers without any of them set.
+SERVER_ENV_VARS = (
+    "FACEPAY_REDIS_URL",
+    "FACEPAY_TEMPLATE_KEY",
+    "FACEPAY_ADMIN_TOKEN",
+    "FACEPAY_DATA_DIR",
+    "FACEPAY_DEV",
+    "FACEPAY_TLS_CERT",
+    "FACEPAY_TLS_KEY",
+)
+
+
+def spawn_serve(*args: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """``facepay serve --dev --port 0 ARGS`` in a clean environment; (process, its first line).
+
+    The caller stops the process (terminate or SIGTERM, then wait).
+    """
+    env = {k: v for k, v in os.environ.items() if k not in SERVER_ENV_VARS}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream_server.cli", "serve", "--dev", "--port", "0", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            line = pool.submit(proc.stdout.readline).result(timeout=30)  # type: ignore[union-attr]
+        return proc, json.loads(line)
+    except BaseException:
+        proc.kill()
+        proc.wait(timeout=15)
+        raise
 
 
 def camera_frames(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 
 from stream_server.app import CONNECTIONS
-from stream_server.webrtc import restrict_host_addresses, unrestrict_host_addresses
 from tests.browser import (
     SCREENSHOTS,
     StateShots,
@@ -19,25 +18,19 @@ from tests.browser import (
     wait_state,
     write_camera,
 )
-from tests.e2e import PASSPHRASE, start_env
+from tests.e2e import PASSPHRASE
 
 ENROLL = "faces/obama/obama.jpg"
 SHOPPER = "faces/obama/obama3.jpg"  # another photo of the enrolled person
 ATTACK = "spoof/image_F1.jpg"  # a printed photo held up to the camera
 
 
-@pytest.fixture(autouse=True)
-def loopback_ice():
-    restrict_host_addresses(["127.0.0.1"])
-    yield
-    unrestrict_host_addresses()
+pytestmark = pytest.mark.usefixtures("loopback_ice")
 
 
 @pytest.fixture
-async def env(aiohttp_server, redis_url, models_dir):
-    env = await start_env(aiohttp_server, redis_url, models_dir)
-    yield env
-    await env.close()
+async def env(make_env):
+    return await make_env()
 
 
 def _url(env, path: str) -> str:
@@ -47,10 +40,8 @@ def _url(env, path: str) -> str:
 OFFER = "Join our membership: 5% off every visit"
 
 
-async def test_checkout_with_passphrase_is_approved(
-    aiohttp_server, redis_url, models_dir, analyzer, photo, tmp_path
-):
-    env = await start_env(aiohttp_server, redis_url, models_dir, offer_text=OFFER)
+async def test_checkout_with_passphrase_is_approved(make_env, analyzer, photo, tmp_path):
+    env = await make_env(offer_text=OFFER)
     await env.enroll("acct-obama", "Barack Obama", "+1 202 555 0101", photo(ENROLL))
     camera = write_camera(analyzer, photo(SHOPPER), tmp_path / "cam.y4m")
     async with browser_page(tmp_path / "profile", camera) as page:

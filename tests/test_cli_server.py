@@ -5,13 +5,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,20 +19,12 @@ from session.models import Terminal
 from session.store import Store
 from stream_server import embedded_redis
 from stream_server.cli import main
-
-ENV_VARS = (
-    "FACEPAY_REDIS_URL",
-    "FACEPAY_TEMPLATE_KEY",
-    "FACEPAY_ADMIN_TOKEN",
-    "FACEPAY_DATA_DIR",
-    "FACEPAY_DEV",
-)
-REPO = Path(__file__).resolve().parent.parent
+from tests.e2e import SERVER_ENV_VARS, spawn_serve
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ENV_VARS:
+    for name in SERVER_ENV_VARS:
         monkeypatch.delenv(name, raising=False)
 
 
@@ -58,22 +47,8 @@ def _alive(pid: int) -> bool:
 
 def test_serve_with_embedded_redis_then_admin_from_another_shell(tmp_path, models_dir, capsys):
     data = tmp_path / "data"
-    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "stream_server.cli", "serve", "--dev", "--port", "0"),
-            *("--data-dir", str(data), "--models-dir", str(models_dir)),
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, started = spawn_serve("--data-dir", str(data), "--models-dir", str(models_dir))
     try:
-        with ThreadPoolExecutor(1) as pool:
-            line = pool.submit(proc.stdout.readline).result(timeout=30)  # type: ignore[union-attr]
-        started = json.loads(line)
         assert started["dev"] is True
         assert started["url"].startswith("http://127.0.0.1:")
         assert started["redis_url"] == (data / "redis.url").read_text().strip()

@@ -7,8 +7,7 @@ import asyncio
 import pytest
 
 from stream_server.app import CONNECTIONS, REDIS
-from stream_server.webrtc import restrict_host_addresses, unrestrict_host_addresses
-from tests.e2e import camera_frames, start_env
+from tests.e2e import camera_frames
 
 ENROLL = "faces/obama/obama.jpg"
 SHOPPER = "faces/obama/obama3.jpg"  # another photo of the same person
@@ -18,25 +17,7 @@ HINTS = {"closer", "more_light", "less_light", "look_at_camera", "hold_still"}
 HINTS |= {"one_person", "no_face", "ok"}
 
 
-@pytest.fixture(autouse=True)
-def loopback_ice():
-    restrict_host_addresses(["127.0.0.1"])
-    yield
-    unrestrict_host_addresses()
-
-
-@pytest.fixture
-async def make_env(aiohttp_server, redis_url, models_dir):
-    envs = []
-
-    async def make(**policy):
-        env = await start_env(aiohttp_server, redis_url, models_dir, **policy)
-        envs.append(env)
-        return env
-
-    yield make
-    for env in envs:
-        await env.close()
+pytestmark = pytest.mark.usefixtures("loopback_ice")
 
 
 async def _enroll_terminal(env, analyzer, photo, rel=ENROLL):

@@ -5,13 +5,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
-import json
-import os
 import ssl
-import subprocess
-import sys
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -23,17 +18,7 @@ from cryptography.x509.oid import NameOID
 
 from stream_server import web as web_pages
 from stream_server.cli import main
-
-REPO = Path(__file__).resolve().parent.parent
-ENV_VARS = (
-    "FACEPAY_REDIS_URL",
-    "FACEPAY_TEMPLATE_KEY",
-    "FACEPAY_ADMIN_TOKEN",
-    "FACEPAY_DATA_DIR",
-    "FACEPAY_DEV",
-    "FACEPAY_TLS_CERT",
-    "FACEPAY_TLS_KEY",
-)
+from tests.e2e import REPO, SERVER_ENV_VARS, spawn_serve
 
 
 @pytest.fixture
@@ -157,23 +142,12 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
 
 def test_serve_over_https(tmp_path, models_dir, redis_url):
     cert, key = _self_signed(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "stream_server.cli", "serve", "--dev", "--port", "0"),
-            *("--data-dir", str(tmp_path / "data"), "--models-dir", str(models_dir)),
-            *("--redis-url", redis_url, "--tls-cert", str(cert), "--tls-key", str(key)),
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc, started = spawn_serve(
+        *("--data-dir", str(tmp_path / "data"), "--models-dir", str(models_dir)),
+        *("--redis-url", redis_url, "--tls-cert", str(cert), "--tls-key", str(key)),
     )
     try:
-        with ThreadPoolExecutor(1) as pool:
-            line = pool.submit(proc.stdout.readline).result(timeout=30)  # type: ignore[union-attr]
-        url = json.loads(line)["url"]
+        url = started["url"]
         assert url.startswith("https://127.0.0.1:")
         context = ssl.create_default_context(cafile=str(cert))
         with urllib.request.urlopen(url + "/healthz", timeout=5, context=context) as resp:
@@ -190,7 +164,7 @@ def test_serve_over_https(tmp_path, models_dir, redis_url):
 
 @pytest.mark.parametrize("flag", ["--tls-cert", "--tls-key"])
 def test_one_tls_flag_alone_exits_2(tmp_path, capsys, monkeypatch, flag):
-    for name in ENV_VARS:
+    for name in SERVER_ENV_VARS:
         monkeypatch.delenv(name, raising=False)
     cert, _ = _self_signed(tmp_path)
     code = main(["serve", "--dev", "--port", "0", "--data-dir", str(tmp_path), flag, str(cert)])
@@ -199,7 +173,7 @@ def test_one_tls_flag_alone_exits_2(tmp_path, capsys, monkeypatch, flag):
 
 
 def test_tls_env_alone_exits_2(tmp_path, capsys, monkeypatch):
-    for name in ENV_VARS:
+    for name in SERVER_ENV_VARS:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("FACEPAY_TLS_KEY", str(tmp_path / "key.pem"))
     assert main(["serve", "--dev", "--port", "0", "--data-dir", str(tmp_path)]) == 2
