@@ -34,8 +34,6 @@ from session.video import Emit, VideoSession
 
 log = logging.getLogger(__name__)
 S = CheckoutState
-#: Face boxes are pushed to the terminal at most this often (the page draws them).
-FACES_EVENT_INTERVAL_S = 0.2
 #: After a frame with several comparable faces, no decision for this long: sizes flicker
 #: around the crowd ratio from frame to frame, and one frame below it must not let the
 #: session pick a face.
@@ -76,7 +74,6 @@ class CheckoutSession(VideoSession):
         self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=16)
         self.policy = services.config.policy
         self._first_frame_t: float | None = None
-        self._last_faces_event = 0.0
         self.payment_id: str | None = None
         self._crowded = False
         self._crowd_until = 0.0
@@ -208,7 +205,6 @@ class CheckoutSession(VideoSession):
         return main if main.verdict.status in ("live", "spoof") else None
 
     async def _faces_event(self, reports: list[TrackReport], size: tuple[int, int]) -> None:
-        now = time.monotonic()
         if self._crowded:
             self._crowded = False
             await self._send(
@@ -219,9 +215,8 @@ class CheckoutSession(VideoSession):
                     "hint": "one_person_at_a_time",
                 }
             )
-        if now - self._last_faces_event < FACES_EVENT_INTERVAL_S:
+        if not self._faces_due():
             return
-        self._last_faces_event = now
         await self._send(
             {
                 "type": "faces",

@@ -22,7 +22,6 @@ from pipeline.errors import Conflict, IllegalTransition, InvalidRequest, StoreUn
 from pipeline.stream import TrackReport
 from pipeline.types import FloatArray
 from session import _store_lua as _store_rules
-from session.checkout import FACES_EVENT_INTERVAL_S
 from session.crypto import check_passphrase
 from session.frames import FrameSlot
 from session.services import SessionServices
@@ -94,7 +93,6 @@ class EnrollSession(VideoSession):
         self._templates: list[FloatArray] = []
         self._track: int | None = None
         self._last_take = -1e9
-        self._last_event = 0.0
         self.consent_time = time.time()
 
     @property
@@ -230,10 +228,8 @@ class EnrollSession(VideoSession):
         self._last_take = t
 
     async def _feedback(self, reports: list[TrackReport], size: tuple[int, int], hint: str) -> None:
-        now = time.monotonic()
-        if now - self._last_event < FACES_EVENT_INTERVAL_S:
+        if not self._faces_due():
             return
-        self._last_event = now
         boxes = [r.face.box.as_list() for r in reports]
         await self._send({"type": "faces", "width": size[0], "height": size[1], "boxes": boxes})
         progress = min(1.0, len(self._templates) / self.cfg.templates)

@@ -33,7 +33,6 @@ from session.services import SessionServices
 from session.video import Emit, VideoSession
 
 log = logging.getLogger(__name__)
-FACES_EVENT_INTERVAL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,6 @@ class GateSession(VideoSession):
         self.policy = services.config.policy
         self.decisions: dict[int, str] = {}
         self.admitted_repeat = 0
-        self._last_faces_event = 0.0
         #: (arrival, age at analysis ms, analysis ms, faces) per analysed frame, bounded.
         self.trace: deque[tuple[float, float, float, int]] = deque(maxlen=2000)
 
@@ -82,10 +80,8 @@ class GateSession(VideoSession):
             await self._faces_event(reports, size)
 
     async def _faces_event(self, reports: list[TrackReport], size: tuple[int, int]) -> None:
-        now = time.monotonic()
-        if now - self._last_faces_event < FACES_EVENT_INTERVAL_S:
+        if not self._faces_due():
             return
-        self._last_faces_event = now
         await self._send(
             {
                 "type": "faces",

@@ -21,6 +21,8 @@ from session.frames import FrameSlot, TimedFrame
 from session.services import SessionServices
 
 log = logging.getLogger(__name__)
+#: Face boxes and hints are pushed to the terminal at most this often (pages draw them).
+FACES_EVENT_INTERVAL_S = 0.2
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 Analysed = tuple[list[TrackReport], tuple[int, int], TimedFrame[Any]]
 
@@ -45,6 +47,7 @@ class VideoSession:
         #: Timings of the last analysed frame (ms): ``frame`` (analysis), ``frame_age``
         #: (how old the frame was when analysis started), and per stage.
         self.last_timings: dict[str, float] = {}
+        self._last_faces_event = 0.0
 
     def stop(self) -> None:
         """The terminal is gone: from now on nothing may be charged or stored."""
@@ -56,6 +59,14 @@ class VideoSession:
         except (ConnectionError, RuntimeError):
             # The terminal went away; the connection handler stops us shortly.
             log.debug("%s: could not send %s", self.label, event.get("type"))
+
+    def _faces_due(self) -> bool:
+        """Whether a faces/feedback event may be sent now (throttled to the interval)."""
+        now = time.monotonic()
+        if now - self._last_faces_event < FACES_EVENT_INTERVAL_S:
+            return False
+        self._last_faces_event = now
+        return True
 
     def _analyse(self, frame: Any, t: float) -> tuple[list[TrackReport], tuple[int, int]]:
         """Worker thread: convert the frame and run the pipeline on it."""
