@@ -136,3 +136,18 @@ class LimitExceeded(FacePayError):
     """The payment is above the per-payment or the daily limit."""
 
     code = "limit"
+
+
+class RateLimited(FacePayError):
+    """Too many requests of one kind (session/ratelimit.py); retry after ``retry_after_s``."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def retry_after(self) -> int:
+        """Whole seconds for an HTTP ``Retry-After`` header (at least 1)."""
+        return max(1, -(-int(self.retry_after_s * 1000) // 1000))

@@ -16,6 +16,7 @@ from redis.commands.core import AsyncScript
 
 from pipeline.errors import InvalidRequest, LimitExceeded, NotFound, PaymentConflict
 from session import _store_lua as h
+from session.config import RateLimitConfig
 from session.models import Payment
 
 
@@ -25,11 +26,15 @@ class StoreCore:
     _r: Redis
     _p: str
     _pay_script: AsyncScript
+    _fail_script: AsyncScript
+    #: Lockout back-off and per-account failure budget (Store takes it from the config).
+    limits: RateLimitConfig = RateLimitConfig()
 
     def _init_core(self, redis: Redis, prefix: str) -> None:
         self._r = redis
         self._p = prefix
         self._pay_script = redis.register_script(h.PAY_LUA)
+        self._fail_script = redis.register_script(h.FAIL_LUA)
 
     def _k(self, *parts: str) -> str:
         """A key under this store's prefix: ``_k("pay", mid, order)`` -> ``fp:pay:mid:order``."""
@@ -75,25 +80,33 @@ class StoreCore:
         """Count a wrong passphrase; returns (attempts left, locked_until if now locked).
 
         The counter lives ``lockout_s`` after the latest failure; reaching ``max_attempts``
-        sets ``fp:lock:{aid}`` for ``lockout_s`` and resets the counter.
+        locks the account (``fp:lock:{aid}``) and resets the counter. The lock backs off:
+        each lockout within ``limits.lockout_memory_s`` of the previous one lasts
+        ``limits.lockout_backoff`` times longer, up to ``limits.max_lockout_s``; and
+        ``limits.passphrase_failures_per_account`` failures within its window lock for the
+        longest time at once, however they were spread (session/config.py RateLimitConfig).
         """
         if max_attempts < 1 or not lockout_s > 0 or not math.isfinite(lockout_s):
             raise InvalidRequest("max_attempts must be >= 1 and lockout_s > 0")
-        ttl_ms = max(1, math.ceil(lockout_s * 1000))
-        fail_key, lock_key = self._k("fail", account_id), self._k("lock", account_id)
+        lim = self.limits
+        lockout_ms = max(1, math.ceil(lockout_s * 1000))
+        now_ms = int(time.time() * 1000)
+        keys = [self._k(kind, account_id) for kind in ("fail", "lock", "lockouts", "failday")]
+        args = [
+            max_attempts,
+            lockout_ms,
+            lim.lockout_backoff,
+            max(lockout_ms, math.ceil(lim.max_lockout_s * 1000)),
+            math.ceil(lim.lockout_memory_s * 1000),
+            lim.passphrase_failures_per_account.count,
+            math.ceil(lim.passphrase_failures_per_account.window_s * 1000),
+            now_ms,
+        ]
         with h.unavailable("record_failure"):
-            async with self._r.pipeline(transaction=True) as pipe:
-                pipe.incr(fail_key)
-                pipe.pexpire(fail_key, ttl_ms)
-                count, _ = await pipe.execute()
-            if int(count) < max_attempts:
-                return max_attempts - int(count), None
-            until = time.time() + lockout_s
-            async with self._r.pipeline(transaction=True) as pipe:
-                pipe.set(lock_key, repr(until), px=ttl_ms)
-                pipe.delete(fail_key)
-                await pipe.execute()
-        return 0, until
+            left, lock_ms = await self._fail_script(keys=keys, args=args)
+        if int(lock_ms) == 0:
+            return int(left), None
+        return 0, (now_ms + int(lock_ms)) / 1000.0
 
     async def clear_failures(self, account_id: str) -> None:
         """Reset the wrong-passphrase counter after a correct one."""

@@ -64,6 +64,35 @@ return {'ok', ARGV[1]}
 """
 
 
+# KEYS: 1 failure counter, 2 lock, 3 lockouts so far, 4 failures today
+# ARGV: 1 max_attempts, 2 lockout ms, 3 backoff factor, 4 max lockout ms, 5 lockout memory ms,
+#       6 failures per day, 7 day window ms, 8 now (epoch ms)
+# Returns {attempts left, lock ms (0: not locked)}. One script: the counters, the escalation
+# and the lock change together or not at all.
+FAIL_LUA = """
+local n = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local d = redis.call('INCR', KEYS[4])
+if d == 1 or redis.call('PTTL', KEYS[4]) < 0 then
+  redis.call('PEXPIRE', KEYS[4], ARGV[7])
+end
+local over_day = d >= tonumber(ARGV[6])
+if n < tonumber(ARGV[1]) and not over_day then
+  return {tonumber(ARGV[1]) - n, 0}
+end
+local k = redis.call('INCR', KEYS[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
+local ms = tonumber(ARGV[2]) * tonumber(ARGV[3]) ^ (k - 1)
+if over_day or ms > tonumber(ARGV[4]) then
+  ms = tonumber(ARGV[4])
+end
+ms = math.floor(ms)
+redis.call('SET', KEYS[2], string.format('%.3f', (tonumber(ARGV[8]) + ms) / 1000), 'PX', ms)
+redis.call('DEL', KEYS[1])
+return {0, ms}
+"""
+
+
 @contextmanager
 def unavailable(what: str) -> Iterator[None]:
     """Turn any Redis (or socket) failure inside the block into ``StoreUnavailable``."""

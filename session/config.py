@@ -51,6 +51,39 @@ class PolicyConfig(_Strict):
     offer_kind: Literal["membership", "coupon"] = "membership"
 
 
+class Limit(_Strict):
+    """At most ``count`` events per ``window_s`` seconds (a fixed window in Redis)."""
+
+    count: int = Field(ge=1, le=100_000)
+    window_s: float = Field(ge=1.0, le=7 * 86400.0)
+
+
+class RateLimitConfig(_Strict):
+    """Abuse controls (docs/protocol.md "Limits"). Counted in Redis, so every server
+    instance sharing it enforces one budget; if Redis cannot count, the request is refused.
+    """
+
+    #: ``start_checkout`` per terminal: a kiosk serves a customer every ~20 s at best.
+    session_starts_per_terminal: Limit = Limit(count=30, window_s=60.0)
+    #: WebRTC offers per terminal (each one builds a peer connection).
+    offers_per_terminal: Limit = Limit(count=30, window_s=60.0)
+    #: ``passphrase`` answers per terminal (brute force across accounts from one kiosk).
+    passphrase_attempts_per_terminal: Limit = Limit(count=20, window_s=300.0)
+    #: Wrong passphrases per account over a day, on top of the lockout: reaching it locks
+    #: the account for the longest lockout (``max_lockout_s``).
+    passphrase_failures_per_account: Limit = Limit(count=12, window_s=86400.0)
+    #: ``start_enroll`` per terminal and per account id.
+    enrolments_per_terminal: Limit = Limit(count=10, window_s=3600.0)
+    enrolments_per_account: Limit = Limit(count=5, window_s=3600.0)
+    #: Open WebSockets per terminal token at once (a kiosk needs one; reconnects overlap).
+    connections_per_terminal: int = Field(4, ge=1, le=1000)
+    #: Each lockout of an account within ``lockout_memory_s`` lasts ``lockout_backoff``
+    #: times the one before (policy.lockout_s, then x2, x4...), at most ``max_lockout_s``.
+    lockout_backoff: float = Field(2.0, ge=1.0, le=10.0)
+    max_lockout_s: float = Field(86400.0, ge=5.0, le=30 * 86400.0)
+    lockout_memory_s: float = Field(86400.0, ge=60.0, le=30 * 86400.0)
+
+
 class ServerConfig(_Strict):
     """Network, storage and secrets."""
 
@@ -62,14 +95,19 @@ class ServerConfig(_Strict):
     #: Dev mode generates and keeps a template key in data_dir; production must pass one.
     dev_mode: bool = False
     admin_token: SecretStr | None = None
+    #: Also accepted while admin clients move to a new ``admin_token`` (rotation); remove it
+    #: once they have.
+    admin_token_previous: SecretStr | None = None
     #: 32-byte AES-GCM key, hex or base64 (FACEPAY_TEMPLATE_KEY).
     template_key: SecretStr | None = None
     #: Inference/argon2 workers; None = number of cores.
     workers: int | None = Field(None, ge=1, le=64)
     max_message_bytes: int = Field(64 * 1024, ge=1024, le=4 * 1024 * 1024)
     max_sessions: int = Field(64, ge=1, le=10_000)
-    #: Allowed WebSocket Origin values ("*" or none = any; browsers always send one).
-    allowed_origins: tuple[str, ...] = ()
+    #: WebSocket ``Origin`` values allowed besides the server's own origin (same origin is
+    #: always allowed; "*" allows any). Clients that send no Origin (kiosk apps, replay)
+    #: are not browsers and are let through: the terminal token authenticates them.
+    allowed_origins: tuple[str, ...] = Field((), max_length=64)
 
 
 class GateConfig(_Strict):
@@ -109,6 +147,7 @@ class FacePayConfig(_Strict):
     server: ServerConfig = ServerConfig()
     gate: GateConfig = GateConfig()
     enrollment: EnrollmentConfig = EnrollmentConfig()
+    limits: RateLimitConfig = RateLimitConfig()
 
     def gate_pipeline(self) -> PipelineConfig:
         """The pipeline config a gate session runs with (gate evidence and face size)."""

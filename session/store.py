@@ -14,7 +14,9 @@ Key layout (prefix ``fp:``), chosen so that a stolen dump does not join faces to
   (the only place where a face and a person meet)
 - ``fp:pay:{mid}:{order_id}`` hash (the payment); ``fp:payid:{pid}`` -> "{mid}:{order_id}"
 - ``fp:daily:{aid}:{YYYYMMDD}`` spent today (minor units), expires after 2 days
-- ``fp:fail:{aid}`` failed passphrase counter; ``fp:lock:{aid}`` -> locked-until (TTL)
+- ``fp:fail:{aid}`` failed passphrase counter; ``fp:lock:{aid}`` -> locked-until (TTL);
+  ``fp:lockouts:{aid}`` lockouts lately (back-off), ``fp:failday:{aid}`` failures today
+- ``fp:rl:{bucket}:{sha256(key)}`` rate-limit counters (session/ratelimit.py), with TTLs
 - ``fp:audit`` stream: event, time and ids only; never a passphrase, hash, embedding or image
 
 After an enrolment or an erasure commits, the store PUBLISHes ``enrolled:{sid}`` or
@@ -41,6 +43,7 @@ from pipeline.errors import AuthError, Conflict, InvalidRequest, NotFound, Payme
 from pipeline.types import FloatArray
 from session import _store_lua as h
 from session._store_ledger import StoreCore
+from session.config import RateLimitConfig
 from session.crypto import TemplateCipher
 from session.models import Account, Merchant, Terminal, TerminalMode
 
@@ -70,8 +73,16 @@ class Store(StoreCore):
     ``read_audit``) are inherited from ``session._store_ledger.StoreCore``.
     """
 
-    def __init__(self, redis: Redis, cipher: TemplateCipher, prefix: str = "fp:") -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        cipher: TemplateCipher,
+        prefix: str = "fp:",
+        limits: RateLimitConfig | None = None,
+    ) -> None:
         self._init_core(redis, prefix)
+        if limits is not None:
+            self.limits = limits
         self._cipher = cipher
         self.events_channel = f"{prefix}events"
 
@@ -151,6 +162,38 @@ class Store(StoreCore):
                 )
                 self._queue_audit(pipe, entry)
                 await pipe.execute()
+
+    async def rotate_terminal_token(self, terminal_id: str) -> str:
+        """Give an active terminal a new token; the old one stops working at once.
+
+        Returns the new token (shown once). NotFound if unknown, Conflict if revoked.
+        """
+        key = self._k("terminal", terminal_id)
+        token = "fpt_" + secrets.token_urlsafe(32)
+        digest = _token_sha256(token)
+        with h.unavailable("rotate_terminal_token"):
+            async with self._r.pipeline(transaction=True) as pipe:
+                for _ in range(_WATCH_RETRIES):
+                    try:
+                        await pipe.watch(key)
+                        old, status = await pipe.hmget(key, ["token_sha256", "status"])
+                        if old is None:
+                            raise NotFound("no such terminal")
+                        if status is None or h.text(status) != "active":
+                            raise Conflict("terminal is revoked")
+                        pipe.multi()
+                        pipe.hset(key, "token_sha256", digest)
+                        pipe.delete(self._k("termtok", h.text(old)))
+                        pipe.set(self._k("termtok", digest), terminal_id)
+                        entry = h.audit_fields(
+                            "terminal_rotated", time.time(), {"terminal_id": terminal_id}
+                        )
+                        self._queue_audit(pipe, entry)
+                        await pipe.execute()
+                        return token
+                    except WatchError:
+                        continue
+        raise Conflict("terminal is being changed concurrently; try again")
 
     async def authenticate_terminal(self, token: str) -> Terminal:
         """The active terminal whose token this is, or AuthError (constant-time compare)."""
@@ -369,7 +412,13 @@ class Store(StoreCore):
                         for sid in sids:
                             pipe.delete(self._k("tpl", sid), self._k("link", "s2a", sid))
                             pipe.srem(self._k("subjects"), sid)
-                        pipe.delete(a2s, self._k("fail", account_id), self._k("lock", account_id))
+                        pipe.delete(
+                            a2s,
+                            *(
+                                self._k(k, account_id)
+                                for k in ("fail", "lock", "lockouts", "failday")
+                            ),
+                        )
                         pipe.hdel(akey, *_PII_FIELDS)
                         pipe.hset(akey, mapping={"status": "erased", "erased": repr(now)})
                         fields = {

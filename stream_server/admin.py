@@ -31,12 +31,13 @@ from pipeline.errors import (
     LimitExceeded,
     NotFound,
     QualityError,
+    RateLimited,
     StoreUnavailable,
 )
 from pipeline.image import decode_image
 from pipeline.types import ImageArray
 from session.enrollment import ImageQualityError, enroll_from_images
-from stream_server.app import ANALYZER, CONFIG, DIRECTORY, EXECUTOR, HASHER, STORE
+from stream_server.app import ANALYZER, CONFIG, CONNECTIONS, DIRECTORY, EXECUTOR, HASHER, STORE
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ STATUS: tuple[tuple[type[FacePayError], int], ...] = (
     (Conflict, 409),
     (LimitExceeded, 422),
     (AccountLocked, 423),
+    (RateLimited, 429),
     (StoreUnavailable, 503),
 )
 
@@ -229,6 +231,9 @@ def error_response(exc: FacePayError) -> web.Response:
     if isinstance(exc, AccountLocked) and exc.until is not None:
         body["locked_until"] = exc.until
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if isinstance(exc, RateLimited):
+        body["retry_after_s"] = round(exc.retry_after_s, 3)
+        headers = {"Retry-After": str(exc.retry_after)}
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -261,14 +266,29 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 def check_admin(request: web.Request) -> None:
-    """AdminDisabled if no admin token is configured; AuthError unless the bearer matches."""
-    secret = request.app[CONFIG].server.admin_token
+    """AdminDisabled if no admin token is configured; AuthError unless the bearer matches.
+
+    The admin token is its own secret: terminal tokens never open the admin API (they are
+    looked up in Redis by the WebSocket, never here). During a rotation the previous token
+    (``server.admin_token_previous``) is accepted too. Every configured token is compared,
+    in constant time, whatever the first comparison gave: the answer's timing says nothing
+    about which token, or how much of one, matched.
+    """
+    server = request.app[CONFIG].server
+    secret = server.admin_token
     if secret is None or not secret.get_secret_value():
         raise AdminDisabled("admin API disabled: no admin token is configured")
+    accepted = [secret.get_secret_value()]
+    if server.admin_token_previous is not None and server.admin_token_previous.get_secret_value():
+        accepted.append(server.admin_token_previous.get_secret_value())
     header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")
-    expected = secret.get_secret_value().encode()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+    # surrogateescape: aiohttp keeps undecodable header bytes as surrogates; they never match.
+    given_bytes = given.strip().encode("utf-8", "surrogateescape")
+    matched = False
+    for token in accepted:
+        matched |= hmac.compare_digest(given_bytes, token.encode("utf-8"))
+    if scheme.lower() != "bearer" or not matched:
         log.warning("admin API: bad or missing token from %s", request.remote)
         raise AuthError("missing or wrong admin token")
 
@@ -313,6 +333,31 @@ async def add_terminal(request: web.Request) -> web.StreamResponse:
         },
         status=201,
     )
+
+
+async def rotate_terminal(request: web.Request) -> web.StreamResponse:
+    """``POST /api/terminals/{terminal_id}/rotate`` -> 200 {terminal_id, token} (new token).
+
+    The old token stops working at once; sockets already open stay up until they reconnect.
+    """
+    terminal_id = request.match_info["terminal_id"]
+    token = await request.app[STORE].rotate_terminal_token(terminal_id)
+    return web.json_response({"terminal_id": terminal_id, "token": token})
+
+
+async def revoke_terminal(request: web.Request) -> web.StreamResponse:
+    """``DELETE /api/terminals/{terminal_id}`` -> 200 {terminal_id, status: "revoked"}.
+
+    The token stops working and this instance closes the terminal's open sockets (4401).
+    """
+    from stream_server.ws_messages import CLOSE_UNAUTHENTICATED
+
+    terminal_id = request.match_info["terminal_id"]
+    await request.app[STORE].revoke_terminal(terminal_id)
+    for conn in list(request.app[CONNECTIONS]):
+        if conn.terminal is not None and conn.terminal.terminal_id == terminal_id:
+            await conn.ws.close(code=CLOSE_UNAUTHENTICATED, message=b"terminal revoked")
+    return web.json_response({"terminal_id": terminal_id, "status": "revoked"})
 
 
 async def add_account(request: web.Request) -> web.StreamResponse:
@@ -377,6 +422,8 @@ def setup(app: web.Application) -> None:
     app.middlewares.append(errors_middleware)
     app.router.add_post("/api/merchants", admin_route(add_merchant))
     app.router.add_post("/api/terminals", admin_route(add_terminal))
+    app.router.add_post("/api/terminals/{terminal_id}/rotate", admin_route(rotate_terminal))
+    app.router.add_delete("/api/terminals/{terminal_id}", admin_route(revoke_terminal))
     app.router.add_post("/api/accounts", admin_route(add_account))
     app.router.add_delete("/api/accounts/{account_id}", admin_route(erase_account))
     app.router.add_get("/api/payments/{payment_id}", admin_route(get_payment))

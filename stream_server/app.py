@@ -21,6 +21,7 @@ from pipeline.models import ModelStore
 from session.config import FacePayConfig
 from session.crypto import PassphraseHasher, TemplateCipher
 from session.directory import Directory
+from session.ratelimit import RateLimiter
 from session.store import Store
 from stream_server.metrics import Metrics
 
@@ -30,6 +31,7 @@ CONFIG = web.AppKey("config", FacePayConfig)
 METRICS = web.AppKey("metrics", Metrics)
 REDIS = web.AppKey("redis", aioredis.Redis)
 STORE = web.AppKey("store", Store)
+LIMITER = web.AppKey("limiter", RateLimiter)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
 ANALYZER = web.AppKey("analyzer", FaceAnalyzer)
 DIRECTORY = web.AppKey("directory", Directory)
@@ -67,7 +69,8 @@ def create_app(
             redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10
         )
         app[REDIS] = client
-        app[STORE] = Store(client, cipher)
+        app[STORE] = Store(client, cipher, limits=config.limits)
+        app[LIMITER] = RateLimiter(client)
         yield
         await client.aclose()
 
@@ -81,7 +84,7 @@ def create_app(
         pool.shutdown(wait=True, cancel_futures=True)
 
     async def models_ctx(app: web.Application) -> AsyncIterator[None]:
-        store = ModelStore(models_dir, intra_op_threads=1)
+        store = ModelStore(models_dir, intra_op_threads=1, clock=app[METRICS].model_clock)
         app[ANALYZER] = FaceAnalyzer.from_config(config.pipeline, store)
         directory = Directory(config.pipeline.match)
         count = await directory.load(app[STORE])

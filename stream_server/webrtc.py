@@ -137,7 +137,7 @@ def add_bitrate_hints(sdp: str, fmtp: str = BITRATE_FMTP) -> str:
     return eol.join(out)
 
 
-def _validate_offer(offer_sdp: str, offer_type: str) -> None:
+def validate_offer(offer_sdp: str, offer_type: str) -> None:
     """Refuse what is not a parseable offer with a video m-line (raise :class:`BadSdp`)."""
     if offer_type != "offer":
         raise BadSdp(f"bad_sdp: expected an SDP of type 'offer', got {offer_type!r}")
@@ -203,7 +203,7 @@ class VideoIngest:
         """
         if self._pc is not None or self._closing:
             raise RuntimeError("VideoIngest.start may be called once")
-        _validate_offer(offer_sdp, offer_type)
+        validate_offer(offer_sdp, offer_type)
         pc = RTCPeerConnection(rtc_configuration())
         self._pc = pc
         self._peers.add(pc)

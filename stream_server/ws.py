@@ -12,12 +12,18 @@ import contextlib
 import json
 import logging
 import time
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from aiohttp import WSMsgType, web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from pipeline.errors import AuthError, FacePayError, InvalidRequest, StoreUnavailable
+from pipeline.errors import (
+    AuthError,
+    FacePayError,
+    InvalidRequest,
+    RateLimited,
+    StoreUnavailable,
+)
 from session.checkout import CheckoutRequest, CheckoutSession
 from session.enroll import EnrollRequest, EnrollSession
 from session.frames import FrameSlot
@@ -31,108 +37,32 @@ from stream_server.app import (
     DIRECTORY,
     EXECUTOR,
     HASHER,
+    LIMITER,
     METRICS,
     PEERS,
     STORE,
 )
-from stream_server.metrics import Metrics
+from stream_server.ws_messages import (
+    CLOSE_TOO_MANY,
+    CLOSE_TRY_LATER,
+    CLOSE_UNAUTHENTICATED,
+    MESSAGES,
+    TRANSPORT_MAX_BYTES,
+    EnrollPassphrase,
+    Hello,
+    MetricsObserver,
+    Offer,
+    Passphrase,
+    PhoneDigits,
+    Simple,
+    StartCheckout,
+    StartEnroll,
+    _Msg,
+    error_event,
+    origin_allowed,
+)
 
 log = logging.getLogger(__name__)
-
-CLOSE_UNAUTHENTICATED = 4401
-CLOSE_FORBIDDEN = 4403
-CLOSE_TRY_LATER = 1013
-#: The transport refuses frames above this outright (close 1009); between the configured
-#: message limit and this, the terminal gets a ``too_large`` error and stays connected.
-TRANSPORT_MAX_BYTES = 1024 * 1024
-
-
-class _Msg(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Hello(_Msg):
-    type: Literal["hello"]
-    token: str = Field(min_length=1, max_length=256)
-
-
-class Offer(_Msg):
-    type: Literal["offer"]
-    sdp: str = Field(min_length=1, max_length=32_000)
-    sdp_type: Literal["offer"] = "offer"
-
-
-class StartCheckout(_Msg):
-    type: Literal["start_checkout"]
-    amount: Annotated[str | int | float, Field(union_mode="left_to_right")]
-    currency: str | None = Field(None, pattern=r"^[A-Z]{3}$")
-    order_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")
-
-
-class Passphrase(_Msg):
-    type: Literal["passphrase"]
-    prompt_id: str = Field(min_length=1, max_length=64)
-    passphrase: str = Field(min_length=1, max_length=256)
-
-
-class PhoneDigits(_Msg):
-    type: Literal["phone_digits"]
-    digits: str = Field(pattern=r"^[0-9]{4}$")
-
-
-class StartEnroll(_Msg):
-    type: Literal["start_enroll"]
-    consent: bool = Field(strict=True)
-    account_id: str = Field(min_length=1, max_length=64)
-    name: str = Field(min_length=1, max_length=100)
-    phone: str = Field(min_length=1, max_length=32)
-
-
-class EnrollPassphrase(_Msg):
-    type: Literal["enroll_passphrase"]
-    passphrase: str = Field(min_length=1, max_length=256)
-    confirm: str = Field(min_length=1, max_length=256)
-
-
-class Simple(_Msg):
-    type: Literal["cancel", "ping"]
-
-
-MESSAGES: dict[str, type[_Msg]] = {
-    "offer": Offer,
-    "start_checkout": StartCheckout,
-    "passphrase": Passphrase,
-    "phone_digits": PhoneDigits,
-    "start_enroll": StartEnroll,
-    "enroll_passphrase": EnrollPassphrase,
-    "cancel": Simple,
-    "ping": Simple,
-}
-
-
-class MetricsObserver:
-    """Session observer feeding Prometheus metrics."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-
-    def frame_processed(self, timings_ms: dict[str, float]) -> None:
-        self.metrics.frames_processed.inc()
-        for stage, ms in timings_ms.items():
-            self.metrics.stage_seconds.labels(stage).observe(ms / 1000.0)
-
-    def confirm_latency(self, seconds: float) -> None:
-        self.metrics.confirm_seconds.observe(seconds)
-
-    def decision(self, mode: str, outcome: str, reason: str) -> None:
-        self.metrics.decisions.labels(mode, outcome, reason).inc()
-
-    def gate_decision(self, seconds: float) -> None:
-        self.metrics.decision_seconds.observe(seconds)
-
-
-def _error(code: str, message: str) -> dict[str, Any]:
-    return {"type": "error", "code": code, "message": message}
 
 
 class TerminalConnection:
@@ -166,7 +96,7 @@ class TerminalConnection:
             if msg.type == WSMsgType.TEXT:
                 await self._on_text(msg.data)
             elif msg.type == WSMsgType.BINARY:
-                await self.send(_error("invalid_request", "binary messages are not accepted"))
+                await self.send(error_event("invalid_request", "binary messages are not accepted"))
             elif msg.type == WSMsgType.ERROR:
                 log.info("terminal websocket error: %s", self.ws.exception())
                 break
@@ -204,11 +134,22 @@ class TerminalConnection:
         try:
             hello = Hello.model_validate(json.loads(msg.data))
             self.terminal = await self.app[STORE].authenticate_terminal(hello.token)
-        except (ValueError, ValidationError, AuthError):
+        except (ValueError, RecursionError, ValidationError, AuthError):
+            # RecursionError: JSON nested deeper than the parser goes is not a hello either.
             await self.ws.close(code=CLOSE_UNAUTHENTICATED, message=b"unauthenticated")
             return False
         except StoreUnavailable:
             await self.ws.close(code=CLOSE_TRY_LATER, message=b"store unavailable")
+            return False
+        tid = self.terminal.terminal_id
+        same = sum(
+            1
+            for c in self.app[CONNECTIONS]
+            if c.terminal is not None and c.terminal.terminal_id == tid
+        )
+        if same > self.config.limits.connections_per_terminal:
+            log.warning("terminal %s: %d connections open; refused", tid, same)
+            await self.ws.close(code=CLOSE_TOO_MANY, message=b"too many connections")
             return False
         await self.send(
             {
@@ -224,30 +165,38 @@ class TerminalConnection:
     # --- messages -----------------------------------------------------------------------
     async def _on_text(self, data: str) -> None:
         if len(data.encode()) > self.config.server.max_message_bytes:
-            await self.send(_error("too_large", "message is larger than the server accepts"))
+            await self.send(error_event("too_large", "message is larger than the server accepts"))
             return
         try:
             raw = json.loads(data)
-        except ValueError:
-            await self.send(_error("bad_json", "message is not valid JSON"))
+        except (ValueError, RecursionError):
+            await self.send(error_event("bad_json", "message is not valid JSON"))
             return
         kind = raw.get("type") if isinstance(raw, dict) else None
         model = MESSAGES.get(kind) if isinstance(kind, str) else None
         if model is None:
-            await self.send(_error("unknown_type", f"unknown message type {str(kind)[:40]!r}"))
+            await self.send(error_event("unknown_type", f"unknown message type {str(kind)[:40]!r}"))
             return
         try:
             message = model.model_validate(raw)
         except ValidationError as exc:
             fields = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors())
-            await self.send(_error("invalid_request", f"invalid {kind}: {fields}"))
+            await self.send(error_event("invalid_request", f"invalid {kind}: {fields}"))
             return
         try:
             await self._dispatch(message)
+        except RateLimited as exc:
+            event = error_event(exc.code, str(exc))
+            await self.send({**event, "retry_after_s": round(exc.retry_after_s, 3)})
         except FacePayError as exc:
             # Translate domain errors here, at the edge, and keep the connection.
-            code = "bad_sdp" if isinstance(message, Offer) else exc.code
-            await self.send(_error(code, str(exc)))
+            bad_sdp = isinstance(message, Offer) and isinstance(exc, InvalidRequest)
+            await self.send(error_event("bad_sdp" if bad_sdp else exc.code, str(exc)))
+
+    async def _limit(self, bucket: str, key: str) -> None:
+        """Count one ``bucket`` event for ``key`` (RateLimited/StoreUnavailable: refuse)."""
+        limit = getattr(self.config.limits, bucket)
+        await self.app[LIMITER].hit(bucket, key, limit)
 
     async def _dispatch(self, message: _Msg) -> None:
         if isinstance(message, Simple) and message.type == "ping":
@@ -267,11 +216,16 @@ class TerminalConnection:
                 raise InvalidRequest("no enrolment in progress")
             if not isinstance(self.session, CheckoutSession):
                 raise InvalidRequest(f"no checkout in progress for {message.type}")
+            if isinstance(message, Passphrase) and self.terminal is not None:
+                await self._limit("passphrase_attempts_per_terminal", self.terminal.terminal_id)
             self.session.deliver(message.model_dump())
 
     async def _offer(self, offer: Offer) -> None:
-        from stream_server.webrtc import VideoIngest
+        from stream_server.webrtc import VideoIngest, validate_offer
 
+        assert self.terminal is not None
+        validate_offer(offer.sdp, offer.sdp_type)  # a bad offer is refused before counting
+        await self._limit("offers_per_terminal", self.terminal.terminal_id)
         if self.ingest is not None:
             await self.ingest.close()
         metrics = self.metrics
@@ -305,8 +259,10 @@ class TerminalConnection:
         if not msg.consent:
             raise InvalidRequest("consent is required before any capture")
         if self.session_task is not None and not self.session_task.done():
-            await self.send(_error("busy", "an enrolment is already in progress"))
+            await self.send(error_event("busy", "an enrolment is already in progress"))
             return
+        await self._limit("enrolments_per_terminal", self.terminal.terminal_id)
+        await self._limit("enrolments_per_account", msg.account_id)
         request = EnrollRequest(
             merchant_id=self.terminal.merchant_id,
             terminal_id=self.terminal.terminal_id,
@@ -350,7 +306,7 @@ class TerminalConnection:
         if self.terminal.mode != "checkout":
             raise InvalidRequest(f"a {self.terminal.mode} terminal cannot start a checkout")
         if self.session_task is not None and not self.session_task.done():
-            await self.send(_error("busy", "a checkout is already in progress"))
+            await self.send(error_event("busy", "a checkout is already in progress"))
             return
         policy = self.config.policy
         amount = parse_amount(msg.amount)
@@ -361,6 +317,7 @@ class TerminalConnection:
             await self.send({"type": "declined", "reason": "limit"})
             self.metrics.decisions.labels("checkout", "declined", "limit").inc()
             return
+        await self._limit("session_starts_per_terminal", self.terminal.terminal_id)
         services = self._services()
         request = CheckoutRequest(
             merchant_id=self.terminal.merchant_id,
@@ -378,9 +335,8 @@ class TerminalConnection:
 async def ws_handler(request: web.Request) -> web.StreamResponse:
     """Upgrade to a WebSocket and serve one terminal."""
     config = request.app[CONFIG]
-    origin = request.headers.get("Origin")
-    allowed = config.server.allowed_origins
-    if origin and allowed and "*" not in allowed and origin not in allowed:
+    if not origin_allowed(request, config.server.allowed_origins):
+        log.warning("websocket from origin %r refused", request.headers.get("Origin", "")[:100])
         raise web.HTTPForbidden(text="origin not allowed")
     if len(request.app[CONNECTIONS]) >= config.server.max_sessions:
         raise web.HTTPServiceUnavailable(text="too many terminals connected")

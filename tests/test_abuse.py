@@ -1,0 +1,395 @@
+"""Abuse controls: rate limits, lockout back-off, WebSocket origin checks, admin/terminal
+token separation, constant-time compares and token rotation. Real Redis, real server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from aiortc import RTCPeerConnection
+
+from pipeline.errors import RateLimited, StoreUnavailable
+from session.config import FacePayConfig, Limit, RateLimitConfig
+from session.crypto import TemplateCipher, generate_key
+from session.ratelimit import RateLimiter
+from session.store import Store
+from stream_server import admin
+from stream_server.app import CONNECTIONS, PEERS, STORE, create_app
+from stream_server.replay_source import ReplayTrack
+from stream_server.webrtc import rtc_configuration
+from tests.e2e import PASSPHRASE, Env, camera_frames, empty_frames
+
+ADMIN = "admin-token-for-abuse-tests-0123"
+OLD_ADMIN = "previous-admin-token-9876543210"
+ENROLL = "faces/obama/obama.jpg"
+SHOPPER = "faces/obama/obama3.jpg"
+
+pytestmark = pytest.mark.usefixtures("loopback_ice")
+
+
+@pytest.fixture
+async def make_server(aiohttp_server, redis_url, models_dir):  # type: ignore[no-untyped-def]
+    """Factory: a running server on ``FacePayConfig`` sections, one merchant and terminal."""
+    envs: list[Env] = []
+
+    async def make(mode: str = "checkout", **sections: Any) -> Env:
+        server = {"admin_token": ADMIN, "workers": 2, **sections.pop("server", {})}
+        config = FacePayConfig.model_validate({"server": server, **sections})
+        cipher = TemplateCipher(generate_key())
+        app = create_app(config, cipher=cipher, redis_url=redis_url, models_dir=models_dir)
+        srv = await aiohttp_server(app)
+        store = app[STORE]
+        merchant = await store.add_merchant("Shop A")
+        _, token = await store.add_terminal(merchant.merchant_id, mode)  # type: ignore[arg-type]
+        env = Env(server=srv, store=store, merchant=merchant, token=token)
+        envs.append(env)
+        return env
+
+    yield make
+    for env in envs:
+        await env.close()
+
+
+def _limits(**values: Any) -> dict[str, Any]:
+    return {"limits": values}
+
+
+async def _offer_sdp() -> str:
+    """A real aiortc offer with one video track (no connection is ever made)."""
+    pc = RTCPeerConnection(rtc_configuration())
+    pc.addTrack(ReplayTrack(empty_frames(1), fps=5))
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    return sdp
+
+
+# --- the limiter itself ---------------------------------------------------------------------
+
+
+async def test_limiter_counts_a_window_then_refuses_with_retry_after(redis_url: str) -> None:
+    client = aioredis.from_url(redis_url)
+    try:
+        limiter = RateLimiter(client)
+        limit = Limit(count=3, window_s=1.0)
+        assert [await limiter.hit("starts", "t1", limit) for _ in range(3)] == [2, 1, 0]
+        with pytest.raises(RateLimited) as info:
+            await limiter.hit("starts", "t1", limit)
+        assert 0 < info.value.retry_after_s <= 1.0 and info.value.retry_after == 1
+        assert info.value.code == "rate_limited"
+        assert await limiter.hit("starts", "t2", limit) == 2  # keys are separate
+        assert await limiter.hit("offers", "t1", limit) == 2  # and so are buckets
+        key = limiter.key("starts", "t1")
+        assert "t1" not in key and 0 < await client.pttl(key) <= 1000  # hashed, expiring
+        await asyncio.sleep(1.1)
+        assert await limiter.hit("starts", "t1", limit) == 2  # a new window
+    finally:
+        await client.aclose()
+
+
+async def test_limiter_fails_closed_when_redis_is_down(redis_server, redis_url: str) -> None:
+    client = aioredis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1)
+    limiter = RateLimiter(client)
+    await limiter.hit("starts", "t1", Limit(count=5, window_s=60))
+    redis_server.stop()
+    try:
+        with pytest.raises(StoreUnavailable):
+            await limiter.hit("starts", "t1", Limit(count=5, window_s=60))
+    finally:
+        redis_server.start()
+        await client.aclose()
+
+
+# --- lockout back-off ---------------------------------------------------------------------
+
+
+async def _lock(db: Store, account: str, attempts: int, lockout_s: float) -> float:
+    for _ in range(attempts - 1):
+        assert (await db.record_failure(account, attempts, lockout_s))[1] is None
+    left, until = await db.record_failure(account, attempts, lockout_s)
+    assert left == 0 and until is not None
+    return until
+
+
+async def test_repeated_lockouts_back_off_exponentially_up_to_the_cap(redis_url: str) -> None:
+    client = aioredis.from_url(redis_url)
+    limits = RateLimitConfig(lockout_backoff=2.0, max_lockout_s=30.0)
+    db = Store(client, TemplateCipher(generate_key()), limits=limits)
+    try:
+        durations = []
+        for _ in range(4):
+            start = time.time()
+            until = await _lock(db, "alice", 2, 5.0)
+            durations.append(round(until - start))
+            await client.delete("fp:lock:alice")  # as if the lock ran out
+        assert durations == [5, 10, 20, 30]  # x2 each time, capped at max_lockout_s
+        assert await client.pttl("fp:lockouts:alice") > 86_000_000  # remembered for a day
+        # Another account starts from the base lockout.
+        start = time.time()
+        assert round(await _lock(db, "bob", 2, 5.0) - start) == 5
+    finally:
+        await client.aclose()
+
+
+async def test_failures_per_account_over_the_day_lock_for_the_longest_time(
+    redis_url: str,
+) -> None:
+    client = aioredis.from_url(redis_url)
+    limits = RateLimitConfig(
+        passphrase_failures_per_account=Limit(count=4, window_s=3600), max_lockout_s=600.0
+    )
+    db = Store(client, TemplateCipher(generate_key()), limits=limits)
+    try:
+        # Two wrong answers per prompt never reach the 3-attempt lockout, but the account's
+        # budget for the day (4) does: then it locks for max_lockout_s at once.
+        for _ in range(3):
+            assert (await db.record_failure("alice", 3, 5.0))[1] is None
+            await db.clear_failures("alice")  # a right answer in between
+        start = time.time()
+        left, until = await db.record_failure("alice", 3, 5.0)
+        assert left == 0 and until is not None and round(until - start) == 600
+        assert await db.locked_until("alice") == pytest.approx(until, abs=0.01)
+    finally:
+        await client.aclose()
+
+
+# --- rate limits at the terminal protocol ---------------------------------------------------------
+
+
+async def test_session_starts_are_limited_per_terminal(make_server) -> None:
+    env = await make_server(**_limits(session_starts_per_terminal={"count": 2, "window_s": 60}))
+    term = await env.terminal()
+    for order in ("o-1", "o-2"):
+        assert (await term.checkout("1.00", order))["state"] == "scanning"
+        await term.send({"type": "cancel"})
+        assert (await term.until_end())["state"] == "cancelled"
+    await term.send({"type": "start_checkout", "amount": "1.00", "order_id": "o-3"})
+    error = await term.expect("error", "state")
+    assert error["type"] == "error" and error["code"] == "rate_limited", term.events
+    assert 0 < error["retry_after_s"] <= 60
+    # Another terminal of the same merchant has its own budget; the connection stays usable.
+    _, token2 = await env.store.add_terminal(env.merchant.merchant_id, "checkout")
+    other = await env.terminal(token2)
+    assert (await other.checkout("1.00", "o-4"))["state"] == "scanning"
+    await term.send({"type": "ping"})
+    assert (await term.expect("pong"))["type"] == "pong"
+
+
+async def test_invalid_requests_do_not_use_up_the_budget(make_server) -> None:
+    env = await make_server(**_limits(session_starts_per_terminal={"count": 1, "window_s": 60}))
+    term = await env.terminal()
+    for bad in ({"amount": "-1", "order_id": "o-1"}, {"amount": "1", "order_id": "bad id!"}):
+        await term.send({"type": "start_checkout", **bad})
+        assert (await term.expect("error"))["code"] == "invalid_request"
+    assert (await term.checkout("1.00", "o-1"))["state"] == "scanning"
+
+
+async def test_offers_are_limited_per_terminal(make_server) -> None:
+    env = await make_server(**_limits(offers_per_terminal={"count": 1, "window_s": 60}))
+    term = await env.terminal()
+    sdp = await _offer_sdp()
+    await term.send({"type": "offer", "sdp": "v=0 garbage", "sdp_type": "offer"})
+    assert (await term.expect("error"))["code"] == "bad_sdp"  # not counted
+    await term.send({"type": "offer", "sdp": sdp, "sdp_type": "offer"})
+    await term.expect("answer")
+    await term.send({"type": "offer", "sdp": sdp, "sdp_type": "offer"})
+    error = await term.expect("error", "answer")
+    assert error["type"] == "error" and error["code"] == "rate_limited"
+    assert len(env.app[PEERS]) == 1  # the refused offer built no peer connection
+
+
+async def test_enrolments_are_limited_per_terminal_and_per_account(make_server) -> None:
+    env = await make_server(
+        mode="enroll",
+        **_limits(
+            enrolments_per_terminal={"count": 3, "window_s": 60},
+            enrolments_per_account={"count": 1, "window_s": 60},
+        ),
+    )
+    term = await env.terminal()
+
+    async def start(account: str) -> dict[str, Any]:
+        await term.send(
+            {
+                "type": "start_enroll",
+                "consent": True,
+                "account_id": account,
+                "name": "Test Person",
+                "phone": "+8613800001234",
+            }
+        )
+        event = await term.expect("state", "error")
+        if event["type"] == "state":
+            await term.send({"type": "cancel"})
+            await term.expect("state")  # declined/cancelled
+            while not env.app[CONNECTIONS] or any(
+                c.session_task is not None and not c.session_task.done()
+                for c in env.app[CONNECTIONS]
+            ):
+                await asyncio.sleep(0.01)
+        return event
+
+    assert (await start("acct-a"))["state"] == "capturing"
+    assert (await start("acct-a"))["code"] == "rate_limited"  # per account
+    assert (await start("acct-b"))["state"] == "capturing"
+    assert (await start("acct-c"))["code"] == "rate_limited"  # terminal's 3rd counted start
+
+
+async def test_passphrase_answers_are_limited_per_terminal(make_server, analyzer, photo) -> None:
+    env = await make_server(
+        policy={"passphrase_attempts": 10},
+        **_limits(passphrase_attempts_per_terminal={"count": 2, "window_s": 300}),
+    )
+    await env.enroll("acct-obama", "Barack Obama", "+1 202 555 0101", photo(ENROLL))
+    term = await env.terminal()
+    await term.start_video(camera_frames(analyzer, photo(SHOPPER)))
+    await term.checkout("5.00", "o-1")
+    confirm = await term.expect("confirm", "declined")
+    assert confirm["type"] == "confirm", term.events
+    answer = {"type": "passphrase", "prompt_id": confirm["prompt_id"]}
+    for left in (9, 8):
+        await term.send({**answer, "passphrase": "wrong guess"})
+        assert (await term.expect("wrong_passphrase"))["attempts_left"] == left
+    await term.send({**answer, "passphrase": PASSPHRASE})  # even the right one: over budget
+    error = await term.expect("error", "approved")
+    assert error["type"] == "error" and error["code"] == "rate_limited"
+    assert await env.payments() == []
+    await term.send({"type": "cancel"})
+    assert (await term.until_end())["state"] == "cancelled"
+
+
+async def test_rate_limits_fail_closed_when_redis_is_down(make_server, redis_server) -> None:
+    env = await make_server()
+    term = await env.terminal()
+    redis_server.stop()
+    try:
+        await term.send({"type": "start_checkout", "amount": "1.00", "order_id": "o-1"})
+        error = await term.expect("error", "state")
+        assert error["type"] == "error" and error["code"] == "unavailable", term.events
+    finally:
+        redis_server.start()
+
+
+async def test_connections_per_terminal_are_capped(make_server) -> None:
+    env = await make_server(**_limits(connections_per_terminal=2))
+    first, second = await env.terminal(), await env.terminal()
+    third = await env.terminal(hello=False)
+    await third.send({"type": "hello", "token": env.token})
+    assert (await third.next())["code"] == 4429
+    await first.close()
+    while len(env.app[CONNECTIONS]) > 1:
+        await asyncio.sleep(0.01)
+    fourth = await env.terminal()  # a slot came free
+    assert fourth.events[0]["type"] == "hello"
+    await second.close()
+    await fourth.close()
+    while env.app[CONNECTIONS]:
+        await asyncio.sleep(0.01)
+
+
+# --- WebSocket origin -------------------------------------------------------------------------
+
+
+async def _ws_status(env: Env, origin: str | None) -> int:
+    headers = {"Origin": origin} if origin is not None else {}
+    async with aiohttp.ClientSession() as http:
+        try:
+            async with http.ws_connect(env.ws_url, headers=headers) as ws:
+                await ws.close()
+                return 101
+        except aiohttp.WSServerHandshakeError as exc:
+            return exc.status
+
+
+async def test_websocket_origin_is_checked(make_server) -> None:
+    env = await make_server(server={"allowed_origins": ["https://kiosk.example"]})
+    own = f"http://{env.server.host}:{env.server.port}"
+    assert await _ws_status(env, None) == 101  # not a browser: the token decides
+    assert await _ws_status(env, own) == 101  # the server's own pages
+    assert await _ws_status(env, "https://kiosk.example") == 101  # listed
+    for hostile in (
+        "https://evil.example",
+        "null",
+        f"http://{env.server.host}:1",
+        f"{own}/path",
+        "javascript:alert(1)",
+        "http://[::1",
+    ):
+        assert await _ws_status(env, hostile) == 403, hostile
+
+
+async def test_any_origin_only_when_configured(make_server) -> None:
+    env = await make_server(server={"allowed_origins": ["*"]})
+    assert await _ws_status(env, "https://anywhere.example") == 101
+
+
+# --- admin and terminal secrets ----------------------------------------------------------------
+
+
+async def test_admin_and_terminal_tokens_do_not_open_each_other(make_server) -> None:
+    env = await make_server()
+    async with aiohttp.ClientSession() as http:
+        url = env.server.make_url("/api/merchants")
+        async with http.post(url, json={"name": "x"}, headers=_bearer(env.token)) as resp:
+            assert resp.status == 401
+    term = await env.terminal(ADMIN, hello=False)
+    await term.send({"type": "hello", "token": ADMIN})
+    assert (await term.next())["code"] == 4401
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_previous_admin_token_works_during_a_rotation(make_server, monkeypatch) -> None:
+    env = await make_server(server={"admin_token_previous": OLD_ADMIN})
+    calls: list[int] = []
+    real = admin.hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        calls.append(1)
+        return real(a, b)
+
+    monkeypatch.setattr(admin.hmac, "compare_digest", counting)
+    url = env.server.make_url("/api/merchants")
+    async with aiohttp.ClientSession() as http:
+        for token, status in ((ADMIN, 201), (OLD_ADMIN, 201), ("nope", 401), (ADMIN[:-1], 401)):
+            calls.clear()
+            async with http.post(url, json={"name": "Shop"}, headers=_bearer(token)) as resp:
+                assert resp.status == status, token
+            assert len(calls) == 2  # both tokens compared, in constant time, every time
+
+
+async def test_terminal_token_rotation_and_revocation_via_admin_api(make_server) -> None:
+    env = await make_server()
+    tid = (await env.store.authenticate_terminal(env.token)).terminal_id
+    old_socket = await env.terminal()
+    async with aiohttp.ClientSession(headers=_bearer(ADMIN)) as http:
+        async with http.post(env.server.make_url(f"/api/terminals/{tid}/rotate")) as resp:
+            assert resp.status == 200
+            new_token = (await resp.json())["token"]
+        assert new_token != env.token and new_token.startswith("fpt_")
+        stale = await env.terminal(hello=False)
+        await stale.send({"type": "hello", "token": env.token})
+        assert (await stale.next())["code"] == 4401
+        fresh = await env.terminal(new_token)
+        assert fresh.events[0]["terminal_id"] == tid
+        assert "terminal_rotated" in [e["event"] for e in await env.store.read_audit()]
+        async with http.post(env.server.make_url("/api/terminals/t_nope/rotate")) as resp:
+            assert resp.status == 404 and (await resp.json())["error"] == "not_found"
+        async with http.delete(env.server.make_url(f"/api/terminals/{tid}")) as resp:
+            assert resp.status == 200 and (await resp.json())["status"] == "revoked"
+        # Revocation also closes the terminal's open sockets on this instance.
+        for sock in (old_socket, fresh):
+            assert (await sock.expect("_closed", timeout=5))["code"] == 4401
+        async with http.post(env.server.make_url(f"/api/terminals/{tid}/rotate")) as resp:
+            assert resp.status == 409  # a revoked terminal is not revived by a rotation
+
+
+def test_rate_limited_maps_to_429_with_retry_after() -> None:
+    resp = admin.error_response(RateLimited("too many", retry_after_s=2.2))
+    assert resp.status == 429 and resp.headers["Retry-After"] == "3"
