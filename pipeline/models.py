@@ -10,8 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 
@@ -115,6 +118,56 @@ def make_session(
         raise ModelError(f"cannot load model {path}: {exc}") from exc
 
 
+class ModelClock:
+    """CPU time spent inside ``session.run`` per model, summed over every thread.
+
+    This is the "raw model inference" the benchmarks compare the server's CPU time with: only
+    the onnxruntime call, none of the pre/post-processing around it. Sessions run with one
+    intra-op thread, which onnxruntime runs on the calling thread, so the calling thread's CPU
+    time (``time.thread_time``) is the run's CPU time; unlike wall time it does not grow when
+    other processes compete for the cores.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seconds: dict[str, float] = {}
+        self._runs: dict[str, int] = {}
+
+    def add(self, model: str, seconds: float) -> None:
+        """Record one run of ``model`` that took ``seconds``."""
+        with self._lock:
+            self._seconds[model] = self._seconds.get(model, 0.0) + seconds
+            self._runs[model] = self._runs.get(model, 0) + 1
+
+    def snapshot(self) -> dict[str, tuple[float, int]]:
+        """``{model: (seconds, runs)}`` so far."""
+        with self._lock:
+            return {m: (self._seconds[m], self._runs[m]) for m in self._seconds}
+
+
+class TimedSession:
+    """An onnxruntime session that reports each ``run`` to a :class:`ModelClock`."""
+
+    def __init__(self, session: ort.InferenceSession, model: str, clock: ModelClock) -> None:
+        self.session, self.model, self.clock = session, model, clock
+
+    def run(self, output_names: Any, input_feed: dict[str, Any]) -> list[Any]:
+        """``InferenceSession.run``, timed."""
+        t0 = time.thread_time()
+        try:
+            return list(self.session.run(output_names, input_feed))
+        finally:
+            self.clock.add(self.model, time.thread_time() - t0)
+
+    def get_inputs(self) -> list[Any]:
+        """The wrapped session's inputs."""
+        return list(self.session.get_inputs())
+
+    def get_outputs(self) -> list[Any]:
+        """The wrapped session's outputs."""
+        return list(self.session.get_outputs())
+
+
 class ModelStore:
     """Verified model files of one models folder; builds sessions on demand."""
 
@@ -123,10 +176,13 @@ class ModelStore:
         models_dir: str | os.PathLike[str] | None = None,
         manifest: dict[str, ModelSpec] | None = None,
         intra_op_threads: int = 1,
+        clock: ModelClock | None = None,
     ) -> None:
         self.models_dir = resolve_models_dir(models_dir)
         self.manifest = manifest if manifest is not None else load_manifest()
         self.intra_op_threads = intra_op_threads
+        #: When set, every session built here reports its inference time to it.
+        self.clock = clock
         self._verified: dict[str, Path] = {}
 
     def path(self, name: str) -> Path:
@@ -137,9 +193,10 @@ class ModelStore:
             self._verified[name] = verify_model(self.models_dir, self.manifest[name])
         return self._verified[name]
 
-    def session(self, name: str) -> ort.InferenceSession:
-        """A fresh onnxruntime session for a verified model."""
-        return make_session(self.path(name), intra_op_threads=self.intra_op_threads)
+    def session(self, name: str) -> ort.InferenceSession | TimedSession:
+        """A fresh onnxruntime session for a verified model (timed when a clock is set)."""
+        session = make_session(self.path(name), intra_op_threads=self.intra_op_threads)
+        return session if self.clock is None else TimedSession(session, name, self.clock)
 
     def verify_all(self) -> list[dict[str, object]]:
         """Check every manifest file; one result row per model (never raises per file)."""

@@ -42,6 +42,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The full parser with every sub-command registered."""
     from stream_server import (
+        cli_bench,
+        cli_gallery,
         cli_gate,
         cli_models,
         cli_pipeline,
@@ -53,7 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="facepay", description="FacePay face payment server and tools")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for module in (cli_models, cli_pipeline, cli_server, cli_replay, cli_scene, cli_gate):
+    for module in (
+        cli_models,
+        cli_pipeline,
+        cli_server,
+        cli_replay,
+        cli_scene,
+        cli_gate,
+        cli_bench,
+        cli_gallery,
+    ):
         module.register(sub)
     return parser
 

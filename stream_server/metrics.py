@@ -2,10 +2,43 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from pipeline.models import ModelClock
 
 STAGE_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
 DECISION_BUCKETS = (0.1, 0.2, 0.3, 0.33, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
+
+
+class _ModelClockCollector(Collector):
+    """``facepay_model_seconds_total`` / ``facepay_model_runs_total`` read from the clock."""
+
+    def __init__(self, clock: ModelClock) -> None:
+        self.clock = clock
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        seconds = CounterMetricFamily(
+            "facepay_model_seconds",
+            "CPU time inside onnxruntime session.run (raw model inference)",
+            labels=["model"],
+        )
+        runs = CounterMetricFamily("facepay_model_runs", "Model inference calls", labels=["model"])
+        for model, (secs, count) in sorted(self.clock.snapshot().items()):
+            seconds.add_metric([model], secs)
+            runs.add_metric([model], count)
+        yield seconds
+        yield runs
 
 
 class Metrics:
@@ -14,6 +47,12 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        #: Raw inference time of every model session this app builds (see ModelStore).
+        self.model_clock = ModelClock()
+        r.register(_ModelClockCollector(self.model_clock))
+        # process_cpu_seconds_total and process_resident_memory_bytes: what `facepay bench`
+        # divides by decisions when it targets a server it did not start.
+        ProcessCollector(registry=r)
         self.sessions = Counter("facepay_sessions", "Sessions started", ["mode"], registry=r)
         self.sessions_active = Gauge(
             "facepay_sessions_active", "Terminal connections open", registry=r

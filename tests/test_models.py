@@ -395,3 +395,44 @@ def test_fetch_http_404_is_refused_not_unreachable(
     assert code == 1
     assert all("HTTP 404" in row["error"] for row in out["models"])
     assert "404" in err and leftovers(dest) == []
+
+
+def test_timed_session_reports_the_cpu_time_of_each_run_to_the_clock():
+    import time
+
+    from pipeline.models import ModelClock, TimedSession
+
+    class Busy:
+        def run(self, output_names, input_feed):
+            end = time.thread_time() + 0.02
+            while time.thread_time() < end:  # burn CPU like an inference would
+                pass
+            return [input_feed["x"]]
+
+        def get_inputs(self):
+            return ["in"]
+
+        def get_outputs(self):
+            return ["out"]
+
+    clock = ModelClock()
+    session = TimedSession(Busy(), "busy", clock)  # type: ignore[arg-type]
+    assert session.run(None, {"x": 1}) == [1]
+    session.run(None, {"x": 2})
+    seconds, runs = clock.snapshot()["busy"]
+    assert runs == 2 and 0.04 <= seconds < 1.0
+    assert session.get_inputs() == ["in"] and session.get_outputs() == ["out"]
+
+
+def test_model_store_times_sessions_only_when_given_a_clock(models_dir):
+    import numpy as np
+
+    from pipeline.models import ModelClock, ModelStore, TimedSession
+
+    assert not isinstance(ModelStore(models_dir).session("mobilefacenet"), TimedSession)
+    clock = ModelClock()
+    session = ModelStore(models_dir, clock=clock).session("mobilefacenet")
+    assert isinstance(session, TimedSession)
+    feed = {session.get_inputs()[0].name: np.zeros((1, 3, 112, 112), np.float32)}
+    session.run(None, feed)
+    assert clock.snapshot()["mobilefacenet"][1] == 1

@@ -1,0 +1,244 @@
+"""Terminals for ``facepay bench``: one process runs K real checkout terminals.
+
+Each terminal is what a kiosk is: one WebSocket to ``/ws`` (hello with its token) and one
+aiortc peer connection sending VP8 video at ``fps`` in real time. It runs checkouts back to
+back for the duration: ``start_checkout`` -> ``confirm`` -> passphrase -> ``approved``, and
+reports one JSON line per session on stdout.
+
+The video is encoded once per process (a few seconds of the SOURCE as a camera would see it,
+keyframe every second) and the packets are replayed in a loop, as a camera with a hardware
+encoder hands them over. Encoding every frame in Python for every terminal would spend the
+2-core machine's CPU on the *clients* and measure them, not the server. ``--live-encode``
+keeps aiortc's per-frame software encoder when that is what you want to see.
+
+Run as ``python -m stream_server.bench_terminal SPEC_JSON`` (the bench does this).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import itertools
+import json
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import av
+import numpy as np
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from stream_server.replay import ws_url
+from stream_server.replay_source import ReplayTrack, open_source
+from stream_server.webrtc import restrict_host_addresses, rtc_configuration
+
+_CLOCK = 90_000
+_PHONE = "need_phone_digits"
+#: Seconds of SOURCE encoded once and looped (a multiple of the keyframe interval).
+LOOP_S = 4
+#: A shopper steps up this long after the last one left.
+GAP_S = 0.3
+#: A session that has not ended this long after it started is counted lost.
+SESSION_GUARD_S = 45.0
+
+
+def encode_loop(frames: Iterable[np.ndarray], fps: float, bitrate: int = 1_000_000) -> list[bytes]:
+    """VP8 packets of ``frames`` with a keyframe every second (so a loop restarts cleanly)."""
+    codec = av.CodecContext.create("libvpx", "w")
+    codec.width, codec.height = 640, 480
+    codec.pix_fmt = "yuv420p"
+    codec.bit_rate = bitrate
+    codec.time_base = fractions.Fraction(1, round(fps))
+    codec.gop_size = round(fps)
+    codec.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
+    packets: list[bytes] = []
+    for i, image in enumerate(frames):
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="bgr24")
+        frame = frame.reformat(format="yuv420p")
+        frame.pts = i
+        packets.extend(bytes(p) for p in codec.encode(frame))
+    packets.extend(bytes(p) for p in codec.encode(None))
+    return packets
+
+
+class PacketTrack(MediaStreamTrack):
+    """Sends pre-encoded VP8 packets in a loop at ``fps`` (aiortc packs them, no encoding)."""
+
+    kind = "video"
+
+    def __init__(self, packets: list[bytes], fps: float) -> None:
+        super().__init__()
+        self.fps = fps
+        self._packets = itertools.cycle(packets)
+        self._t0: float | None = None
+        self._n = 0
+        self.frames_sent = 0
+
+    async def recv(self) -> av.Packet:  # type: ignore[override]
+        """The next packet, paced at ``fps``."""
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._t0 is None:
+            self._t0 = time.monotonic()
+        else:
+            self._n += 1
+            wait = self._t0 + self._n / self.fps - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        packet = av.Packet(next(self._packets))
+        packet.pts = round(self._n * _CLOCK / self.fps)
+        packet.time_base = fractions.Fraction(1, _CLOCK)
+        self.frames_sent += 1
+        return packet
+
+
+class BenchTerminal:
+    """One checkout terminal running sessions back to back until ``end``."""
+
+    def __init__(self, spec: dict[str, Any], token: str, index: int, track: Any) -> None:
+        self.spec, self.token, self.index, self.track = spec, token, index, track
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.records: list[dict[str, Any]] = []
+
+    async def run(self, http: aiohttp.ClientSession, end: float) -> None:
+        """Connect, stream, run checkouts until ``end``; every session is reported."""
+        pc = RTCPeerConnection(rtc_configuration())
+        ws = await http.ws_connect(ws_url(self.spec["server"]), max_msg_size=1 << 20)
+        reader = asyncio.ensure_future(self._read(ws))
+        try:
+            await ws.send_json({"type": "hello", "token": self.token})
+            await self._expect({"hello"}, 10.0)
+            pc.addTransceiver(self.track, direction="sendonly")
+            await pc.setLocalDescription(await pc.createOffer())
+            offer = pc.localDescription
+            await ws.send_json({"type": "offer", "sdp": offer.sdp, "sdp_type": offer.type})
+            answer = await self._expect({"answer"}, 15.0)
+            await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
+            # The camera runs before the first shopper arrives (a kiosk is always on).
+            await asyncio.sleep(self.spec.get("warmup_s", 1.0))
+            n = 0
+            while time.monotonic() < end:
+                n += 1
+                await self._checkout(ws, f"bench-{self.spec['run']}-{self.index}-{n}")
+                await asyncio.sleep(GAP_S)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pc.close(), 5.0)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 3.0)
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+
+    async def _checkout(self, ws: aiohttp.ClientWebSocketResponse, order: str) -> None:
+        t0 = time.monotonic()
+        rec: dict[str, Any] = {"terminal": self.index, "order_id": order, "outcome": "lost"}
+        self.records.append(rec)
+        await ws.send_json(
+            {"type": "start_checkout", "amount": self.spec["amount"], "order_id": order}
+        )
+        deadline = t0 + SESSION_GUARD_S
+        try:
+            while True:
+                event = await self._expect(
+                    {"confirm", "approved", "declined", "state", "error", "_closed", _PHONE},
+                    deadline - time.monotonic(),
+                )
+                kind = event["type"]
+                if kind == "confirm":
+                    rec["confirm_ms"] = round((time.monotonic() - t0) * 1000, 1)
+                    await ws.send_json(
+                        {
+                            "type": "passphrase",
+                            "prompt_id": event["prompt_id"],
+                            "passphrase": self.spec["passphrase"],
+                        }
+                    )
+                elif kind == _PHONE:  # a look-alike is enrolled: narrow by phone digits
+                    await ws.send_json({"type": "phone_digits", "digits": self.spec["phone_last4"]})
+                elif kind in ("approved", "declined"):
+                    rec.update(outcome=kind, reason=event.get("reason"))
+                    break
+                elif kind == "state" and event.get("state") in ("timeout", "cancelled"):
+                    rec.update(outcome=event["state"], reason=event.get("reason"))
+                    break
+                elif kind == "error":
+                    rec.update(outcome="error", reason=event.get("code"))
+                    break
+                elif kind == "_closed":
+                    rec.update(outcome="lost", reason="disconnected")
+                    raise ConnectionError("server closed the WebSocket")
+        except TimeoutError:
+            rec.update(outcome="lost", reason="no_outcome")
+        finally:
+            rec["end_ms"] = round((time.monotonic() - t0) * 1000, 1)
+            rec["t"] = round(time.time(), 3)
+            print(json.dumps(rec), flush=True)
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                with contextlib.suppress(ValueError):
+                    await self.events.put(json.loads(msg.data))
+        await self.events.put({"type": "_closed"})
+
+    async def _expect(self, kinds: set[str], timeout: float) -> dict[str, Any]:
+        async with asyncio.timeout(max(0.0, timeout)):
+            while True:
+                event = await self.events.get()
+                if event.get("type") in kinds:
+                    return event
+
+
+async def run_process(spec: dict[str, Any]) -> None:
+    """Run this process's terminals (``spec["tokens"]``) until the duration ends."""
+    if spec.get("loopback", True):
+        restrict_host_addresses(["127.0.0.1"])
+    fps = float(spec["fps"])
+    focus = tuple(spec["focus"]) if spec.get("focus") else None
+    packets: list[bytes] | None = None
+    if not spec.get("live_encode"):
+        frames = open_source(spec["source"], fps=fps, seconds=LOOP_S, focus=focus)  # type: ignore[arg-type]
+        packets = encode_loop(frames, fps)
+    start_at = float(spec["start_at"])  # wall clock, so every process starts together
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    end = time.monotonic() + float(spec["duration_s"])
+    terminals = []
+    for index, token in spec["tokens"]:
+        if packets is not None:
+            track: Any = PacketTrack(packets, fps)
+        else:
+            frames = open_source(
+                spec["source"],
+                fps=fps,
+                seconds=spec["duration_s"] + 60,
+                focus=focus,  # type: ignore[arg-type]
+            )
+            track = ReplayTrack(frames, fps)
+        terminals.append(BenchTerminal(spec, token, index, track))
+    async with aiohttp.ClientSession() as http:
+        results = await asyncio.gather(
+            *(t.run(http, end) for t in terminals), return_exceptions=True
+        )
+    for t, res in zip(terminals, results, strict=True):
+        if isinstance(res, BaseException):
+            print(json.dumps({"terminal": t.index, "terminal_error": repr(res)[:300]}), flush=True)
+        sent = getattr(t.track, "frames_sent", 0)
+        print(json.dumps({"terminal": t.index, "frames_sent": sent}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: ``python -m stream_server.bench_terminal SPEC_JSON_FILE``."""
+    args = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(args[0]).read_text())
+    asyncio.run(run_process(spec))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""``facepay bench`` end to end in a short smoke form: real server process, real terminals.
+
+The benchmark's figures are reported by the command, never asserted here (no timed
+assertions); this checks that it measures what it says: every session accounted for, the
+server's own counters read, CPU and model time from the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.e2e import REPO, SERVER_ENV_VARS
+
+
+def test_bench_runs_real_terminals_and_reports_the_contract_keys(models_dir, data_dir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in SERVER_ENV_VARS}
+    plot = tmp_path / "bench.png"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stream_server.cli",
+            "bench",
+            "--models-dir",
+            str(models_dir),
+            "--enroll-photo",
+            str(data_dir / "faces/obama/obama.jpg"),
+            "--sweep",
+            "1,2",
+            "--terminals",
+            "2",
+            "--duration",
+            "4",
+            "--plot",
+            str(plot),
+            str(data_dir / "faces/obama/obama3.jpg"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    # DESIGN.md §5 keys.
+    for key in ("terminals", "confirm_ms", "sessions", "frames", "cpu_ms_per_decision"):
+        assert key in out
+    for key in ("model_ms_per_decision", "overhead_ratio", "peak_rss_mb"):
+        assert key in out
+    assert out["terminals"] == 2
+    sessions = out["sessions"]
+    assert sessions["lost"] == 0 and sessions["decided"] == sessions["started"] >= 2
+    assert out["outcomes"] == {"approved": sessions["started"]}  # the enrolled shopper pays
+    assert set(out["confirm_ms"]) == {"p50", "p95", "max"}
+    assert out["confirm_ms"]["p50"] <= out["confirm_ms"]["p95"] <= out["confirm_ms"]["max"]
+    frames = out["frames"]
+    assert 0 < frames["processed"] <= frames["received"] <= frames["sent"]
+    # Server CPU includes the model inference it did, so the ratio is at least 1.
+    assert 0 < out["model_ms_per_decision"] <= out["cpu_ms_per_decision"]
+    assert out["overhead_ratio"] >= 1.0
+    assert out["peak_rss_mb"] > 0
+    assert [row["terminals"] for row in out["sweep"]] == [1, 2]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
