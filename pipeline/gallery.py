@@ -8,19 +8,35 @@ enrolment photos differ in pose and lighting and the closest one is what matters
 Subjects can carry string tags (e.g. ``{"phone_last4": "1234"}``); ``search`` can be limited
 to subjects whose tags match, which shrinks the candidate set and with it the chance of a
 look-alike scoring close to the true subject.
+
+Big galleries: below ``MatchConfig.exact_max_templates`` every search is exact. Above it,
+once ``rebuild_index`` has built one, a faiss IVF index (``pipeline.ann``) proposes a pool of
+candidate templates which are re-scored exactly from the float32 rows here, so the scores
+handed to ``decide`` are always exact cosines; the approximation can only miss a template.
+Tag-narrowed searches stay exact (the subset is tiny). Every template has a permanent id;
+the index is keyed by it, and an erased template's id maps to no row, so it can never be
+returned even if the index still held it. All methods are thread-safe (one lock); the
+expensive part of ``rebuild_index`` runs outside it while searches use the previous index
+or exact search.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
+from pipeline.ann import TRAIN_POINTS_PER_LIST, IvfIndex, lists_for
+from pipeline.config import MatchConfig
 from pipeline.types import FloatArray
+
+log = logging.getLogger(__name__)
 
 DecisionStatus = Literal["match", "no_match", "ambiguous"]
 Candidates = Callable[[str], bool] | Collection[str]
@@ -29,6 +45,9 @@ Candidates = Callable[[str], bool] | Collection[str]
 # margin of exactly 0.1 must still pass.
 _EPS = 1e-9
 _INITIAL_CAPACITY = 256
+# Rows copied per lock hold while filling a new index: ~6 MB, a millisecond or two of copying,
+# so adds and searches interleave with a rebuild instead of waiting for all of it.
+_BUILD_CHUNK = 12_288
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,20 +73,31 @@ class Decision:
 
 
 class Gallery:
-    """In-memory template store with vectorised top-k search. Not thread-safe."""
+    """Thread-safe template store: exact top-k search, or ANN + exact re-rank when big."""
 
-    def __init__(self, dim: int = 128) -> None:
+    def __init__(self, dim: int = 128, config: MatchConfig | None = None) -> None:
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
         self.dim = dim
+        self.config = config or MatchConfig()
+        self._lock = threading.RLock()
         self._vectors = np.zeros((_INITIAL_CAPACITY, dim), dtype=np.float32)
         # Row -> subject index; subject indices are never reused, so stale ones stay harmless.
         self._owner = np.zeros(_INITIAL_CAPACITY, dtype=np.int64)
+        # Row -> permanent template id, and back (-1: erased). Rows move when a removal
+        # compacts the matrix; ids never do, so the ANN index is keyed by them.
+        self._tid_of_row = np.zeros(_INITIAL_CAPACITY, dtype=np.int64)
+        self._row_by_tid = np.full(_INITIAL_CAPACITY, -1, dtype=np.int64)
+        self._next_tid = 0
         self._count = 0
         self._index: dict[str, int] = {}
         self._ids: list[str] = []  # subject index -> subject id
+        self._tids_of: dict[int, list[int]] = {}  # subject index -> its template ids
         self._tags: dict[str, dict[str, str]] = {}
         self._tag_index: dict[tuple[str, str], set[str]] = {}
+        self._ann: IvfIndex | None = None
+        self._ann_built_at = 0  # templates when the current index was trained
+        self._building = False
 
     def __len__(self) -> int:
         """Number of templates (not subjects)."""
@@ -78,11 +108,13 @@ class Gallery:
 
     def subjects(self) -> list[str]:
         """Enrolled subject ids, in enrolment order."""
-        return list(self._index)
+        with self._lock:
+            return list(self._index)
 
     def tags(self, subject_id: str) -> dict[str, str]:
         """A copy of the subject's tags (empty for an unknown subject)."""
-        return dict(self._tags.get(subject_id, {}))
+        with self._lock:
+            return dict(self._tags.get(subject_id, {}))
 
     def add(
         self, subject_id: str, template: FloatArray, tags: Mapping[str, str] | None = None
@@ -92,39 +124,78 @@ class Gallery:
         A subject may hold several templates. ``tags`` are merged into the subject's tags,
         a later value replacing an earlier one for the same key.
         """
+        self.add_many(subject_id, [template], tags)
+
+    def add_many(
+        self,
+        subject_id: str,
+        templates: Sequence[FloatArray] | FloatArray,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        """Store several templates for one subject at once (all checked before any is kept).
+
+        Visible to the next search immediately, in the ANN index too when there is one.
+        """
         if not isinstance(subject_id, str) or not subject_id:
             raise ValueError("subject_id must be a non-empty string")
-        vec = self._check_vector(template, "template")
-        if self._count == len(self._vectors):
-            self._grow()
-        if subject_id not in self._index:
-            self._index[subject_id] = len(self._ids)
-            self._ids.append(subject_id)
-            self._tags[subject_id] = {}
-        self._vectors[self._count] = vec
-        self._owner[self._count] = self._index[subject_id]
-        self._count += 1
-        for key, value in (tags or {}).items():
-            self._set_tag(subject_id, str(key), str(value))
+        vecs = self._check_matrix(np.asarray(templates, dtype=np.float32), "template")
+        m = len(vecs)
+        with self._lock:
+            while self._count + m > len(self._vectors):
+                self._grow()
+            if self._next_tid + m > len(self._row_by_tid):
+                size = max(2 * len(self._row_by_tid), self._next_tid + m)
+                self._row_by_tid = _resized(self._row_by_tid, size, fill=-1)
+            if subject_id not in self._index:
+                self._index[subject_id] = len(self._ids)
+                self._ids.append(subject_id)
+                self._tags[subject_id] = {}
+                self._tids_of[self._index[subject_id]] = []
+            idx = self._index[subject_id]
+            rows = np.arange(self._count, self._count + m)
+            tids = np.arange(self._next_tid, self._next_tid + m, dtype=np.int64)
+            self._vectors[rows] = vecs
+            self._owner[rows] = idx
+            self._tid_of_row[rows] = tids
+            self._row_by_tid[tids] = rows
+            self._tids_of[idx].extend(tids.tolist())
+            self._count += m
+            self._next_tid += m
+            for key, value in (tags or {}).items():
+                self._set_tag(subject_id, str(key), str(value))
+            if self._ann is not None:
+                self._ann.add(vecs, tids)
 
     def remove(self, subject_id: str) -> int:
-        """Forget a subject and all its templates; returns how many templates were removed."""
-        idx = self._index.pop(subject_id, None)
-        if idx is None:
-            return 0
-        for key, value in self._tags.pop(subject_id).items():
-            self._unindex_tag(subject_id, key, value)
-        n = self._count
-        keep = self._owner[:n] != idx
-        kept = int(keep.sum())
-        # Fill the holes below the new end with the live rows above it: the matrix stays
-        # dense (search never skips tombstones) and only the removed rows' worth is copied.
-        holes = np.flatnonzero(~keep[:kept])
-        fillers = kept + np.flatnonzero(keep[kept:])
-        self._vectors[holes] = self._vectors[fillers]
-        self._owner[holes] = self._owner[fillers]
-        self._count = kept
-        return n - kept
+        """Forget a subject and all its templates; returns how many templates were removed.
+
+        From the moment this returns no search (exact or ANN) can return the subject.
+        """
+        with self._lock:
+            idx = self._index.pop(subject_id, None)
+            if idx is None:
+                return 0
+            for key, value in self._tags.pop(subject_id).items():
+                self._unindex_tag(subject_id, key, value)
+            tids = np.asarray(self._tids_of.pop(idx), dtype=np.int64)
+            gone = self._row_by_tid[tids]
+            n = self._count
+            kept = n - len(gone)
+            # Fill the holes below the new end with the live rows above it: the matrix stays
+            # dense (exact search never skips tombstones) and only the removed rows' worth
+            # is copied.
+            holes = np.sort(gone[gone < kept])
+            tail = np.arange(kept, n)
+            fillers = tail[~np.isin(tail, gone)]
+            self._vectors[holes] = self._vectors[fillers]
+            self._owner[holes] = self._owner[fillers]
+            self._tid_of_row[holes] = self._tid_of_row[fillers]
+            self._row_by_tid[self._tid_of_row[holes]] = holes
+            self._row_by_tid[tids] = -1  # the tombstone the ANN re-rank checks
+            self._count = kept
+            if self._ann is not None:
+                self._ann.remove(tids)
+            return len(tids)
 
     def search(
         self,
@@ -132,27 +203,124 @@ class Gallery:
         k: int = 5,
         candidates: Candidates | None = None,
         tag_filter: Mapping[str, str] | None = None,
+        exact: bool = False,
     ) -> list[Match]:
         """Top-``k`` subjects by best cosine to ``probe``, highest first.
 
         ``candidates`` (a predicate on subject ids, or a collection of them) and
-        ``tag_filter`` (every key must equal the value) both narrow the search.
+        ``tag_filter`` (every key must equal the value) both narrow the search, which is then
+        exact over the few matching subjects. Otherwise a gallery of at least
+        ``exact_max_templates`` with a built index is searched approximately (re-ranked
+        exactly); ``exact=True`` forces exact search.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        vec = self._check_vector(probe, "probe")
-        allowed = self._allowed(candidates, tag_filter)
-        n = self._count
-        if allowed is None:
-            rows = None
-            scores = self._vectors[:n] @ vec
-        else:
-            rows = np.flatnonzero(allowed[self._owner[:n]])
-            scores = self._vectors[rows] @ vec
-        if scores.size == 0:
-            return []
-        owners = self._owner[:n] if rows is None else self._owner[rows]
-        return self._top_subjects(scores, owners, k)
+        vec = self._check_matrix(np.asarray(probe, dtype=np.float32)[None], "probe")[0]
+        cfg = self.config
+        with self._lock:
+            n = self._count
+            rows = self._narrowed_rows(candidates, tag_filter)
+            ann = None if exact or n < cfg.exact_max_templates else self._ann
+            if rows is None and ann is not None:
+                rows = self._candidate_rows(ann, vec, max(cfg.ann_pool, 4 * k))
+            if rows is None:
+                scores = self._vectors[:n] @ vec
+                owners = self._owner[:n]
+            else:
+                scores = self._vectors[rows] @ vec
+                owners = self._owner[rows]
+            if scores.size == 0:
+                return []
+            return self._top_subjects(scores, owners, k)
+
+    # -- the ANN index -----------------------------------------------------------------
+
+    def index_stale(self) -> bool:
+        """True when the gallery is big enough for an index and has none, or has outgrown
+        (or shrunk far below) the size its centroids were trained for."""
+        cfg = self.config
+        with self._lock:
+            n = self._count
+            if self._building or n < cfg.exact_max_templates:
+                return False
+            if self._ann is None:
+                return True
+            built = self._ann_built_at
+            return n > built * cfg.ann_rebuild_growth or n * cfg.ann_rebuild_growth < built
+
+    def index_info(self) -> dict[str, object] | None:
+        """Size and parameters of the current index (None when there is none)."""
+        with self._lock:
+            ann = self._ann
+            if ann is None:
+                return None
+            return {
+                "templates": len(ann),
+                "nlist": ann.nlist,
+                "codec": ann.codec,
+                "nprobe": self.config.ann_nprobe,
+                "pool": self.config.ann_pool,
+                "trained_at": self._ann_built_at,
+                "memory_bytes": ann.memory_bytes(),
+            }
+
+    def rebuild_index(self, seed: int = 0) -> bool:
+        """Train a fresh IVF index on the current templates and swap it in.
+
+        Runs for seconds to tens of seconds at 1M templates; only short steps hold the lock
+        (a training sample, then chunks of rows), so searches, adds and removes go on
+        meanwhile against the previous index (or exact search). Whatever changed during
+        the build is reconciled under the lock before the swap. Returns False when another
+        rebuild is running or the gallery is too small to train.
+        """
+        cfg = self.config
+        rng = np.random.default_rng(seed)
+        with self._lock:
+            n = self._count
+            nlist = lists_for(max(n, 1), cfg.ann_lists_factor)
+            if self._building or n < TRAIN_POINTS_PER_LIST * nlist:
+                return False
+            self._building = True
+            take = TRAIN_POINTS_PER_LIST * nlist
+            sample = self._vectors[np.sort(rng.choice(n, size=take, replace=False))]
+        try:
+            index = IvfIndex.train(sample, nlist, cfg.ann_codec)
+            del sample
+            self._fill(index)
+            log.info("gallery index rebuilt: %d templates, %d lists", len(index), nlist)
+            return True
+        finally:
+            with self._lock:
+                self._building = False
+
+    def _fill(self, index: IvfIndex) -> None:
+        """Copy every live template into ``index`` in chunks, then reconcile and swap."""
+        added = np.zeros(0, dtype=np.bool_)  # by template id: already in ``index``
+        start = 0
+        while True:
+            with self._lock:
+                stop = min(start + _BUILD_CHUNK, self._count)
+                if start >= stop:
+                    break
+                vecs = self._vectors[start:stop].copy()
+                tids = self._tid_of_row[start:stop].copy()
+                size = self._next_tid
+            added = _resized(added, size)
+            # A removal may move a row from the unread tail into the read head (never the
+            # other way), so nothing is read twice; what moved is caught below.
+            fresh = ~added[tids]
+            index.add(vecs[fresh], tids[fresh])
+            added[tids] = True
+            start = stop
+        with self._lock:
+            added = _resized(added, self._next_tid)
+            live = self._tid_of_row[: self._count]
+            missing = live[~added[live]]
+            index.add(self._vectors[self._row_by_tid[missing]], missing)
+            seen = np.flatnonzero(added)
+            index.remove(seen[self._row_by_tid[seen] < 0])
+            self._ann = index
+            self._ann_built_at = self._count
 
     # -- internals ---------------------------------------------------------------------
 
@@ -182,42 +350,63 @@ class Gallery:
             head = min(total, head * 4)
         return [Match(self._ids[o], min(1.0, max(-1.0, s))) for o, s in found.items()]
 
-    def _allowed(
+    def _candidate_rows(self, ann: IvfIndex, vec: FloatArray, pool: int) -> npt.NDArray[np.int64]:
+        """Rows of every template of the subjects the index proposes.
+
+        The index may find only one of a subject's templates; scoring all of them makes
+        each returned subject's score its exact best cosine, as exact search would give.
+        Ids erased since the index saw them map to row -1 and are dropped.
+        """
+        rows = self._row_by_tid[ann.search(vec, pool, self.config.ann_nprobe)]
+        owners = np.unique(self._owner[rows[rows >= 0]])
+        tids = [t for o in owners.tolist() for t in self._tids_of[o]]
+        return self._row_by_tid[np.asarray(tids, dtype=np.int64)]
+
+    def _narrowed_rows(
         self, candidates: Candidates | None, tag_filter: Mapping[str, str] | None
-    ) -> npt.NDArray[np.bool_] | None:
-        """Mask over subject indices, or None when the whole gallery is searched."""
+    ) -> npt.NDArray[np.int64] | None:
+        """Rows of the allowed subjects, or None when the whole gallery is searched.
+
+        Works from the smallest tag set and each subject's own template ids, so a
+        phone-digit search costs O(subset), not O(gallery).
+        """
         if candidates is None and not tag_filter:
             return None
-        names: set[str] = set(self._index)
+        names: set[str] | None = None
         if tag_filter:
-            for key, value in tag_filter.items():
-                names &= self._tag_index.get((str(key), str(value)), set())
+            groups = sorted(
+                (self._tag_index.get((str(k), str(v)), set()) for k, v in tag_filter.items()),
+                key=len,
+            )
+            names = set(groups[0]).intersection(*groups[1:])
         if callable(candidates):
-            names = {s for s in names if candidates(s)}
+            pool = self._index.keys() if names is None else names
+            names = {s for s in pool if candidates(s)}
         elif candidates is not None:
-            names &= set(candidates)
-        mask = np.zeros(len(self._ids), dtype=np.bool_)
-        mask[[self._index[s] for s in names]] = True
-        return mask
+            wanted = {s for s in candidates if s in self._index}
+            names = wanted if names is None else names & wanted
+        assert names is not None
+        tids = [t for s in names for t in self._tids_of[self._index[s]]]
+        return np.sort(self._row_by_tid[np.asarray(tids, dtype=np.int64)])
 
-    def _check_vector(self, vector: FloatArray, what: str) -> FloatArray:
-        vec = np.asarray(vector, dtype=np.float32)
-        if vec.shape != (self.dim,):
-            raise ValueError(f"{what} must have shape ({self.dim},), got {vec.shape}")
-        if not np.all(np.isfinite(vec)):
+    def _check_matrix(self, vecs: FloatArray, what: str) -> FloatArray:
+        """Rows of ``vecs`` as unit float32 vectors; ValueError if any row is unusable."""
+        if vecs.ndim != 2 or vecs.shape[1] != self.dim or len(vecs) == 0:
+            raise ValueError(f"{what} must have shape ({self.dim},), got {vecs.shape[1:]}")
+        if not np.all(np.isfinite(vecs)):
             raise ValueError(f"{what} contains NaN or infinity")
-        norm = float(np.linalg.norm(vec))
-        if norm == 0.0:
+        norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+        if np.any(norms == 0.0):
             raise ValueError(f"{what} is the zero vector")
-        return (vec / norm).astype(np.float32)
+        return (vecs / norms).astype(np.float32)
 
     def _grow(self) -> None:
         capacity = 2 * len(self._vectors)
         vectors = np.zeros((capacity, self.dim), dtype=np.float32)
         vectors[: self._count] = self._vectors[: self._count]
-        owner = np.zeros(capacity, dtype=np.int64)
-        owner[: self._count] = self._owner[: self._count]
-        self._vectors, self._owner = vectors, owner
+        self._vectors = vectors
+        self._owner = _resized(self._owner, capacity)
+        self._tid_of_row = _resized(self._tid_of_row, capacity)
 
     def _set_tag(self, subject_id: str, key: str, value: str) -> None:
         old = self._tags[subject_id].get(key)
@@ -232,6 +421,18 @@ class Gallery:
             members.discard(subject_id)
             if not members:
                 del self._tag_index[(key, value)]
+
+
+_A = TypeVar("_A", bound=np.generic)
+
+
+def _resized(array: npt.NDArray[_A], size: int, fill: int = 0) -> npt.NDArray[_A]:
+    """``array`` extended to ``size`` elements with ``fill`` (returned as is when big enough)."""
+    if len(array) >= size:
+        return array
+    grown = np.full(size, fill, dtype=array.dtype)
+    grown[: len(array)] = array
+    return grown
 
 
 def decide(matches: Sequence[Match], threshold: float, margin: float) -> Decision:

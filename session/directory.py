@@ -2,14 +2,26 @@
 
 Only random subject ids and templates live here; the account behind a subject is looked up
 in the store when (and only when) a search accepts it.
+
+Searches run in executor threads (or on the loop) while enrolments and ``fp:events`` add and
+erase subjects from the loop thread; the gallery is thread-safe for exactly that. Once the
+gallery passes ``MatchConfig.exact_max_templates`` (or outgrows its index) a background thread
+retrains the ANN index; until it is swapped in, searches use the old index or exact search,
+which is slower but never wrong (docs/gallery.md).
 """
 
 from __future__ import annotations
+
+import asyncio
+import logging
+import threading
 
 from pipeline.config import MatchConfig
 from pipeline.gallery import Decision, Gallery, decide
 from pipeline.types import FloatArray
 from session.store import Store
+
+log = logging.getLogger(__name__)
 
 
 class Directory:
@@ -17,30 +29,60 @@ class Directory:
 
     def __init__(self, match: MatchConfig, dim: int = 128) -> None:
         self.match = match
-        self.gallery = Gallery(dim=dim)
+        self.gallery = Gallery(dim=dim, config=match)
+        self._rebuilder: threading.Thread | None = None
 
     async def load(self, store: Store) -> int:
-        """Replace the index with every subject in the store; returns how many."""
-        fresh = Gallery(dim=self.gallery.dim)
+        """Replace the index with every subject in the store; returns how many.
+
+        A big gallery gets its ANN index built (in an executor thread) before it replaces
+        the current one, so the first searches after a restart are already fast.
+        """
+        fresh = Gallery(dim=self.gallery.dim, config=self.match)
         count = 0
         async for subject_id, templates, last4 in store.iter_subjects():
-            for template in templates:
-                fresh.add(subject_id, template, tags={"phone_last4": last4})
+            fresh.add_many(subject_id, templates, tags={"phone_last4": last4})
             count += 1
+        if fresh.index_stale():
+            await asyncio.get_running_loop().run_in_executor(None, fresh.rebuild_index)
         self.gallery = fresh
         return count
 
     def add(self, subject_id: str, templates: list[FloatArray], phone_last4: str) -> None:
-        """Index a newly enrolled subject."""
-        for template in templates:
-            self.gallery.add(subject_id, template, tags={"phone_last4": phone_last4})
+        """Index a newly enrolled subject (searchable as soon as this returns)."""
+        self.gallery.add_many(subject_id, templates, tags={"phone_last4": phone_last4})
+        self._maybe_rebuild()
 
     def remove(self, subject_id: str) -> None:
-        """Drop an erased subject."""
+        """Drop an erased subject (never returned by a search once this returns)."""
         self.gallery.remove(subject_id)
+        self._maybe_rebuild()
 
     def identify(self, probe: FloatArray, phone_last4: str | None = None) -> Decision:
         """Search and decide: match only above threshold AND ahead of the second by margin."""
         tag_filter = {"phone_last4": phone_last4} if phone_last4 else None
         matches = self.gallery.search(probe, k=self.match.top_k, tag_filter=tag_filter)
         return decide(matches, self.match.threshold, self.match.margin)
+
+    def wait_index(self, timeout: float | None = None) -> bool:
+        """Wait for a background index rebuild; True when none is running any more."""
+        thread = self._rebuilder
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
+    def _maybe_rebuild(self) -> None:
+        """Start a background rebuild when the gallery needs one and none is running."""
+        if self._rebuilder is not None and self._rebuilder.is_alive():
+            return
+        gallery = self.gallery
+        if not gallery.index_stale():
+            return
+        log.info(
+            "gallery at %d templates: rebuilding its ANN index in the background", len(gallery)
+        )
+        self._rebuilder = threading.Thread(
+            target=gallery.rebuild_index, name="gallery-index", daemon=True
+        )
+        self._rebuilder.start()

@@ -1,0 +1,286 @@
+"""Tests for big-gallery search: the faiss IVF index behind Gallery (pipeline.ann).
+
+Galleries of 20k synthetic templates (stream_server.cli_gallery's face model) with the exact
+threshold forced down to 5k, so every open search goes through the index and its exact
+re-rank. Latency is measured by ``facepay bench-gallery``, not asserted here.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from pipeline import ann
+from pipeline.ann import IvfIndex, lists_for
+from pipeline.config import MatchConfig
+from pipeline.gallery import Gallery, decide
+from session.directory import Directory
+from stream_server.cli_gallery import SyntheticFaces
+
+PER = 3
+SUBJECTS = 6_700  # 20,100 templates
+CONFIG = MatchConfig(exact_max_templates=5_000)
+
+
+@dataclass
+class World:
+    faces: SyntheticFaces
+    identities: np.ndarray
+    templates: np.ndarray
+    last4: list[str]
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    faces = SyntheticFaces(seed=11)
+    identities = faces.identities(SUBJECTS)
+    templates = faces.templates(identities, PER)
+    last4 = [f"{d:04d}" for d in faces.rng.integers(0, 300, size=SUBJECTS)]  # ~22 per tag
+    return World(faces, identities, templates, last4)
+
+
+def _gallery(world: World, config: MatchConfig = CONFIG, build: bool = True) -> Gallery:
+    gallery = Gallery(config=config)
+    for i in range(SUBJECTS):
+        rows = world.templates[i * PER : (i + 1) * PER]
+        gallery.add_many(f"s{i}", rows, tags={"phone_last4": world.last4[i]})
+    if build:
+        assert gallery.index_stale()
+        assert gallery.rebuild_index()
+        assert not gallery.index_stale()
+    return gallery
+
+
+@pytest.fixture
+def ann_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Counts searches that went through the ANN index."""
+    calls: list[int] = []
+    original = IvfIndex.search
+
+    def counting(self: IvfIndex, probe: np.ndarray, pool: int, nprobe: int) -> np.ndarray:
+        calls.append(pool)
+        return original(self, probe, pool, nprobe)
+
+    monkeypatch.setattr(IvfIndex, "search", counting)
+    yield calls
+
+
+def test_ann_decisions_equal_exact_ones(world: World, ann_calls: list[int]) -> None:
+    gallery = _gallery(world)
+    info = gallery.index_info()
+    assert info is not None and info["templates"] == len(gallery) == SUBJECTS * PER
+    assert info["nlist"] == lists_for(len(gallery), CONFIG.ann_lists_factor) == 502
+    rng = np.random.default_rng(1)
+    who = rng.choice(SUBJECTS, size=150, replace=False)
+    probes = np.concatenate(
+        [
+            world.faces.genuine_probes(world.identities[who]),
+            world.faces.templates(world.faces.identities(50), 1),  # never enrolled
+        ]
+    )
+    statuses = set()
+    for q, probe in enumerate(probes):
+        got = gallery.search(probe, k=CONFIG.top_k)
+        want = gallery.search(probe, k=CONFIG.top_k, exact=True)
+        mine = decide(got, CONFIG.threshold, CONFIG.margin)
+        exact = decide(want, CONFIG.threshold, CONFIG.margin)
+        assert (mine.status, mine.subject_id) == (exact.status, exact.subject_id)
+        if q < len(who):  # genuine: the same subject with the exact cosine (re-ranked)
+            assert got[0].subject_id == want[0].subject_id == f"s{who[q]}"
+            assert got[0].score == pytest.approx(want[0].score, abs=1e-6)
+        else:  # impostor: the index may miss a far neighbour, so only ever score lower
+            assert got[0].score <= want[0].score + 1e-6
+        statuses.add(mine.status)
+    assert statuses == {"match", "no_match"}
+    assert len(ann_calls) == len(probes)  # every open search used the index
+
+
+def test_erased_subjects_are_never_returned(world: World) -> None:
+    gallery = _gallery(world)
+    before = len(gallery)
+    gone = [*range(0, SUBJECTS, 97), SUBJECTS - 1, SUBJECTS - 2]  # tail rows move too
+    assert sum(gallery.remove(f"s{i}") for i in gone) == PER * len(gone)
+    info = gallery.index_info()
+    assert info is not None and info["templates"] == len(gallery) == before - PER * len(gone)
+    for i in gone:
+        for vec in world.templates[i * PER : (i + 1) * PER]:  # cosine 1.0 to an erased row
+            names = {m.subject_id for m in gallery.search(vec, k=CONFIG.top_k)}
+            assert f"s{i}" not in names
+            assert f"s{i}" not in {m.subject_id for m in gallery.search(vec, exact=True)}
+    # The survivors the removals moved around are still found, by index and exactly.
+    for i in (1, SUBJECTS - 3, SUBJECTS // 2):
+        assert gallery.search(world.templates[i * PER], k=1)[0].subject_id == f"s{i}"
+
+
+def test_adds_are_visible_immediately(world: World, ann_calls: list[int]) -> None:
+    gallery = _gallery(world)
+    new = world.faces.identities(40)
+    for i, identity in enumerate(new):
+        gallery.add_many(f"new{i}", world.faces.templates(identity[None], PER))
+        probe = world.faces.genuine_probes(identity[None])[0]
+        decision = decide(gallery.search(probe), CONFIG.threshold, CONFIG.margin)
+        assert (decision.status, decision.subject_id) == ("match", f"new{i}")
+    assert ann_calls  # found through the index, not an exact fallback
+    info = gallery.index_info()
+    assert info is not None and info["templates"] == len(gallery)
+
+
+def test_phone_digit_narrowing_is_exact(world: World, ann_calls: list[int]) -> None:
+    gallery = _gallery(world)
+    rng = np.random.default_rng(2)
+    for i in rng.choice(SUBJECTS, size=20, replace=False):
+        tag = world.last4[i]
+        members = [j for j in range(SUBJECTS) if world.last4[j] == tag]
+        probe = world.faces.genuine_probes(world.identities[i : i + 1])[0]
+        got = gallery.search(probe, k=100, tag_filter={"phone_last4": tag})
+        best = {
+            f"s{j}": float(np.max(world.templates[j * PER : (j + 1) * PER] @ probe))
+            for j in members
+        }
+        want = sorted(best.items(), key=lambda kv: kv[1], reverse=True)
+        assert [m.subject_id for m in got] == [s for s, _ in want]
+        np.testing.assert_allclose([m.score for m in got], [v for _, v in want], atol=1e-5)
+    assert not ann_calls  # narrowed searches never touch the approximate index
+
+
+def test_concurrent_searches_updates_and_rebuild(world: World) -> None:
+    gallery = _gallery(world)
+    erased: set[str] = set()
+    violations: list[str] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    victims = list(range(1, SUBJECTS, 53))
+
+    def searcher(offset: int) -> None:
+        try:
+            i = offset
+            while not stop.is_set():
+                j = victims[i % len(victims)]
+                gone_before = set(erased)  # erased before this search started
+                for m in gallery.search(world.templates[j * PER], k=CONFIG.top_k):
+                    if m.subject_id in gone_before:
+                        violations.append(m.subject_id)
+                i += 1
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=searcher, args=(n,)) for n in range(2)]
+    threads.append(threading.Thread(target=gallery.rebuild_index, kwargs={"seed": 5}))
+    for thread in threads:
+        thread.start()
+    new = world.faces.identities(len(victims))
+    try:
+        for n, j in enumerate(victims):
+            gallery.remove(f"s{j}")
+            erased.add(f"s{j}")
+            gallery.add_many(f"new{n}", world.faces.templates(new[n : n + 1], PER))
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+    assert not errors and not violations
+    assert not any(thread.is_alive() for thread in threads)
+    info = gallery.index_info()
+    assert info is not None and info["templates"] == len(gallery) == SUBJECTS * PER
+    for n, j in enumerate(victims):
+        assert f"s{j}" not in {m.subject_id for m in gallery.search(world.templates[j * PER])}
+        assert gallery.search(world.faces.templates(new[n : n + 1], 1)[0], k=1)[0].subject_id == (
+            f"new{n}"
+        )
+
+
+def test_rebuild_reconciles_changes_made_while_it_runs(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gallery = _gallery(world, build=False)
+    monkeypatch.setattr("pipeline.gallery._BUILD_CHUNK", 4_096)
+    original_train, original_add = IvfIndex.train.__func__, IvfIndex.add  # type: ignore[attr-defined]
+    new = world.faces.identities(6)
+    fills = 0
+
+    def train(cls: type[IvfIndex], sample: np.ndarray, nlist: int, codec: ann.Codec) -> IvfIndex:
+        index = original_train(cls, sample, nlist, codec)
+        gallery.remove("s5")  # a row the build has not read yet
+        gallery.add_many("new0", world.faces.templates(new[:1], PER))
+        return index
+
+    def add(self: IvfIndex, vectors: np.ndarray, ids: np.ndarray) -> None:
+        nonlocal fills
+        original_add(self, vectors, ids)
+        fills += 1
+        if fills == 1:  # after the first chunk: new0's tail rows move into s3's read holes
+            gallery.remove("s3")
+            gallery.remove(f"s{SUBJECTS - 1}")
+            gallery.add_many("new1", world.faces.templates(new[1:2], PER))
+
+    monkeypatch.setattr(IvfIndex, "train", classmethod(train))
+    monkeypatch.setattr(IvfIndex, "add", add)
+    assert gallery.rebuild_index()
+    info = gallery.index_info()
+    assert info is not None and info["templates"] == len(gallery) == (SUBJECTS - 3 + 2) * PER
+    for gone in (5, 3, SUBJECTS - 1):
+        names = {m.subject_id for m in gallery.search(world.templates[gone * PER])}
+        assert f"s{gone}" not in names
+    for n in (0, 1):
+        probe = world.faces.genuine_probes(new[n : n + 1])[0]
+        assert gallery.search(probe, k=1)[0].subject_id == f"new{n}"
+    for kept in (4, 6, SUBJECTS - 2):  # neighbours of the holes are untouched
+        assert gallery.search(world.templates[kept * PER], k=1)[0].subject_id == f"s{kept}"
+
+
+def test_small_galleries_stay_exact_and_staleness_follows_size(world: World) -> None:
+    config = MatchConfig(exact_max_templates=3_000, ann_rebuild_growth=2.0)
+    gallery = Gallery(config=config)
+    for i in range(999):  # 2,997 templates: below the threshold
+        gallery.add_many(f"s{i}", world.templates[i * PER : (i + 1) * PER])
+    assert not gallery.index_stale() and gallery.index_info() is None
+    gallery.add_many("s999", world.templates[2997:3000])
+    assert gallery.index_stale()
+    assert gallery.rebuild_index()
+    assert not gallery.index_stale()
+    for i in range(1000, 2001):  # doubling the gallery makes the centroids stale
+        gallery.add_many(f"s{i}", world.templates[i * PER : (i + 1) * PER])
+    assert gallery.index_stale()
+
+
+def test_flat_codec_and_directory_background_rebuild(world: World) -> None:
+    directory = Directory(MatchConfig(exact_max_templates=2_000, ann_codec="flat"))
+    for i in range(700):
+        directory.add(f"s{i}", list(world.templates[i * PER : (i + 1) * PER]), world.last4[i])
+    assert directory.wait_index(timeout=120)
+    info = directory.gallery.index_info()
+    assert info is not None and info["codec"] == "flat" and info["templates"] == 2_100
+    probe = world.faces.genuine_probes(world.identities[42:43])[0]
+    assert directory.identify(probe).subject_id == "s42"
+    assert directory.identify(probe, phone_last4=world.last4[42]).subject_id == "s42"
+    directory.remove("s42")
+    assert directory.identify(probe).status == "no_match"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"exact_max_templates": 999},
+        {"ann_nprobe": 0},
+        {"ann_pool": 8},
+        {"ann_lists_factor": 0.1},
+        {"ann_rebuild_growth": 1.0},
+        {"ann_codec": "pq"},
+        {"ann_threads": 2},  # unknown field
+    ],
+)
+def test_match_config_bounds(bad: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        MatchConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_lists_for() -> None:
+    assert lists_for(1_000_000, 4.0) == 4_000
+    assert lists_for(10, 4.0) == ann.MIN_LISTS
+    with pytest.raises(ValueError):
+        lists_for(0, 4.0)
