@@ -31,6 +31,7 @@ from typing import Any
 
 import aiohttp
 
+from stream_server.bench_soak import Sampler
 from stream_server.cli import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, emit, say
 
 DATA_ENV = "FACEPAY_TEST_DATA"
@@ -39,6 +40,13 @@ DEFAULT_ENROLL = "faces/obama/obama.jpg"
 PASSPHRASE = "bench-" + "passphrase"
 PHONE = "+8613800000000"
 TERMINALS_PER_PROCESS = 4
+SIGNAL_TERMINALS_PER_PROCESS = 25
+BENCH_CONFIG = {
+    "limits": {
+        "session_starts_per_terminal": {"count": 100_000, "window_s": 60.0},
+        "passphrase_attempts_per_terminal": {"count": 100_000, "window_s": 300.0},
+    }
+}
 #: Seconds given to the terminal processes to encode their video before the common start.
 START_DELAY_S = 6.0
 
@@ -62,6 +70,15 @@ def register(sub: Any) -> None:
     p.add_argument("--sweep", help="comma-separated terminal counts for the throughput curve")
     p.add_argument("--plot", type=Path, help="write latency histograms and the curve (PNG)")
     p.add_argument("--raw", type=Path, help="write every session record (JSON lines)")
+    p.add_argument(
+        "--ws-terminals",
+        type=int,
+        default=0,
+        help="extra terminals on the WebSocket only (load test: checkouts started and cancelled)",
+    )
+    p.add_argument(
+        "--sample-every", type=float, default=5.0, help="seconds between resource samples"
+    )
     p.set_defaults(handler=cmd_bench)
 
 
@@ -72,7 +89,7 @@ def _data_root() -> Path:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark (once, or once per ``--sweep`` count); JSON on stdout."""
-    if args.terminals < 1 or args.fps <= 0 or args.duration <= 0:
+    if args.terminals < 1 or args.ws_terminals < 0 or args.fps <= 0 or args.duration <= 0:
         say("facepay bench: --terminals, --fps and --duration must be positive")
         return EXIT_USAGE
     source = args.source or str(_data_root() / DEFAULT_SOURCE)
@@ -136,6 +153,8 @@ class _Server:
         self.url: str = args.server or ""
         self.admin_token: str = args.admin_token or ""
         self.enrolled = False
+        self.pid: int | None = None
+        self.redis_url: str | None = args.redis_url
 
     def __enter__(self) -> _Server:
         if self.url:
@@ -150,8 +169,13 @@ class _Server:
             models_dir = str(_data_root().parent / "models")  # ../shared/models beside us
         if models_dir:
             cmd += ["--models-dir", models_dir]
-        if self.args.config:
-            cmd += ["--config", self.args.config]
+        config = self.args.config
+        if not config:
+            # The bench's kiosks pay every second or so; a real one serves a shopper every
+            # ~20 s, which is what the per-terminal limits are set for. Lift only those.
+            config = str(self.tmp / "bench-config.json")
+            Path(config).write_text(json.dumps(BENCH_CONFIG))
+        cmd += ["--config", config]
         env = {k: v for k, v in os.environ.items() if k != "FACEPAY_ADMIN_TOKEN"}
         log = (self.tmp / "server.log").open("w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
@@ -164,6 +188,9 @@ class _Server:
             self.__exit__()
             raise _BenchError(f"the server did not start: {first.get('message', first)}")
         self.url = first["url"]
+        self.pid = self.proc.pid
+        if not self.redis_url and str(first.get("redis_url", "")).startswith("unix://"):
+            self.redis_url = first["redis_url"]  # the embedded one (no password to redact)
         self.admin_token = (self.tmp / "data" / "admin.token").read_text().strip()
         say(f"bench: server {self.url} (pid {self.proc.pid}, log {self.tmp / 'server.log'})")
         return self
@@ -255,15 +282,18 @@ async def _run(
 ) -> dict[str, Any]:
     run = secrets.token_hex(3)
     async with aiohttp.ClientSession() as http:
-        tokens = await _provision(http, server, n, enroll, run)
+        m = args.ws_terminals
+        tokens = await _provision(http, server, n + m, enroll, run)
         tmp = Path(tempfile.mkdtemp(prefix="facepay-bench-terms-"))
         procs = []
         start_at = time.time() + START_DELAY_S
-        per = TERMINALS_PER_PROCESS
-        for p in range(math.ceil(n / per)):
+        groups = _groups(range(n), TERMINALS_PER_PROCESS, video=True)
+        groups += _groups(range(n, n + m), SIGNAL_TERMINALS_PER_PROCESS, video=False)
+        for p, (video, members) in enumerate(groups):
             spec = {
                 "server": server.url,
-                "tokens": [[i, tokens[i]] for i in range(p * per, min(n, (p + 1) * per))],
+                "tokens": [[i, tokens[i]] for i in members] if video else [],
+                "signal_tokens": [] if video else [[i, tokens[i]] for i in members],
                 "run": run,
                 "fps": args.fps,
                 "duration_s": args.duration,
@@ -288,7 +318,8 @@ async def _run(
             )
         await asyncio.sleep(max(0.0, start_at - time.time()))
         before, cpu0 = await _metrics(http, server.url), server.cpu_s()
-        peak = 0.0
+        peak, next_sample = 0.0, 0.0
+        sampler = Sampler(server.pid, server.redis_url)
         waits = [asyncio.ensure_future(p.communicate()) for p in procs]
         limit = time.monotonic() + args.duration + 90
         while not all(w.done() for w in waits) and time.monotonic() < limit:
@@ -296,12 +327,18 @@ async def _run(
             if rss is None:
                 rss = (await _metrics(http, server.url))["rss"] / 2**20
             peak = max(peak, rss)
+            if time.monotonic() >= next_sample:
+                next_sample = time.monotonic() + args.sample_every
+                await sampler.sample(rss)
             await asyncio.wait(waits, timeout=0.5)
         for proc in procs:
             if proc.returncode is None:
                 proc.kill()
         outs = await asyncio.gather(*waits)
         after, cpu1 = await _metrics(http, server.url), server.cpu_s()
+        await asyncio.sleep(1.0)  # let the last sessions' teardown finish before the last look
+        await sampler.sample(server.rss_mb())
+        await sampler.close()
     shutil.rmtree(tmp, ignore_errors=True)
     records, errors, frames_sent = [], [], 0
     for out, err in outs:
@@ -315,7 +352,23 @@ async def _run(
                 frames_sent += int(rec.get("frames_sent", 0))
         if not out and err:
             errors.append({"stderr": err.decode()[-400:]})
-    return _summary(n, args, records, errors, frames_sent, before, after, cpu0, cpu1, peak)
+    signal = [r for r in records if r.get("video") is False]
+    records = [r for r in records if r.get("video") is not False]
+    result = _summary(n, args, records, errors, frames_sent, before, after, cpu0, cpu1, peak)
+    if m:
+        bad = sum(1 for r in signal if r["outcome"] != "cancelled")
+        result["ws_terminals"] = m
+        result["ws_sessions"] = {"started": len(signal), "ok": len(signal) - bad, "errors": bad}
+    all_sessions = len(records) + len(signal)
+    failed = result["sessions"]["lost"] + result.get("ws_sessions", {}).get("errors", 0)
+    result["error_rate"] = round(failed / all_sessions, 4) if all_sessions else None
+    result["resources"] = sampler.summary(result["sessions"]["approved"])
+    return result
+
+
+def _groups(indices: range, per: int, video: bool) -> list[tuple[bool, list[int]]]:
+    items = list(indices)
+    return [(video, items[i : i + per]) for i in range(0, len(items), per)]
 
 
 def _pct(values: list[float], q: float) -> float | None:
