@@ -34,6 +34,10 @@ def test_bench_runs_real_terminals_and_reports_the_contract_keys(models_dir, dat
             "2",
             "--duration",
             "4",
+            "--ws-terminals",
+            "3",
+            "--sample-every",
+            "1",
             "--plot",
             str(plot),
             str(data_dir / "faces/obama/obama3.jpg"),
@@ -64,4 +68,12 @@ def test_bench_runs_real_terminals_and_reports_the_contract_keys(models_dir, dat
     assert out["overhead_ratio"] >= 1.0
     assert out["peak_rss_mb"] > 0
     assert [row["terminals"] for row in out["sweep"]] == [1, 2]
+    # The WebSocket-only terminals' checkouts were all cancelled cleanly.
+    ws = out["ws_sessions"]
+    assert ws["started"] >= 3 and ws["errors"] == 0 and out["error_rate"] == 0
+    resources = out["resources"]
+    assert resources["rss_mb"]["max"] >= resources["rss_mb"]["start"] > 0
+    assert resources["fds"]["start"] > 0
+    # Payments add ledger keys; cancelled checkouts add none worth a leak check here.
+    assert resources["redis_keys"]["end"] >= resources["redis_keys"]["start"] > 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
