@@ -104,6 +104,8 @@ class ServerConfig(_Strict):
     workers: int | None = Field(None, ge=1, le=64)
     max_message_bytes: int = Field(64 * 1024, ge=1024, le=4 * 1024 * 1024)
     max_sessions: int = Field(64, ge=1, le=10_000)
+    #: Video frames larger than this (width x height) are dropped unanalysed (1080p).
+    max_frame_pixels: int = Field(1920 * 1080, ge=320 * 240, le=7680 * 4320)
     #: WebSocket ``Origin`` values allowed besides the server's own origin (same origin is
     #: always allowed; "*" allows any). Clients that send no Origin (kiosk apps, replay)
     #: are not browsers and are let through: the terminal token authenticates them.

@@ -155,7 +155,8 @@ async def _json_body(request: web.Request, model: type[_M]) -> _M:
     raw = await _read_limited(request, MAX_JSON_BYTES)
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
+        # RecursionError: JSON nested deeper than the parser's stack (found by tests/test_fuzz).
         raise InvalidRequest("body must be a JSON object") from None
     if not isinstance(data, dict):
         raise InvalidRequest("body must be a JSON object")
@@ -164,7 +165,13 @@ async def _json_body(request: web.Request, model: type[_M]) -> _M:
 
 async def _read_part(part: BodyPartReader, limit: int, what: str) -> bytes:
     buf = bytearray()
-    while chunk := await part.read_chunk(64 * 1024):
+    while True:
+        try:
+            chunk = await part.read_chunk(64 * 1024)
+        except (ValueError, AssertionError):
+            raise InvalidRequest(f"{what}: malformed multipart part") from None
+        if not chunk:
+            break
         buf += chunk
         if len(buf) > limit:
             raise PayloadTooLarge(f"{what} is larger than {limit} bytes")
@@ -185,7 +192,11 @@ async def _account_form(request: web.Request) -> tuple[AccountForm, list[bytes]]
     images: list[bytes] = []
     total = 0
     while True:
-        part = await reader.next()
+        try:
+            part = await reader.next()
+        except (ValueError, AssertionError, KeyError):
+            # No or broken boundary lines: aiohttp raises ValueError (found by tests/test_fuzz).
+            raise InvalidRequest("malformed multipart body") from None
         if part is None:
             break
         if not isinstance(part, BodyPartReader):

@@ -79,6 +79,7 @@ class TerminalConnection:
         self.session: CheckoutSession | GateSession | EnrollSession | None = None
         self.session_task: asyncio.Task[Any] | None = None
         self._send_lock = asyncio.Lock()
+        self._notes: set[asyncio.Task[None]] = set()  # keeps _notify's tasks referenced
 
     async def send(self, event: dict[str, Any]) -> None:
         """Send one event (serialised: aiohttp must not interleave writes)."""
@@ -229,10 +230,21 @@ class TerminalConnection:
         if self.ingest is not None:
             await self.ingest.close()
         metrics = self.metrics
+        max_pixels = self.config.server.max_frame_pixels
+        warned = False
 
         def on_frame(frame: Any, t: float) -> None:
+            nonlocal warned
             if not self._wants_frames():
                 return  # an enroll terminal keeps nothing before consent
+            if frame.width * frame.height > max_pixels:
+                # Analysing it would cost a worker seconds; a camera needs no more than HD.
+                metrics.frames_dropped.inc()
+                if not warned:
+                    warned = True
+                    message = f"video frames above {max_pixels} pixels are dropped"
+                    self._notify(error_event("frame_too_large", message))
+                return
             before = self.frames.dropped
             self.frames.put(frame, t)
             metrics.frames_received.inc()
@@ -244,6 +256,17 @@ class TerminalConnection:
         await self.send({"type": "answer", "sdp": answer.sdp, "sdp_type": answer.type})
         if self.terminal is not None and self.terminal.mode == "gate":
             self._start_gate()
+
+    def _notify(self, event: dict[str, Any]) -> None:
+        """Send ``event`` from a synchronous callback (a task; a gone terminal is ignored)."""
+
+        async def send() -> None:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.send(event)
+
+        task = asyncio.create_task(send())
+        self._notes.add(task)
+        task.add_done_callback(self._notes.discard)
 
     def _wants_frames(self) -> bool:
         """Enroll terminals take frames only while a consented enrolment is capturing."""
