@@ -41,10 +41,11 @@ _CLOCK = 90_000
 _PHONE = "need_phone_digits"
 #: Seconds of SOURCE encoded once and looped (a multiple of the keyframe interval).
 LOOP_S = 4
-#: A shopper steps up this long after the last one left.
+#: A shopper steps up this long after the last one left (``--gap``; 0.3 s = saturation).
 GAP_S = 0.3
-#: A session that has not ended this long after it started is counted lost.
-SESSION_GUARD_S = 45.0
+#: A session with no outcome this long after it started is counted lost (longer than the
+#: server's own session timeout, 60 s by default, so a timeout is seen as one).
+SESSION_GUARD_S = 90.0
 #: A WebSocket-only terminal holds each checkout this long, then waits this long.
 SIGNAL_HOLD_S = 1.0
 SIGNAL_GAP_S = 1.0
@@ -128,7 +129,7 @@ class BenchTerminal:
             while time.monotonic() < end:
                 n += 1
                 await self._checkout(ws, f"bench-{self.spec['run']}-{self.index}-{n}")
-                await asyncio.sleep(GAP_S)
+                await asyncio.sleep(float(self.spec.get("gap_s", GAP_S)))
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(pc.close(), 5.0)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import re
 import secrets
@@ -31,6 +30,7 @@ from typing import Any
 
 import aiohttp
 
+from stream_server.bench_report import plot, summary
 from stream_server.bench_soak import Sampler
 from stream_server.cli import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, emit, say
 
@@ -66,6 +66,12 @@ def register(sub: Any) -> None:
     p.add_argument("--mode", choices=("checkout",), default="checkout")
     p.add_argument("--enroll-photo", help="photo the shopper is enrolled from")
     p.add_argument("--amount", default="0.01")
+    p.add_argument(
+        "--gap",
+        type=float,
+        default=0.3,
+        help="seconds before a terminal's next shopper steps up (0.3: back to back)",
+    )
     p.add_argument("--live-encode", action="store_true", help="encode every frame (client CPU)")
     p.add_argument("--sweep", help="comma-separated terminal counts for the throughput curve")
     p.add_argument("--plot", type=Path, help="write latency histograms and the curve (PNG)")
@@ -124,7 +130,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     main = next((r for r in runs if r["terminals"] == args.terminals), runs[-1])
     if args.plot:
-        _plot(args.plot, runs)
+        plot(args.plot, runs)
     if args.raw:
         args.raw.write_text("".join(json.dumps(rec) + "\n" for rec in main["_records"]))
     result = {k: v for k, v in main.items() if k != "_records"}
@@ -299,6 +305,7 @@ async def _run(
                 "duration_s": args.duration,
                 "source": source,
                 "amount": args.amount,
+                "gap_s": args.gap,
                 "passphrase": PASSPHRASE,
                 "phone_last4": PHONE[-4:],
                 "live_encode": args.live_encode,
@@ -354,7 +361,7 @@ async def _run(
             errors.append({"stderr": err.decode()[-400:]})
     signal = [r for r in records if r.get("video") is False]
     records = [r for r in records if r.get("video") is not False]
-    result = _summary(n, args, records, errors, frames_sent, before, after, cpu0, cpu1, peak)
+    result = summary(n, args, records, errors, frames_sent, before, after, cpu0, cpu1, peak)
     if m:
         bad = sum(1 for r in signal if r["outcome"] != "cancelled")
         result["ws_terminals"] = m
@@ -369,91 +376,3 @@ async def _run(
 def _groups(indices: range, per: int, video: bool) -> list[tuple[bool, list[int]]]:
     items = list(indices)
     return [(video, items[i : i + per]) for i in range(0, len(items), per)]
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)], 1)
-
-
-def _summary(
-    n: int,
-    args: argparse.Namespace,
-    records: list[dict[str, Any]],
-    errors: list[dict[str, Any]],
-    frames_sent: int,
-    before: dict[str, float],
-    after: dict[str, float],
-    cpu0: float | None,
-    cpu1: float | None,
-    peak_mb: float,
-) -> dict[str, Any]:
-    confirms = [float(r["confirm_ms"]) for r in records if "confirm_ms" in r]
-    outcomes: dict[str, int] = {}
-    for r in records:
-        key = r["outcome"] if r["outcome"] != "declined" else f"declined:{r.get('reason')}"
-        outcomes[key] = outcomes.get(key, 0) + 1
-    decided = sum(1 for r in records if r["outcome"] in ("approved", "declined"))
-    cpu_s = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
-    if cpu_s is None:
-        cpu_s = after["cpu_s"] - before["cpu_s"]
-    model_s = after["model_s"] - before["model_s"]
-    cpu_ms = cpu_s * 1000 / decided if decided else None
-    model_ms = model_s * 1000 / decided if decided else None
-    return {
-        "terminals": n,
-        "fps": args.fps,
-        "duration_s": args.duration,
-        "confirm_ms": {
-            "p50": _pct(confirms, 0.5),
-            "p95": _pct(confirms, 0.95),
-            "max": round(max(confirms), 1) if confirms else None,
-        },
-        "sessions": {
-            "started": len(records),
-            "decided": decided,
-            "lost": len(records) - decided,
-            "approved": outcomes.get("approved", 0),
-        },
-        "outcomes": outcomes,
-        "decisions_per_s": round(decided / args.duration, 2),
-        "frames": {
-            "sent": frames_sent,
-            "received": int(after["received"] - before["received"]),
-            "processed": int(after["processed"] - before["processed"]),
-            "dropped": int(after["dropped"] - before["dropped"]),
-        },
-        "server_cpu_s": round(cpu_s, 2),
-        "model_s": round(model_s, 2),
-        "cpu_ms_per_decision": round(cpu_ms, 1) if cpu_ms is not None else None,
-        "model_ms_per_decision": round(model_ms, 1) if model_ms is not None else None,
-        "overhead_ratio": round(cpu_s / model_s, 3) if model_s > 0 else None,
-        "peak_rss_mb": round(peak_mb, 1),
-        "terminal_errors": errors,
-        "_records": records,
-    }
-
-
-def _plot(path: Path, runs: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for r in runs:
-        values = [rec["confirm_ms"] for rec in r["_records"] if "confirm_ms" in rec]
-        ax1.hist(values, bins=30, alpha=0.5, label=f"{r['terminals']} terminals")
-    ax1.set(xlabel="time to confirm (ms)", ylabel="sessions", title="Time to confirm")
-    ax1.legend()
-    xs = [r["terminals"] for r in runs]
-    ax2.plot(xs, [r["decisions_per_s"] for r in runs], "o-", label="decisions/s")
-    ax2.set(xlabel="concurrent terminals", ylabel="decisions per second", title="Throughput")
-    ax3 = ax2.twinx()
-    ax3.plot(xs, [r["confirm_ms"]["p95"] or 0 for r in runs], "s--", color="C1")
-    ax3.set_ylabel("p95 time to confirm (ms)", color="C1")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -1,0 +1,100 @@
+"""Figures and plots of ``facepay bench`` runs (DESIGN.md §5 keys)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-quantile (nearest rank), rounded to 0.1."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)], 1)
+
+
+def summary(
+    n: int,
+    args: argparse.Namespace,
+    records: list[dict[str, Any]],
+    errors: list[dict[str, Any]],
+    frames_sent: int,
+    before: dict[str, float],
+    after: dict[str, float],
+    cpu0: float | None,
+    cpu1: float | None,
+    peak_mb: float,
+) -> dict[str, Any]:
+    """One run's JSON from its session records and the server's before/after counters."""
+    confirms = [float(r["confirm_ms"]) for r in records if "confirm_ms" in r]
+    outcomes: dict[str, int] = {}
+    for r in records:
+        key = r["outcome"] if r["outcome"] != "declined" else f"declined:{r.get('reason')}"
+        outcomes[key] = outcomes.get(key, 0) + 1
+    decided = sum(1 for r in records if r["outcome"] in ("approved", "declined"))
+    cpu_s = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
+    if cpu_s is None:
+        cpu_s = after["cpu_s"] - before["cpu_s"]
+    model_s = after["model_s"] - before["model_s"]
+    cpu_ms = cpu_s * 1000 / decided if decided else None
+    model_ms = model_s * 1000 / decided if decided else None
+    return {
+        "terminals": n,
+        "fps": args.fps,
+        "duration_s": args.duration,
+        "gap_s": args.gap,
+        "confirm_ms": {
+            "p50": percentile(confirms, 0.5),
+            "p95": percentile(confirms, 0.95),
+            "max": round(max(confirms), 1) if confirms else None,
+        },
+        "sessions": {
+            "started": len(records),
+            "decided": decided,
+            "lost": len(records) - decided,
+            "approved": outcomes.get("approved", 0),
+        },
+        "outcomes": outcomes,
+        "decisions_per_s": round(decided / args.duration, 2),
+        "frames": {
+            "sent": frames_sent,
+            "received": int(after["received"] - before["received"]),
+            "processed": int(after["processed"] - before["processed"]),
+            "dropped": int(after["dropped"] - before["dropped"]),
+        },
+        "server_cpu_s": round(cpu_s, 2),
+        "model_s": round(model_s, 2),
+        "cpu_ms_per_decision": round(cpu_ms, 1) if cpu_ms is not None else None,
+        "model_ms_per_decision": round(model_ms, 1) if model_ms is not None else None,
+        "overhead_ratio": round(cpu_s / model_s, 3) if model_s > 0 else None,
+        "peak_rss_mb": round(peak_mb, 1),
+        "terminal_errors": errors,
+        "_records": records,
+    }
+
+
+def plot(path: Path, runs: list[dict[str, Any]]) -> None:
+    """Latency histograms (one per run) and the throughput-vs-terminals curve, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in runs:
+        values = [rec["confirm_ms"] for rec in r["_records"] if "confirm_ms" in rec]
+        ax1.hist(values, bins=30, alpha=0.5, label=f"{r['terminals']} terminals")
+    ax1.set(xlabel="time to confirm (ms)", ylabel="sessions", title="Time to confirm")
+    ax1.legend()
+    xs = [r["terminals"] for r in runs]
+    ax2.plot(xs, [r["decisions_per_s"] for r in runs], "o-", label="decisions/s")
+    ax2.set(xlabel="concurrent terminals", ylabel="decisions per second", title="Throughput")
+    ax3 = ax2.twinx()
+    ax3.plot(xs, [r["confirm_ms"]["p95"] or 0 for r in runs], "s--", color="C1")
+    ax3.set_ylabel("p95 time to confirm (ms)", color="C1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
