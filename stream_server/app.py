@@ -23,7 +23,7 @@ from session.crypto import PassphraseHasher, TemplateCipher
 from session.directory import Directory
 from session.ratelimit import RateLimiter
 from session.store import Store
-from stream_server.metrics import Metrics
+from stream_server.metrics import Metrics, TimedHasher
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def create_app(
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app[CIPHER] = cipher
-    app[HASHER] = PassphraseHasher()
+    app[HASHER] = TimedHasher(app[METRICS].work_clock)
     app[PEERS] = set()
     app[CONNECTIONS] = set()
     app[MODELS_DIR] = str(models_dir) if models_dir is not None else ""

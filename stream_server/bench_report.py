@@ -39,6 +39,7 @@ def summary(
     if cpu_s is None:
         cpu_s = after["cpu_s"] - before["cpu_s"]
     model_s = after["model_s"] - before["model_s"]
+    argon2_s = after.get("argon2_s", 0.0) - before.get("argon2_s", 0.0)
     cpu_ms = cpu_s * 1000 / decided if decided else None
     model_ms = model_s * 1000 / decided if decided else None
     return {
@@ -70,9 +71,23 @@ def summary(
         "cpu_ms_per_decision": round(cpu_ms, 1) if cpu_ms is not None else None,
         "model_ms_per_decision": round(model_ms, 1) if model_ms is not None else None,
         "overhead_ratio": round(cpu_s / model_s, 3) if model_s > 0 else None,
+        # Where the rest goes: argon2id (a deliberate cost per payment) and everything else
+        # (WebRTC receive and VP8 decode of every frame, pre/post-processing, the event loop).
+        "cpu_breakdown_ms_per_decision": _breakdown(cpu_s, model_s, argon2_s, decided),
         "peak_rss_mb": round(peak_mb, 1),
         "terminal_errors": errors,
         "_records": records,
+    }
+
+
+def _breakdown(cpu_s: float, model_s: float, argon2_s: float, decided: int) -> Any:
+    if not decided:
+        return None
+    per = 1000 / decided
+    return {
+        "model": round(model_s * per, 1),
+        "argon2id": round(argon2_s * per, 1),
+        "other": round((cpu_s - model_s - argon2_s) * per, 1),
     }
 
 

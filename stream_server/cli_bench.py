@@ -242,11 +242,14 @@ async def _metrics(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
     """The server's counters we use, summed over labels."""
     async with http.get(url + "/metrics") as resp:
         text = await resp.text()
+        if resp.status != 200:
+            raise _BenchError(f"GET /metrics: {resp.status}")
     wanted = {
         "facepay_frames_received_total": "received",
         "facepay_frames_processed_total": "processed",
         "facepay_frames_dropped_total": "dropped",
         "facepay_model_seconds_total": "model_s",
+        "facepay_work_seconds_total": "argon2_s",
         "process_cpu_seconds_total": "cpu_s",
         "process_resident_memory_bytes": "rss",
     }
