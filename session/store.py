@@ -42,7 +42,7 @@ from redis.exceptions import WatchError
 from pipeline.errors import AuthError, Conflict, InvalidRequest, NotFound, PaymentConflict
 from pipeline.types import FloatArray
 from session import _store_lua as h
-from session._store_ledger import StoreCore
+from session._store_keys import StoreKeys
 from session.config import RateLimitConfig
 from session.crypto import TemplateCipher
 from session.models import Account, Merchant, Terminal, TerminalMode
@@ -65,12 +65,13 @@ def _token_sha256(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-class Store(StoreCore):
+class Store(StoreKeys):
     """Async access to FacePay's Redis records.
 
     Lockout (``locked_until``, ``record_failure``, ``clear_failures``), payments
     (``find_payment``, ``create_payment``, ``get_payment``) and the audit stream (``audit``,
-    ``read_audit``) are inherited from ``session._store_ledger.StoreCore``.
+    ``read_audit``) are inherited from ``session._store_ledger.StoreCore``; secret rotation
+    (``rotate_terminal_token``, ``rekey_templates``) from ``session._store_keys.StoreKeys``.
     """
 
     def __init__(
@@ -162,38 +163,6 @@ class Store(StoreCore):
                 )
                 self._queue_audit(pipe, entry)
                 await pipe.execute()
-
-    async def rotate_terminal_token(self, terminal_id: str) -> str:
-        """Give an active terminal a new token; the old one stops working at once.
-
-        Returns the new token (shown once). NotFound if unknown, Conflict if revoked.
-        """
-        key = self._k("terminal", terminal_id)
-        token = "fpt_" + secrets.token_urlsafe(32)
-        digest = _token_sha256(token)
-        with h.unavailable("rotate_terminal_token"):
-            async with self._r.pipeline(transaction=True) as pipe:
-                for _ in range(_WATCH_RETRIES):
-                    try:
-                        await pipe.watch(key)
-                        old, status = await pipe.hmget(key, ["token_sha256", "status"])
-                        if old is None:
-                            raise NotFound("no such terminal")
-                        if status is None or h.text(status) != "active":
-                            raise Conflict("terminal is revoked")
-                        pipe.multi()
-                        pipe.hset(key, "token_sha256", digest)
-                        pipe.delete(self._k("termtok", h.text(old)))
-                        pipe.set(self._k("termtok", digest), terminal_id)
-                        entry = h.audit_fields(
-                            "terminal_rotated", time.time(), {"terminal_id": terminal_id}
-                        )
-                        self._queue_audit(pipe, entry)
-                        await pipe.execute()
-                        return token
-                    except WatchError:
-                        continue
-        raise Conflict("terminal is being changed concurrently; try again")
 
     async def authenticate_terminal(self, token: str) -> Terminal:
         """The active terminal whose token this is, or AuthError (constant-time compare)."""

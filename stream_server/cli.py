@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         cli_bench,
         cli_gallery,
         cli_gate,
+        cli_keys,
         cli_models,
         cli_pipeline,
         cli_replay,
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         cli_gate,
         cli_bench,
         cli_gallery,
+        cli_keys,
     ):
         module.register(sub)
     return parser

@@ -59,6 +59,7 @@ from stream_server.ws_messages import (
     StartEnroll,
     _Msg,
     error_event,
+    headers_decodable,
     origin_allowed,
 )
 
@@ -358,6 +359,10 @@ class TerminalConnection:
 async def ws_handler(request: web.Request) -> web.StreamResponse:
     """Upgrade to a WebSocket and serve one terminal."""
     config = request.app[CONFIG]
+    if not headers_decodable(request):
+        # aiohttp's own handshake error quotes the header and fails to encode the undecodable
+        # bytes (a 500 and a logged traceback; found by tests/test_fuzz): refuse first.
+        raise web.HTTPBadRequest(text="malformed request headers")
     if not origin_allowed(request, config.server.allowed_origins):
         log.warning("websocket from origin %r refused", request.headers.get("Origin", "")[:100])
         raise web.HTTPForbidden(text="origin not allowed")

@@ -112,6 +112,16 @@ def error_event(code: str, message: str) -> dict[str, Any]:
     return {"type": "error", "code": code, "message": message}
 
 
+def headers_decodable(request: web.Request) -> bool:
+    """False if a header held bytes that are not UTF-8 (aiohttp keeps them as surrogates)."""
+    try:
+        for value in request.headers.values():
+            value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def origin_allowed(request: web.Request, allowed: tuple[str, ...]) -> bool:
     """True if the WebSocket's ``Origin`` may connect.
 

@@ -4,24 +4,29 @@ token separation, constant-time compares and token rotation. Real Redis, real se
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import time
 from typing import Any
 
 import aiohttp
+import numpy as np
 import pytest
 import redis.asyncio as aioredis
 from aiortc import RTCPeerConnection
 
-from pipeline.errors import RateLimited, StoreUnavailable
+from pipeline.errors import InvalidRequest, RateLimited, StoreUnavailable
 from session.config import FacePayConfig, Limit, RateLimitConfig
-from session.crypto import TemplateCipher, generate_key
+from session.crypto import TEMPLATE_DIM, PassphraseHasher, TemplateCipher, generate_key
 from session.ratelimit import RateLimiter
 from session.store import Store
 from stream_server import admin
 from stream_server.app import CONNECTIONS, PEERS, STORE, create_app
 from stream_server.replay_source import ReplayTrack
 from stream_server.webrtc import rtc_configuration
-from tests.e2e import PASSPHRASE, Env, camera_frames, empty_frames
+from tests.e2e import PASSPHRASE, SERVER_ENV_VARS, Env, camera_frames, empty_frames
 
 ADMIN = "admin-token-for-abuse-tests-0123"
 OLD_ADMIN = "previous-admin-token-9876543210"
@@ -393,3 +398,79 @@ async def test_terminal_token_rotation_and_revocation_via_admin_api(make_server)
 def test_rate_limited_maps_to_429_with_retry_after() -> None:
     resp = admin.error_response(RateLimited("too many", retry_after_s=2.2))
     assert resp.status == 429 and resp.headers["Retry-After"] == "3"
+
+
+# --- template key rotation ----------------------------------------------------------------------
+
+
+def _templates(n: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(n, TEMPLATE_DIM)).astype(np.float32)
+    return list(vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+
+
+async def _enrolled_store(redis_url: str, key: bytes) -> tuple[Store, aioredis.Redis]:
+    client = aioredis.from_url(redis_url)
+    db = Store(client, TemplateCipher(key))
+    passhash = PassphraseHasher().hash(PASSPHRASE)
+    for i, account in enumerate(("alice", "bob")):
+        await db.create_account(
+            account, "Test Person", "+8613800001234", passhash, _templates(2 + i, i), {"m": "t"}
+        )
+    return db, client
+
+
+async def _subjects(redis_url: str, key: bytes) -> dict[str, int]:
+    client = aioredis.from_url(redis_url)
+    try:
+        db = Store(client, TemplateCipher(key))
+        return {sid: len(tpls) async for sid, tpls, _ in db.iter_subjects()}
+    finally:
+        await client.aclose()
+
+
+async def test_template_key_rotation_re_encrypts_every_template(redis_url: str) -> None:
+    old, new = generate_key(), generate_key()
+    db, client = await _enrolled_store(redis_url, old)
+    try:
+        before = await _subjects(redis_url, old)
+        assert sorted(before.values()) == [2, 3]
+        # A wrong "current" key stops the run and writes nothing.
+        wrong = Store(client, TemplateCipher(generate_key()))
+        with pytest.raises(InvalidRequest):
+            await wrong.rekey_templates(TemplateCipher(new))
+        assert await _subjects(redis_url, old) == before
+        assert await db.rekey_templates(TemplateCipher(new)) == (2, 5)
+        assert await _subjects(redis_url, new) == before  # same subjects, same templates
+        assert await _subjects(redis_url, old) == {}  # the old key opens nothing any more
+        assert await db.rekey_templates(TemplateCipher(new)) == (0, 0)  # resumable, idempotent
+        assert "template_key_rotated" in [e["event"] for e in await db.read_audit()]
+    finally:
+        await client.aclose()
+
+
+async def test_rotate_template_key_command_replaces_the_dev_key_file(
+    redis_url: str, tmp_path
+) -> None:
+    old, new = generate_key(), generate_key()
+    _, client = await _enrolled_store(redis_url, old)
+    await client.aclose()
+    (tmp_path / "template.key").write_text(old.hex() + "\n")
+    (tmp_path / "new.key").write_text(new.hex() + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in SERVER_ENV_VARS}
+    args = ["--redis-url", redis_url, "--data-dir", str(tmp_path)]
+    cmd = [sys.executable, "-m", "stream_server.cli", "rotate-template-key", *args]
+    done = subprocess.run(
+        [*cmd, "--new-key-file", str(tmp_path / "new.key")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"subjects": 2, "templates": 5}
+    assert (tmp_path / "template.key").read_text().strip() == new.hex()
+    assert sorted((await _subjects(redis_url, new)).values()) == [2, 3]
+    # Without a new key: a usage error (exit 2), nothing touched.
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "new key" in again.stderr

@@ -473,3 +473,43 @@ async def test_a_terminal_opening_hundreds_of_sessions_is_limited(make_env):
         await healthy(env, http)
     await asyncio.sleep(0.5)  # let closed sockets' tasks finish
     assert len(asyncio.all_tasks()) <= tasks_before + 2
+
+
+# --- what the fuzz found, pinned -------------------------------------------------------------
+
+
+async def test_inputs_that_once_gave_500s(fuzz_env: Env, server_errors: ServerErrors) -> None:
+    env = fuzz_env
+    before = await snapshot(env)
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    async with aiohttp.ClientSession() as http:
+        url = env.server.make_url("/api/merchants")
+        # JSON nested deeper than the parser's stack (RecursionError, not ValueError).
+        async with http.post(url, data=fs.nested(3_000, "array"), headers=auth) as resp:
+            assert resp.status == 400 and (await resp.json())["error"] == "invalid_request"
+        # A multipart body without its boundary (aiohttp raises ValueError).
+        headers = {**auth, "Content-Type": "multipart/form-data; boundary=xyz"}
+        url = env.server.make_url("/api/accounts")
+        async with http.post(url, data=b"garbage", headers=headers) as resp:
+            assert resp.status == 400 and (await resp.json())["error"] == "invalid_request"
+        # Deep JSON as a terminal message and as a hello.
+        term = await env.terminal()
+        await term.send_raw(fs.nested(20_000, "array"))
+        assert (await term.expect("error"))["code"] == "bad_json"
+        async with http.ws_connect(env.ws_url) as sock:
+            await sock.send_str(fs.nested(20_000, "array"))
+            await sock.receive(timeout=10)
+            assert sock.close_code == 4401
+    # Header bytes that are not UTF-8: on the WebSocket upgrade and on the admin token.
+    for raw in (
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: \x80\r\nConnection: Upgrade\r\n\r\n",
+        b"POST /api/merchants HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
+        b"Content-Length: 0\r\n\r\n",
+    ):
+        reader, writer = await asyncio.open_connection(env.server.host, env.server.port)
+        writer.write(raw)
+        answer = await asyncio.wait_for(reader.readline(), 10)  # the status line
+        writer.close()
+        assert answer.startswith((b"HTTP/1.1 400", b"HTTP/1.1 401")), answer[:100]
+    assert await snapshot(env) == before
+    assert not server_errors.records

@@ -1,0 +1,122 @@
+"""Private part of ``session.store.Store``: rotating secrets (terminal tokens, the template
+key). ``Store`` inherits these methods; code against ``Store`` only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import time
+from typing import cast
+
+from redis.exceptions import WatchError
+
+from pipeline.errors import Conflict, InvalidRequest, NotFound
+from session import _store_lua as h
+from session._store_ledger import StoreCore
+from session.crypto import TemplateCipher
+
+log = logging.getLogger(__name__)
+
+_WATCH_RETRIES = 8
+
+
+def _token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class StoreKeys(StoreCore):
+    """Terminal token rotation and template re-encryption."""
+
+    _cipher: TemplateCipher
+
+    async def rotate_terminal_token(self, terminal_id: str) -> str:
+        """Give an active terminal a new token; the old one stops working at once.
+
+        Returns the new token (shown once). NotFound if unknown, Conflict if revoked.
+        """
+        key = self._k("terminal", terminal_id)
+        token = "fpt_" + secrets.token_urlsafe(32)
+        digest = _token_sha256(token)
+        with h.unavailable("rotate_terminal_token"):
+            async with self._r.pipeline(transaction=True) as pipe:
+                for _ in range(_WATCH_RETRIES):
+                    try:
+                        await pipe.watch(key)
+                        old, status = await pipe.hmget(key, ["token_sha256", "status"])
+                        if old is None:
+                            raise NotFound("no such terminal")
+                        if status is None or h.text(status) != "active":
+                            raise Conflict("terminal is revoked")
+                        pipe.multi()
+                        pipe.hset(key, "token_sha256", digest)
+                        pipe.delete(self._k("termtok", h.text(old)))
+                        pipe.set(self._k("termtok", digest), terminal_id)
+                        entry = h.audit_fields(
+                            "terminal_rotated", time.time(), {"terminal_id": terminal_id}
+                        )
+                        self._queue_audit(pipe, entry)
+                        await pipe.execute()
+                        return token
+                    except WatchError:
+                        continue
+        raise Conflict("terminal is being changed concurrently; try again")
+
+    async def rekey_templates(self, new_cipher: TemplateCipher) -> tuple[int, int]:
+        """Re-encrypt every subject's templates from this store's cipher to ``new_cipher``.
+
+        Returns (subjects re-encrypted, templates re-encrypted); afterwards this store uses
+        ``new_cipher``. Each subject is rewritten atomically (WATCH/MULTI) and a subject that
+        already decrypts with the new key is skipped, so an interrupted run can simply be run
+        again with the same two keys. A template that decrypts with neither key stops the run
+        (InvalidRequest) before anything of that subject is written: a wrong old key never
+        destroys data. Audited as ``template_key_rotated`` (counts only).
+        """
+        subjects = templates = 0
+        cursor: int = 0
+        seen: set[str] = set()
+        while True:
+            with h.unavailable("rekey_templates"):
+                cursor, batch = await self._r.sscan(self._k("subjects"), cursor, count=256)
+            for sid in dict.fromkeys(h.text(b) for b in batch):
+                if sid in seen:
+                    continue
+                seen.add(sid)
+                done = await self._rekey_subject(sid, new_cipher)
+                subjects += 1 if done else 0
+                templates += done
+            if int(cursor) == 0:
+                break
+        self._cipher = new_cipher
+        await self.audit("template_key_rotated", subjects=str(subjects), samples=str(templates))
+        return subjects, templates
+
+    async def _rekey_subject(self, sid: str, new_cipher: TemplateCipher) -> int:
+        """Re-encrypt one subject's templates; the number rewritten (0: already done)."""
+        key = self._k("tpl", sid)
+        with h.unavailable("rekey_templates"):
+            async with self._r.pipeline(transaction=True) as pipe:
+                for _ in range(_WATCH_RETRIES):
+                    try:
+                        await pipe.watch(key)
+                        raw = await pipe.hgetall(key)
+                        blobs: dict[str, bytes] = {}
+                        for slot, blob in cast(dict[bytes, bytes], raw).items():
+                            try:
+                                new_cipher.decrypt(sid, bytes(blob))
+                                continue  # already under the new key
+                            except InvalidRequest:
+                                pass
+                            template = self._cipher.decrypt(sid, bytes(blob))
+                            blobs[h.text(slot)] = new_cipher.encrypt(sid, template)
+                        if not blobs:
+                            await pipe.unwatch()
+                            return 0
+                        pipe.multi()
+                        pipe.hset(key, mapping=blobs)  # type: ignore[arg-type]
+                        await pipe.execute()
+                        return len(blobs)
+                    except WatchError:
+                        continue
+        raise Conflict("templates are being changed concurrently; try again")

@@ -1,0 +1,96 @@
+"""``facepay rotate-template-key``: re-encrypt every stored face template under a new key.
+
+Procedure (docs/api.md "Rotating the template key"): stop the servers, run this with the
+current key (``FACEPAY_TEMPLATE_KEY`` or the dev key file) and the new one
+(``FACEPAY_NEW_TEMPLATE_KEY`` or ``--new-key-file``), then start the servers with the new
+key. The run is resumable: interrupted, it can be run again with the same two keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError, InvalidRequest
+from session.crypto import TemplateCipher, parse_key
+from stream_server.cli import EXIT_OK, EXIT_REFUSED, emit, say
+from stream_server.cli_server import (
+    ENV_KEY,
+    KEY_FILE,
+    UsageError,
+    _data_dir,
+    _load,
+    _read_secret,
+    _redis_arg,
+    _run,
+    _write_secret,
+    client_redis_url,
+    resolve_template_key,
+    with_store,
+)
+
+ENV_NEW_KEY = "FACEPAY_NEW_TEMPLATE_KEY"
+
+
+def _new_key(args: argparse.Namespace) -> bytes:
+    if args.new_key_file:
+        secret = _read_secret(Path(args.new_key_file), "new template key")
+    else:
+        secret = os.environ.get(ENV_NEW_KEY, "")
+    if not secret:
+        raise UsageError(f"no new key: pass --new-key-file FILE or set {ENV_NEW_KEY}")
+    try:
+        return parse_key(secret)
+    except ConfigError as exc:
+        raise UsageError(f"new template key: {exc}") from None
+
+
+def cmd_rotate_template_key(args: argparse.Namespace) -> int:
+    """Re-encrypt all templates; prints {"subjects", "templates"} (how many were rewritten)."""
+    config = _load(args)
+    data_dir = _data_dir(args)
+    old_key = resolve_template_key(config, data_dir, create=False)
+    new_key = _new_key(args)
+    if new_key == old_key:
+        raise UsageError("the new template key is the current one")
+    url = client_redis_url(args)
+    new_cipher = TemplateCipher(new_key)
+    try:
+        subjects, templates = asyncio.run(
+            with_store(url, TemplateCipher(old_key), lambda s: s.rekey_templates(new_cipher))
+        )
+    except InvalidRequest as exc:
+        say(f"facepay: template key rotation stopped: {exc}")
+        emit({"error": exc.code, "message": str(exc)})
+        return EXIT_REFUSED
+    key_file = data_dir / KEY_FILE
+    uses_key_file = not os.environ.get(ENV_KEY) and config.server.template_key is None
+    if uses_key_file and key_file.exists():
+        # Dev mode keeps the key in data_dir: the servers must find the new one there.
+        # Written beside, then renamed over: at every moment one complete key is on disk.
+        fresh = key_file.with_name(KEY_FILE + ".new")
+        fresh.unlink(missing_ok=True)
+        _write_secret(fresh, new_key.hex())
+        os.replace(fresh, key_file)
+        say(f"facepay: the new key replaced {key_file}")
+    else:
+        say(f"facepay: done; start the servers with the new key ({ENV_NEW_KEY}'s value)")
+    emit({"subjects": subjects, "templates": templates})
+    return EXIT_OK
+
+
+def register(sub: Any) -> None:
+    """Add ``rotate-template-key`` to the ``facepay`` parser."""
+    p = sub.add_parser(
+        "rotate-template-key",
+        help="re-encrypt the stored face templates under a new key (servers stopped)",
+    )
+    _redis_arg(p)
+    p.add_argument("--config", default=None, help="JSON configuration file")
+    p.add_argument(
+        "--new-key-file", default=None, help=f"file holding the new key (env {ENV_NEW_KEY})"
+    )
+    p.set_defaults(handler=_run(cmd_rotate_template_key))
