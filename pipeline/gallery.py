@@ -204,6 +204,7 @@ class Gallery:
         candidates: Candidates | None = None,
         tag_filter: Mapping[str, str] | None = None,
         exact: bool = False,
+        deep: bool = False,
     ) -> list[Match]:
         """Top-``k`` subjects by best cosine to ``probe``, highest first.
 
@@ -211,7 +212,8 @@ class Gallery:
         ``tag_filter`` (every key must equal the value) both narrow the search, which is then
         exact over the few matching subjects. Otherwise a gallery of at least
         ``exact_max_templates`` with a built index is searched approximately (re-ranked
-        exactly); ``exact=True`` forces exact search.
+        exactly); ``deep=True`` scans ``ann_recheck_nprobe`` lists for ``ann_recheck_pool``
+        candidates instead, and ``exact=True`` forces exact search.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -222,7 +224,12 @@ class Gallery:
             rows = self._narrowed_rows(candidates, tag_filter)
             ann = None if exact or n < cfg.exact_max_templates else self._ann
             if rows is None and ann is not None:
-                rows = self._candidate_rows(ann, vec, max(cfg.ann_pool, 4 * k))
+                nprobe, pool = (
+                    (cfg.ann_recheck_nprobe, cfg.ann_recheck_pool)
+                    if deep
+                    else (cfg.ann_nprobe, cfg.ann_pool)
+                )
+                rows = self._candidate_rows(ann, vec, max(pool, 4 * k), nprobe)
             if rows is None:
                 scores = self._vectors[:n] @ vec
                 owners = self._owner[:n]
@@ -234,6 +241,11 @@ class Gallery:
             return self._top_subjects(scores, owners, k)
 
     # -- the ANN index -----------------------------------------------------------------
+
+    def approximate(self) -> bool:
+        """Whether an open (un-narrowed) search now goes through the ANN index."""
+        with self._lock:
+            return self._ann is not None and self._count >= self.config.exact_max_templates
 
     def index_stale(self) -> bool:
         """True when the gallery is big enough for an index and has none, or has outgrown
@@ -350,14 +362,16 @@ class Gallery:
             head = min(total, head * 4)
         return [Match(self._ids[o], min(1.0, max(-1.0, s))) for o, s in found.items()]
 
-    def _candidate_rows(self, ann: IvfIndex, vec: FloatArray, pool: int) -> npt.NDArray[np.int64]:
+    def _candidate_rows(
+        self, ann: IvfIndex, vec: FloatArray, pool: int, nprobe: int
+    ) -> npt.NDArray[np.int64]:
         """Rows of every template of the subjects the index proposes.
 
         The index may find only one of a subject's templates; scoring all of them makes
         each returned subject's score its exact best cosine, as exact search would give.
         Ids erased since the index saw them map to row -1 and are dropped.
         """
-        rows = self._row_by_tid[ann.search(vec, pool, self.config.ann_nprobe)]
+        rows = self._row_by_tid[ann.search(vec, pool, nprobe)]
         owners = np.unique(self._owner[rows[rows >= 0]])
         tids = [t for o in owners.tolist() for t in self._tids_of[o]]
         return self._row_by_tid[np.asarray(tids, dtype=np.int64)]

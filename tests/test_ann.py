@@ -262,6 +262,49 @@ def test_flat_codec_and_directory_background_rebuild(world: World) -> None:
     assert directory.identify(probe).status == "no_match"
 
 
+def test_narrow_index_match_is_rechecked_deeper(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Alice 0.70, a twin 0.66 (inside the margin: ambiguous) and a cousin 0.60 to the probe.
+    # The first index search is made to miss the twin; alone it would then call a match
+    # (lead 0.10 over the cousin), which the narrow lead sends to a deeper search.
+    rng = np.random.default_rng(3)
+    probe = world.identities[5000]
+
+    def at(cos: float) -> np.ndarray:
+        step = rng.standard_normal(probe.shape).astype(np.float32)
+        step -= (step @ probe) * probe
+        return (cos * probe + np.sqrt(1 - cos**2) * step / np.linalg.norm(step)).astype(np.float32)
+
+    directory = Directory(MatchConfig(exact_max_templates=1_000))
+    directory.gallery.add("twin", at(0.66))  # template id 0
+    directory.gallery.add("alice", at(0.70))
+    directory.gallery.add("cousin", at(0.60))
+    for i in range(400):
+        directory.gallery.add_many(f"s{i}", world.templates[i * PER : (i + 1) * PER])
+    assert directory.gallery.rebuild_index() and directory.gallery.approximate()
+    exact = directory.gallery.search(probe, exact=True)
+    assert [m.subject_id for m in exact[:3]] == ["alice", "twin", "cousin"]
+    assert decide(exact, 0.45, 0.08).status == "ambiguous"
+
+    original = IvfIndex.search
+
+    def missing_twin(self: IvfIndex, vec: np.ndarray, pool: int, nprobe: int) -> np.ndarray:
+        found = original(self, vec, pool, nprobe)
+        shallow = nprobe == directory.match.ann_nprobe
+        return found[found != 0] if shallow else found
+
+    monkeypatch.setattr(IvfIndex, "search", missing_twin)
+    assert "twin" not in {m.subject_id for m in directory.gallery.search(probe)}
+    decision = directory.identify(probe)
+    assert (decision.status, directory.rechecks) == ("ambiguous", 1)
+    # A clear match (no look-alike near it) is not re-checked.
+    clear = world.faces.genuine_probes(world.identities[7:8])[0]
+    assert directory.identify(clear).subject_id == "s7"
+    assert decide(directory.gallery.search(probe), 0.45, 0.08).status == "match"  # index alone
+    assert directory.rechecks == 1
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -271,6 +314,9 @@ def test_flat_codec_and_directory_background_rebuild(world: World) -> None:
         {"ann_lists_factor": 0.1},
         {"ann_rebuild_growth": 1.0},
         {"ann_codec": "pq"},
+        {"ann_recheck_band": -0.01},
+        {"ann_recheck_nprobe": 0},
+        {"ann_recheck_pool": 15},
         {"ann_threads": 2},  # unknown field
     ],
 )

@@ -262,3 +262,20 @@ def test_search_is_fast_for_100k_templates() -> None:
     assert matches[0].subject_id == "s6172"
     # Generous bound (a few ms on a laptop); a Python loop over rows would take ~1 s.
     assert per_search < 0.1
+
+
+def test_add_many_is_all_or_nothing() -> None:
+    rng = np.random.default_rng(9)
+    gallery = Gallery(dim=DIM)
+    good = _unit(rng, 3)
+    bad = good.copy()
+    bad[2] = np.nan
+    with pytest.raises(ValueError):
+        gallery.add_many("a", bad, tags={"phone_last4": "1234"})
+    assert len(gallery) == 0 and "a" not in gallery and gallery.tags("a") == {}
+    with pytest.raises(ValueError):
+        gallery.add_many("a", [])
+    gallery.add_many("a", list(good * 3.0), tags={"phone_last4": "1234"})
+    assert len(gallery) == 3 and gallery.tags("a") == {"phone_last4": "1234"}
+    assert gallery.search(good[1], k=1)[0].score == pytest.approx(1.0, abs=1e-6)
+    assert gallery.remove("a") == 3 and len(gallery) == 0
