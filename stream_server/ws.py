@@ -217,7 +217,7 @@ class TerminalConnection:
             if isinstance(message, EnrollPassphrase):
                 raise InvalidRequest("no enrolment in progress")
             if not isinstance(self.session, CheckoutSession):
-                raise InvalidRequest(f"no checkout in progress for {message.type}")
+                raise InvalidRequest(f"no checkout in progress for {getattr(message, 'type', '?')}")
             if isinstance(message, Passphrase) and self.terminal is not None:
                 await self._limit("passphrase_attempts_per_terminal", self.terminal.terminal_id)
             self.session.deliver(message.model_dump())
