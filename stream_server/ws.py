@@ -285,8 +285,6 @@ class TerminalConnection:
         if self.session_task is not None and not self.session_task.done():
             await self.send(error_event("busy", "an enrolment is already in progress"))
             return
-        await self._limit("enrolments_per_terminal", self.terminal.terminal_id)
-        await self._limit("enrolments_per_account", msg.account_id)
         request = EnrollRequest(
             merchant_id=self.terminal.merchant_id,
             terminal_id=self.terminal.terminal_id,
@@ -294,7 +292,9 @@ class TerminalConnection:
             name=msg.name,
             phone=msg.phone,
         )
-        session = EnrollSession(self._services(), request, self.frames, self.send)
+        session = EnrollSession(self._services(), request, self.frames, self.send)  # validates
+        await self._limit("enrolments_per_terminal", self.terminal.terminal_id)
+        await self._limit("enrolments_per_account", msg.account_id)
         self.frames.clear()  # nothing from before consent is kept
         self.session = session
         self.metrics.sessions.labels("enroll").inc()

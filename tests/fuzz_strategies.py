@@ -109,15 +109,38 @@ MESSAGE_FIELDS: dict[str, list[str]] = {
 }
 
 
+#: Valid values per field: mixed in so that inputs also reach past validation (sessions
+#: start, prompts are answered, enrolments capture) and the states behind it get fuzzed.
+PLAUSIBLE: dict[str, list[Any]] = {
+    "token": ["fpt_not-a-real-token"],
+    "sdp_type": ["offer"],
+    "amount": ["12.50", 5, 0.5, "0.01"],
+    "currency": ["CNY", None],
+    "order_id": ["o-1", "A.b:c_9"],
+    "prompt_id": ["q_abc"],
+    "passphrase": ["correct horse 42"],
+    "confirm": ["correct horse 42"],
+    "digits": ["1234", "0000"],
+    "consent": [True],
+    "account_id": ["acct-1", "a@b.c"],
+    "name": ["Test Person"],
+    "phone": ["+8613800001234"],
+}
+
+
 @st.composite
 def shaped_message(draw: st.DrawFn) -> dict[str, Any]:
     """A message of a real type whose fields hold hostile values (some dropped or added)."""
     kind = draw(st.sampled_from(sorted(MESSAGE_FIELDS)))
     msg: dict[str, Any] = {"type": kind}
     for name in MESSAGE_FIELDS[kind]:
-        if draw(st.integers(0, 9)) == 0:
+        roll = draw(st.integers(0, 9))
+        if roll == 0:
             continue  # a missing field
-        msg[name] = draw(hostile_values)
+        if roll <= 6 and name in PLAUSIBLE:
+            msg[name] = draw(st.sampled_from(PLAUSIBLE[name]))
+        else:
+            msg[name] = draw(hostile_values)
     if draw(st.integers(0, 5)) == 0:
         msg[draw(st.text(min_size=1, max_size=12))] = draw(json_values)
     return msg

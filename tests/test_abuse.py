@@ -217,14 +217,14 @@ async def test_enrolments_are_limited_per_terminal_and_per_account(make_server) 
     )
     term = await env.terminal()
 
-    async def start(account: str) -> dict[str, Any]:
+    async def start(account: str, phone: str = "+8613800001234") -> dict[str, Any]:
         await term.send(
             {
                 "type": "start_enroll",
                 "consent": True,
                 "account_id": account,
                 "name": "Test Person",
-                "phone": "+8613800001234",
+                "phone": phone,
             }
         )
         event = await term.expect("state", "error")
@@ -238,6 +238,7 @@ async def test_enrolments_are_limited_per_terminal_and_per_account(make_server) 
                 await asyncio.sleep(0.01)
         return event
 
+    assert (await start("acct-a", phone="x"))["code"] == "invalid_request"  # not counted
     assert (await start("acct-a"))["state"] == "capturing"
     assert (await start("acct-a"))["code"] == "rate_limited"  # per account
     assert (await start("acct-b"))["state"] == "capturing"

@@ -65,18 +65,13 @@ ERROR_CODES = {
     "rate_limited",
     "frame_too_large",
 }
-CHECKOUT_EVENTS = {
-    "error",
-    "pong",
-    "state",
-    "answer",
-    "declined",
-    "faces",
-    "confirm",
-    "need_phone_digits",
-    "wrong_passphrase",
-    "approved",
-    "merchant_offer",
+#: Events a terminal of each mode may receive (docs/protocol.md, docs/gate.md).
+COMMON_EVENTS = {"error", "pong", "state", "answer", "declined", "faces"}
+EVENTS = {
+    "checkout": COMMON_EVENTS
+    | {"confirm", "need_phone_digits", "wrong_passphrase", "approved", "merchant_offer"},
+    "enroll": COMMON_EVENTS | {"enroll_feedback", "enrolled"},
+    "gate": COMMON_EVENTS | {"gate_open", "gate_deny"},
 }
 #: Limits high enough that the fuzz exercises parsing, not the rate limiter.
 FUZZ_LIMITS = {
@@ -179,9 +174,14 @@ async def fuzz(
 # --- terminal protocol --------------------------------------------------------------------------
 
 
-async def test_fuzz_terminal_messages(fuzz_env: Env, server_errors: ServerErrors) -> None:
+@pytest.mark.parametrize("mode", ["checkout", "enroll", "gate"])
+async def test_fuzz_terminal_messages(
+    fuzz_env: Env, server_errors: ServerErrors, mode: str
+) -> None:
     env = fuzz_env
-    before = await snapshot(env)
+    if mode != "checkout":
+        _, env.token = await env.store.add_terminal(env.merchant.merchant_id, mode)  # type: ignore[arg-type]
+    state = [await snapshot(env)]
     async with aiohttp.ClientSession() as http:
         ws: list[aiohttp.ClientWebSocketResponse] = []
 
@@ -203,11 +203,13 @@ async def test_fuzz_terminal_messages(fuzz_env: Env, server_errors: ServerErrors
             size = len(payload if kind == "binary" else payload.encode("utf-8", "surrogatepass"))
             if size > TRANSPORT_MAX_BYTES:
                 # Refused by the transport: documented close 1009, then the terminal reconnects.
-                msg = await sock.receive(timeout=30)
+                async with asyncio.timeout(30):
+                    while (msg := await sock.receive()).type == aiohttp.WSMsgType.TEXT:
+                        assert json.loads(msg.data)["type"] in EVENTS[mode], msg  # a session's
                 assert msg.type == aiohttp.WSMsgType.CLOSE and sock.close_code == 1009, msg
                 TOTALS["ws_closed_1009"] += 1
                 ws.append(await connect())
-                assert await snapshot(env) == before
+                assert await snapshot(env) == state[-1]
                 return
             # A barrier whose answer is unique: everything before it answers the input.
             barrier = f"sync-{TOTALS['inputs']}"
@@ -222,16 +224,41 @@ async def test_fuzz_terminal_messages(fuzz_env: Env, server_errors: ServerErrors
                         break
                     replies.append(event)
             for event in replies:
-                assert event.get("type") in CHECKOUT_EVENTS, event
+                assert event.get("type") in EVENTS[mode], event
                 if event["type"] == "error":
                     assert event["code"] in ERROR_CODES and event["message"], event
             if must_fail:
                 assert any(e["type"] == "error" for e in replies), (payload, replies)
-            assert await snapshot(env) == before
+            if _accepted_enrolment(payload, replies):
+                # The session task audits consent, then says "capturing": wait for that.
+                async with asyncio.timeout(30):
+                    while not any(e.get("state") == "capturing" for e in replies):
+                        replies.append(await sock.receive_json())
+            if any(e["type"] == "state" and e.get("state") == "capturing" for e in replies):
+                # Valid enrolment fields by chance: consent is audited (an authorised
+                # write). End the enrolment, then take the new state as the baseline.
+                TOTALS["enrolments_started"] += 1
+                await sock.send_json({"type": "cancel"})
+                async with asyncio.timeout(30):
+                    while (await sock.receive_json()).get("state") not in ("cancelled", "declined"):
+                        pass
+                state.append(await snapshot(env))
+            assert await snapshot(env) == state[-1]
             await healthy(env, http)
 
-        await fuzz("ws_messages", fs.ws_inputs, check, server_errors)
+        await fuzz(f"ws_messages_{mode}", fs.ws_inputs, check, server_errors)
         await ws[-1].close()
+
+
+def _accepted_enrolment(payload: Any, replies: list[dict[str, Any]]) -> bool:
+    """A start_enroll that got no error: an enrolment is starting."""
+    if not isinstance(payload, str) or any(e["type"] == "error" for e in replies):
+        return False
+    try:
+        message = json.loads(payload)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(message, dict) and message.get("type") == "start_enroll"
 
 
 async def test_fuzz_hello(fuzz_env: Env, server_errors: ServerErrors) -> None:
