@@ -145,7 +145,7 @@ class MatchConfig(_Strict):
     # searched again, deeper (about 4% of probes at 1M).
     ann_recheck_band: float = Field(0.05, ge=0.0, le=0.5)
     # Lists scanned and candidate templates of that deeper search (256 of 4000 lists at 1M:
-    # ~3 ms; it found every runner-up that mattered on the synthetic benchmark).
+    # ~3-5 ms; it found every runner-up that mattered on the synthetic benchmark).
     ann_recheck_nprobe: int = Field(256, ge=1, le=65_536)
     ann_recheck_pool: int = Field(256, ge=16, le=65_536)
     # Retrain the centroids once the gallery has grown (or shrunk) by this factor.

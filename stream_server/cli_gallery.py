@@ -209,6 +209,8 @@ def run_benchmark(args: argparse.Namespace, config: Any) -> dict[str, Any]:
     identify_t: list[float] = []
     hits = correct = 0
     flips: dict[str, Counter[str]] = {"identify": Counter(), "index_only": Counter()}
+    exact_decisions: dict[str, Counter[str]] = {"genuine": Counter(), "impostor": Counter()}
+    impostor_best: list[float] = []
     for q, probe in enumerate(probes):
         matches, dt = _timed(gallery.search, probe, k=k)
         ann_t.append(dt)
@@ -220,6 +222,10 @@ def run_benchmark(args: argparse.Namespace, config: Any) -> dict[str, Any]:
             config.margin,
         )
         raw = decide(matches, config.threshold, config.margin)
+        kind = "genuine" if q < args.queries else "impostor"
+        exact_decisions[kind][want.status] += 1
+        if kind == "impostor":
+            impostor_best.append(want.score)
         for name, got in (("identify", decision), ("index_only", raw)):
             if (got.status, got.subject_id) != (want.status, want.subject_id):
                 flips[name][f"{want.status}->{got.status}"] += 1
@@ -265,6 +271,10 @@ def run_benchmark(args: argparse.Namespace, config: Any) -> dict[str, Any]:
         ),
         "disagreements": {name: dict(c) for name, c in flips.items()},
         "rechecks": rechecks,
+        "exact_decisions": {kind: dict(c) for kind, c in exact_decisions.items()},
+        "impostor_best": {
+            f"p{p}": round(float(np.percentile(impostor_best, p)), 4) for p in (50, 99)
+        },
         "full_gcs_while_timing": full_gcs,
         **updates,
         "params": {

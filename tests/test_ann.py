@@ -13,18 +13,22 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from pipeline import ann
 from pipeline.ann import IvfIndex, lists_for
 from pipeline.config import MatchConfig
 from pipeline.gallery import Gallery, decide
+from session.crypto import PassphraseHasher, TemplateCipher, generate_key
 from session.directory import Directory
+from session.store import Store
 from stream_server.cli_gallery import SyntheticFaces
 
 PER = 3
 SUBJECTS = 6_700  # 20,100 templates
 CONFIG = MatchConfig(exact_max_templates=5_000)
+CONSENT = {"terminal": "t_enrol", "method": "kiosk-checkbox", "time": "2024-05-01T10:00:00Z"}
 
 
 @dataclass
@@ -303,6 +307,29 @@ def test_narrow_index_match_is_rechecked_deeper(
     assert directory.identify(clear).subject_id == "s7"
     assert decide(directory.gallery.search(probe), 0.45, 0.08).status == "match"  # index alone
     assert directory.rechecks == 1
+
+
+async def test_directory_load_builds_the_index_before_serving(world: World, redis_url: str) -> None:
+    client = aioredis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=2)
+    try:
+        store = Store(client, TemplateCipher(generate_key()))
+        passhash = PassphraseHasher(time_cost=1, memory_kib=64).hash("open sesame 42")
+        subjects = []
+        for i in range(350):  # 1,050 templates: above the forced 1,000 exact limit
+            rows = list(world.templates[i * PER : (i + 1) * PER])
+            phone = f"+861380000{i:04d}"
+            _, sid = await store.create_account(f"a{i}", "A Person", phone, passhash, rows, CONSENT)
+            subjects.append(sid)
+        directory = Directory(MatchConfig(exact_max_templates=1_000))
+        assert await directory.load(store) == 350
+    finally:
+        await client.aclose()
+    gallery = directory.gallery
+    info = gallery.index_info()
+    assert gallery.approximate() and info is not None and info["templates"] == 1_050
+    probe = world.faces.genuine_probes(world.identities[17:18])[0]
+    assert directory.identify(probe).subject_id == subjects[17]
+    assert directory.identify(probe, phone_last4="0017").subject_id == subjects[17]
 
 
 @pytest.mark.parametrize(
