@@ -7,6 +7,7 @@ re-rank. Latency is measured by ``facepay bench-gallery``, not asserted here.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pipeline.gallery import Gallery, decide
 from session.crypto import PassphraseHasher, TemplateCipher, generate_key
 from session.directory import Directory
 from session.store import Store
+from stream_server import cli
 from stream_server.cli_gallery import SyntheticFaces
 
 PER = 3
@@ -357,3 +359,18 @@ def test_lists_for() -> None:
     assert lists_for(10, 4.0) == ann.MIN_LISTS
     with pytest.raises(ValueError):
         lists_for(0, 4.0)
+
+
+def test_bench_gallery_command(capsys: pytest.CaptureFixture[str]) -> None:
+    small = ["--size", "10000", "--queries", "40", "--impostors", "10"]
+    argv = ["bench-gallery", *small, "--exact-queries", "3", "--updates", "5", "--seed", "4"]
+    assert cli.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["size"] == 10_000 and report["subjects"] == 3_334
+    assert report["erased_returned"] == 0 and report["added_missed"] == 0
+    assert report["recall_at_1"] >= 0.99 and report["params"]["codec"] == "sq8"
+    assert set(report["search_ms"]) == {"p50", "p99"}
+    assert report["exact_decisions"]["genuine"]["match"] >= 38
+    for bad in (["--size", "100"], ["--nprobe", "0"], ["--queries", "0"]):
+        assert cli.main(["bench-gallery", *bad]) == 2
+        assert json.loads(capsys.readouterr().out)["error"] == "usage"
