@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -73,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``facepay`` console script."""
+    # Before numpy loads: its BLAS threads compete with the inference and search threads on
+    # small machines (a 60k-template exact search took 15 ms with 2 BLAS threads under load,
+    # 2.7 ms with 1; docs/gallery.md). An operator's own setting wins.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
