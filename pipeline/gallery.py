@@ -23,53 +23,30 @@ or exact search.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from pipeline.ann import TRAIN_POINTS_PER_LIST, IvfIndex, lists_for
 from pipeline.config import MatchConfig
+from pipeline.decision import Decision, DecisionStatus, Match, decide
 from pipeline.types import FloatArray
+
+__all__ = ["Decision", "DecisionStatus", "Gallery", "Match", "decide"]
 
 log = logging.getLogger(__name__)
 
-DecisionStatus = Literal["match", "no_match", "ambiguous"]
 Candidates = Callable[[str], bool] | Collection[str]
 
 # Slack for decimal boundaries: 0.7 - 0.6 is 0.0999...98 in binary floating point, and a
 # margin of exactly 0.1 must still pass.
-_EPS = 1e-9
 _INITIAL_CAPACITY = 256
 # Rows copied per lock hold while filling a new index: ~6 MB, a millisecond or two of copying,
 # so adds and searches interleave with a rebuild instead of waiting for all of it.
 _BUILD_CHUNK = 12_288
-
-
-@dataclass(frozen=True, slots=True)
-class Match:
-    """A subject and its best cosine similarity to the probe."""
-
-    subject_id: str
-    score: float
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """Outcome of ``decide``: ``subject_id`` is set only when ``status == "match"``.
-
-    ``second_score`` is the best score of a different subject, -1.0 when there is none.
-    """
-
-    status: DecisionStatus
-    subject_id: str | None
-    score: float
-    second_score: float
-    reason: str
 
 
 class Gallery:
@@ -447,31 +424,3 @@ def _resized(array: npt.NDArray[_A], size: int, fill: int = 0) -> npt.NDArray[_A
     grown = np.full(size, fill, dtype=array.dtype)
     grown[: len(array)] = array
     return grown
-
-
-def decide(matches: Sequence[Match], threshold: float, margin: float) -> Decision:
-    """Turn search results into a decision.
-
-    ``match`` needs best >= ``threshold`` and best - second >= ``margin``, where second is
-    the best score of a different subject (-1.0 when there is none); ``ambiguous`` when the
-    threshold holds but the margin does not; otherwise ``no_match``. Boundaries are
-    inclusive.
-    """
-    if not math.isfinite(threshold):
-        raise ValueError(f"threshold must be finite, got {threshold}")
-    if not (margin >= 0 and math.isfinite(margin)):
-        raise ValueError(f"margin must be >= 0, got {margin}")
-    if not matches:
-        return Decision("no_match", None, -1.0, -1.0, "no candidates")
-    ranked = sorted(matches, key=lambda m: m.score, reverse=True)
-    best = ranked[0]
-    second = next((m.score for m in ranked[1:] if m.subject_id != best.subject_id), -1.0)
-    gap = best.score - second
-    if best.score < threshold - _EPS:
-        reason = f"best score {best.score:.4f} below threshold {threshold:.4f}"
-        return Decision("no_match", None, best.score, second, reason)
-    if gap < margin - _EPS:
-        reason = f"margin {gap:.4f} over the runner-up below required {margin:.4f}"
-        return Decision("ambiguous", None, best.score, second, reason)
-    reason = f"score {best.score:.4f} >= {threshold:.4f}, margin {gap:.4f} >= {margin:.4f}"
-    return Decision("match", best.subject_id, best.score, second, reason)
