@@ -140,6 +140,17 @@ async def test_repeated_lockouts_back_off_exponentially_up_to_the_cap(redis_url:
         await client.aclose()
 
 
+async def test_the_server_store_locks_out_with_the_configured_back_off(make_server) -> None:
+    env = await make_server(**_limits(lockout_backoff=3.0, max_lockout_s=100.0))
+    store = env.app[STORE]
+    assert store.limits.lockout_backoff == 3.0 and store.limits.max_lockout_s == 100.0
+    durations = []
+    for _ in range(3):
+        start = time.time()
+        durations.append(round(await _lock(store, "alice", 3, 10.0) - start))
+    assert durations == [10, 30, 90]
+
+
 async def test_failures_per_account_over_the_day_lock_for_the_longest_time(
     redis_url: str,
 ) -> None:
