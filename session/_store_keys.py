@@ -93,13 +93,15 @@ class StoreKeys(StoreCore):
         return subjects, templates
 
     async def _rekey_subject(self, sid: str, new_cipher: TemplateCipher) -> int:
-        """Re-encrypt one subject's templates; the number rewritten (0: already done)."""
-        key = self._k("tpl", sid)
+        """Re-encrypt one subject's templates and re-seal its links; the number of templates
+        rewritten (0: already done)."""
+        key, s2a = self._k("tpl", sid), self._k("link", "s2a", sid)
         with h.unavailable("rekey_templates"):
             async with self._r.pipeline(transaction=True) as pipe:
                 for _ in range(_WATCH_RETRIES):
                     try:
-                        await pipe.watch(key)
+                        await pipe.watch(key, s2a)
+                        relink = self._relink(sid, await pipe.get(s2a), new_cipher)
                         raw = await pipe.hgetall(key)
                         blobs: dict[str, bytes] = {}
                         for slot, blob in cast(dict[bytes, bytes], raw).items():
@@ -110,13 +112,39 @@ class StoreKeys(StoreCore):
                                 pass
                             template = self._cipher.decrypt(sid, bytes(blob))
                             blobs[h.text(slot)] = new_cipher.encrypt(sid, template)
-                        if not blobs:
+                        if not blobs and relink is None:
                             await pipe.unwatch()
                             return 0
                         pipe.multi()
-                        pipe.hset(key, mapping=blobs)  # type: ignore[arg-type]
+                        if blobs:
+                            pipe.hset(key, mapping=blobs)  # type: ignore[arg-type]
+                        if relink is not None:
+                            account_id, sealed = relink
+                            pipe.set(s2a, sealed)
+                            old_set = self._k("link", "a2s", self._cipher.blind(account_id))
+                            pipe.srem(old_set, sid)
+                            pipe.sadd(self._k("link", "a2s", new_cipher.blind(account_id)), sid)
                         await pipe.execute()
                         return len(blobs)
                     except WatchError:
                         continue
         raise Conflict("templates are being changed concurrently; try again")
+
+    def _relink(
+        self, sid: str, sealed: bytes | str | None, new_cipher: TemplateCipher
+    ) -> tuple[str, bytes] | None:
+        """(account id, link sealed under the new key), or None if already re-sealed or none.
+
+        A link that opens with neither key stops the run (InvalidRequest), like a template.
+        """
+        if sealed is None:
+            return None
+        blob = sealed if isinstance(sealed, bytes) else sealed.encode("latin-1")
+        context = f"s2a:{sid}"
+        try:
+            new_cipher.open_link(context, blob)
+            return None  # already under the new key
+        except InvalidRequest:
+            pass
+        account_id = self._cipher.open_link(context, blob)
+        return account_id, new_cipher.seal_link(context, account_id)

@@ -6,6 +6,9 @@ a 512-byte template is microseconds and may run inline.
 - ``TemplateCipher``: AES-256-GCM, a fresh 12-byte random nonce per template, the subject id
   as associated data (a blob moved to another subject id does not decrypt). The stored blob is
   ``nonce || ciphertext || tag``; the plaintext is the template as little-endian float32.
+  The same key also seals the *links* between a subject and its account (a separate
+  AES-GCM key and an HMAC "blinding" key, both derived from it with HKDF), so a copy of
+  Redis without the key shows encrypted faces and named accounts but not which is whose.
 - ``PassphraseHasher``: argon2id (argon2-cffi) with OWASP's minimum parameters by default.
 """
 
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import os
 import unicodedata
 
@@ -20,7 +25,9 @@ import numpy as np
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from pipeline.errors import ConfigError, InvalidRequest
 from pipeline.types import FloatArray
@@ -75,6 +82,11 @@ def _b64decode(text: str) -> bytes | None:
     return None
 
 
+def _derive(key: bytes, info: bytes) -> bytes:
+    """A 32-byte subkey of ``key`` for one purpose (HKDF-SHA256)."""
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(key)
+
+
 class TemplateCipher:
     """AES-256-GCM over float32 templates; the subject id is the associated data."""
 
@@ -82,7 +94,30 @@ class TemplateCipher:
         if not isinstance(key, bytes | bytearray) or len(key) != KEY_BYTES:
             raise ConfigError(f"template key must be exactly {KEY_BYTES} bytes")
         self._aead = AESGCM(bytes(key))
+        self._link_aead = AESGCM(_derive(bytes(key), b"facepay link seal v1"))
+        self._blind_key = _derive(bytes(key), b"facepay link blind v1")
         self.dim = dim
+
+    def seal_link(self, context: str, value: str) -> bytes:
+        """``value`` (an id) encrypted for storage under ``context`` (its key name)."""
+        nonce = os.urandom(NONCE_BYTES)
+        sealed = self._link_aead.encrypt(nonce, value.encode("utf-8"), context.encode("utf-8"))
+        return nonce + sealed
+
+    def open_link(self, context: str, blob: bytes) -> str:
+        """The id sealed by :meth:`seal_link`; ``InvalidRequest`` if tampered or another key."""
+        if len(blob) <= NONCE_BYTES + TAG_BYTES:
+            raise InvalidRequest("sealed link is too short")
+        nonce, sealed = bytes(blob[:NONCE_BYTES]), bytes(blob[NONCE_BYTES:])
+        try:
+            return self._link_aead.decrypt(nonce, sealed, context.encode("utf-8")).decode()
+        except (InvalidTag, UnicodeDecodeError) as exc:
+            raise InvalidRequest("sealed link failed authentication") from exc
+
+    def blind(self, value: str) -> str:
+        """A keyed, stable stand-in for ``value`` in key names (HMAC-SHA256, 32 hex)."""
+        mac = hmac.new(self._blind_key, value.encode("utf-8"), hashlib.sha256)
+        return mac.hexdigest()[:32]
 
     def encrypt(self, subject_id: str, template: FloatArray) -> bytes:
         """nonce (12 bytes) || ciphertext+tag of the float32 bytes."""

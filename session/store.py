@@ -10,8 +10,10 @@ Key layout (prefix ``fp:``), chosen so that a stolen dump does not join faces to
 - ``fp:account:{aid}`` hash {name, phone, phone_last4, passhash, status, created}
 - ``fp:tpl:{sid}`` hash {0: blob, 1: blob, ...}: AES-GCM(nonce || ciphertext), AAD = sid;
   ``sid`` is random and says nothing about the account
-- ``fp:subjects`` set of sids; ``fp:link:s2a:{sid}`` -> aid; ``fp:link:a2s:{aid}`` set of sids
-  (the only place where a face and a person meet)
+- ``fp:subjects`` set of sids; ``fp:link:s2a:{sid}`` -> the aid sealed with AES-GCM (a
+  subkey of the template key, AAD = "s2a:{sid}"); ``fp:link:a2s:{blind(aid)}`` set of sids,
+  where ``blind`` is an HMAC under another subkey. These are the only place where a face and
+  a person meet, and without the key neither direction can be followed.
 - ``fp:pay:{mid}:{order_id}`` hash (the payment); ``fp:payid:{pid}`` -> "{mid}:{order_id}"
 - ``fp:daily:{aid}:{YYYYMMDD}`` spent today (minor units), expires after 2 days
 - ``fp:fail:{aid}`` failed passphrase counter; ``fp:lock:{aid}`` -> locked-until (TTL);
@@ -227,7 +229,7 @@ class Store(StoreKeys):
             {"account_id": account_id, "subjects": "1", "samples": str(len(blobs))},
         )
         account = Account(account_id, name, phone, "active", now)
-        akey, a2s = self._k("account", account_id), self._k("link", "a2s", account_id)
+        akey, a2s = self._k("account", account_id), self._a2s_key(account_id)
         with h.unavailable("create_account"):
             async with self._r.pipeline(transaction=True) as pipe:
                 for _ in range(_WATCH_RETRIES):
@@ -252,7 +254,7 @@ class Store(StoreKeys):
                             },
                         )
                         pipe.hset(self._k("tpl", sid), mapping=blobs)  # type: ignore[arg-type]
-                        pipe.set(self._k("link", "s2a", sid), account_id)
+                        pipe.set(self._k("link", "s2a", sid), self._seal_s2a(sid, account_id))
                         pipe.sadd(a2s, sid)
                         pipe.sadd(self._k("subjects"), sid)
                         self._queue_audit(pipe, consent_entry)
@@ -287,10 +289,11 @@ class Store(StoreKeys):
     async def account_for_subject(self, subject_id: str) -> str:
         """The account a subject id belongs to, or NotFound."""
         with h.unavailable("account_for_subject"):
-            aid = await self._r.get(self._k("link", "s2a", subject_id))
+            sealed = await self._r.get(self._k("link", "s2a", subject_id))
+        aid = self._open_s2a(subject_id, sealed)
         if aid is None:
             raise NotFound("no such subject")
-        return h.text(aid)
+        return aid
 
     async def iter_subjects(self) -> AsyncIterator[tuple[str, list[FloatArray], str]]:
         """Every enrolled subject: (subject_id, decrypted templates, phone_last4).
@@ -338,7 +341,8 @@ class Store(StoreKeys):
                 pipe.hgetall(self._k("tpl", sid))
                 pipe.get(self._k("link", "s2a", sid))
             replies = await pipe.execute()
-        tpls, aids = replies[0::2], [None if a is None else h.text(a) for a in replies[1::2]]
+        tpls = replies[0::2]
+        aids = [self._open_s2a(sid, a) for sid, a in zip(sids, replies[1::2], strict=True)]
         async with self._r.pipeline(transaction=False) as pipe:
             for aid in aids:
                 pipe.hmget(self._k("account", aid or "-"), ["status", "phone_last4"])
@@ -348,6 +352,24 @@ class Store(StoreKeys):
             active = aid is not None and status is not None and h.text(status) == "active"
             rows.append((sid, tpl or None, h.text(last4) if active and last4 else None))
         return rows
+
+    def _a2s_key(self, account_id: str) -> str:
+        """The key of an account's subject set: named by a keyed blind, not the account id."""
+        return self._k("link", "a2s", self._cipher.blind(account_id))
+
+    def _seal_s2a(self, subject_id: str, account_id: str) -> bytes:
+        return self._cipher.seal_link(f"s2a:{subject_id}", account_id)
+
+    def _open_s2a(self, subject_id: str, sealed: bytes | str | None) -> str | None:
+        """The account behind a subject's sealed link; None if missing or unreadable."""
+        if sealed is None:
+            return None
+        blob = sealed if isinstance(sealed, bytes) else sealed.encode("latin-1")
+        try:
+            return self._cipher.open_link(f"s2a:{subject_id}", blob)
+        except InvalidRequest:
+            log.warning("subject %s: link does not open with this key", subject_id)
+            return None
 
     def _decrypt_all(self, subject_id: str, raw: Mapping[bytes, bytes]) -> list[FloatArray]:
         """The templates of one subject in slot order; InvalidRequest if any is damaged."""
@@ -363,7 +385,7 @@ class Store(StoreKeys):
         Returns the number of templates deleted; audit ``erased``. NotFound if unknown.
         """
         reason = h.check_label(reason, "erasure reason", limit=64)
-        akey, a2s = self._k("account", account_id), self._k("link", "a2s", account_id)
+        akey, a2s = self._k("account", account_id), self._a2s_key(account_id)
         with h.unavailable("erase_account"):
             async with self._r.pipeline(transaction=True) as pipe:
                 for _ in range(_WATCH_RETRIES):

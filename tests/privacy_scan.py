@@ -126,6 +126,15 @@ async def dump_redis(r: aioredis.Redis) -> dict[bytes, list[bytes]]:
     return out
 
 
+def _sealed(key: bytes, item: bytes) -> bool:
+    """An encrypted template, or a sealed subject->account link (nonce, id of <= 64, tag)."""
+    if key.startswith(b"fp:tpl:"):
+        return len(item) == ENC_BYTES
+    if key.startswith(b"fp:link:s2a:") and item is not key:
+        return NONCE_BYTES + TAG_BYTES < len(item) <= NONCE_BYTES + 64 + TAG_BYTES
+    return False
+
+
 def redis_findings(
     dump: dict[bytes, list[bytes]], secrets: dict[str, bytes], needles: set[bytes]
 ) -> list[str]:
@@ -140,7 +149,7 @@ def redis_findings(
                 item.decode("utf-8")
             except UnicodeDecodeError:
                 # SLOWLOG shows an encrypted template's first 128 bytes, also binary.
-                if key != SLOWLOG and not (key.startswith(b"fp:tpl:") and len(item) == ENC_BYTES):
+                if key != SLOWLOG and not _sealed(key, item):
                     found.append(f"{key!r}: binary value of {len(item)} bytes")
     return found
 
@@ -184,7 +193,8 @@ async def subject_templates(store: Store, r: aioredis.Redis) -> dict[str, list[n
 def check_identity_separation(
     dump: dict[bytes, list[bytes]], people: list[dict[str, str]]
 ) -> list[str]:
-    """Templates sit under random subject ids; only the link keys join a sid to an account."""
+    """Templates sit under random subject ids; only the (sealed) link keys hold a sid, and
+    they name no account, name or phone."""
     problems = []
     pii = [p[k].encode() for p in people for k in ("account_id", "name")]
     pii += [re.sub(r"[^0-9+]", "", p["phone"]).encode() for p in people]
@@ -198,6 +208,9 @@ def check_identity_separation(
             if sorted(fields) != sorted(str(i).encode() for i in range(len(fields))):
                 problems.append(f"{key!r}: fields other than template slots {fields}")
             problems += [f"{key!r}: holds {v!r}" for v in pii for x in [key, *values] if v in x]
+        elif key.startswith(b"fp:link:"):
+            # Sealed and blinded: no link key or value may name a person (docs/privacy.md).
+            problems += [f"{key!r}: names {v!r}" for v in pii for x in [key, *values] if v in x]
         elif key != SLOWLOG and not key.startswith(links):
             problems += [f"{key!r}: names a subject id" for x in [key, *values] if SID.search(x)]
     return problems

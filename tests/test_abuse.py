@@ -457,6 +457,13 @@ async def test_template_key_rotation_re_encrypts_every_template(redis_url: str) 
         assert await _subjects(redis_url, old) == {}  # the old key opens nothing any more
         assert await db.rekey_templates(TemplateCipher(new)) == (0, 0)  # resumable, idempotent
         assert "template_key_rotated" in [e["event"] for e in await db.read_audit()]
+        # The sealed links moved to the new key too: subjects still lead to their accounts,
+        # and erasing an account (which finds its subjects by the new blind) removes them.
+        renewed = Store(client, TemplateCipher(new))
+        owners = {sid: await renewed.account_for_subject(sid) for sid in before}
+        assert sorted(owners.values()) == ["alice", "bob"]
+        assert await renewed.erase_account("alice") == 2
+        assert list((await _subjects(redis_url, new)).values()) == [3]
     finally:
         await client.aclose()
 

@@ -187,3 +187,26 @@ def test_check_passphrase_refuses_without_echoing(bad: str) -> None:
         check_passphrase(bad)
     if bad:
         assert bad not in str(info.value)
+
+
+def test_sealed_links_open_only_with_their_key_and_context() -> None:
+    from session.crypto import TemplateCipher, generate_key
+
+    cipher, other = TemplateCipher(generate_key()), TemplateCipher(generate_key())
+    sealed = cipher.seal_link("s2a:s_1", "acct-alice")
+    assert b"acct-alice" not in sealed
+    assert cipher.seal_link("s2a:s_1", "acct-alice") != sealed  # fresh nonce
+    assert cipher.open_link("s2a:s_1", sealed) == "acct-alice"
+    for attempt in (
+        lambda: other.open_link("s2a:s_1", sealed),  # another key
+        lambda: cipher.open_link("s2a:s_2", sealed),  # moved to another subject
+        lambda: cipher.open_link("s2a:s_1", sealed[:-1] + bytes([sealed[-1] ^ 1])),
+        lambda: cipher.open_link("s2a:s_1", sealed[:20]),
+    ):
+        with pytest.raises(InvalidRequest):
+            attempt()
+    # The blind is stable per key, differs between keys and does not contain the id.
+    assert cipher.blind("acct-alice") == cipher.blind("acct-alice")
+    assert cipher.blind("acct-alice") != other.blind("acct-alice")
+    assert cipher.blind("acct-alice") != cipher.blind("acct-bob")
+    assert "alice" not in cipher.blind("acct-alice")

@@ -193,7 +193,7 @@ async def test_full_flows_then_erasure_leave_no_biometrics_or_secrets(
         assert redis_findings(before, secrets, needles) == []
         assert check_identity_separation(before, [LIVE, PHOTO]) == []
         sids = set(stored)
-        sid_of = {aid: {s.decode() for s in await raw.smembers(f"fp:link:a2s:{aid}")}
+        sid_of = {aid: {s.decode() for s in await raw.smembers(env.store._a2s_key(aid))}
                   for aid in ("acct-live", "acct-photo")}  # fmt: skip
         assert set().union(*sid_of.values()) == sids and all(map(len, sid_of.values()))
 
@@ -448,6 +448,10 @@ async def test_scanners_find_planted_leaks(redis_server, redis_url, analyzer, da
             assert any(repr(key) in f for f in found), (key, found)
         assert any("fp:audit" in f and "(hex)" in f for f in found)
         assert not [f for f in found if "fp:tpl:" in f]  # an encrypted template is fine
+        # A plain (unsealed) link naming the person is caught by the separation check.
+        await r.sadd(f"fp:link:a2s:{LIVE['account_id']}".encode(), b"s_" + b"A" * 22)
+        joined = check_identity_separation(await dump_redis(r), [LIVE])
+        assert any("fp:link:a2s:" in p for p in joined), joined
         # The same through an RDB file (LZF-compressed) and through a log line.
         await r.save()
         rdb = tmp_path / "copy"

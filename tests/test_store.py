@@ -303,14 +303,19 @@ async def test_nothing_at_rest_leaks_templates_passphrase_or_the_face_person_joi
     assert tpl_keys == [f"fp:tpl:{sid}"]
     assert aid.encode() not in b"".join(dump[tpl_keys[0]])
     assert aid not in sid
-    # the only records naming both the subject and the account are the two link keys
+    # No record names both the subject and the account: the links are sealed (s2a) and
+    # keyed by an HMAC blind (a2s), so a dump without the key cannot join face and person.
     joins = sorted(
         k
         for k, values in dump.items()
         if (sid in k or any(sid.encode() in v for v in values))
         and (aid in k or any(aid.encode() in v for v in values))
     )
-    assert joins == [f"fp:link:a2s:{aid}", f"fp:link:s2a:{sid}"]
+    assert joins == []
+    links = sorted(k for k in dump if k.startswith("fp:link:"))
+    assert len(links) == 2 and f"fp:link:s2a:{sid}" in links
+    assert not any(aid in k for k in links)
+    assert await db.account_for_subject(sid) == aid  # with the key, the link opens
     # the passphrase hash lives in the account hash and nowhere else
     holders = [k for k, vs in dump.items() if passhash.encode() in vs]
     assert holders == [f"fp:account:{aid}"]
@@ -359,7 +364,9 @@ async def test_erase_removes_biometrics_links_and_pii(
     assert not any(sid in k or any(sid.encode() in v for v in vs) for k, vs in dump.items())
     left = {k: v for k, v in (await client.hgetall("fp:account:alice")).items()}
     assert set(left) == {b"status", b"created", b"erased"} and left[b"status"] == b"erased"
-    assert not await client.exists("fp:link:a2s:alice", "fp:fail:alice")
+    gone = (db._a2s_key("alice"), f"fp:link:s2a:{sid}", "fp:fail:alice")
+    assert not await client.exists(*gone)
+    assert len(await client.keys("fp:link:*")) == 2  # bob's two links, untouched
     erased = [e for e in await db.read_audit() if e["event"] == "erased"]
     assert erased == [
         {
