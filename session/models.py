@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -95,6 +96,9 @@ def format_amount(minor: int) -> str:
     return f"{sign}{minor // 100}.{minor % 100:02d}"
 
 
+_AMOUNT = re.compile(r"[0-9]{1,13}(\.[0-9]{1,2})?", re.ASCII)
+
+
 def parse_amount(value: object) -> int:
     """A decimal amount ("12.50", 12.5, 12) in minor units; InvalidRequest if malformed.
 
@@ -108,6 +112,10 @@ def parse_amount(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise InvalidRequest("amount must be a decimal string or number")
     text = repr(value) if isinstance(value, float) else str(value).strip()
+    # Plain ASCII decimals only: Decimal() also reads full-width and other Unicode digits
+    # ("１２"), exponents and underscores, none of which a till should send or a person see.
+    if not _AMOUNT.fullmatch(text):
+        raise InvalidRequest(f"amount {text[:20]!r} is not a plain decimal like 12.50")
     try:
         dec = Decimal(text)
     except InvalidOperation as exc:
