@@ -9,6 +9,7 @@ declines, and no payment is written without a correct passphrase.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -111,7 +112,10 @@ class CheckoutSession(VideoSession):
             pass
         except StoreUnavailable:
             log.warning("checkout %s: store unavailable; declining", self.session_id)
-            await self._finish(S.DECLINED, "unavailable")
+            # _finish ends by raising _Ended: caught here, or run() would raise after all.
+            if not self.machine.finished:
+                with contextlib.suppress(_Ended):
+                    await self._finish(S.DECLINED, "unavailable")
         except asyncio.CancelledError:
             if not self.machine.finished:
                 self.machine.move(S.CANCELLED, "disconnected")
@@ -120,7 +124,8 @@ class CheckoutSession(VideoSession):
         except Exception:  # a bug must decline, never approve or hang
             log.exception("checkout %s failed; declining", self.session_id)
             if not self.machine.finished:
-                await self._finish(S.DECLINED, "internal_error")
+                with contextlib.suppress(_Ended):
+                    await self._finish(S.DECLINED, "internal_error")
         return self.machine.state
 
     async def _run(self) -> None:
@@ -168,7 +173,7 @@ class CheckoutSession(VideoSession):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 await self._finish(S.TIMEOUT, "session_timeout")
-            got = await self._analyse_next(min(remaining, 0.5))
+            got = await self._analyse_next(min(remaining, 0.5), analysis_timeout=remaining)
             if got is None:
                 continue
             reports, size, item = got
@@ -323,11 +328,12 @@ class CheckoutSession(VideoSession):
                 )
                 continue
             passphrase = str(msg.get("passphrase", ""))
-            ok = await loop.run_in_executor(
+            check = loop.run_in_executor(
                 self.svc.executor, self.svc.hasher.verify, stored_hash, passphrase
             )
-            await self._check_stopped()
             del passphrase, msg  # keep the secret's lifetime short
+            ok = await self._verified(check, expires_in)
+            await self._check_stopped()
             if ok:
                 break
             left, locked_until = await self.svc.store.record_failure(
@@ -341,6 +347,23 @@ class CheckoutSession(VideoSession):
             await self._send({"type": "wrong_passphrase", "attempts_left": left})
         await self.svc.store.clear_failures(account.account_id)
         await self._pay(account)
+
+    async def _verified(self, check: asyncio.Future[bool], bound_s: float) -> bool:
+        """The passphrase check's result; declines ``unavailable`` if it takes over ``bound_s``.
+
+        argon2 takes tens of milliseconds; an executor so overloaded (or stuck) that the check
+        outlasts a whole prompt's lifetime must give the terminal an answer, and that answer
+        is a decline: nothing was charged and no failure is counted against the account.
+        """
+        try:
+            return await asyncio.wait_for(asyncio.shield(check), bound_s)
+        except TimeoutError:
+            check.add_done_callback(lambda f: f.cancelled() or f.exception())
+            log.warning("checkout %s: passphrase check took over %.0f s", self.session_id, bound_s)
+            await self._finish(S.DECLINED, "unavailable")
+        except asyncio.CancelledError:
+            check.cancel()
+            raise
 
     async def _pay(self, account: Account) -> None:
         await self._check_stopped()  # last chance: a gone terminal is never charged

@@ -48,6 +48,8 @@ class VideoSession:
         #: (how old the frame was when analysis started), and per stage.
         self.last_timings: dict[str, float] = {}
         self._last_faces_event = 0.0
+        #: An analysis that outlived its ``analysis_timeout`` and still runs in its thread.
+        self._busy: asyncio.Future[Any] | None = None
 
     def stop(self) -> None:
         """The terminal is gone: from now on nothing may be charged or stored."""
@@ -73,17 +75,39 @@ class VideoSession:
         image = self.svc.to_bgr(frame)
         return self.stream.process(image, t), (int(image.shape[1]), int(image.shape[0]))
 
-    async def _analyse_next(self, timeout: float) -> Analysed | None:
-        """The newest frame, analysed in the executor; None if none came within ``timeout``."""
+    async def _analyse_next(
+        self, timeout: float, analysis_timeout: float | None = None
+    ) -> Analysed | None:
+        """The newest frame, analysed in the executor; None if none came within ``timeout``.
+
+        With ``analysis_timeout`` the wait for the executor is bounded too (an overloaded or
+        stuck executor must not hold a session past its deadline): None if the analysis did
+        not finish in time. That job still runs in its thread; no other analysis of this
+        stream starts until it has finished (the tracker is not thread-safe).
+        """
+        if self._busy is not None:
+            done, _ = await asyncio.wait({self._busy}, timeout=timeout)
+            if not done:
+                return None
+            self._busy = None
         item = await self.frames.get(timeout=timeout)
         if item is None:
             return None
         age_ms = (time.monotonic() - item.t) * 1000.0
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
-        reports, size = await loop.run_in_executor(
-            self.svc.executor, self._analyse, item.frame, item.t
-        )
+        job = loop.run_in_executor(self.svc.executor, self._analyse, item.frame, item.t)
+        try:
+            reports, size = await asyncio.wait_for(asyncio.shield(job), analysis_timeout)
+        except TimeoutError:
+            log.warning("%s: frame analysis took over %.1f s", self.label, analysis_timeout)
+            # Abandoned, not lost: retrieve its outcome so no error goes unreported.
+            job.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._busy = job
+            return None
+        except asyncio.CancelledError:
+            job.cancel()  # a job still queued never runs for a session that is gone
+            raise
         timings = {"frame": (time.perf_counter() - t0) * 1000.0, "frame_age": age_ms}
         for r in reports:
             timings.update(r.analysis.timings_ms)

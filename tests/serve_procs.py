@@ -23,9 +23,28 @@ from typing import Any
 
 from tests.e2e import REPO, SERVER_ENV_VARS
 
+#: FACEPAY_TEST_SERVER_DEBUG=1: servers log at debug level, and SIGUSR1 makes one write the
+#: stacks of its asyncio tasks and threads to its log (``dump_tasks``), for hung tests.
+DEBUG = os.environ.get("FACEPAY_TEST_SERVER_DEBUG") == "1"
 #: ``python -c`` program: loopback ICE candidates, then the ordinary ``facepay`` entry point.
 LAUNCH = (
-    "import sys\n"
+    "import os, sys\n"
+    "if os.environ.get('FACEPAY_TEST_SERVER_DEBUG') == '1':\n"
+    "    import asyncio, signal\n"
+    "    def _dump(*_):\n"
+    "        for t in asyncio.all_tasks(asyncio.get_event_loop()):\n"
+    "            c = t.get_coro(); print('TASK', t.get_name(), file=sys.stderr)\n"
+    "            while c is not None and hasattr(c, 'cr_frame'):\n"
+    "                f = c.cr_frame\n"
+    "                if f: print('   ', f.f_code.co_filename, f.f_lineno, file=sys.stderr)\n"
+    "                c = getattr(c, 'cr_await', None) or getattr(c, 'gi_yieldfrom', None)\n"
+    "            print('   awaits', repr(c)[:200], file=sys.stderr)\n"
+    "        import threading, traceback\n"
+    "        names = {t.ident: t.name for t in threading.enumerate()}\n"
+    "        for ident, frame in sys._current_frames().items():\n"
+    "            print('THREAD', names.get(ident), file=sys.stderr)\n"
+    "            traceback.print_stack(frame, limit=6, file=sys.stderr)\n"
+    "    signal.signal(signal.SIGUSR1, _dump)\n"
     "from stream_server.webrtc import restrict_host_addresses\n"
     "restrict_host_addresses(['127.0.0.1'])\n"
     "from stream_server.cli import main\n"
@@ -75,7 +94,8 @@ class ServeProc:
         return self.proc.pid
 
     def _argv(self) -> list[str]:
-        argv = [sys.executable, "-c", LAUNCH, "serve", "--port", "0"]
+        debug = ["-v"] if DEBUG else []
+        argv = [sys.executable, "-c", LAUNCH, *debug, "serve", "--port", "0"]
         argv += ["--redis-url", self.redis_url, "--models-dir", str(self.models_dir)]
         argv += ["--data-dir", str(self.workdir / "data")]
         if self.config_path is not None:
@@ -132,6 +152,12 @@ class ServeProc:
     async def stop(self) -> int | None:
         """Graceful stop (SIGTERM), as an orchestrator does."""
         return await self.kill(signal.SIGTERM)
+
+    async def dump_tasks(self) -> None:
+        """With FACEPAY_TEST_SERVER_DEBUG=1: the server writes its tasks and threads to its log."""
+        if DEBUG and self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+            await asyncio.sleep(0.5)
 
     def log(self, chars: int = 3000) -> str:
         """The tail of the current process's stderr (for failure messages)."""

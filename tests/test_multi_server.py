@@ -256,6 +256,8 @@ def test_compose_runs_replicated_servers_on_one_redis_behind_a_balancer():
     # The WebSocket upgrade is passed through and a quiet socket is not cut by the balancer.
     assert "proxy_set_header Upgrade $http_upgrade" in conf
     assert "proxy_set_header Connection $connection_upgrade" in conf
+    # Same-origin check: the server compares a browser's Origin with the Host it is given.
+    assert "proxy_set_header Host $http_host" in conf
     assert re.search(r"proxy_read_timeout\s+\d+[sm]", conf)
     # The admin API's largest upload (8 MiB) fits through.
     assert re.search(r"client_max_body_size\s+(8|9|[1-9]\d+)m", conf)
