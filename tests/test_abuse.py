@@ -493,3 +493,40 @@ async def test_rotate_template_key_command_replaces_the_dev_key_file(
     # Without a new key: a usage error (exit 2), nothing touched.
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "new key" in again.stderr
+
+
+def test_admin_tokens_are_compared_in_constant_time_and_all_of_them(monkeypatch) -> None:
+    """Every configured admin token goes through hmac.compare_digest, whichever matched."""
+    import hmac
+
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from pipeline.errors import AuthError
+    from stream_server.app import CONFIG
+
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(admin.hmac, "compare_digest", spy)
+    config = FacePayConfig.model_validate(
+        {"server": {"admin_token": "new-admin-token", "admin_token_previous": "old-admin-token"}}
+    )
+    app = web.Application()
+    app[CONFIG] = config
+    for given, ok in (("new-admin-token", True), ("old-admin-token", True), ("new-admin", False)):
+        calls.clear()
+        request = make_mocked_request(
+            "GET", "/api/payments/x", headers={"Authorization": f"Bearer {given}"}, app=app
+        )
+        if ok:
+            admin.check_admin(request)
+        else:
+            with pytest.raises(AuthError):
+                admin.check_admin(request)
+        assert [b for _, b in calls] == [b"new-admin-token", b"old-admin-token"], given
+        assert all(a == given.encode() for a, _ in calls)
