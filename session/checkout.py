@@ -39,9 +39,6 @@ S = CheckoutState
 #: around the crowd ratio from frame to frame, and one frame below it must not let the
 #: session pick a face.
 CROWD_HOLD_S = 1.0
-#: Delivered by the edge (never by a terminal: its messages are validated against the
-#: protocol) when the store is down at a moment the session needs it: decline, fail closed.
-STORE_UNAVAILABLE = "_store_unavailable"
 
 
 @dataclass(frozen=True)
@@ -285,8 +282,6 @@ class CheckoutSession(VideoSession):
                 continue
             if msg.get("type") == "cancel":
                 await self._finish(S.CANCELLED, "cancelled")
-            if msg.get("type") == STORE_UNAVAILABLE:
-                await self._finish(S.DECLINED, "unavailable")
             if msg.get("type") == wanted:
                 return msg
             await self._send(

@@ -24,7 +24,7 @@ from pipeline.errors import (
     RateLimited,
     StoreUnavailable,
 )
-from session.checkout import STORE_UNAVAILABLE, CheckoutRequest, CheckoutSession
+from session.checkout import CheckoutRequest, CheckoutSession
 from session.enroll import EnrollRequest, EnrollSession
 from session.frames import FrameSlot
 from session.gate import GateSession, GateTerminal
@@ -219,13 +219,7 @@ class TerminalConnection:
             if not isinstance(self.session, CheckoutSession):
                 raise InvalidRequest(f"no checkout in progress for {getattr(message, 'type', '?')}")
             if isinstance(message, Passphrase) and self.terminal is not None:
-                try:
-                    await self._limit("passphrase_attempts_per_terminal", self.terminal.terminal_id)
-                except StoreUnavailable:
-                    # Attempts cannot be counted: no passphrase is checked (fail closed), and
-                    # the checkout ends with a clear decline instead of waiting out its prompt.
-                    self.session.deliver({"type": STORE_UNAVAILABLE})
-                    raise
+                await self._limit("passphrase_attempts_per_terminal", self.terminal.terminal_id)
             self.session.deliver(message.model_dump())
 
     async def _offer(self, offer: Offer) -> None:
