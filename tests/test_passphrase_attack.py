@@ -418,7 +418,7 @@ async def test_no_payment_without_the_passphrase(attack_env, analyzer, photo):
     shopper = shoppers[0]
     locked = await env.store.locked_until(shopper.name)
     if locked is not None:
-        await asyncio.sleep(locked - time.time() + 0.05)
+        await idle(shopper, locked - time.time() + 0.05)
     shopper.ended, shopper.prompt = None, None
     await shopper.term.send({"type": "start_checkout", "amount": "9.99", "order_id": "control"})
     confirm = await shopper.term.expect("confirm", timeout=60)
