@@ -39,7 +39,12 @@ class TestTerminal:
     async def connect(self, hello: bool = True) -> dict[str, Any] | None:
         """Open the socket and (by default) authenticate; returns the hello reply."""
         self.http = aiohttp.ClientSession()
-        self.ws = await self.http.ws_connect(self.ws_url, timeout=aiohttp.ClientWSTimeout(5))
+        # ws_close only: a receive timeout (what a bare ClientWSTimeout(5) sets) ended the
+        # reader silently whenever the server was quiet for 5 s, e.g. while it waited out a
+        # dead Redis, and the events that followed were never seen.
+        self.ws = await self.http.ws_connect(
+            self.ws_url, timeout=aiohttp.ClientWSTimeout(ws_close=5)
+        )
         self._reader = asyncio.create_task(self._read())
         if not hello:
             return None
@@ -48,13 +53,15 @@ class TestTerminal:
 
     async def _read(self) -> None:
         assert self.ws is not None
-        async for msg in self.ws:
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                event = msg.json()
-                self.events.append(event)
-                await self._queue.put(event)
-        self.close_code = self.ws.close_code
-        await self._queue.put({"type": "_closed", "code": self.ws.close_code})
+        try:
+            async for msg in self.ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    event = msg.json()
+                    self.events.append(event)
+                    await self._queue.put(event)
+        finally:  # however the reading ends, a waiting test hears about it
+            self.close_code = self.ws.close_code
+            self._queue.put_nowait({"type": "_closed", "code": self.ws.close_code})
 
     async def send(self, message: dict[str, Any]) -> None:
         assert self.ws is not None
