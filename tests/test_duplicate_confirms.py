@@ -168,12 +168,16 @@ async def _outcome(term: TestTerminal) -> dict[str, Any]:
     try:
         async with asyncio.timeout(OUTCOME_TIMEOUT_S):
             while True:
-                event = await term.expect("approved", "declined", "state")
+                event = await term.expect(
+                    "approved", "declined", "state", timeout=OUTCOME_TIMEOUT_S
+                )
                 if event["type"] != "state":
                     return event
                 if event["state"] in ("timeout", "cancelled"):
                     return {"type": event["state"], "reason": event.get("reason")}
-    except (TimeoutError, AssertionError):
+    except (TimeoutError, AssertionError) as exc:
+        seen = [t for t in term.types() if t != "pong"][-5:]
+        print(f"no outcome ({exc!r}); last events {seen}, close code {term.close_code}")
         return {"type": "none"}
 
 
