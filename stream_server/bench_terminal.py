@@ -111,33 +111,49 @@ class BenchTerminal:
 
     async def run(self, http: aiohttp.ClientSession, end: float) -> None:
         """Connect, stream, run checkouts until ``end``; every session is reported."""
-        pc = RTCPeerConnection(rtc_configuration())
         ws = await http.ws_connect(ws_url(self.spec["server"]), max_msg_size=1 << 20)
         reader = asyncio.ensure_future(self._read(ws))
+        self.pc: RTCPeerConnection | None = None
+        self.video_lost = False
+        self.reconnects = 0
         try:
             await ws.send_json({"type": "hello", "token": self.token})
             await self._expect({"hello"}, 10.0)
-            pc.addTransceiver(self.track, direction="sendonly")
-            await pc.setLocalDescription(await pc.createOffer())
-            offer = pc.localDescription
-            await ws.send_json({"type": "offer", "sdp": offer.sdp, "sdp_type": offer.type})
-            answer = await self._expect({"answer"}, 15.0)
-            await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
+            await self._start_video(ws)
             # The camera runs before the first shopper arrives (a kiosk is always on).
             await asyncio.sleep(self.spec.get("warmup_s", 1.0))
             n = 0
             while time.monotonic() < end:
+                if self.video_lost or self.pc is None or self.pc.connectionState == "failed":
+                    # As a kiosk would: the video connection died, so offer a new one.
+                    self.reconnects += 1
+                    await self._start_video(ws)
                 n += 1
                 await self._checkout(ws, f"bench-{self.spec['run']}-{self.index}-{n}")
                 await asyncio.sleep(float(self.spec.get("gap_s", GAP_S)))
         finally:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(pc.close(), 5.0)
+                if self.pc is not None:
+                    await asyncio.wait_for(self.pc.close(), 5.0)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(), 3.0)
             reader.cancel()
             with contextlib.suppress(BaseException):
                 await reader
+
+    async def _start_video(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """A (new) peer connection sending the track; the server answers on the socket."""
+        if self.pc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.pc.close(), 5.0)
+        self.video_lost = False
+        pc = self.pc = RTCPeerConnection(rtc_configuration())
+        pc.addTransceiver(self.track, direction="sendonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        offer = pc.localDescription
+        await ws.send_json({"type": "offer", "sdp": offer.sdp, "sdp_type": offer.type})
+        answer = await self._expect({"answer"}, 15.0)
+        await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
 
     async def _checkout(self, ws: aiohttp.ClientWebSocketResponse, order: str) -> None:
         t0 = time.monotonic()
@@ -171,6 +187,9 @@ class BenchTerminal:
                 elif kind == "state" and event.get("state") in ("timeout", "cancelled"):
                     rec.update(outcome=event["state"], reason=event.get("reason"))
                     break
+                elif kind == "error" and event.get("code") == "video_lost":
+                    self.video_lost = True  # this session will time out; the next re-offers
+                    rec["video_lost"] = True
                 elif kind == "error":
                     rec.update(outcome="error", reason=event.get("code"))
                     break
@@ -299,7 +318,9 @@ async def run_process(spec: dict[str, Any]) -> None:
         if isinstance(res, BaseException):
             print(json.dumps({"terminal": t.index, "terminal_error": repr(res)[:300]}), flush=True)
         sent = getattr(t.track, "frames_sent", 0)
-        print(json.dumps({"terminal": t.index, "frames_sent": sent}), flush=True)
+        again = getattr(t, "reconnects", 0)
+        line = {"terminal": t.index, "frames_sent": sent, "reconnects": again}
+        print(json.dumps(line), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -350,7 +350,7 @@ async def _run(
         await sampler.sample(server.rss_mb())
         await sampler.close()
     shutil.rmtree(tmp, ignore_errors=True)
-    records, errors, frames_sent = [], [], 0
+    records, errors, frames_sent, reconnects = [], [], 0, 0
     for out, err in outs:
         for line in out.decode().splitlines():
             rec = json.loads(line)
@@ -360,6 +360,7 @@ async def _run(
                 errors.append(rec)
             else:
                 frames_sent += int(rec.get("frames_sent", 0))
+                reconnects += int(rec.get("reconnects", 0))
         if not out and err:
             errors.append({"stderr": err.decode()[-400:]})
     signal = [r for r in records if r.get("video") is False]
@@ -373,6 +374,9 @@ async def _run(
     failed = result["sessions"]["lost"] + result.get("ws_sessions", {}).get("errors", 0)
     result["error_rate"] = round(failed / all_sessions, 4) if all_sessions else None
     result["resources"] = sampler.summary(result["sessions"]["approved"])
+    # Terminals whose video connection died (the server said video_lost, or ICE failed on
+    # their side) and that offered a new one, as a kiosk would.
+    result["video_reconnects"] = reconnects
     return result
 
 

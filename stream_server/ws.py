@@ -252,7 +252,13 @@ class TerminalConnection:
             if self.frames.dropped > before:
                 metrics.frames_dropped.inc()
 
-        self.ingest = VideoIngest(on_frame=on_frame, peers=self.app[PEERS])
+        def on_closed() -> None:
+            # The peer connection died on its own (ICE consent lost, DTLS failure, the
+            # terminal's side went away). Without video every session here would just time
+            # out: say so, so the terminal can send a new offer.
+            self._notify(error_event("video_lost", "the video connection ended; send a new offer"))
+
+        self.ingest = VideoIngest(on_frame=on_frame, peers=self.app[PEERS], on_closed=on_closed)
         answer = await self.ingest.start(offer.sdp, offer.sdp_type)
         await self.send({"type": "answer", "sdp": answer.sdp, "sdp_type": answer.type})
         if self.terminal is not None and self.terminal.mode == "gate":

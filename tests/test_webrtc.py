@@ -403,3 +403,25 @@ def test_cli_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unused_
     assert run("--amount", "1.234", str(photo)) == 2
     assert run("--amount", "1", str(tmp_path / "missing.jpg")) == 2
     assert run("--amount", "1", "--timeout", "5", str(tmp_path)) == 2  # folder without photos
+
+
+async def test_a_video_connection_that_ends_on_its_own_is_reported_then_a_new_offer_recovers(
+    make_env, analyzer, photo
+):
+    from stream_server.app import CONNECTIONS
+    from tests.e2e import camera_frames
+
+    env = await make_env()
+    await env.enroll("acct-obama", "Barack Obama", "+12025550101", photo("faces/obama/obama.jpg"))
+    term = await env.terminal()
+    await term.start_video(camera_frames(analyzer, photo("faces/obama/obama3.jpg")))
+    [conn] = list(env.app[CONNECTIONS])
+    # What aiortc does when ICE consent or DTLS fails (seen in a soak on an overloaded
+    # machine): the ingest ends by itself. The terminal must hear of it, not just time out.
+    conn.ingest._ended_by_peer()
+    lost = await term.expect("error", timeout=10)
+    assert lost["code"] == "video_lost", term.events
+    # A fresh offer on the same socket brings video back: a checkout reaches its prompt.
+    await term.start_video(camera_frames(analyzer, photo("faces/obama/obama3.jpg"), seed=3))
+    await term.checkout("1.00", "o-video-back")
+    assert (await term.expect("confirm", "declined", timeout=30))["type"] == "confirm"
