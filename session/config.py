@@ -91,6 +91,10 @@ class ServerConfig(_Strict):
     port: int = Field(8080, ge=0, le=65535)
     #: None: start a private redis-server in ``data_dir`` (embedded default).
     redis_url: str | None = None
+    #: Connections this server may open to Redis. The pool waits (up to 5 s) for a free one
+    #: instead of failing: redis-py's own default pool refuses past 100, which refused
+    #: passphrases when 100 terminals confirmed at once (tests/test_duplicate_confirms.py).
+    redis_max_connections: int = Field(512, ge=8, le=10_000)
     data_dir: Path = Path("data")
     #: Dev mode generates and keeps a template key in data_dir; production must pass one.
     dev_mode: bool = False

@@ -65,9 +65,15 @@ def create_app(
         app[WEB_ROOT_DIR] = str(web_root)
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
-        client = aioredis.from_url(
-            redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10
+        pool = aioredis.BlockingConnectionPool.from_url(
+            redis_url,
+            max_connections=config.server.redis_max_connections,
+            timeout=5,
+            socket_timeout=5,
+            socket_connect_timeout=2,
+            health_check_interval=10,
         )
+        client = aioredis.Redis.from_pool(pool)  # the client owns (and closes) the pool
         app[REDIS] = client
         app[STORE] = Store(client, cipher, limits=config.limits)
         app[LIMITER] = RateLimiter(client)

@@ -93,10 +93,13 @@ class TestTerminal:
                 if event["state"] in ("approved", "declined", "cancelled", "timeout"):
                     return event
 
-    async def start_video(self, frames: Iterable[np.ndarray], fps: float = 15.0) -> None:
-        """Negotiate WebRTC over the socket and start streaming ``frames``."""
+    async def start_video(
+        self, frames: Iterable[np.ndarray] | None, fps: float = 15.0, track: Any = None
+    ) -> None:
+        """Negotiate WebRTC over the socket and start streaming ``frames`` (or ``track``:
+        e.g. pre-encoded packets, which cost the test process no encoding)."""
         self.pc = RTCPeerConnection(rtc_configuration())
-        self.track = ReplayTrack(frames, fps=fps)
+        self.track = track if track is not None else ReplayTrack(frames or [], fps=fps)
         self.pc.addTrack(self.track)
         await self.pc.setLocalDescription(await self.pc.createOffer())
         local = self.pc.localDescription
