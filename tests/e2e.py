@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestServer
 from pipeline.align import align
 from pipeline.streamgen import StreamSpec, generate_frames
 from pipeline.types import ImageArray
-from session.config import FacePayConfig, PolicyConfig, ServerConfig
+from session.config import FacePayConfig
 from session.crypto import TemplateCipher, generate_key
 from session.models import Merchant
 from session.store import Store
@@ -131,11 +131,23 @@ class Env:
             await term.close()
 
 
-async def start_env(aiohttp_server: Any, redis_url: str, models_dir: Path, **policy: Any) -> Env:
-    """Start the app (real Redis, models) with policy overrides; one merchant + terminal."""
-    config = FacePayConfig(
-        policy=PolicyConfig(**policy),
-        server=ServerConfig(admin_token="admin-secret-token", workers=2),
+async def start_env(
+    aiohttp_server: Any,
+    redis_url: str,
+    models_dir: Path,
+    *,
+    server: dict[str, Any] | None = None,
+    limits: dict[str, Any] | None = None,
+    **policy: Any,
+) -> Env:
+    """Start the app (real Redis, models) with policy overrides (and server/limits ones);
+    one merchant + terminal."""
+    config = FacePayConfig.model_validate(
+        {
+            "policy": policy,
+            "server": {"admin_token": "admin-secret-token", "workers": 2, **(server or {})},
+            "limits": limits or {},
+        }
     )
     app = create_app(
         config, cipher=TemplateCipher(generate_key()), redis_url=redis_url, models_dir=models_dir

@@ -36,14 +36,11 @@ import os
 import time
 from collections import Counter
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from session.config import FacePayConfig, PolicyConfig, ServerConfig
-from session.crypto import TemplateCipher, generate_key
-from stream_server.app import REDIS, STORE, create_app
+from stream_server.app import REDIS
 from stream_server.bench_terminal import PacketTrack, encode_loop
-from tests.e2e import PASSPHRASE, Env, camera_frames
+from tests.e2e import PASSPHRASE, Env, camera_frames, start_env
 from tests.terminal import TestTerminal
 
 ENROLL = "faces/obama/obama.jpg"
@@ -60,23 +57,6 @@ AMOUNT = 10_00
 REACH_TIMEOUT_S = 120.0
 #: From the passphrases to the last answer (N argon2 checks on the server's workers).
 OUTCOME_TIMEOUT_S = 90.0
-
-
-async def _start(aiohttp_server: Any, redis_url: str, models_dir: Path, **policy: Any) -> Env:
-    """Like tests.e2e.start_env, but with room for N+ open terminal connections."""
-    config = FacePayConfig(
-        policy=PolicyConfig(**policy),
-        # max_sessions caps open WebSockets (default 64): N kiosks need N of them.
-        server=ServerConfig(admin_token="admin-secret-token", workers=2, max_sessions=N + 16),
-    )
-    app = create_app(
-        config, cipher=TemplateCipher(generate_key()), redis_url=redis_url, models_dir=models_dir
-    )
-    server = await aiohttp_server(app)
-    store = app[STORE]
-    merchant = await store.add_merchant("Shop A")
-    _, token = await store.add_terminal(merchant.merchant_id, "checkout")
-    return Env(server=server, store=store, merchant=merchant, token=token)
 
 
 async def _terminals(env: Env, n: int) -> list[TestTerminal]:
@@ -264,10 +244,12 @@ async def test_concurrent_duplicate_confirms_charge_once(
 ):
     # A 30 s prompt (the maximum) so that every prompt is still alive when the last one
     # arrives; limits far above N charges so only the ledger's order rule can decide.
-    env = await _start(
+    env = await start_env(
         aiohttp_server,
         redis_url,
         models_dir,
+        # max_sessions caps open WebSockets (default 64): N kiosks need N of them.
+        server={"max_sessions": N + 16},
         prompt_expiry_s=30.0,
         session_timeout_s=REACH_TIMEOUT_S,
         max_payment=AMOUNT,
@@ -314,10 +296,12 @@ async def test_concurrent_confirms_of_different_orders_respect_the_daily_limit(
 ):
     # N different orders of one account, a daily limit that allows only k of them.
     k = max(1, N // 4)
-    env = await _start(
+    env = await start_env(
         aiohttp_server,
         redis_url,
         models_dir,
+        # max_sessions caps open WebSockets (default 64): N kiosks need N of them.
+        server={"max_sessions": N + 16},
         prompt_expiry_s=30.0,
         session_timeout_s=REACH_TIMEOUT_S,
         max_payment=AMOUNT,

@@ -31,14 +31,12 @@ from aiortc.mediastreams import MediaStreamTrack, VideoStreamTrack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from session.config import FacePayConfig
-from session.crypto import TemplateCipher, generate_key
-from stream_server.app import CONNECTIONS, PEERS, REDIS, STORE, create_app
+from stream_server.app import CONNECTIONS, PEERS, REDIS
 from stream_server.replay_source import ReplayTrack
 from stream_server.webrtc import rtc_configuration
 from stream_server.ws_messages import TRANSPORT_MAX_BYTES
 from tests import fuzz_strategies as fs
-from tests.e2e import PASSPHRASE, Env, camera_frames
+from tests.e2e import PASSPHRASE, Env, camera_frames, start_env
 from tests.terminal import TestTerminal
 
 ADMIN = "fuzz-admin-token-0123456789abcdef"
@@ -117,16 +115,9 @@ def server_errors() -> Iterator[ServerErrors]:
 @pytest.fixture
 async def fuzz_env(aiohttp_server, redis_url, models_dir):  # type: ignore[no-untyped-def]
     """A running server (admin token, fuzz limits) with one merchant and checkout terminal."""
-    config = FacePayConfig.model_validate(
-        {"server": {"admin_token": ADMIN, "workers": 2}, "limits": FUZZ_LIMITS}
+    env = await start_env(
+        aiohttp_server, redis_url, models_dir, server={"admin_token": ADMIN}, limits=FUZZ_LIMITS
     )
-    cipher = TemplateCipher(generate_key())
-    app = create_app(config, cipher=cipher, redis_url=redis_url, models_dir=models_dir)
-    server = await aiohttp_server(app)
-    store = app[STORE]
-    merchant = await store.add_merchant("Shop A")
-    _, token = await store.add_terminal(merchant.merchant_id, "checkout")
-    env = Env(server=server, store=store, merchant=merchant, token=token)
     yield env
     await env.close()
 

@@ -46,10 +46,8 @@ from typing import Any
 
 import pytest
 
-from session.config import FacePayConfig
-from session.crypto import TemplateCipher, generate_key
-from stream_server.app import REDIS, STORE, create_app
-from tests.e2e import PASSPHRASE, Env, camera_frames
+from stream_server.app import REDIS
+from tests.e2e import PASSPHRASE, Env, camera_frames, start_env
 from tests.terminal import TestTerminal
 
 ATTEMPTS = int(os.environ.get("FACEPAY_ATTACK_ATTEMPTS", "300"))
@@ -325,30 +323,20 @@ async def attack(shopper: Shopper, others: list[Shopper], tally: Tally, goal: in
 @pytest.fixture
 async def attack_env(aiohttp_server, redis_url, models_dir):  # type: ignore[no-untyped-def]
     """A real server with the attack's policy and limits (see the module docstring)."""
-    config = FacePayConfig.model_validate(
-        {
-            "server": {"admin_token": "admin-secret-token", "workers": 2},
-            "policy": {
-                "passphrase_attempts": TRIES,
-                "lockout_s": LOCKOUT_S,
-                "session_timeout_s": 60.0,
-            },
-            "limits": {
-                "lockout_backoff": 1.0,
-                "passphrase_attempts_per_terminal": LIFTED,
-                "passphrase_failures_per_account": LIFTED,
-                "session_starts_per_terminal": LIFTED,
-            },
-        }
+    env = await start_env(
+        aiohttp_server,
+        redis_url,
+        models_dir,
+        limits={
+            "lockout_backoff": 1.0,
+            "passphrase_attempts_per_terminal": LIFTED,
+            "passphrase_failures_per_account": LIFTED,
+            "session_starts_per_terminal": LIFTED,
+        },
+        passphrase_attempts=TRIES,
+        lockout_s=LOCKOUT_S,
+        session_timeout_s=60.0,
     )
-    app = create_app(
-        config, cipher=TemplateCipher(generate_key()), redis_url=redis_url, models_dir=models_dir
-    )
-    server = await aiohttp_server(app)
-    store = app[STORE]
-    merchant = await store.add_merchant("Shop A")
-    _, token = await store.add_terminal(merchant.merchant_id, "checkout")
-    env = Env(server=server, store=store, merchant=merchant, token=token)
     yield env
     await env.close()
 
