@@ -24,6 +24,22 @@ SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 VIEWPORT = {"width": 1024, "height": 600}
 WAIT_MS = 30_000  # the longest any single wait may take
 
+# Injected by the tests (never shipped in the page): every data-state the body takes, in
+# order, so a state that lasts only a few milliseconds (a fast capture) is still on record.
+# attributeOldValue recovers states that changed twice before the observer ran.
+STATE_HISTORY_JS = """
+(() => {
+  const seen = (window.__fpStates = []);
+  const note = (s) => { if (s && seen[seen.length - 1] !== s) seen.push(s); };
+  new MutationObserver((records) => {
+    for (const r of records) if (r.target === document.body) note(r.oldValue);
+    note(document.body && document.body.dataset.state);
+  }).observe(document, {
+    subtree: true, attributes: true, attributeFilter: ["data-state"], attributeOldValue: true,
+  });
+})();
+"""
+
 CHROMIUM_FLAGS = [
     "--headless=new",
     "--no-sandbox",
@@ -134,6 +150,7 @@ async def browser_page(user_dir: Path, camera: Path | None) -> AsyncIterator[Any
         )
         try:
             context.set_default_timeout(WAIT_MS)
+            await context.add_init_script(script=STATE_HISTORY_JS)
             page = context.pages[0] if context.pages else await context.new_page()
             errors: list[str] = []
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
@@ -154,6 +171,24 @@ async def wait_state(page: Any, state: str, timeout_ms: int = WAIT_MS) -> None:
         raise AssertionError(
             f"page never reached data-state={state!r} (it is {now!r}); page text:\n{text}\n"
             f"console errors: {page.console_errors}"
+        ) from exc
+
+
+async def state_history(page: Any) -> list[str]:
+    """Every ``data-state`` the current page has shown, in order (see STATE_HISTORY_JS)."""
+    return list(await page.evaluate("window.__fpStates || []"))
+
+
+async def wait_seen(page: Any, state: str, timeout_ms: int = WAIT_MS) -> None:
+    """Wait until the page has shown ``state`` at some point, however briefly."""
+    try:
+        await page.wait_for_function(
+            "s => (window.__fpStates || []).includes(s)", arg=state, timeout=timeout_ms
+        )
+    except Exception as exc:
+        raise AssertionError(
+            f"page never showed data-state={state!r}; it went through "
+            f"{await state_history(page)}; console errors: {page.console_errors}"
         ) from exc
 
 

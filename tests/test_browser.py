@@ -15,6 +15,8 @@ from tests.browser import (
     StateShots,
     browser_page,
     csp_violations,
+    state_history,
+    wait_seen,
     wait_state,
     write_camera,
 )
@@ -202,8 +204,10 @@ async def test_enrolment_with_consent_then_the_new_account_pays(env, analyzer, p
             await page.fill("#phone", "+1 202 555 0101")
             await shots.shot("details")
             await page.press("#phone", "Enter")
-            await wait_state(page, "capturing")
-            await page.wait_for_selector("#hint[data-hint]")  # first enroll_feedback shown
+            # A good capture can be over in a few frames: capturing may already be past.
+            await wait_seen(page, "capturing")
+            # The first enroll_feedback reached the page (its screen may be hidden by now).
+            await page.wait_for_selector("#hint[data-hint]", state="attached")
             if await page.get_attribute("body", "data-state") == "capturing":
                 await shots.shot("capturing")
             await wait_state(page, "passphrase")
@@ -214,10 +218,12 @@ async def test_enrolment_with_consent_then_the_new_account_pays(env, analyzer, p
             await wait_state(page, "enrolled")
             await shots.shot("enrolled")
             assert "acct-new" in await page.text_content("#result-detail")
+            history = await state_history(page)
         finally:
             await shots.stop()
         assert csp_violations(page) == []
-    assert {"consent", "details", "capturing", "passphrase", "enrolled"} <= set(shots.seen)
+    steps = ["consent", "details", "capturing", "passphrase", "enrolled"]
+    assert [s for s in history if s in steps] == steps, history
     # The new account pays at a checkout kiosk with another photo of the same person.
     camera = write_camera(analyzer, photo(SHOPPER), tmp_path / "shop.y4m")
     async with browser_page(tmp_path / "profile2", camera) as page:
