@@ -12,12 +12,14 @@ import asyncio
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from stream_server.cli import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, emit, say
 
 TOKEN_ENV = "FACEPAY_TERMINAL_TOKEN"
+_Box = tuple[float, float, float, float]
 _AMOUNT = re.compile(r"^\d{1,12}(\.\d{1,2})?$")
 
 
@@ -44,12 +46,21 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--duration", type=float, default=20.0, help="seconds of SOURCE to stream (default 20)"
     )
+    # Longer than the server's own session timeout (60 s by default), so that a session
+    # that never decides ends with the server's verdict rather than the client giving up.
     p.add_argument(
-        "--timeout", type=float, default=60.0, help="give up after this many seconds (60)"
+        "--timeout", type=float, default=90.0, help="give up after this many seconds (90)"
     )
     p.add_argument(
         "--focus",
-        help="photo SOURCE: centre on this box X1,Y1,X2,Y2 in photo pixels (default: centre)",
+        help="photo SOURCE: centre on this box X1,Y1,X2,Y2 in photo pixels "
+        "(default: the largest face the detector finds, else the centre)",
+    )
+    p.add_argument(
+        "--models-dir",
+        default=os.environ.get("FACEPAY_MODELS_DIR"),
+        help="models used only to find the face to frame in photos "
+        "(env FACEPAY_MODELS_DIR; default models/; without them photos are centred)",
     )
     p.add_argument(
         "--loopback",
@@ -90,6 +101,33 @@ def _parse_focus(text: str | None) -> tuple[float, float, float, float] | None:
     return parts[0], parts[1], parts[2], parts[3]
 
 
+def _face_locator(models_dir: str | None) -> Callable[[Any], _Box | None] | None:
+    """The largest face's box in a photo, so the camera view frames it; None without models.
+
+    A camera in front of a shopper frames the face, while a centre crop of a tall portrait
+    often shows a chest: streaming that would test nothing.
+    """
+    from pipeline.analyzer import FaceAnalyzer
+    from pipeline.config import PipelineConfig
+    from pipeline.errors import ModelError
+    from pipeline.models import ModelStore
+
+    try:
+        analyzer = FaceAnalyzer.from_config(PipelineConfig(), ModelStore(models_dir))
+    except ModelError as exc:
+        say(f"facepay replay: photos are centred, not framed on a face ({exc}); see --focus")
+        return None
+
+    def locate(image: Any) -> _Box | None:
+        faces = analyzer.detect(image)
+        if not faces:
+            return None
+        box = max(faces, key=lambda f: f.box.area).box
+        return box.x1, box.y1, box.x2, box.y2
+
+    return locate
+
+
 def _replay(args: argparse.Namespace) -> int:
     from stream_server import replay
     from stream_server.webrtc import restrict_host_addresses
@@ -112,6 +150,10 @@ def _replay(args: argparse.Namespace) -> int:
         focus = _parse_focus(args.focus)
     except (OSError, ValueError) as exc:
         return _usage(str(exc))
+    source = Path(args.source)
+    locate = None
+    if focus is None and (source.is_dir() or source.suffix.lower() in replay.IMAGE_EXTS):
+        locate = _face_locator(args.models_dir)
     if args.loopback:
         restrict_host_addresses(["127.0.0.1"])
     try:
@@ -129,6 +171,7 @@ def _replay(args: argparse.Namespace) -> int:
                 duration_s=args.duration,
                 timeout_s=args.timeout,
                 focus=focus,
+                locate=locate,
                 out=emit,
             )
         )

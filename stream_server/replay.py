@@ -27,7 +27,9 @@ from pipeline.errors import AuthError, FacePayError
 from stream_server.replay_source import (
     FRAME_H,
     FRAME_W,
+    IMAGE_EXTS,
     Box,
+    Locate,
     ReplaySourceError,
     ReplayTrack,
     folder_frames,
@@ -40,6 +42,7 @@ from stream_server.webrtc import rtc_configuration
 __all__ = [
     "FRAME_H",
     "FRAME_W",
+    "IMAGE_EXTS",
     "ReplayAuthError",
     "ReplayConnectionError",
     "ReplayProtocolError",
@@ -155,6 +158,7 @@ async def run_replay(
     duration_s: float = 20.0,
     timeout_s: float = 60.0,
     focus: Box | None = None,
+    locate: Locate | None = None,
     out: Output = print_json_line,
 ) -> dict[str, Any]:
     """Stream SOURCE to the server as a terminal; print events; return the result line.
@@ -167,8 +171,11 @@ async def run_replay(
         raise ValueError(f"mode must be checkout or gate, got {mode!r}")
     if mode == "checkout" and amount is None:
         raise ValueError("checkout needs an amount")
+    # In a thread: ``locate`` may run a face detector on a big photo.
     frames = (
-        open_source(source, fps=fps, seconds=duration_s, focus=focus)
+        await asyncio.to_thread(
+            open_source, source, fps=fps, seconds=duration_s, focus=focus, locate=locate
+        )
         if isinstance(source, str | Path)
         else iter(source)
     )

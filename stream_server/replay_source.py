@@ -13,7 +13,7 @@ import asyncio
 import fractions
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import av
@@ -34,6 +34,8 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 FOLDER_GAP_S = 0.3
 _CLOCK = 90000
 Box = tuple[float, float, float, float]
+#: Finds the box (photo pixels) a camera would frame in a photo, or None to centre it.
+Locate = Callable[[np.ndarray], Box | None]
 
 
 class ReplaySourceError(FacePayError):
@@ -63,8 +65,13 @@ def photo_frames(
     return generate_frames(image, spec)
 
 
-def folder_frames(folder: Path, *, fps: float, seconds: float) -> Iterator[np.ndarray]:
-    """Each photo of ``folder`` in name order, ``seconds`` shared out (at least 1 s each)."""
+def folder_frames(
+    folder: Path, *, fps: float, seconds: float, locate: Locate | None = None
+) -> Iterator[np.ndarray]:
+    """Each photo of ``folder`` in name order, ``seconds`` shared out (at least 1 s each).
+
+    ``locate`` picks what each photo's camera view centres on (default: the centre).
+    """
     photos = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
     if not photos:
         raise ReplaySourceError(f"{folder}: no photos ({', '.join(sorted(IMAGE_EXTS))})")
@@ -80,7 +87,8 @@ def folder_frames(folder: Path, *, fps: float, seconds: float) -> Iterator[np.nd
                 log.warning("skipping %s: %s", path, exc)
                 continue
             gaps = ((n - gap, n),) if gap and i < len(photos) - 1 else ()
-            spec = StreamSpec(fps=fps, frames=n, cover=True, seed=i, gap_frames=gaps)
+            focus = locate(image) if locate is not None else None
+            spec = StreamSpec(fps=fps, frames=n, cover=True, focus=focus, seed=i, gap_frames=gaps)
             yield from generate_frames(image, spec)
 
     return frames()
@@ -127,19 +135,30 @@ def video_frames(path: Path, *, fps: float, seconds: float) -> Iterator[np.ndarr
 
 
 def open_source(
-    source: str | Path, *, fps: float, seconds: float, focus: Box | None = None
+    source: str | Path,
+    *,
+    fps: float,
+    seconds: float,
+    focus: Box | None = None,
+    locate: Locate | None = None,
 ) -> Iterator[np.ndarray]:
-    """Frames (640x480 BGR) for SOURCE: a photo, a video file or a folder of photos."""
+    """Frames (640x480 BGR) for SOURCE: a photo, a video file or a folder of photos.
+
+    A photo's camera view centres on ``focus`` if given, else on what ``locate`` finds
+    (a portrait's centre crop often shows a chest, not a face), else on the centre.
+    """
     path = Path(source)
     if not path.exists():
         raise ReplaySourceError(f"{path}: no such file or folder")
     if path.is_dir():
-        return folder_frames(path, fps=fps, seconds=seconds)
+        return folder_frames(path, fps=fps, seconds=seconds, locate=locate)
     if path.suffix.lower() in IMAGE_EXTS:
         try:
             image = load_image(path)
         except ImageError as exc:
             raise ReplaySourceError(str(exc)) from exc
+        if focus is None and locate is not None:
+            focus = locate(image)
         return photo_frames(image, fps=fps, seconds=seconds, focus=focus)
     return video_frames(path, fps=fps, seconds=seconds)
 
