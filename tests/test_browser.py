@@ -7,6 +7,8 @@ docs/screenshots/<page>-<state>.png (1024x600).
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from stream_server.app import CONNECTIONS
@@ -105,6 +107,42 @@ async def test_keypad_wrong_passphrase_and_a_dropped_socket(env, analyzer, photo
         await page.fill("input[type=password]", PASSPHRASE)
         await page.press("input[type=password]", "Enter")
         await wait_state(page, "approved")
+        assert csp_violations(page) == []
+    assert len(await env.payments()) == 1
+
+
+async def test_lost_video_is_offered_again_without_leaving_the_prompt(
+    env, analyzer, photo, tmp_path
+):
+    await env.enroll("acct-obama", "Barack Obama", "+1 202 555 0101", photo(ENROLL))
+    camera = write_camera(analyzer, photo(SHOPPER), tmp_path / "cam.y4m")
+    async with browser_page(tmp_path / "profile", camera) as page:
+        await page.goto(_url(env, f"/checkout#token={env.token}&amount=5.00&order=o-v"))
+        await wait_state(page, "confirm")
+        [conn] = list(env.app[CONNECTIONS])
+        lost = conn.ingest
+        # What aiortc does when ICE consent or DTLS fails: the server's video ends by
+        # itself, the socket stays, and the server says video_lost.
+        lost._ended_by_peer()
+        for _ in range(150):  # the page re-offers after 1 s; bounded wait (15 s)
+            if conn.ingest is not lost:
+                break
+            await asyncio.sleep(0.1)
+        assert conn.ingest is not lost, "the page never offered new video"
+        # The prompt stayed up the whole time, and the sale goes on.
+        assert await page.get_attribute("body", "data-state") == "confirm"
+        await page.fill("input[type=password]", PASSPHRASE)
+        await page.press("input[type=password]", "Enter")
+        await wait_state(page, "approved")
+        # The next sale is decided on the new video connection.
+        await page.click("#new-sale")
+        await wait_state(page, "confirm")
+        await page.click("#screen-confirm [data-action=cancel]")
+        await wait_state(page, "cancelled")
+        # Nothing between the first prompt and its approval went back to a start screen.
+        history = await state_history(page)
+        between = history[history.index("confirm") + 1 : history.index("approved")]
+        assert not {"idle", "connecting", "scanning"} & set(between), history
         assert csp_violations(page) == []
     assert len(await env.payments()) == 1
 

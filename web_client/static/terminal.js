@@ -81,6 +81,9 @@ export class Terminal {
     this.pc = null;
     this.stream = null;
     this.retryDelayMs = 1000;
+    this.videoRetryMs = 0; // back-off for re-offers after video_lost (0: none pending)
+    this.videoLostAt = 0;
+    this.reoffering = false;
     this.stopped = false;
   }
 
@@ -135,10 +138,42 @@ export class Terminal {
     }
     if (msg.type === "answer") {
       await this.pc.setRemoteDescription({ type: msg.sdp_type || "answer", sdp: msg.sdp });
+      if (this.reoffering) {
+        // Same socket, same session: only the video came back; the page carries on.
+        this.reoffering = false;
+        this.onStatus("Connected", true);
+        return;
+      }
       this.onReady(this.hello);
       return;
     }
+    if (msg.type === "error" && msg.code === "video_lost") {
+      this.videoLost();
+      return;
+    }
     this.onEvent(msg);
+  }
+
+  /**
+   * The server lost our video (ICE consent or DTLS failed) but kept the socket and the
+   * session: offer again, or every checkout would only time out. Back off (1 s doubling to
+   * 30 s, reset after a minute without loss) so a broken network is not hammered.
+   */
+  videoLost() {
+    if (this.stopped || !this.stream) return;
+    const now = Date.now();
+    const fresh = now - this.videoLostAt > 60000;
+    this.videoLostAt = now;
+    const delay = fresh ? 1000 : Math.min(Math.max(this.videoRetryMs * 2, 1000), 30000);
+    this.videoRetryMs = delay;
+    this.onStatus(`Video connection lost. Reconnecting the camera in ${delay / 1000} s…`, true);
+    const ws = this.ws;
+    setTimeout(() => {
+      // Only on the socket that lost it: a reconnect in between negotiates by itself.
+      if (this.stopped || this.ws !== ws || ws.readyState !== WebSocket.OPEN) return;
+      this.reoffering = true;
+      this.negotiate(this.hello);
+    }, delay);
   }
 
   /** A fresh peer connection per socket: the server ties video to the connection. */
@@ -154,6 +189,7 @@ export class Terminal {
   }
 
   handleClose(ev) {
+    this.reoffering = false; // the next socket negotiates afresh, and says onReady
     if (this.pc) {
       this.pc.close();
       this.pc = null;
