@@ -220,7 +220,8 @@ async def revoke_terminal(request: web.Request) -> web.StreamResponse:
 
     terminal_id = request.match_info["terminal_id"]
     await request.app[STORE].revoke_terminal(terminal_id)
-    for conn in list(request.app[CONNECTIONS]):
+    connections = request.app[CONNECTIONS]
+    for conn in list(connections):
         if conn.terminal is not None and conn.terminal.terminal_id == terminal_id:
             await conn.ws.close(code=CLOSE_UNAUTHENTICATED, message=b"terminal revoked")
     return web.json_response({"terminal_id": terminal_id, "status": "revoked"})

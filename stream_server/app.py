@@ -100,9 +100,10 @@ def create_app(
 
     async def peers_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
-        for pc in list(app[PEERS]):
+        peers = app[PEERS]
+        for pc in list(peers):
             await pc.close()
-        app[PEERS].clear()
+        peers.clear()
 
     app.cleanup_ctx.extend([redis_ctx, executor_ctx, models_ctx, peers_ctx])
     _add_routes(app)

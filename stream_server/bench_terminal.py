@@ -83,7 +83,7 @@ class PacketTrack(MediaStreamTrack):
         self._n = 0
         self.frames_sent = 0
 
-    async def recv(self) -> av.Packet:  # type: ignore[override]
+    async def recv(self) -> av.Packet:
         """The next packet, paced at ``fps``."""
         if self.readyState != "live":
             raise MediaStreamError
@@ -290,7 +290,7 @@ async def run_process(spec: dict[str, Any]) -> None:
     focus = tuple(spec["focus"]) if spec.get("focus") else None
     packets: list[bytes] | None = None
     if not spec.get("live_encode") and spec["tokens"]:
-        frames = open_source(spec["source"], fps=fps, seconds=LOOP_S, focus=focus)  # type: ignore[arg-type]
+        frames = open_source(spec["source"], fps=fps, seconds=LOOP_S, focus=focus)
         packets = encode_loop(frames, fps)
     start_at = float(spec["start_at"])  # wall clock, so every process starts together
     await asyncio.sleep(max(0.0, start_at - time.time()))
@@ -304,7 +304,7 @@ async def run_process(spec: dict[str, Any]) -> None:
                 spec["source"],
                 fps=fps,
                 seconds=spec["duration_s"] + 60,
-                focus=focus,  # type: ignore[arg-type]
+                focus=focus,
             )
             track = ReplayTrack(frames, fps)
         terminals.append(BenchTerminal(spec, token, index, track))

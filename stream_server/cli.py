@@ -43,6 +43,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The full parser with every sub-command registered."""
     from stream_server import (
+        cli_admin,
         cli_bench,
         cli_gallery,
         cli_gate,
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         cli_models,
         cli_pipeline,
         cli_server,
+        cli_admin,
         cli_replay,
         cli_scene,
         cli_gate,

@@ -21,14 +21,14 @@ from stream_server.cli_server import (
     ENV_KEY,
     KEY_FILE,
     UsageError,
-    _data_dir,
-    _load,
     _read_secret,
-    _redis_arg,
-    _run,
     _write_secret,
     client_redis_url,
+    data_dir_of,
+    load_config_args,
+    redis_arg,
     resolve_template_key,
+    run_cli,
     with_store,
 )
 
@@ -50,8 +50,8 @@ def _new_key(args: argparse.Namespace) -> bytes:
 
 def cmd_rotate_template_key(args: argparse.Namespace) -> int:
     """Re-encrypt all templates; prints {"subjects", "templates"} (how many were rewritten)."""
-    config = _load(args)
-    data_dir = _data_dir(args)
+    config = load_config_args(args)
+    data_dir = data_dir_of(args)
     old_key = resolve_template_key(config, data_dir, create=False)
     new_key = _new_key(args)
     if new_key == old_key:
@@ -88,9 +88,9 @@ def register(sub: Any) -> None:
         "rotate-template-key",
         help="re-encrypt the stored face templates under a new key (servers stopped)",
     )
-    _redis_arg(p)
+    redis_arg(p)
     p.add_argument("--config", default=None, help="JSON configuration file")
     p.add_argument(
         "--new-key-file", default=None, help=f"file holding the new key (env {ENV_NEW_KEY})"
     )
-    p.set_defaults(handler=_run(cmd_rotate_template_key))
+    p.set_defaults(handler=run_cli(cmd_rotate_template_key))

@@ -1,4 +1,4 @@
-"""``facepay serve``, ``facepay admin merchant-add|terminal-add`` and ``facepay enroll``.
+"""``facepay serve`` and what every server-side command shares (``cli_admin`` uses it).
 
 Where things come from (an option wins over its environment variable):
 - Redis: ``--redis-url`` / ``FACEPAY_REDIS_URL`` / the config file; ``serve`` without one
@@ -21,7 +21,6 @@ import re
 import secrets
 import signal
 import ssl
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,15 +30,13 @@ from pydantic import SecretStr
 
 from pipeline.errors import (
     ConfigError,
-    ImageError,
     ModelError,
-    QualityError,
     StoreUnavailable,
 )
 from session.config import FacePayConfig, load_config
 from session.crypto import TemplateCipher, generate_key, parse_key
 from session.store import Store
-from stream_server.cli import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, emit, say
+from stream_server.cli import EXIT_OK, EXIT_USAGE, emit, say
 from stream_server.embedded_redis import EmbeddedRedis, read_url_file
 
 _T = TypeVar("_T")
@@ -133,7 +130,7 @@ def resolve_admin_token(args: argparse.Namespace, config: FacePayConfig, data_di
     return _read_secret(path, "admin token")
 
 
-def _data_dir(args: argparse.Namespace) -> Path:
+def data_dir_of(args: argparse.Namespace) -> Path:
     return Path(args.data_dir or os.environ.get(ENV_DATA) or "data")
 
 
@@ -142,7 +139,7 @@ def client_redis_url(args: argparse.Namespace) -> str:
     url = args.redis_url or os.environ.get(ENV_REDIS)
     if url:
         return str(url)
-    data_dir = _data_dir(args)
+    data_dir = data_dir_of(args)
     url = read_url_file(data_dir)
     if url:
         return url
@@ -171,7 +168,7 @@ async def with_store(
         await client.aclose()
 
 
-def _run(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+def run_cli(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Map UsageError (and configuration/connection failures) to exit 2."""
 
     def wrapped(args: argparse.Namespace) -> int:
@@ -190,124 +187,10 @@ def _run(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
     return wrapped
 
 
-# --- facepay admin ... -----------------------------------------------------------------------
-
-
-def cmd_merchant_add(args: argparse.Namespace) -> int:
-    """Create a merchant; prints {"merchant_id", "name"}."""
-    url = client_redis_url(args)
-    # Merchants and terminals hold no templates: the store's cipher is never used here.
-    merchant = asyncio.run(
-        with_store(url, TemplateCipher(generate_key()), lambda s: s.add_merchant(args.name))
-    )
-    emit({"merchant_id": merchant.merchant_id, "name": merchant.name})
-    return EXIT_OK
-
-
-def cmd_terminal_add(args: argparse.Namespace) -> int:
-    """Create a terminal; prints {"terminal_id", "token", ...} (the token is shown once)."""
-    url = client_redis_url(args)
-    terminal, token = asyncio.run(
-        with_store(
-            url,
-            TemplateCipher(generate_key()),
-            lambda s: s.add_terminal(args.merchant, args.mode),
-        )
-    )
-    emit(
-        {
-            "terminal_id": terminal.terminal_id,
-            "token": token,
-            "merchant_id": terminal.merchant_id,
-            "mode": terminal.mode,
-        }
-    )
-    return EXIT_OK
-
-
-# --- facepay enroll -----------------------------------------------------------------------------
-
-
-def _read_passphrase(args: argparse.Namespace) -> str:
-    if args.passphrase_file:
-        try:
-            text = Path(args.passphrase_file).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"cannot read passphrase file: {exc.strerror or exc}") from None
-    else:
-        text = sys.stdin.read()
-    return text.rstrip("\r\n")
-
-
-def cmd_enroll(args: argparse.Namespace) -> int:
-    """Enrol an account from photos; prints {"account_id", "templates"}."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from pipeline.analyzer import FaceAnalyzer
-    from pipeline.image import load_image
-    from pipeline.models import ModelStore
-    from session.crypto import PassphraseHasher, check_passphrase
-    from session.directory import Directory
-    from session.enrollment import ImageQualityError, check_account_fields, enroll_from_images
-
-    if not args.consent:
-        say("facepay: consent required: pass --consent once the person has agreed")
-        emit({"error": "consent_required", "message": "consent required"})
-        return EXIT_REFUSED
-    passphrase = _read_passphrase(args)
-    check_passphrase(passphrase)
-    check_account_fields(args.account, args.name, args.phone)
-    config = _load(args)
-    images = []
-    for path in args.images:
-        try:
-            images.append(load_image(path))
-        except ImageError as exc:
-            say(f"facepay: {exc}")
-            emit({"error": exc.code, "message": str(exc), "image": str(path)})
-            return EXIT_REFUSED
-    cipher = TemplateCipher(resolve_template_key(config, _data_dir(args), create=False))
-    url = client_redis_url(args)
-    analyzer = FaceAnalyzer.from_config(config.pipeline, ModelStore(args.models_dir))
-
-    async def work(store: Store) -> tuple[str, int]:
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="facepay-enroll") as pool:
-            account, count = await enroll_from_images(
-                store=store,
-                directory=Directory(config.pipeline.match),  # servers learn via fp:events
-                analyzer=analyzer,
-                hasher=PassphraseHasher(),
-                executor=pool,
-                account_id=args.account,
-                name=args.name,
-                phone=args.phone,
-                passphrase=passphrase,
-                images=images,
-                consent={"source": "cli"},
-            )
-        return account.account_id, count
-
-    try:
-        account_id, count = asyncio.run(with_store(url, cipher, work))
-    except QualityError as exc:
-        body: dict[str, Any] = {
-            "error": exc.code,
-            "message": str(exc),
-            "reasons": list(exc.reasons),
-        }
-        if isinstance(exc, ImageQualityError):
-            body["image"] = str(args.images[exc.index])
-        say(f"facepay: photo refused: {exc}")
-        emit(body)
-        return EXIT_REFUSED
-    emit({"account_id": account_id, "templates": count})
-    return EXIT_OK
-
-
 # --- facepay serve -----------------------------------------------------------------------------
 
 
-def _load(args: argparse.Namespace) -> FacePayConfig:
+def load_config_args(args: argparse.Namespace) -> FacePayConfig:
     server: dict[str, Any] = {}
     for key in ("host", "port"):
         server[key] = getattr(args, key, None)
@@ -338,7 +221,7 @@ def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the server until SIGINT/SIGTERM; prints {"url", "redis_url", "dev"} once listening."""
     tls = tls_context(args)
-    config = _load(args)
+    config = load_config_args(args)
     data_dir = Path(args.data_dir or os.environ.get(ENV_DATA) or config.server.data_dir)
     dev = config.server.dev_mode
     cipher = TemplateCipher(resolve_template_key(config, data_dir, create=dev))
@@ -415,7 +298,7 @@ async def _serve(
 # --- registration ------------------------------------------------------------------------------
 
 
-def _redis_arg(parser: argparse.ArgumentParser) -> None:
+def redis_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--redis-url",
         default=None,
@@ -424,7 +307,7 @@ def _redis_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None, help=f"data folder (env {ENV_DATA}; data)")
 
 
-def _models_arg(parser: argparse.ArgumentParser) -> None:
+def models_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--models-dir",
         default=os.environ.get(ENV_MODELS),
@@ -433,12 +316,12 @@ def _models_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def register(sub: Any) -> None:
-    """Add ``serve``, ``admin`` and ``enroll`` to the ``facepay`` parser."""
+    """Add ``serve`` to the ``facepay`` parser."""
     p = sub.add_parser("serve", help="run the FacePay server (embedded Redis by default)")
     p.add_argument("--host", default=None, help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8080; 0 = any free)")
-    _redis_arg(p)
-    _models_arg(p)
+    redis_arg(p)
+    models_arg(p)
     p.add_argument(
         "--dev",
         action="store_true",
@@ -453,30 +336,4 @@ def register(sub: Any) -> None:
         "--tls-cert", default=None, help=f"PEM certificate for HTTPS (env {ENV_TLS_CERT})"
     )
     p.add_argument("--tls-key", default=None, help=f"PEM private key for HTTPS (env {ENV_TLS_KEY})")
-    p.set_defaults(handler=_run(cmd_serve))
-
-    admin = sub.add_parser("admin", help="create merchants and terminals")
-    asub = admin.add_subparsers(dest="admin_command", required=True)
-    p = asub.add_parser("merchant-add", help="create a merchant")
-    _redis_arg(p)
-    p.add_argument("name", help="merchant name")
-    p.set_defaults(handler=_run(cmd_merchant_add))
-    p = asub.add_parser("terminal-add", help="create a terminal and print its token once")
-    _redis_arg(p)
-    p.add_argument("--merchant", required=True, help="merchant id")
-    p.add_argument("--mode", required=True, choices=("checkout", "gate", "enroll"))
-    p.set_defaults(handler=_run(cmd_terminal_add))
-
-    p = sub.add_parser("enroll", help="enrol an account from photos (back-office import)")
-    _redis_arg(p)
-    _models_arg(p)
-    p.add_argument("--account", required=True, help="account id")
-    p.add_argument("--name", required=True, help="display name")
-    p.add_argument("--phone", required=True, help="phone number (its last 4 digits narrow)")
-    p.add_argument("--consent", action="store_true", help="the person agreed to enrolment")
-    p.add_argument("--config", default=None, help="JSON configuration file")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--passphrase-stdin", action="store_true", help="read it from stdin")
-    src.add_argument("--passphrase-file", default=None, help="read it from a file")
-    p.add_argument("images", nargs="+", type=Path, help="photos with one face each")
-    p.set_defaults(handler=_run(cmd_enroll))
+    p.set_defaults(handler=run_cli(cmd_serve))

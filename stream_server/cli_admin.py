@@ -1,0 +1,172 @@
+"""``facepay admin merchant-add|terminal-add`` and ``facepay enroll`` (back-office tools).
+
+They reach the server's Redis as ``facepay serve`` does (``cli_server`` documents where the
+URL, the data folder and the template key come from).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ImageError, QualityError
+from session.crypto import TemplateCipher, generate_key
+from session.store import Store
+from stream_server.cli import EXIT_OK, EXIT_REFUSED, emit, say
+from stream_server.cli_server import (
+    UsageError,
+    client_redis_url,
+    data_dir_of,
+    load_config_args,
+    models_arg,
+    redis_arg,
+    resolve_template_key,
+    run_cli,
+    with_store,
+)
+
+
+def register(sub: Any) -> None:
+    """Add ``admin`` and ``enroll`` to the ``facepay`` parser."""
+    admin = sub.add_parser("admin", help="create merchants and terminals")
+    asub = admin.add_subparsers(dest="admin_command", required=True)
+    p = asub.add_parser("merchant-add", help="create a merchant")
+    redis_arg(p)
+    p.add_argument("name", help="merchant name")
+    p.set_defaults(handler=run_cli(cmd_merchant_add))
+    p = asub.add_parser("terminal-add", help="create a terminal and print its token once")
+    redis_arg(p)
+    p.add_argument("--merchant", required=True, help="merchant id")
+    p.add_argument("--mode", required=True, choices=("checkout", "gate", "enroll"))
+    p.set_defaults(handler=run_cli(cmd_terminal_add))
+
+    p = sub.add_parser("enroll", help="enrol an account from photos (back-office import)")
+    redis_arg(p)
+    models_arg(p)
+    p.add_argument("--account", required=True, help="account id")
+    p.add_argument("--name", required=True, help="display name")
+    p.add_argument("--phone", required=True, help="phone number (its last 4 digits narrow)")
+    p.add_argument("--consent", action="store_true", help="the person agreed to enrolment")
+    p.add_argument("--config", default=None, help="JSON configuration file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--passphrase-stdin", action="store_true", help="read it from stdin")
+    src.add_argument("--passphrase-file", default=None, help="read it from a file")
+    p.add_argument("images", nargs="+", type=Path, help="photos with one face each")
+    p.set_defaults(handler=run_cli(cmd_enroll))
+
+
+# --- facepay admin ... -----------------------------------------------------------------------
+
+
+def cmd_merchant_add(args: argparse.Namespace) -> int:
+    """Create a merchant; prints {"merchant_id", "name"}."""
+    url = client_redis_url(args)
+    # Merchants and terminals hold no templates: the store's cipher is never used here.
+    merchant = asyncio.run(
+        with_store(url, TemplateCipher(generate_key()), lambda s: s.add_merchant(args.name))
+    )
+    emit({"merchant_id": merchant.merchant_id, "name": merchant.name})
+    return EXIT_OK
+
+
+def cmd_terminal_add(args: argparse.Namespace) -> int:
+    """Create a terminal; prints {"terminal_id", "token", ...} (the token is shown once)."""
+    url = client_redis_url(args)
+    terminal, token = asyncio.run(
+        with_store(
+            url,
+            TemplateCipher(generate_key()),
+            lambda s: s.add_terminal(args.merchant, args.mode),
+        )
+    )
+    emit(
+        {
+            "terminal_id": terminal.terminal_id,
+            "token": token,
+            "merchant_id": terminal.merchant_id,
+            "mode": terminal.mode,
+        }
+    )
+    return EXIT_OK
+
+
+# --- facepay enroll -----------------------------------------------------------------------------
+
+
+def _read_passphrase(args: argparse.Namespace) -> str:
+    if args.passphrase_file:
+        try:
+            text = Path(args.passphrase_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot read passphrase file: {exc.strerror or exc}") from None
+    else:
+        text = sys.stdin.read()
+    return text.rstrip("\r\n")
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    """Enrol an account from photos; prints {"account_id", "templates"}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.analyzer import FaceAnalyzer
+    from pipeline.image import load_image
+    from pipeline.models import ModelStore
+    from session.crypto import PassphraseHasher, check_passphrase
+    from session.directory import Directory
+    from session.enrollment import ImageQualityError, check_account_fields, enroll_from_images
+
+    if not args.consent:
+        say("facepay: consent required: pass --consent once the person has agreed")
+        emit({"error": "consent_required", "message": "consent required"})
+        return EXIT_REFUSED
+    passphrase = _read_passphrase(args)
+    check_passphrase(passphrase)
+    check_account_fields(args.account, args.name, args.phone)
+    config = load_config_args(args)
+    images = []
+    for path in args.images:
+        try:
+            images.append(load_image(path))
+        except ImageError as exc:
+            say(f"facepay: {exc}")
+            emit({"error": exc.code, "message": str(exc), "image": str(path)})
+            return EXIT_REFUSED
+    cipher = TemplateCipher(resolve_template_key(config, data_dir_of(args), create=False))
+    url = client_redis_url(args)
+    analyzer = FaceAnalyzer.from_config(config.pipeline, ModelStore(args.models_dir))
+
+    async def work(store: Store) -> tuple[str, int]:
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="facepay-enroll") as pool:
+            account, count = await enroll_from_images(
+                store=store,
+                directory=Directory(config.pipeline.match),  # servers learn via fp:events
+                analyzer=analyzer,
+                hasher=PassphraseHasher(),
+                executor=pool,
+                account_id=args.account,
+                name=args.name,
+                phone=args.phone,
+                passphrase=passphrase,
+                images=images,
+                consent={"source": "cli"},
+            )
+        return account.account_id, count
+
+    try:
+        account_id, count = asyncio.run(with_store(url, cipher, work))
+    except QualityError as exc:
+        body: dict[str, Any] = {
+            "error": exc.code,
+            "message": str(exc),
+            "reasons": list(exc.reasons),
+        }
+        if isinstance(exc, ImageQualityError):
+            body["image"] = str(args.images[exc.index])
+        say(f"facepay: photo refused: {exc}")
+        emit(body)
+        return EXIT_REFUSED
+    emit({"account_id": account_id, "templates": count})
+    return EXIT_OK
