@@ -222,14 +222,7 @@ class CheckoutSession(VideoSession):
             )
         if not self._faces_due():
             return
-        await self._send(
-            {
-                "type": "faces",
-                "width": size[0],
-                "height": size[1],
-                "boxes": [r.face.box.as_list() for r in reports],
-            }
-        )
+        await self._send_faces(size, boxes=[r.face.box.as_list() for r in reports])
 
     async def _identify(self, embedding: FloatArray) -> tuple[Account, str]:
         await self._set(S.VERIFYING)

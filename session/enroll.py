@@ -230,8 +230,7 @@ class EnrollSession(VideoSession):
     async def _feedback(self, reports: list[TrackReport], size: tuple[int, int], hint: str) -> None:
         if not self._faces_due():
             return
-        boxes = [r.face.box.as_list() for r in reports]
-        await self._send({"type": "faces", "width": size[0], "height": size[1], "boxes": boxes})
+        await self._send_faces(size, boxes=[r.face.box.as_list() for r in reports])
         progress = min(1.0, len(self._templates) / self.cfg.templates)
         await self._send({"type": "enroll_feedback", "hint": hint, "progress": round(progress, 3)})
 

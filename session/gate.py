@@ -82,21 +82,15 @@ class GateSession(VideoSession):
     async def _faces_event(self, reports: list[TrackReport], size: tuple[int, int]) -> None:
         if not self._faces_due():
             return
-        await self._send(
+        tracks = [
             {
-                "type": "faces",
-                "width": size[0],
-                "height": size[1],
-                "tracks": [
-                    {
-                        "track_id": r.track_id,
-                        "box": r.face.box.as_list(),
-                        "decision": self.decisions.get(r.track_id),
-                    }
-                    for r in reports
-                ],
+                "track_id": r.track_id,
+                "box": r.face.box.as_list(),
+                "decision": self.decisions.get(r.track_id),
             }
-        )
+            for r in reports
+        ]
+        await self._send_faces(size, tracks=tracks)
 
     def _decision_ms(self, report: TrackReport) -> float:
         start = report.ready_since if report.ready_since is not None else report.first_seen

@@ -70,6 +70,10 @@ class VideoSession:
         self._last_faces_event = now
         return True
 
+    async def _send_faces(self, size: tuple[int, int], **drawn: Any) -> None:
+        """A ``faces`` event: the analysed frame's size and what the mode draws on it."""
+        await self._send({"type": "faces", "width": size[0], "height": size[1], **drawn})
+
     def _analyse(self, frame: Any, t: float) -> tuple[list[TrackReport], tuple[int, int]]:
         """Worker thread: convert the frame and run the pipeline on it."""
         image = self.svc.to_bgr(frame)

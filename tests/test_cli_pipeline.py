@@ -246,93 +246,42 @@ def test_eval_malformed_pairs_file_is_a_usage_error(
 ) -> None:
     pairs = tmp_path / "pairs.txt"
     pairs.write_text(text, encoding="utf-8")
-    code, lines, err = run(
-        capsys,
-        "eval",
-        "--models-dir",
-        str(models_dir),
-        str(data_dir / "faces"),
-        "--pairs",
-        str(pairs),
-    )
-    assert code == 2
-    assert lines == []
+    err = _eval_usage_error(capsys, models_dir, data_dir / "faces", "--pairs", pairs)
     assert "pairs" in err
 
 
-def test_eval_missing_pairs_file_is_a_usage_error(
-    capsys: pytest.CaptureFixture[str], models_dir: Path, data_dir: Path, tmp_path: Path
-) -> None:
-    code, _, err = run(
-        capsys,
-        "eval",
-        "--models-dir",
-        str(models_dir),
-        str(data_dir / "faces"),
-        "--pairs",
-        str(tmp_path / "absent.txt"),
-    )
-    assert code == 2
-    assert "pairs" in err
-
-
-def test_eval_spoof_without_live_is_a_usage_error(
-    capsys: pytest.CaptureFixture[str], models_dir: Path, data_dir: Path
-) -> None:
-    code, lines, err = run(
-        capsys,
-        "eval",
-        "--models-dir",
-        str(models_dir),
-        str(data_dir / "faces"),
-        "--spoof",
-        str(data_dir / "spoof"),
-    )
-    assert code == 2
+def _eval_usage_error(capsys: pytest.CaptureFixture[str], models_dir: Path, *args: Any) -> str:
+    """Run ``facepay eval`` expecting a usage error (exit 2, nothing on stdout); its stderr."""
+    code, lines, err = run(capsys, "eval", "--models-dir", str(models_dir), *map(str, args))
+    assert code == 2, err
     assert lines == []
-    assert "--live" in err
+    return err
 
 
-def test_eval_live_without_spoof_is_a_usage_error(
-    capsys: pytest.CaptureFixture[str], models_dir: Path, data_dir: Path
+# Each case: eval's arguments, made from (data folder, tmp folder), and what stderr must name.
+EVAL_USAGE_ERRORS: dict[str, tuple[Any, str]] = {
+    "missing_pairs_file": (lambda d, t: [d / "faces", "--pairs", t / "absent.txt"], "pairs"),
+    "spoof_without_live": (lambda d, t: [d / "faces", "--spoof", d / "spoof"], "--live"),
+    "live_without_spoof": (lambda d, t: [d / "faces", "--live", d / "spoof"], "--spoof"),
+    "missing_faces_dir": (lambda d, t: [t / "no_such_folder"], "no_such_folder"),
+    "missing_spoof_dir": (
+        lambda d, t: [d / "faces", "--spoof", t / "nope", "--live", d / "spoof"],
+        "nope",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(EVAL_USAGE_ERRORS))
+def test_eval_usage_errors_say_what_is_wrong(
+    capsys: pytest.CaptureFixture[str],
+    models_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+    case: str,
 ) -> None:
-    code, _, _ = run(
-        capsys,
-        "eval",
-        "--models-dir",
-        str(models_dir),
-        str(data_dir / "faces"),
-        "--live",
-        str(data_dir / "spoof"),
-    )
-    assert code == 2
-
-
-def test_eval_missing_faces_dir_is_a_usage_error(
-    capsys: pytest.CaptureFixture[str], models_dir: Path, tmp_path: Path
-) -> None:
-    missing = tmp_path / "no_such_folder"
-    code, lines, err = run(capsys, "eval", "--models-dir", str(models_dir), str(missing))
-    assert code == 2
-    assert lines == []
-    assert str(missing) in err
-
-
-def test_eval_missing_spoof_dir_is_a_usage_error(
-    capsys: pytest.CaptureFixture[str], models_dir: Path, data_dir: Path, tmp_path: Path
-) -> None:
-    code, _, _ = run(
-        capsys,
-        "eval",
-        "--models-dir",
-        str(models_dir),
-        str(data_dir / "faces"),
-        "--spoof",
-        str(tmp_path / "nope"),
-        "--live",
-        str(data_dir / "spoof"),
-    )
-    assert code == 2
+    make_args, named = EVAL_USAGE_ERRORS[case]
+    err = _eval_usage_error(capsys, models_dir, *make_args(data_dir, tmp_path))
+    assert named in err
 
 
 # --- bench-pipeline --------------------------------------------------------------------------
