@@ -59,8 +59,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--models-dir",
         default=os.environ.get("FACEPAY_MODELS_DIR"),
-        help="models used only to find the face to frame in photos "
-        "(env FACEPAY_MODELS_DIR; default models/; without them photos are centred)",
+        help="models used only to find the face to frame in SOURCE "
+        "(env FACEPAY_MODELS_DIR; default models/; without them SOURCE is centred)",
     )
     p.add_argument(
         "--loopback",
@@ -115,7 +115,7 @@ def _face_locator(models_dir: str | None) -> Callable[[Any], _Box | None] | None
     try:
         analyzer = FaceAnalyzer.from_config(PipelineConfig(), ModelStore(models_dir))
     except ModelError as exc:
-        say(f"facepay replay: photos are centred, not framed on a face ({exc}); see --focus")
+        say(f"facepay replay: SOURCE is centred, not framed on a face ({exc}); see --focus")
         return None
 
     def locate(image: Any) -> _Box | None:
@@ -150,10 +150,8 @@ def _replay(args: argparse.Namespace) -> int:
         focus = _parse_focus(args.focus)
     except (OSError, ValueError) as exc:
         return _usage(str(exc))
-    source = Path(args.source)
-    locate = None
-    if focus is None and (source.is_dir() or source.suffix.lower() in replay.IMAGE_EXTS):
-        locate = _face_locator(args.models_dir)
+    # Frame the face in photos, folders and videos alike (--focus: photos only, explicit).
+    locate = _face_locator(args.models_dir) if focus is None else None
     if args.loopback:
         restrict_host_addresses(["127.0.0.1"])
     try:

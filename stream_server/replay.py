@@ -27,7 +27,6 @@ from pipeline.errors import AuthError, FacePayError
 from stream_server.replay_source import (
     FRAME_H,
     FRAME_W,
-    IMAGE_EXTS,
     Box,
     Locate,
     ReplaySourceError,
@@ -42,7 +41,6 @@ from stream_server.webrtc import rtc_configuration
 __all__ = [
     "FRAME_H",
     "FRAME_W",
-    "IMAGE_EXTS",
     "ReplayAuthError",
     "ReplayConnectionError",
     "ReplayProtocolError",

@@ -44,8 +44,12 @@ class ReplaySourceError(FacePayError):
     code = "bad_source"
 
 
-def _fit(image: np.ndarray) -> np.ndarray:
-    """Scale and centre-crop ``image`` to fill 640x480 (no bars, aspect kept)."""
+def _fit(image: np.ndarray, centre: tuple[float, float] | None = None) -> np.ndarray:
+    """Scale and crop ``image`` to fill 640x480 (no bars, aspect kept).
+
+    The crop is centred on ``centre`` (image pixels) as far as the image allows, else on
+    the middle of the image.
+    """
     h, w = image.shape[:2]
     if (w, h) == (FRAME_W, FRAME_H):
         return image
@@ -54,7 +58,56 @@ def _fit(image: np.ndarray) -> np.ndarray:
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     resized = cv2.resize(image, size, interpolation=interp)
     x0, y0 = (size[0] - FRAME_W) // 2, (size[1] - FRAME_H) // 2
+    if centre is not None:
+        x0 = min(max(round(centre[0] * scale - FRAME_W / 2), 0), size[0] - FRAME_W)
+        y0 = min(max(round(centre[1] * scale - FRAME_H / 2), 0), size[1] - FRAME_H)
     return np.ascontiguousarray(resized[y0 : y0 + FRAME_H, x0 : x0 + FRAME_W])
+
+
+def _upright(image: np.ndarray, rotation: int) -> np.ndarray:
+    """Apply a video's display rotation (phones store portrait video sideways).
+
+    ``rotation`` is FFmpeg's: degrees counter-clockwise; showing the frame upright takes the
+    opposite turn, as ``ffmpeg`` itself does on playback.
+    """
+    turn = (-round(rotation / 90) * 90) % 360
+    if turn == 90:
+        return cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE)
+    if turn == 180:
+        return cv2.rotate(image, cv2.ROTATE_180)
+    if turn == 270:
+        return cv2.rotate(image, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    return image
+
+
+def _decoded(frame: av.VideoFrame) -> np.ndarray:
+    """One decoded video frame as an upright BGR image."""
+    return _upright(frame.to_ndarray(format="bgr24"), int(frame.rotation or 0))
+
+
+def _video_face_centre(
+    path: Path, locate: Locate, seconds: float = 2.0
+) -> tuple[float, float] | None:
+    """Where the face is in the first ``seconds`` of a video (upright pixels), or None.
+
+    One fixed crop for the whole video, as a camera that does not move: every 5th frame is
+    looked at until a face is found.
+    """
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        rate = float(stream.average_rate or 25)
+        first: float | None = None
+        for index, frame in enumerate(container.decode(stream)):
+            t = frame.time if frame.time is not None else index / rate
+            first = t if first is None else first
+            if t - first > seconds:
+                break
+            if index % 5:
+                continue
+            box = locate(_decoded(frame))
+            if box is not None:
+                return (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
+    return None
 
 
 def photo_frames(
@@ -94,8 +147,14 @@ def folder_frames(
     return frames()
 
 
-def video_frames(path: Path, *, fps: float, seconds: float) -> Iterator[np.ndarray]:
-    """``seconds`` of ``path`` resampled to ``fps`` in its own time, looped if shorter."""
+def video_frames(
+    path: Path, *, fps: float, seconds: float, locate: Locate | None = None
+) -> Iterator[np.ndarray]:
+    """``seconds`` of ``path`` resampled to ``fps`` in its own time, looped if shorter.
+
+    Frames are turned upright (display rotation) and cropped to 640x480 around the face
+    ``locate`` finds early in the video, else around the middle.
+    """
     needed = round(seconds * fps)
     try:
         with av.open(str(path)) as container:
@@ -105,6 +164,7 @@ def video_frames(path: Path, *, fps: float, seconds: float) -> Iterator[np.ndarr
         raise ReplaySourceError(f"{path}: not a readable photo or video ({exc})") from exc
 
     def frames() -> Iterator[np.ndarray]:
+        centre = _video_face_centre(path, locate) if locate is not None else None
         produced, offset = 0, 0.0
         while produced < needed:
             last: np.ndarray | None = None
@@ -123,7 +183,7 @@ def video_frames(path: Path, *, fps: float, seconds: float) -> Iterator[np.ndarr
                         produced += 1
                     if produced >= needed:
                         return
-                    last = _fit(frame.to_ndarray(format="bgr24"))
+                    last = _fit(_decoded(frame), centre)
             if last is None:
                 raise ReplaySourceError(f"{path}: no decodable video frames")
             offset += t + 1.0 / rate
@@ -145,7 +205,8 @@ def open_source(
     """Frames (640x480 BGR) for SOURCE: a photo, a video file or a folder of photos.
 
     A photo's camera view centres on ``focus`` if given, else on what ``locate`` finds
-    (a portrait's centre crop often shows a chest, not a face), else on the centre.
+    (a portrait's centre crop often shows a chest, not a face), else on the centre. A video
+    is turned upright and cropped around the face ``locate`` finds in its first seconds.
     """
     path = Path(source)
     if not path.exists():
@@ -160,7 +221,7 @@ def open_source(
         if focus is None and locate is not None:
             focus = locate(image)
         return photo_frames(image, fps=fps, seconds=seconds, focus=focus)
-    return video_frames(path, fps=fps, seconds=seconds)
+    return video_frames(path, fps=fps, seconds=seconds, locate=locate)
 
 
 class ReplayTrack(VideoStreamTrack):

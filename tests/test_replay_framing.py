@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import av
+import cv2
 import numpy as np
 import pytest
 
 from pipeline.analyzer import FaceAnalyzer
 from stream_server import replay
 from stream_server.cli_replay import _face_locator
+from stream_server.replay_source import Locate, _upright
 
 # A full-length portrait (970x2204): the centre of its 4:3 crop is the chest.
 PORTRAIT = Path("faces") / "biden" / "biden.jpg"
@@ -65,3 +68,77 @@ def test_without_models_photos_are_centred_with_a_note(
     assert _face_locator(str(tmp_path / "no-models")) is None
     err = capsys.readouterr().err
     assert "centred" in err and "--focus" in err
+
+
+# --- videos: display rotation and framing ---------------------------------------------------
+
+
+def _phone_video(data_dir: Path, path: Path, rotation: int, locate: Locate) -> Path:
+    """A portrait 'phone' clip (360x640 upright, face in the top third) stored sideways.
+
+    Phones record portrait video as landscape frames plus a display rotation; ``rotation``
+    is FFmpeg's (counter-clockwise degrees), so -90 means "turn 90 degrees clockwise".
+    """
+    photo = data_dir / "faces" / "obama" / "obama.jpg"
+    camera = list(replay.open_source(photo, fps=15, seconds=1, locate=locate))
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=15)
+        stream.width, stream.height = 640, 360
+        stream.pix_fmt = "yuv420p"
+        stream.set_display_rotation(rotation)
+        for frame in camera:
+            upright = np.full((640, 360, 3), 90, np.uint8)  # a plain wall below the face
+            upright[:270] = cv2.resize(frame, (360, 270), interpolation=cv2.INTER_AREA)
+            sideways = cv2.rotate(upright, cv2.ROTATE_90_COUNTERCLOCKWISE)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(sideways, format="bgr24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def _upright_faces(analyzer: FaceAnalyzer, frames: list[np.ndarray]) -> list[bool]:
+    """Per frame: a face is found and it is upright (eyes above the mouth)."""
+    found = []
+    for frame in frames:
+        faces = analyzer.detect(frame)
+        if not faces:
+            found.append(False)
+            continue
+        points = max(faces, key=lambda f: f.box.area).landmarks_array()
+        eyes, mouth = points[[0, 1]], points[[3, 4]]
+        found.append(bool(eyes[:, 1].max() < mouth[:, 1].min()))
+    return found
+
+
+def test_a_phone_video_is_turned_upright_and_framed_on_the_face(
+    data_dir: Path, analyzer: FaceAnalyzer, models_dir: Path, tmp_path: Path
+) -> None:
+    locate = _face_locator(str(models_dir))
+    assert locate is not None
+    video = _phone_video(data_dir, tmp_path / "phone.mp4", -90, locate)
+    with av.open(str(video)) as container:
+        first = next(container.decode(video=0))
+        assert (first.width, first.height, first.rotation) == (640, 360, -90)
+    frames = list(replay.open_source(video, fps=15, seconds=1.0, locate=locate))
+    assert len(frames) == 15 and all(f.shape == (480, 640, 3) for f in frames)
+    assert all(_upright_faces(analyzer, frames))
+    # Without a locator the middle of the portrait is streamed: the wall, no face.
+    centred = list(replay.open_source(video, fps=15, seconds=1.0))
+    assert not any(_upright_faces(analyzer, centred))
+
+
+@pytest.mark.parametrize(
+    ("rotation", "turn"),
+    [
+        (0, None),
+        (-90, cv2.ROTATE_90_CLOCKWISE),
+        (90, cv2.ROTATE_90_COUNTERCLOCKWISE),
+        (180, cv2.ROTATE_180),
+        (-180, cv2.ROTATE_180),
+    ],
+)
+def test_display_rotation_is_undone_as_ffmpeg_plays_it(rotation: int, turn: int | None) -> None:
+    image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    expected = image if turn is None else cv2.rotate(image, turn)
+    assert np.array_equal(_upright(image, rotation), expected)
