@@ -4,7 +4,6 @@ key). ``Store`` inherits these methods; code against ``Store`` only.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 import time
@@ -22,10 +21,6 @@ log = logging.getLogger(__name__)
 _WATCH_RETRIES = 8
 
 
-def _token_sha256(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
 class StoreKeys(StoreCore):
     """Terminal token rotation and template re-encryption."""
 
@@ -38,7 +33,7 @@ class StoreKeys(StoreCore):
         """
         key = self._k("terminal", terminal_id)
         token = "fpt_" + secrets.token_urlsafe(32)
-        digest = _token_sha256(token)
+        digest = h.token_sha256(token)
         with h.unavailable("rotate_terminal_token"):
             async with self._r.pipeline(transaction=True) as pipe:
                 for _ in range(_WATCH_RETRIES):

@@ -4,7 +4,9 @@ checks and reply decoding. Nothing here is part of the public interface.
 
 from __future__ import annotations
 
+import hashlib
 import re
+import secrets
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -100,6 +102,16 @@ def unavailable(what: str) -> Iterator[None]:
         yield
     except (RedisError, OSError) as exc:
         raise StoreUnavailable(f"redis unavailable during {what} ({type(exc).__name__})") from exc
+
+
+def new_id(kind: str, nbytes: int = 16) -> str:
+    """A random id such as ``s_<22 url-safe chars>``; it says nothing about its owner."""
+    return f"{kind}_{secrets.token_urlsafe(nbytes)}"
+
+
+def token_sha256(token: str) -> str:
+    """The hex sha256 under which a terminal token is stored and looked up."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 def text(value: object) -> str:

@@ -30,24 +30,20 @@ Every Redis failure becomes ``StoreUnavailable`` (chained); multi-key writes are
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import cast, get_args
 
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
-from pipeline.errors import AuthError, Conflict, InvalidRequest, NotFound, PaymentConflict
+from pipeline.errors import Conflict, InvalidRequest, NotFound, PaymentConflict
 from pipeline.types import FloatArray
 from session import _store_lua as h
-from session._store_keys import StoreKeys
+from session._store_terminals import StoreTerminals
 from session.config import RateLimitConfig
 from session.crypto import TemplateCipher
-from session.models import Account, Merchant, Terminal, TerminalMode
+from session.models import Account
 
 __all__ = ["PaymentConflict", "Store"]
 
@@ -57,23 +53,14 @@ _WATCH_RETRIES = 8
 _PII_FIELDS = ("name", "phone", "phone_last4", "passhash")
 
 
-def _new_id(kind: str, nbytes: int = 16) -> str:
-    """A random id such as ``s_<22 url-safe chars>``; it says nothing about its owner."""
-    return f"{kind}_{secrets.token_urlsafe(nbytes)}"
-
-
-def _token_sha256(token: str) -> str:
-    """The hex sha256 under which a terminal token is stored and looked up."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-class Store(StoreKeys):
+class Store(StoreTerminals):
     """Async access to FacePay's Redis records.
 
     Lockout (``locked_until``, ``record_failure``, ``clear_failures``), payments
     (``find_payment``, ``create_payment``, ``get_payment``) and the audit stream (``audit``,
     ``read_audit``) are inherited from ``session._store_ledger.StoreCore``; secret rotation
-    (``rotate_terminal_token``, ``rekey_templates``) from ``session._store_keys.StoreKeys``.
+    (``rotate_terminal_token``, ``rekey_templates``) from ``session._store_keys.StoreKeys``;
+    merchants and terminals from ``session._store_terminals.StoreTerminals``.
     """
 
     def __init__(
@@ -96,107 +83,6 @@ class Store(StoreKeys):
         except Exception:
             return False
 
-    # --- merchants and terminals ------------------------------------------------------------
-    async def add_merchant(self, name: str) -> Merchant:
-        """Create a merchant with a new random id."""
-        name = h.check_label(name, "merchant name")
-        merchant = Merchant(_new_id("m", 12), name, time.time())
-        with h.unavailable("add_merchant"):
-            await self._r.hset(
-                self._k("merchant", merchant.merchant_id),
-                mapping={"name": name, "created": repr(merchant.created)},
-            )
-        return merchant
-
-    async def get_merchant(self, merchant_id: str) -> Merchant:
-        """The merchant, or NotFound."""
-        with h.unavailable("get_merchant"):
-            raw = h.decode_hash(await self._r.hgetall(self._k("merchant", merchant_id)))
-        if not raw:
-            raise NotFound("no such merchant")
-        return Merchant(merchant_id, raw["name"], float(raw["created"]))
-
-    async def add_terminal(self, merchant_id: str, mode: TerminalMode) -> tuple[Terminal, str]:
-        """Create a terminal; returns it and its token (shown once, stored only as sha256)."""
-        if mode not in get_args(TerminalMode):
-            raise InvalidRequest(f"terminal mode must be one of {get_args(TerminalMode)}")
-        await self.get_merchant(merchant_id)
-        terminal = Terminal(_new_id("t", 12), merchant_id, mode, time.time())
-        # A prefix makes tokens recognisable in leaks and never starts with "-" (which
-        # command lines would read as an option).
-        token = "fpt_" + secrets.token_urlsafe(32)
-        digest = _token_sha256(token)
-        with h.unavailable("add_terminal"):
-            async with self._r.pipeline(transaction=True) as pipe:
-                pipe.hset(
-                    self._k("terminal", terminal.terminal_id),
-                    mapping={
-                        "merchant_id": merchant_id,
-                        "mode": mode,
-                        "token_sha256": digest,
-                        "created": repr(terminal.created),
-                        "status": terminal.status,
-                    },
-                )
-                pipe.set(self._k("termtok", digest), terminal.terminal_id)
-                await pipe.execute()
-        return terminal, token
-
-    async def get_terminal(self, terminal_id: str) -> Terminal:
-        """The terminal (active or revoked), or NotFound."""
-        with h.unavailable("get_terminal"):
-            raw = h.decode_hash(await self._r.hgetall(self._k("terminal", terminal_id)))
-        if not raw:
-            raise NotFound("no such terminal")
-        return self._terminal(terminal_id, raw)
-
-    async def revoke_terminal(self, terminal_id: str) -> None:
-        """Revoke a terminal: its token stops working at once. NotFound if unknown."""
-        with h.unavailable("revoke_terminal"):
-            key = self._k("terminal", terminal_id)
-            digest = await self._r.hget(key, "token_sha256")
-            if digest is None:
-                raise NotFound("no such terminal")
-            async with self._r.pipeline(transaction=True) as pipe:
-                pipe.hset(key, mapping={"status": "revoked", "revoked": repr(time.time())})
-                pipe.delete(self._k("termtok", h.text(digest)))
-                entry = h.audit_fields(
-                    "terminal_revoked", time.time(), {"terminal_id": terminal_id}
-                )
-                self._queue_audit(pipe, entry)
-                await pipe.execute()
-
-    async def authenticate_terminal(self, token: str) -> Terminal:
-        """The active terminal whose token this is, or AuthError (constant-time compare)."""
-        if not isinstance(token, str) or not token or len(token) > 256:
-            raise AuthError("missing or malformed terminal token")
-        digest = _token_sha256(token)
-        with h.unavailable("authenticate_terminal"):
-            tid = await self._r.get(self._k("termtok", digest))
-            if tid is None:
-                raise AuthError("unknown terminal token")
-            terminal_id = h.text(tid)
-            raw = h.decode_hash(await self._r.hgetall(self._k("terminal", terminal_id)))
-        stored = raw.get("token_sha256", "")
-        if not hmac.compare_digest(stored.encode(), digest.encode()):
-            raise AuthError("unknown terminal token")
-        if raw.get("status") != "active":
-            raise AuthError("terminal revoked")
-        return self._terminal(terminal_id, raw)
-
-    @staticmethod
-    def _terminal(terminal_id: str, raw: Mapping[str, str]) -> Terminal:
-        mode = raw["mode"]
-        if mode not in get_args(TerminalMode):
-            raise InvalidRequest("stored terminal has an unknown mode")
-        return Terminal(
-            terminal_id=terminal_id,
-            merchant_id=raw["merchant_id"],
-            mode=cast(TerminalMode, mode),
-            created=float(raw["created"]),
-            status=raw.get("status", "active"),
-        )
-
     # --- accounts and templates ---------------------------------------------------------------
     async def create_account(
         self,
@@ -218,7 +104,7 @@ class Store(StoreKeys):
         if not templates or len(templates) > 64:
             raise InvalidRequest("an enrolment needs 1 to 64 templates")
         now = time.time()
-        sid = _new_id("s", 16)
+        sid = h.new_id("s", 16)
         blobs = {str(i): self._cipher.encrypt(sid, t) for i, t in enumerate(templates)}
         # Built (and so checked) before anything is written. No subject id in the audit: the
         # link keys are the only place where a face and a person meet.

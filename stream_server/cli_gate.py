@@ -76,7 +76,7 @@ async def _bench(args: argparse.Namespace, data_root: Path) -> int:
     from pipeline.config import PipelineConfig
     from pipeline.image import load_image
     from pipeline.models import ModelStore
-    from pipeline.scene import preset_scene, scene_from_json, write_scene
+    from pipeline.scene_presets import preset_scene, scene_from_json, write_scene
     from session.config import FacePayConfig, ServerConfig
     from session.crypto import TemplateCipher, generate_key
     from session.enrollment import enroll_from_images

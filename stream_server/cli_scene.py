@@ -61,7 +61,7 @@ def cmd_scene(args: argparse.Namespace) -> int:
     from pipeline.config import PipelineConfig
     from pipeline.image import load_image
     from pipeline.models import ModelStore
-    from pipeline.scene import largest_face_box, preset_scene, preset_turn_away, write_scene
+    from pipeline.scene_presets import largest_face_box, preset_scene, preset_turn_away, write_scene
 
     out: Path = args.out
     if out.suffix.lower() not in (".avi", ".mp4", ".y4m"):

@@ -10,7 +10,8 @@ import dataclasses
 
 import pytest
 
-from pipeline.scene import Actor, SceneSpec, preset_scene, preset_turn_away, render_scene
+from pipeline.scene import Actor, SceneSpec, render_scene
+from pipeline.scene_presets import preset_scene, preset_turn_away
 from session.store import Store
 from stream_server.app import CONNECTIONS
 

@@ -30,7 +30,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from pipeline.image import load_image
-from pipeline.scene import preset_scene, render_scene
+from pipeline.scene import render_scene
+from pipeline.scene_presets import preset_scene
 from session.crypto import TemplateCipher
 from session.enrollment import template_from_image
 from session.store import Store

@@ -20,15 +20,11 @@ import numpy as np
 import pytest
 
 from pipeline.analyzer import FaceAnalyzer
-from pipeline.scene import (
-    TURN_S,
-    Actor,
-    ActorState,
-    SceneSpec,
+from pipeline.scene import TURN_S, Actor, ActorState, SceneSpec, render_scene
+from pipeline.scene_presets import (
     largest_face_box,
     preset_scene,
     preset_turn_away,
-    render_scene,
     scene_from_json,
     scene_to_json,
     write_scene,
