@@ -23,7 +23,7 @@ from pipeline.embedder import MobileFaceNetEmbedder
 from pipeline.liveness import MiniFASNetFusion, liveness_crop
 from pipeline.quality import assess
 from pipeline.streamgen import StreamSpec, generate_frames
-from pipeline.types import ImageArray
+from pipeline.types import ImageArray, focus_box
 
 
 def _median_ms(fn: Callable[[], object], iterations: int) -> float:
@@ -38,11 +38,7 @@ def _median_ms(fn: Callable[[], object], iterations: int) -> float:
 
 def make_frames(analyzer: FaceAnalyzer, photo: ImageArray, count: int) -> list[ImageArray]:
     """``count`` 640x480 camera-view frames of the photo's largest face."""
-    faces = analyzer.detect(photo)
-    focus = None
-    if faces:
-        box = max(faces, key=lambda f: f.box.area).box
-        focus = (box.x1, box.y1, box.x2, box.y2)
+    focus = focus_box(analyzer.detect(photo))
     spec = StreamSpec(frames=count, cover=True, focus=focus, seed=1)
     return list(generate_frames(photo, spec))
 

@@ -27,18 +27,17 @@ from pipeline.scene import (
     render_scene,
 )
 from pipeline.streamgen import write_video, write_y4m
-from pipeline.types import Face, ImageArray
+from pipeline.types import Face, ImageArray, focus_box
 
 
 def largest_face_box(detect: Callable[[ImageArray], Sequence[Face]]) -> FaceBoxFn:
     """A ``face_box`` for ``render_scene`` from a detector (e.g. ``FaceAnalyzer.detect``)."""
 
     def face_box(image: ImageArray) -> BoxT:
-        faces = detect(image)
-        if not faces:
+        box = focus_box(detect(image))
+        if box is None:
             raise ValueError("no face found in an actor's photo")
-        b = max(faces, key=lambda f: f.box.area).box
-        return (b.x1, b.y1, b.x2, b.y2)
+        return box
 
     return face_box
 

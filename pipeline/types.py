@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,3 +77,14 @@ class Face:
             "landmarks": [[round(x, 1), round(y, 1)] for x, y in self.landmarks],
             "score": round(self.score, 4),
         }
+
+
+def focus_box(faces: Sequence[Face]) -> tuple[float, float, float, float] | None:
+    """(x1, y1, x2, y2) of the largest face (the one nearest the camera), or None.
+
+    What a camera view of a photo centres on (``StreamSpec.focus``).
+    """
+    if not faces:
+        return None
+    box = max(faces, key=lambda f: f.box.area).box
+    return box.x1, box.y1, box.x2, box.y2

@@ -12,14 +12,15 @@ import asyncio
 import os
 import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stream_server.cli import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, emit, say
 
+if TYPE_CHECKING:  # replay_source imports av and aiortc: only when a replay runs
+    from stream_server.replay_source import Box, Locate
+
 TOKEN_ENV = "FACEPAY_TERMINAL_TOKEN"
-_Box = tuple[float, float, float, float]
 _AMOUNT = re.compile(r"^\d{1,12}(\.\d{1,2})?$")
 
 
@@ -101,7 +102,7 @@ def _parse_focus(text: str | None) -> tuple[float, float, float, float] | None:
     return parts[0], parts[1], parts[2], parts[3]
 
 
-def _face_locator(models_dir: str | None) -> Callable[[Any], _Box | None] | None:
+def _face_locator(models_dir: str | None) -> Locate | None:
     """The largest face's box in a photo, so the camera view frames it; None without models.
 
     A camera in front of a shopper frames the face, while a centre crop of a tall portrait
@@ -111,6 +112,7 @@ def _face_locator(models_dir: str | None) -> Callable[[Any], _Box | None] | None
     from pipeline.config import PipelineConfig
     from pipeline.errors import ModelError
     from pipeline.models import ModelStore
+    from pipeline.types import focus_box
 
     try:
         analyzer = FaceAnalyzer.from_config(PipelineConfig(), ModelStore(models_dir))
@@ -118,12 +120,8 @@ def _face_locator(models_dir: str | None) -> Callable[[Any], _Box | None] | None
         say(f"facepay replay: SOURCE is centred, not framed on a face ({exc}); see --focus")
         return None
 
-    def locate(image: Any) -> _Box | None:
-        faces = analyzer.detect(image)
-        if not faces:
-            return None
-        box = max(faces, key=lambda f: f.box.area).box
-        return box.x1, box.y1, box.x2, box.y2
+    def locate(image: Any) -> Box | None:
+        return focus_box(analyzer.detect(image))
 
     return locate
 

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from pipeline.streamgen import StreamSpec, generate_frames, write_y4m
+from pipeline.streamgen import write_y4m
 from pipeline.types import ImageArray
+from tests.e2e import camera_frames
 
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
@@ -77,11 +78,7 @@ def write_camera(
     analyzer: Any, photo: ImageArray, path: Path, seconds: float = 6, fps: float = 15
 ) -> Path:
     """A y4m fake-camera file: a camera view of the photo's largest face (Chromium loops it)."""
-    faces = analyzer.detect(photo)
-    box = max(faces, key=lambda f: f.box.area).box if faces else None
-    focus = (box.x1, box.y1, box.x2, box.y2) if box else None
-    spec = StreamSpec(seconds=seconds, fps=fps, cover=True, focus=focus)
-    write_y4m(generate_frames(photo, spec), path, fps)
+    write_y4m(camera_frames(analyzer, photo, seconds=seconds, fps=fps), path, fps)
     return path
 
 

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 
 from pipeline.align import align
 from pipeline.streamgen import StreamSpec, generate_frames
-from pipeline.types import ImageArray
+from pipeline.types import ImageArray, focus_box
 from session.config import FacePayConfig
 from session.crypto import TemplateCipher, generate_key
 from session.models import Merchant
@@ -68,9 +68,7 @@ def camera_frames(
     analyzer: Any, photo: ImageArray, seconds: float = 20, fps: float = 15, seed: int = 0
 ) -> Iterator[ImageArray]:
     """A camera-view stream of the photo's largest face."""
-    faces = analyzer.detect(photo)
-    box = max(faces, key=lambda f: f.box.area).box if faces else None
-    focus = (box.x1, box.y1, box.x2, box.y2) if box else None
+    focus = focus_box(analyzer.detect(photo))
     spec = StreamSpec(seconds=seconds, fps=fps, seed=seed, cover=True, focus=focus)
     return generate_frames(photo, spec)
 
