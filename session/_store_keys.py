@@ -5,7 +5,6 @@ key). ``Store`` inherits these methods; code against ``Store`` only.
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from typing import cast
 
@@ -32,8 +31,7 @@ class StoreKeys(StoreCore):
         Returns the new token (shown once). NotFound if unknown, Conflict if revoked.
         """
         key = self._k("terminal", terminal_id)
-        token = "fpt_" + secrets.token_urlsafe(32)
-        digest = h.token_sha256(token)
+        token, digest = h.new_terminal_token()
         with h.unavailable("rotate_terminal_token"):
             async with self._r.pipeline(transaction=True) as pipe:
                 for _ in range(_WATCH_RETRIES):

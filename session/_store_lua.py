@@ -114,6 +114,16 @@ def token_sha256(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+def new_terminal_token() -> tuple[str, str]:
+    """A new terminal token (shown once) and its sha256 (all that is stored).
+
+    A prefix makes tokens recognisable in leaks and never starts with "-" (which command
+    lines would read as an option).
+    """
+    token = "fpt_" + secrets.token_urlsafe(32)
+    return token, token_sha256(token)
+
+
 def text(value: object) -> str:
     """A Redis reply (bytes or str) as str."""
     if isinstance(value, bytes | bytearray):

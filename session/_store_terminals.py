@@ -5,7 +5,6 @@ sha256 only). ``Store`` inherits these methods; code against ``Store`` only.
 from __future__ import annotations
 
 import hmac
-import secrets
 import time
 from collections.abc import Mapping
 from typing import cast, get_args
@@ -44,10 +43,7 @@ class StoreTerminals(StoreKeys):
             raise InvalidRequest(f"terminal mode must be one of {get_args(TerminalMode)}")
         await self.get_merchant(merchant_id)
         terminal = Terminal(h.new_id("t", 12), merchant_id, mode, time.time())
-        # A prefix makes tokens recognisable in leaks and never starts with "-" (which
-        # command lines would read as an option).
-        token = "fpt_" + secrets.token_urlsafe(32)
-        digest = h.token_sha256(token)
+        token, digest = h.new_terminal_token()
         with h.unavailable("add_terminal"):
             async with self._r.pipeline(transaction=True) as pipe:
                 pipe.hset(
