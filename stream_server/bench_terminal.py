@@ -108,14 +108,14 @@ class BenchTerminal:
         self.spec, self.token, self.index, self.track = spec, token, index, track
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.records: list[dict[str, Any]] = []
+        self.pc: RTCPeerConnection | None = None
+        self.video_lost = False  # the server said video_lost: re-offer before the next sale
+        self.reconnects = 0  # new offers made because the video connection died
 
     async def run(self, http: aiohttp.ClientSession, end: float) -> None:
         """Connect, stream, run checkouts until ``end``; every session is reported."""
         ws = await http.ws_connect(ws_url(self.spec["server"]), max_msg_size=1 << 20)
         reader = asyncio.ensure_future(self._read(ws))
-        self.pc: RTCPeerConnection | None = None
-        self.video_lost = False
-        self.reconnects = 0
         try:
             await ws.send_json({"type": "hello", "token": self.token})
             await self._expect({"hello"}, 10.0)
@@ -318,8 +318,7 @@ async def run_process(spec: dict[str, Any]) -> None:
         if isinstance(res, BaseException):
             print(json.dumps({"terminal": t.index, "terminal_error": repr(res)[:300]}), flush=True)
         sent = getattr(t.track, "frames_sent", 0)
-        again = getattr(t, "reconnects", 0)
-        line = {"terminal": t.index, "frames_sent": sent, "reconnects": again}
+        line = {"terminal": t.index, "frames_sent": sent, "reconnects": t.reconnects}
         print(json.dumps(line), flush=True)
 
 

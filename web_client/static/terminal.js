@@ -81,7 +81,7 @@ export class Terminal {
     this.pc = null;
     this.stream = null;
     this.retryDelayMs = 1000;
-    this.videoRetryMs = 0; // back-off for re-offers after video_lost (0: none pending)
+    this.videoRetryMs = 0; // the last re-offer delay after video_lost (doubles, up to 30 s)
     this.videoLostAt = 0;
     this.reoffering = false;
     this.stopped = false;
