@@ -35,6 +35,7 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -66,22 +67,6 @@ async def _terminals(env: Env, n: int) -> list[TestTerminal]:
         _, token = await env.store.add_terminal(env.merchant.merchant_id, "checkout")
         terms.append(await env.terminal(token=token))
     return terms
-
-
-async def _keepalive(terms: list[TestTerminal]) -> None:
-    """Ping every terminal every second while the test runs.
-
-    TestTerminal connects with ``ClientWSTimeout(5)``, i.e. a 5 s *receive* timeout: a
-    terminal that hears nothing for 5 s (one waiting its turn to stream, or one holding a
-    prompt while the others catch up) would lose its reader silently. The server answers
-    every ping with a pong, which keeps each reader alive.
-    """
-    while True:
-        for term in terms:
-            if term.ws is not None and not term.ws.closed:
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await term.send({"type": "ping"})
-        await asyncio.sleep(1.0)
 
 
 async def _reach_confirm(
@@ -185,14 +170,8 @@ async def _race(
     """Enrol the shopper, bring len(orders) terminals to their prompts, confirm all at once."""
     await env.enroll(ACCOUNT, "Barack Obama", "+12025550101", photo(ENROLL))
     terms = await _terminals(env, len(orders))
-    pinger = asyncio.create_task(_keepalive(terms))
-    try:
-        confirms, arrived = await _reach_confirm(terms, orders, analyzer, photo)
-        outcomes, spread_ms = await _confirm_all(terms, confirms)
-    finally:
-        pinger.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await pinger
+    confirms, arrived = await _reach_confirm(terms, orders, analyzer, photo)
+    outcomes, spread_ms = await _confirm_all(terms, confirms)
     return terms, confirms, arrived, outcomes, spread_ms
 
 
@@ -239,11 +218,13 @@ def _figures(
     return figures
 
 
-async def test_concurrent_duplicate_confirms_charge_once(
-    aiohttp_server, redis_url, models_dir, loopback_ice, analyzer, photo
-):
+@contextlib.asynccontextmanager
+async def _race_env(
+    aiohttp_server: Any, redis_url: str, models_dir: Any, daily_limit: int
+) -> AsyncIterator[Env]:
+    """A server for N kiosks racing: every prompt outlives the race, limits are ``daily_limit``."""
     # A 30 s prompt (the maximum) so that every prompt is still alive when the last one
-    # arrives; limits far above N charges so only the ledger's order rule can decide.
+    # arrives; max_payment allows every single charge.
     env = await start_env(
         aiohttp_server,
         redis_url,
@@ -253,42 +234,61 @@ async def test_concurrent_duplicate_confirms_charge_once(
         prompt_expiry_s=30.0,
         session_timeout_s=REACH_TIMEOUT_S,
         max_payment=AMOUNT,
-        daily_limit=AMOUNT * N * 10,
+        daily_limit=daily_limit,
     )
     try:
+        yield env
+    finally:
+        await env.close()
+
+
+async def _race_figures(
+    env: Env, test: str, orders: list[str], analyzer: Any, photo: Any, allowed: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run the race, check what holds for every race; its figures and the outcomes.
+
+    ``allowed``: how many charges the ledger may make (1 per order / k under the limit).
+    """
+    terms, confirms, arrived, outcomes, spread_ms = await _race(env, orders, analyzer, photo)
+    payments = len(await env.payments())
+    figures = _figures(
+        test,
+        terms,
+        confirms,
+        arrived,
+        outcomes,
+        spread_ms,
+        payments,
+        await _daily_total(env),
+        allowed=allowed,
+    )
+    # Safety first (whatever else happened): never more charges than allowed.
+    assert figures["excess_charges"] == 0 and figures["approved"] <= allowed, figures
+    assert figures["daily_total"] == AMOUNT * figures["payments"], figures
+    # Then the race itself: every terminal held a live prompt when the passphrases went
+    # out and got a clear answer; exactly ``allowed`` are charged.
+    assert figures["reached_confirm"] == N, [t.events[-3:] for t in terms]
+    assert figures["other_outcomes"] == {}, figures
+    assert len(outcomes) == N
+    assert figures["approved"] == allowed, figures
+    assert figures["payments"] == allowed and figures["daily_total"] == allowed * AMOUNT, figures
+    return figures, outcomes
+
+
+async def test_concurrent_duplicate_confirms_charge_once(
+    aiohttp_server, redis_url, models_dir, loopback_ice, analyzer, photo
+):
+    # Limits far above N charges so only the ledger's order rule can decide.
+    async with _race_env(aiohttp_server, redis_url, models_dir, AMOUNT * N * 10) as env:
         order = "dup-order-1"
-        terms, confirms, arrived, outcomes, spread_ms = await _race(
-            env, [order] * N, analyzer, photo
+        figures, outcomes = await _race_figures(
+            env, "same_order", [order] * N, analyzer, photo, allowed=1
         )
-        payments = await env.payments()
-        paid = await env.store.find_payment(env.merchant.merchant_id, order)
-        figures = _figures(
-            "same_order",
-            terms,
-            confirms,
-            arrived,
-            outcomes,
-            spread_ms,
-            len(payments),
-            await _daily_total(env),
-            allowed=1,
-        )
-        # Safety first (whatever else happened): never more than one charge for the order.
-        assert figures["excess_charges"] == 0 and figures["approved"] <= 1, figures
-        assert figures["daily_total"] == AMOUNT * figures["payments"], figures
-        # Then the race itself: every terminal held a live prompt when the passphrases went
-        # out and got a clear answer; exactly one is charged.
-        assert figures["reached_confirm"] == N, [t.events[-3:] for t in terms]
-        assert figures["other_outcomes"] == {}, figures
-        assert len(outcomes) == N
-        assert figures["approved"] == 1, figures
         assert figures["declined"] == {"duplicate_order": N - 1}, figures
-        assert figures["payments"] == 1 and figures["daily_total"] == AMOUNT, figures
+        paid = await env.store.find_payment(env.merchant.merchant_id, order)
         approved = next(o for o in outcomes if o["type"] == "approved")
         assert paid is not None and paid.payment_id == approved["payment_id"]
         assert paid.amount == AMOUNT and paid.account_id == ACCOUNT
-    finally:
-        await env.close()
 
 
 async def test_concurrent_confirms_of_different_orders_respect_the_daily_limit(
@@ -296,39 +296,7 @@ async def test_concurrent_confirms_of_different_orders_respect_the_daily_limit(
 ):
     # N different orders of one account, a daily limit that allows only k of them.
     k = max(1, N // 4)
-    env = await start_env(
-        aiohttp_server,
-        redis_url,
-        models_dir,
-        # max_sessions caps open WebSockets (default 64): N kiosks need N of them.
-        server={"max_sessions": N + 16},
-        prompt_expiry_s=30.0,
-        session_timeout_s=REACH_TIMEOUT_S,
-        max_payment=AMOUNT,
-        daily_limit=AMOUNT * k,
-    )
-    try:
+    async with _race_env(aiohttp_server, redis_url, models_dir, AMOUNT * k) as env:
         orders = [f"limit-order-{i}" for i in range(N)]
-        terms, confirms, arrived, outcomes, spread_ms = await _race(env, orders, analyzer, photo)
-        payments = await env.payments()
-        figures = _figures(
-            "limit_race",
-            terms,
-            confirms,
-            arrived,
-            outcomes,
-            spread_ms,
-            len(payments),
-            await _daily_total(env),
-            allowed=k,
-        )
-        assert figures["excess_charges"] == 0 and figures["approved"] <= k, figures
-        assert figures["daily_total"] == AMOUNT * figures["payments"], figures
-        assert figures["reached_confirm"] == N, [t.events[-3:] for t in terms]
-        assert figures["other_outcomes"] == {}, figures
-        assert len(outcomes) == N
-        assert figures["approved"] == k, figures
+        figures, _ = await _race_figures(env, "limit_race", orders, analyzer, photo, allowed=k)
         assert figures["declined"] == {"limit": N - k}, figures
-        assert figures["payments"] == k and figures["daily_total"] == k * AMOUNT, figures
-    finally:
-        await env.close()
