@@ -300,12 +300,9 @@ async def run_cycle(shopper: Shopper, others: list[Shopper], tally: Tally, n: in
     tally.cycles += 1
 
 
-async def idle(shopper: Shopper, seconds: float) -> None:
-    """Wait, pinging: TestTerminal's socket gives up after 5 s without a message."""
-    end = time.monotonic() + seconds
-    while (left := end - time.monotonic()) > 0:
-        await shopper.term.send({"type": "ping"})
-        await asyncio.sleep(min(left, 2.0))
+async def wait_until(t: float) -> None:
+    """Sleep until wall-clock ``t`` (a lockout's end); the terminal's socket stays open."""
+    await asyncio.sleep(max(0.0, t - time.time()))
 
 
 async def attack(shopper: Shopper, others: list[Shopper], tally: Tally, goal: int) -> None:
@@ -315,7 +312,7 @@ async def attack(shopper: Shopper, others: list[Shopper], tally: Tally, goal: in
         await run_cycle(shopper, others, tally, n)
         n += 1
         if shopper.locked_until is not None:
-            await idle(shopper, shopper.locked_until - time.time() + 0.05)
+            await wait_until(shopper.locked_until + 0.05)
             shopper.locked_until = None
         shopper.term.events.clear()  # keep memory flat over a long run (approvals are counted)
 
@@ -406,7 +403,7 @@ async def test_no_payment_without_the_passphrase(attack_env, analyzer, photo):
     shopper = shoppers[0]
     locked = await env.store.locked_until(shopper.name)
     if locked is not None:
-        await idle(shopper, locked - time.time() + 0.05)
+        await wait_until(locked + 0.05)
     shopper.ended, shopper.prompt = None, None
     await shopper.term.send({"type": "start_checkout", "amount": "9.99", "order_id": "control"})
     confirm = await shopper.term.expect("confirm", timeout=60)
