@@ -134,7 +134,8 @@ class CheckoutSession(VideoSession):
             await self._finish(S.DECLINED, "duplicate_order", payment_id=paid.payment_id)
         await self._set(S.SCANNING)
         deadline = time.monotonic() + self.policy.session_timeout_s
-        account, subject = await self._recognise(deadline)
+        with self.frames.wanted():  # the video is decoded only while a checkout scans
+            account, subject = await self._recognise(deadline)
         await self._confirm(account, subject)
 
     async def _set(self, state: CheckoutState, **extra: Any) -> None:

@@ -151,7 +151,8 @@ class EnrollSession(VideoSession):
             time=repr(self.consent_time),
         )
         await self._set("capturing")
-        await self._capture(time.monotonic() + self.cfg.timeout_s)
+        with self.frames.wanted():
+            await self._capture(time.monotonic() + self.cfg.timeout_s)
         await self._set("passphrase")
         await self._passphrase(time.monotonic() + self.cfg.passphrase_timeout_s)
 

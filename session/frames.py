@@ -3,13 +3,23 @@
 The receiver ``put``s every decoded frame; the worker ``get``s the newest one when it is ready
 for more. A frame replaced before anyone took it counts as dropped: we never queue frames, so
 a slow CPU lowers the analysed frame rate instead of growing a backlog and the latency.
+
+The slot also says whether frames are wanted at all: a session holds :meth:`FrameSlot.wanted`
+while it looks at the video (a checkout while it scans, an enrolment while it captures, a gate
+always). Between those windows the receiver does not decode the stream, and when a window
+opens ``on_demand`` asks the camera for a fresh keyframe to restart from.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -33,6 +43,9 @@ class FrameSlot(Generic[T]):
         self.received = 0
         self.dropped = 0
         self.taken = 0
+        self._demand = 0
+        #: Called (on the event loop) each time frames become wanted after a pause.
+        self.on_demand: Callable[[], None] | None = None
 
     def put(self, frame: T, t: float) -> None:
         """Offer a frame; an untaken older frame is dropped."""
@@ -60,6 +73,25 @@ class FrameSlot(Generic[T]):
     def clear(self) -> None:
         """Forget a waiting frame (e.g. when a new checkout starts); not counted as dropped."""
         self._item = None
+
+    @property
+    def in_demand(self) -> bool:
+        """True while some session holds :meth:`wanted`."""
+        return self._demand > 0
+
+    @contextlib.contextmanager
+    def wanted(self) -> Iterator[None]:
+        """Frames are wanted while this is held (nested holds count)."""
+        self._demand += 1
+        try:
+            if self._demand == 1 and self.on_demand is not None:
+                try:
+                    self.on_demand()
+                except Exception:  # a failed keyframe request must not end a session
+                    log.exception("on_demand callback failed")
+            yield
+        finally:
+            self._demand -= 1
 
     def close(self) -> None:
         """Wake waiters; further puts are ignored."""

@@ -61,6 +61,10 @@ class GateSession(VideoSession):
 
     async def run(self) -> None:
         """Process the newest frames until the stream ends or the session is stopped."""
+        with self.frames.wanted():  # a gate watches all the time
+            await self._watch()
+
+    async def _watch(self) -> None:
         while not self._stopped:
             try:
                 got = await self._analyse_next(0.5)

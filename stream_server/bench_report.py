@@ -65,6 +65,7 @@ def summary(
             "received": int(after["received"] - before["received"]),
             "processed": int(after["processed"] - before["processed"]),
             "dropped": int(after["dropped"] - before["dropped"]),
+            "undecoded": int(after["undecoded"] - before["undecoded"]),
         },
         "server_cpu_s": round(cpu_s, 2),
         "model_s": round(model_s, 2),

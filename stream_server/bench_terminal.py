@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fractions
-import itertools
 import json
 import sys
 import time
@@ -30,9 +29,10 @@ from typing import Any
 import aiohttp
 import av
 import numpy as np
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from stream_server.decode_gate import is_keyframe
 from stream_server.replay import ws_url
 from stream_server.replay_source import ReplayTrack, open_source
 from stream_server.webrtc import restrict_host_addresses, rtc_configuration
@@ -71,17 +71,35 @@ def encode_loop(frames: Iterable[np.ndarray], fps: float, bitrate: int = 1_000_0
 
 
 class PacketTrack(MediaStreamTrack):
-    """Sends pre-encoded VP8 packets in a loop at ``fps`` (aiortc packs them, no encoding)."""
+    """Sends pre-encoded VP8 packets in a loop at ``fps`` (aiortc packs them, no encoding).
+
+    Like a hardware encoder it answers the server's keyframe requests (RTCP PLI): once
+    :meth:`attach`-ed to its sender, a request makes the next packet sent the next keyframe
+    of the loop.
+    """
 
     kind = "video"
 
     def __init__(self, packets: list[bytes], fps: float) -> None:
         super().__init__()
         self.fps = fps
-        self._packets = itertools.cycle(packets)
+        self._packets = packets
+        self._keyframes = [i for i, p in enumerate(packets) if is_keyframe("VP8", p)]
+        self._i = 0
         self._t0: float | None = None
         self._n = 0
         self.frames_sent = 0
+        self.keyframes_requested = 0
+
+    def attach(self, sender: RTCRtpSender) -> None:
+        """Answer ``sender``'s keyframe requests (aiortc would ask an encoder this has not)."""
+        sender._send_keyframe = self.request_keyframe  # type: ignore[method-assign]
+
+    def request_keyframe(self) -> None:
+        """Send the loop's next keyframe next (the loop starts with one)."""
+        self.keyframes_requested += 1
+        later = [k for k in self._keyframes if k >= self._i]
+        self._i = later[0] if later else 0
 
     async def recv(self) -> av.Packet:
         """The next packet, paced at ``fps``."""
@@ -94,7 +112,8 @@ class PacketTrack(MediaStreamTrack):
             wait = self._t0 + self._n / self.fps - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-        packet = av.Packet(next(self._packets))
+        packet = av.Packet(self._packets[self._i])
+        self._i = (self._i + 1) % len(self._packets)
         packet.pts = round(self._n * _CLOCK / self.fps)
         packet.time_base = fractions.Fraction(1, _CLOCK)
         self.frames_sent += 1
@@ -148,7 +167,9 @@ class BenchTerminal:
                 await asyncio.wait_for(self.pc.close(), 5.0)
         self.video_lost = False
         pc = self.pc = RTCPeerConnection(rtc_configuration())
-        pc.addTransceiver(self.track, direction="sendonly")
+        transceiver = pc.addTransceiver(self.track, direction="sendonly")
+        if isinstance(self.track, PacketTrack):
+            self.track.attach(transceiver.sender)
         await pc.setLocalDescription(await pc.createOffer())
         offer = pc.localDescription
         await ws.send_json({"type": "offer", "sdp": offer.sdp, "sdp_type": offer.type})

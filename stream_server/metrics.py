@@ -99,6 +99,11 @@ class Metrics:
         self.frames_dropped = Counter(
             "facepay_frames_dropped", "Frames replaced by a newer one before analysis", registry=r
         )
+        self.frames_undecoded = Counter(
+            "facepay_frames_undecoded",
+            "Video frames left undecoded: no session was looking at the video",
+            registry=r,
+        )
         self.stage_seconds = Histogram(
             "facepay_stage_seconds",
             "Per-stage latency",

@@ -28,6 +28,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
 from pipeline.errors import InvalidRequest
+from stream_server import decode_gate
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,10 @@ class VideoIngest:
     :meth:`start` and removed when it closes. ``on_closed`` is called once, on the event
     loop, when the connection ends on its own (ICE/DTLS failure, the peer closed, the track
     ended); it is not called after :meth:`close`.
+
+    With ``wanted``, the video is decoded only while ``wanted()`` is true
+    (:mod:`stream_server.decode_gate`); call :meth:`resume` when it turns true so the camera
+    sends a keyframe to restart from. ``on_skipped`` is called for every frame not decoded.
     """
 
     def __init__(
@@ -169,10 +174,15 @@ class VideoIngest:
         on_frame: FrameCallback,
         peers: set[RTCPeerConnection],
         on_closed: Callable[[], None] | None = None,
+        wanted: Callable[[], bool] | None = None,
+        on_skipped: Callable[[], None] | None = None,
     ) -> None:
         self._on_frame = on_frame
         self._peers = peers
         self._on_closed = on_closed
+        self._wanted = wanted
+        self._on_skipped = on_skipped
+        self._gate: decode_gate.DecodeGate | None = None
         self._pc: RTCPeerConnection | None = None
         self._consumer: asyncio.Task[None] | None = None
         self._closing = False
@@ -232,6 +242,10 @@ class VideoIngest:
         if self._consumer is not None:
             log.warning("second video track ignored; one per connection")
             return
+        if self._wanted is not None and self._pc is not None:
+            receiver = next((r for r in self._pc.getReceivers() if r.track is track), None)
+            if receiver is not None:
+                self._gate = decode_gate.install(receiver, self._wanted, self._on_skipped)
         self._consumer = asyncio.ensure_future(self._consume(track))
 
     async def _consume(self, track: MediaStreamTrack) -> None:
@@ -249,6 +263,16 @@ class VideoIngest:
             except Exception:
                 log.exception("on_frame callback failed; frame dropped")
         self._ended_by_peer()
+
+    @property
+    def undecoded(self) -> int:
+        """Encoded frames discarded because no session wanted them."""
+        return self._gate.skipped if self._gate is not None else 0
+
+    def resume(self) -> None:
+        """Frames are wanted again: ask the camera for a keyframe if any were skipped."""
+        if self._gate is not None:
+            self._gate.resume()
 
     def _on_state_change(self) -> None:
         pc = self._pc

@@ -258,7 +258,14 @@ class TerminalConnection:
             # out: say so, so the terminal can send a new offer.
             self._notify(error_event("video_lost", "the video connection ended; send a new offer"))
 
-        self.ingest = VideoIngest(on_frame=on_frame, peers=self.app[PEERS], on_closed=on_closed)
+        self.ingest = VideoIngest(
+            on_frame=on_frame,
+            peers=self.app[PEERS],
+            on_closed=on_closed,
+            wanted=lambda: self.frames.in_demand,
+            on_skipped=metrics.frames_undecoded.inc,
+        )
+        self.frames.on_demand = self.ingest.resume
         answer = await self.ingest.start(offer.sdp, offer.sdp_type)
         await self.send({"type": "answer", "sdp": answer.sdp, "sdp_type": answer.type})
         if self.terminal is not None and self.terminal.mode == "gate":

@@ -15,6 +15,7 @@ import aiohttp
 import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
+from stream_server.bench_terminal import PacketTrack
 from stream_server.replay_source import ReplayTrack
 from stream_server.webrtc import rtc_configuration
 
@@ -100,7 +101,9 @@ class TestTerminal:
         e.g. pre-encoded packets, which cost the test process no encoding)."""
         self.pc = RTCPeerConnection(rtc_configuration())
         self.track = track if track is not None else ReplayTrack(frames or [], fps=fps)
-        self.pc.addTrack(self.track)
+        sender = self.pc.addTrack(self.track)
+        if isinstance(self.track, PacketTrack):
+            self.track.attach(sender)  # answer the server's keyframe requests
         await self.pc.setLocalDescription(await self.pc.createOffer())
         local = self.pc.localDescription
         await self.send({"type": "offer", "sdp": local.sdp, "sdp_type": local.type})
