@@ -83,9 +83,13 @@ class YuNetDetector:
             image = np.asarray(cv2.resize(image, size, interpolation=cv2.INTER_AREA), np.uint8)
         ih, iw = image.shape[:2]
         ph, pw = math.ceil(ih / 32) * 32, math.ceil(iw / 32) * 32
-        blob = np.zeros((1, 3, ph, pw), dtype=np.float32)
-        blob[0, :, :ih, :iw] = image.transpose(2, 0, 1)
-        return blob, scale
+        # Padding only where the size is not a multiple of 32 (640x480 needs none); one plane
+        # at a time is ~2x faster than a strided transpose of the whole image.
+        alloc = np.empty if (ph, pw) == (ih, iw) else np.zeros
+        out = alloc((1, 3, ph, pw), dtype=np.float32)
+        for c, plane in enumerate(cv2.split(image)):
+            out[0, c, :ih, :iw] = plane
+        return out, scale
 
     def detect(self, image: ImageArray) -> list[Face]:
         """Faces in a BGR image, best score first."""

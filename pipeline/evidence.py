@@ -10,7 +10,8 @@ passing), prints and screens occasionally score high on one frame, so the verdic
 - optionally, the rigidity cue (``use_rigidity``): a sheet of paper or a tablet moves as one
   rigid plane, so its five landmarks follow an affine map of their first position exactly,
   while a real head turning even a few degrees moves the nose off that map (parallax). The
-  residual, in eye distances, is reported in every verdict (``nonrigidity``).
+  residual, in eye distances, is reported in every decided verdict (``nonrigidity``; an SVD
+  per frame, so undecided verdicts, computed on every analysed frame, leave it out).
 The embedding is the quality-weighted mean of the frames' embeddings, re-normalised.
 """
 
@@ -158,12 +159,18 @@ class EvidenceAccumulator:
         scored = [f for f in self.frames if f.p_real is not None]
         span = scored[-1].t - scored[0].t if scored else 0.0
         fused = self.fused_liveness()
-        nonrigid: float | None = None
-        motion: float | None = None
-        if len(self.frames) >= 2:
-            nonrigid, motion = rigidity([f.landmarks for f in self.frames])
+        measured: list[tuple[float, float] | tuple[None, None]] = []
+
+        def rigid() -> tuple[float, float] | tuple[None, None]:
+            if not measured:
+                enough = len(self.frames) >= 2
+                measured.append(
+                    rigidity([f.landmarks for f in self.frames]) if enough else (None, None)
+                )
+            return measured[0]
 
         def make(status: Status, *reasons: str) -> Verdict:
+            nonrigid, motion = rigid() if status != "undecided" else (None, None)
             return Verdict(
                 status=status,
                 reasons=reasons,
@@ -187,15 +194,15 @@ class EvidenceAccumulator:
             if len(scored) < (cfg.spoof_min_frames or cfg.min_frames):
                 return make("undecided", "need_more_frames")
             return make("spoof", "liveness_low")
-        if (
-            cfg.use_rigidity
-            and len(self.frames) >= cfg.rigidity_min_frames
-            and motion is not None
-            and nonrigid is not None
-            and motion >= _RIGIDITY_MIN_MOTION
-            and nonrigid < _RIGID_PLANE_RESIDUAL
-        ):
-            return make("spoof", "rigid_plane")
+        if cfg.use_rigidity and len(self.frames) >= cfg.rigidity_min_frames:
+            nonrigid, motion = rigid()
+            if (
+                motion is not None
+                and nonrigid is not None
+                and motion >= _RIGIDITY_MIN_MOTION
+                and nonrigid < _RIGID_PLANE_RESIDUAL
+            ):
+                return make("spoof", "rigid_plane")
         if self.embeddings_count == 0:
             return make("undecided", "no_embedding")
         return make("live")
