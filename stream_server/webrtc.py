@@ -28,7 +28,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
 from pipeline.errors import InvalidRequest
-from stream_server import decode_gate
+from stream_server import decode_gate, jitter
 
 log = logging.getLogger(__name__)
 
@@ -242,9 +242,11 @@ class VideoIngest:
         if self._consumer is not None:
             log.warning("second video track ignored; one per connection")
             return
-        if self._wanted is not None and self._pc is not None:
-            receiver = next((r for r in self._pc.getReceivers() if r.track is track), None)
-            if receiver is not None:
+        receivers = self._pc.getReceivers() if self._pc is not None else []
+        receiver = next((r for r in receivers if r.track is track), None)
+        if receiver is not None:
+            jitter.install(receiver)  # frames leave at their last packet, not a frame later
+            if self._wanted is not None:
                 self._gate = decode_gate.install(receiver, self._wanted, self._on_skipped)
         self._consumer = asyncio.ensure_future(self._consume(track))
 
