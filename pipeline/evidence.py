@@ -17,6 +17,7 @@ The embedding is the quality-weighted mean of the frames' embeddings, re-normali
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from dataclasses import dataclass
 from typing import Literal
@@ -159,15 +160,12 @@ class EvidenceAccumulator:
         scored = [f for f in self.frames if f.p_real is not None]
         span = scored[-1].t - scored[0].t if scored else 0.0
         fused = self.fused_liveness()
-        measured: list[tuple[float, float] | tuple[None, None]] = []
 
+        @functools.cache
         def rigid() -> tuple[float, float] | tuple[None, None]:
-            if not measured:
-                enough = len(self.frames) >= 2
-                measured.append(
-                    rigidity([f.landmarks for f in self.frames]) if enough else (None, None)
-                )
-            return measured[0]
+            if len(self.frames) < 2:
+                return None, None
+            return rigidity([f.landmarks for f in self.frames])
 
         def make(status: Status, *reasons: str) -> Verdict:
             nonrigid, motion = rigid() if status != "undecided" else (None, None)

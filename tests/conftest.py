@@ -6,6 +6,7 @@ saying where it looked; nothing is skipped silently.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import shutil
@@ -166,6 +167,19 @@ def redis_url(redis_server: RedisServer) -> str:
 
 
 # --- end-to-end servers -------------------------------------------------------------------
+
+
+@pytest.fixture
+async def client_pc():  # type: ignore[no-untyped-def]
+    """A terminal-side aiortc peer connection for the test, closed afterwards."""
+    from aiortc import RTCPeerConnection
+
+    from stream_server.webrtc import rtc_configuration
+
+    pc = RTCPeerConnection(rtc_configuration())
+    yield pc
+    async with asyncio.timeout(5):
+        await pc.close()
 
 
 @pytest.fixture

@@ -12,8 +12,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
+import av
 import numpy as np
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
 
 from stream_server.bench_terminal import PacketTrack
 from stream_server.replay_source import ReplayTrack
@@ -128,3 +129,20 @@ class TestTerminal:
                 await self._reader
         if self.http is not None:
             await self.http.close()
+
+
+class Gradient(VideoStreamTrack):
+    """640x480 gradient whose brightness encodes a frame counter, at 30 fps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+        self.base = np.tile(np.linspace(0, 200, 640, dtype=np.uint8), (480, 1))
+
+    async def recv(self) -> av.VideoFrame:
+        pts, time_base = await self.next_timestamp()
+        img = np.dstack([self.base, self.base, np.full((480, 640), self.n % 256, np.uint8)])
+        self.n += 1
+        frame = av.VideoFrame.from_ndarray(img, format="bgr24")
+        frame.pts, frame.time_base = pts, time_base
+        return frame

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import fractions
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,11 +19,8 @@ from stream_server.decode_gate import DecodeGate, is_keyframe
 from stream_server.webrtc import (
     VideoIngest,
     frame_to_bgr,
-    restrict_host_addresses,
-    rtc_configuration,
-    unrestrict_host_addresses,
 )
-from tests.test_webrtc import Gradient
+from tests.terminal import Gradient
 
 
 def _frames(n: int) -> list[np.ndarray]:
@@ -160,21 +156,6 @@ async def test_gate_repeats_an_unanswered_keyframe_request() -> None:
 
 
 # --- over real WebRTC --------------------------------------------------------------------
-@pytest.fixture
-def loopback() -> Iterator[None]:
-    restrict_host_addresses(["127.0.0.1"])
-    yield
-    unrestrict_host_addresses()
-
-
-@pytest.fixture
-async def client_pc() -> AsyncIterator[RTCPeerConnection]:
-    pc = RTCPeerConnection(rtc_configuration())
-    yield pc
-    async with asyncio.timeout(5):
-        await pc.close()
-
-
 async def _wait_for(predicate: Any, timeout_s: float) -> None:
     async with asyncio.timeout(timeout_s):
         while not predicate():
@@ -210,7 +191,7 @@ async def _pause_and_resume(ingest: VideoIngest, got: list[Any], wanted: list[bo
 
 
 async def test_aiortc_camera_restarts_on_request(
-    loopback: None, client_pc: RTCPeerConnection
+    loopback_ice: None, client_pc: RTCPeerConnection
 ) -> None:
     track = Gradient()
     wanted = [True]
@@ -226,7 +207,7 @@ async def test_aiortc_camera_restarts_on_request(
 
 
 async def test_hardware_like_camera_restarts_on_request(
-    loopback: None, client_pc: RTCPeerConnection
+    loopback_ice: None, client_pc: RTCPeerConnection
 ) -> None:
     track = PacketTrack(await asyncio.to_thread(encode_loop, _frames(60), 15.0), 15.0)
     wanted = [True]

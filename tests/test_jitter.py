@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import pytest
 from aiortc import RTCPeerConnection
 from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rtp import RtpPacket
@@ -15,11 +13,8 @@ from stream_server import jitter
 from stream_server.jitter import MarkerJitterBuffer
 from stream_server.webrtc import (
     VideoIngest,
-    restrict_host_addresses,
-    rtc_configuration,
-    unrestrict_host_addresses,
 )
-from tests.test_webrtc import Gradient
+from tests.terminal import Gradient
 
 
 def _stream(frames: int, per_frame: int = 3, first_seq: int = 65530) -> list[RtpPacket]:
@@ -81,22 +76,9 @@ def test_a_lost_marker_still_releases_the_frame_when_the_next_begins() -> None:
     assert released[0][0] == 3  # frame 0 left when frame 1 started, as aiortc's would
 
 
-@pytest.fixture
-def loopback() -> Iterator[None]:
-    restrict_host_addresses(["127.0.0.1"])
-    yield
-    unrestrict_host_addresses()
-
-
-@pytest.fixture
-async def client_pc() -> AsyncIterator[RTCPeerConnection]:
-    pc = RTCPeerConnection(rtc_configuration())
-    yield pc
-    async with asyncio.timeout(5):
-        await pc.close()
-
-
-async def test_the_server_receiver_uses_it(loopback: None, client_pc: RTCPeerConnection) -> None:
+async def test_the_server_receiver_uses_it(
+    loopback_ice: None, client_pc: RTCPeerConnection
+) -> None:
     got: list[Any] = []
     ingest = VideoIngest(lambda f, t: got.append(f), set())
     client_pc.addTrack(Gradient())

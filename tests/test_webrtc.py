@@ -6,7 +6,7 @@ import asyncio
 import fractions
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import av
 import numpy as np
 import pytest
 from aiohttp import WSMsgType, web
-from aiortc import RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from pipeline.errors import InvalidRequest
 from pipeline.image import load_image
@@ -24,37 +24,11 @@ from stream_server.webrtc import (
     VideoIngest,
     add_bitrate_hints,
     frame_to_bgr,
-    restrict_host_addresses,
     rtc_configuration,
-    unrestrict_host_addresses,
 )
+from tests.terminal import Gradient
 
 OBAMA = "faces/obama/obama.jpg"
-
-
-@pytest.fixture
-def loopback() -> Iterator[None]:
-    """ICE on 127.0.0.1 only, for this test."""
-    restrict_host_addresses(["127.0.0.1"])
-    yield
-    unrestrict_host_addresses()
-
-
-class Gradient(VideoStreamTrack):
-    """640x480 gradient whose brightness encodes a frame counter, at 30 fps."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-        self.base = np.tile(np.linspace(0, 200, 640, dtype=np.uint8), (480, 1))
-
-    async def recv(self) -> av.VideoFrame:
-        pts, time_base = await self.next_timestamp()
-        img = np.dstack([self.base, self.base, np.full((480, 640), self.n % 256, np.uint8)])
-        self.n += 1
-        frame = av.VideoFrame.from_ndarray(img, format="bgr24")
-        frame.pts, frame.time_base = pts, time_base
-        return frame
 
 
 async def _offer(pc: RTCPeerConnection, kind: str = "video") -> RTCSessionDescription:
@@ -72,15 +46,7 @@ async def _wait_for(predicate: Any, timeout_s: float) -> None:
             await asyncio.sleep(0.02)
 
 
-@pytest.fixture
-async def client_pc() -> AsyncIterator[RTCPeerConnection]:
-    pc = RTCPeerConnection(rtc_configuration())
-    yield pc
-    async with asyncio.timeout(5):
-        await pc.close()
-
-
-async def test_frames_arrive_at_full_size(loopback: None, client_pc: RTCPeerConnection) -> None:
+async def test_frames_arrive_at_full_size(loopback_ice: None, client_pc: RTCPeerConnection) -> None:
     got: list[tuple[av.VideoFrame, float]] = []
     peers: set[RTCPeerConnection] = set()
     ingest = VideoIngest(lambda f, t: got.append((f, t)), peers)
@@ -139,7 +105,7 @@ async def test_garbage_offer_is_refused(sdp: str, sdp_type: str) -> None:
 
 
 async def test_audio_only_and_non_offer_are_refused(
-    loopback: None, client_pc: RTCPeerConnection
+    loopback_ice: None, client_pc: RTCPeerConnection
 ) -> None:
     peers: set[RTCPeerConnection] = set()
     audio = await _offer(client_pc, "audio")
@@ -151,7 +117,7 @@ async def test_audio_only_and_non_offer_are_refused(
 
 
 async def test_close_stops_consumer_and_leaves_peers(
-    loopback: None, client_pc: RTCPeerConnection
+    loopback_ice: None, client_pc: RTCPeerConnection
 ) -> None:
     closed: list[bool] = []
     peers: set[RTCPeerConnection] = set()
@@ -168,7 +134,7 @@ async def test_close_stops_consumer_and_leaves_peers(
     assert not peers and not closed  # close() by the owner does not call on_closed
 
 
-async def test_peer_hangup_calls_on_closed(loopback: None) -> None:
+async def test_peer_hangup_calls_on_closed(loopback_ice: None) -> None:
     closed: list[bool] = []
     peers: set[RTCPeerConnection] = set()
     ingest = VideoIngest(lambda f, t: None, peers, on_closed=lambda: closed.append(True))
@@ -324,7 +290,7 @@ async def _replay(server: Any, mode: str, **kwargs: Any) -> tuple[dict[str, Any]
     return result, lines
 
 
-async def test_replay_checkout_approved(loopback: None, aiohttp_server: Any) -> None:
+async def test_replay_checkout_approved(loopback_ice: None, aiohttp_server: Any) -> None:
     server = await aiohttp_server(_fake_server("checkout"))
     result, lines = await _replay(server, "checkout", passphrase="right horse", order_id="o-1")
     assert result["outcome"] == "approved" and result["payment_id"] == "pay1"
@@ -339,7 +305,7 @@ async def test_replay_checkout_approved(loopback: None, aiohttp_server: Any) -> 
     assert {"type": "passphrase", "prompt_id": "p1", "passphrase": "right horse"} in sent
 
 
-async def test_replay_without_passphrase_cancels(loopback: None, aiohttp_server: Any) -> None:
+async def test_replay_without_passphrase_cancels(loopback_ice: None, aiohttp_server: Any) -> None:
     server = await aiohttp_server(_fake_server("checkout"))
     result, _ = await _replay(server, "checkout")
     assert (result["outcome"], result["reason"]) == ("cancelled", "no_passphrase")
@@ -347,7 +313,7 @@ async def test_replay_without_passphrase_cancels(loopback: None, aiohttp_server:
     assert (result["outcome"], result["reason"]) == ("declined", "wrong_passphrase")
 
 
-async def test_replay_gate_counts_and_completes(loopback: None, aiohttp_server: Any) -> None:
+async def test_replay_gate_counts_and_completes(loopback_ice: None, aiohttp_server: Any) -> None:
     server = await aiohttp_server(_fake_server("gate"))
     result, lines = await _replay(server, "gate")
     assert result["outcome"] == "completed"
@@ -355,7 +321,7 @@ async def test_replay_gate_counts_and_completes(loopback: None, aiohttp_server: 
     assert [x["type"] for x in lines if x["type"].startswith("gate")] == ["gate_open", "gate_deny"]
 
 
-async def test_replay_client_timeout(loopback: None, aiohttp_server: Any) -> None:
+async def test_replay_client_timeout(loopback_ice: None, aiohttp_server: Any) -> None:
     server = await aiohttp_server(_fake_server("checkout", frames_before_prompt=10**6))
     lines: list[dict[str, Any]] = []
     frames = (np.zeros((480, 640, 3), np.uint8) for _ in range(5))
