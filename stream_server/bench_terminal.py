@@ -120,6 +120,14 @@ class PacketTrack(MediaStreamTrack):
         return packet
 
 
+def send_video(pc: RTCPeerConnection, track: MediaStreamTrack) -> RTCRtpSender:
+    """Add ``track`` to ``pc`` as a send-only camera; a :class:`PacketTrack` answers PLI."""
+    sender = pc.addTransceiver(track, direction="sendonly").sender
+    if isinstance(track, PacketTrack):
+        track.attach(sender)
+    return sender
+
+
 class BenchTerminal:
     """One checkout terminal running sessions back to back until ``end``."""
 
@@ -167,9 +175,7 @@ class BenchTerminal:
                 await asyncio.wait_for(self.pc.close(), 5.0)
         self.video_lost = False
         pc = self.pc = RTCPeerConnection(rtc_configuration())
-        transceiver = pc.addTransceiver(self.track, direction="sendonly")
-        if isinstance(self.track, PacketTrack):
-            self.track.attach(transceiver.sender)
+        send_video(pc, self.track)
         await pc.setLocalDescription(await pc.createOffer())
         offer = pc.localDescription
         await ws.send_json({"type": "offer", "sdp": offer.sdp, "sdp_type": offer.type})

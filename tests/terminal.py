@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import aiohttp
@@ -16,9 +16,9 @@ import av
 import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
 
-from stream_server.bench_terminal import PacketTrack
+from stream_server.bench_terminal import send_video
 from stream_server.replay_source import ReplayTrack
-from stream_server.webrtc import rtc_configuration
+from stream_server.webrtc import VideoIngest, rtc_configuration
 
 
 class TestTerminal:
@@ -102,9 +102,7 @@ class TestTerminal:
         e.g. pre-encoded packets, which cost the test process no encoding)."""
         self.pc = RTCPeerConnection(rtc_configuration())
         self.track = track if track is not None else ReplayTrack(frames or [], fps=fps)
-        sender = self.pc.addTrack(self.track)
-        if isinstance(self.track, PacketTrack):
-            self.track.attach(sender)  # answer the server's keyframe requests
+        send_video(self.pc, self.track)
         await self.pc.setLocalDescription(await self.pc.createOffer())
         local = self.pc.localDescription
         await self.send({"type": "offer", "sdp": local.sdp, "sdp_type": local.type})
@@ -146,3 +144,25 @@ class Gradient(VideoStreamTrack):
         frame = av.VideoFrame.from_ndarray(img, format="bgr24")
         frame.pts, frame.time_base = pts, time_base
         return frame
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float) -> None:
+    """Poll ``predicate`` until it holds; TimeoutError after ``timeout_s``."""
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+
+async def connect_ingest(
+    client_pc: RTCPeerConnection, track: Any, **ingest_args: Any
+) -> tuple[VideoIngest, list[av.VideoFrame]]:
+    """A server-side :class:`VideoIngest` receiving ``track`` from ``client_pc``; its frames."""
+    got: list[av.VideoFrame] = []
+    ingest = VideoIngest(lambda f, t: got.append(f), set(), **ingest_args)
+    send_video(client_pc, track)
+    await client_pc.setLocalDescription(await client_pc.createOffer())
+    offer = client_pc.localDescription
+    async with asyncio.timeout(10):
+        answer = await ingest.start(offer.sdp, offer.type)
+    await client_pc.setRemoteDescription(answer)
+    return ingest, got

@@ -20,7 +20,7 @@ from stream_server.webrtc import (
     VideoIngest,
     frame_to_bgr,
 )
-from tests.terminal import Gradient
+from tests.terminal import Gradient, connect_ingest, wait_for
 
 
 def _frames(n: int) -> list[np.ndarray]:
@@ -156,38 +156,16 @@ async def test_gate_repeats_an_unanswered_keyframe_request() -> None:
 
 
 # --- over real WebRTC --------------------------------------------------------------------
-async def _wait_for(predicate: Any, timeout_s: float) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.02)
-
-
-async def _connect(
-    client_pc: RTCPeerConnection, track: Any, wanted: list[bool]
-) -> tuple[VideoIngest, list[av.VideoFrame]]:
-    got: list[av.VideoFrame] = []
-    ingest = VideoIngest(lambda f, t: got.append(f), set(), wanted=lambda: wanted[0])
-    sender = client_pc.addTrack(track)
-    if isinstance(track, PacketTrack):
-        track.attach(sender)
-    await client_pc.setLocalDescription(await client_pc.createOffer())
-    offer = client_pc.localDescription
-    async with asyncio.timeout(10):
-        answer = await ingest.start(offer.sdp, offer.type)
-    await client_pc.setRemoteDescription(answer)
-    return ingest, got
-
-
 async def _pause_and_resume(ingest: VideoIngest, got: list[Any], wanted: list[bool]) -> None:
-    await _wait_for(lambda: len(got) >= 5, 10)
+    await wait_for(lambda: len(got) >= 5, 10)
     wanted[0] = False
     await asyncio.sleep(0.2)  # frames in flight to the decoder thread still arrive
     paused_at = len(got)
-    await _wait_for(lambda: ingest.undecoded >= 10, 5)
+    await wait_for(lambda: ingest.undecoded >= 10, 5)
     assert len(got) == paused_at  # nothing decoded while nobody looks
     wanted[0] = True
     ingest.resume()
-    await _wait_for(lambda: len(got) >= paused_at + 5, 3)
+    await wait_for(lambda: len(got) >= paused_at + 5, 3)
 
 
 async def test_aiortc_camera_restarts_on_request(
@@ -195,7 +173,7 @@ async def test_aiortc_camera_restarts_on_request(
 ) -> None:
     track = Gradient()
     wanted = [True]
-    ingest, got = await _connect(client_pc, track, wanted)
+    ingest, got = await connect_ingest(client_pc, track, wanted=lambda: wanted[0])
     await _pause_and_resume(ingest, got, wanted)
     # The first picture after the pause is a clean, recent one: no stale reference behind it.
     n_resumed = track.n
@@ -211,7 +189,7 @@ async def test_hardware_like_camera_restarts_on_request(
 ) -> None:
     track = PacketTrack(await asyncio.to_thread(encode_loop, _frames(60), 15.0), 15.0)
     wanted = [True]
-    ingest, got = await _connect(client_pc, track, wanted)
+    ingest, got = await connect_ingest(client_pc, track, wanted=lambda: wanted[0])
     await _pause_and_resume(ingest, got, wanted)
     assert track.keyframes_requested >= 1
     await ingest.close()

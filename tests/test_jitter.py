@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
-
 from aiortc import RTCPeerConnection
 from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rtp import RtpPacket
 
 from stream_server import jitter
 from stream_server.jitter import MarkerJitterBuffer
-from stream_server.webrtc import (
-    VideoIngest,
-)
-from tests.terminal import Gradient
+from tests.terminal import Gradient, connect_ingest, wait_for
 
 
 def _stream(frames: int, per_frame: int = 3, first_seq: int = 65530) -> list[RtpPacket]:
@@ -79,17 +73,8 @@ def test_a_lost_marker_still_releases_the_frame_when_the_next_begins() -> None:
 async def test_the_server_receiver_uses_it(
     loopback_ice: None, client_pc: RTCPeerConnection
 ) -> None:
-    got: list[Any] = []
-    ingest = VideoIngest(lambda f, t: got.append(f), set())
-    client_pc.addTrack(Gradient())
-    await client_pc.setLocalDescription(await client_pc.createOffer())
-    offer = client_pc.localDescription
-    async with asyncio.timeout(10):
-        answer = await ingest.start(offer.sdp, offer.type)
-    await client_pc.setRemoteDescription(answer)
-    async with asyncio.timeout(10):
-        while len(got) < 10:
-            await asyncio.sleep(0.02)
+    ingest, got = await connect_ingest(client_pc, Gradient())
+    await wait_for(lambda: len(got) >= 10, 10)
     pc = ingest._pc
     assert pc is not None
     buffers = [getattr(r, jitter._ATTR) for r in pc.getReceivers()]

@@ -20,30 +20,25 @@ from pipeline.errors import InvalidRequest
 from pipeline.image import load_image
 from pipeline.streamgen import StreamSpec, make_stream
 from stream_server import replay
+from stream_server.bench_terminal import send_video
 from stream_server.webrtc import (
     VideoIngest,
     add_bitrate_hints,
     frame_to_bgr,
     rtc_configuration,
 )
-from tests.terminal import Gradient
+from tests.terminal import Gradient, wait_for
 
 OBAMA = "faces/obama/obama.jpg"
 
 
 async def _offer(pc: RTCPeerConnection, kind: str = "video") -> RTCSessionDescription:
     if kind == "video":
-        pc.addTransceiver(Gradient(), direction="sendonly")
+        send_video(pc, Gradient())
     else:
         pc.addTransceiver("audio", direction="sendonly")
     await pc.setLocalDescription(await pc.createOffer())
     return pc.localDescription
-
-
-async def _wait_for(predicate: Any, timeout_s: float) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.02)
 
 
 async def test_frames_arrive_at_full_size(loopback_ice: None, client_pc: RTCPeerConnection) -> None:
@@ -56,7 +51,7 @@ async def test_frames_arrive_at_full_size(loopback_ice: None, client_pc: RTCPeer
     assert len(peers) == 1
     assert "x-google-start-bitrate=1500" in answer.sdp
     await client_pc.setRemoteDescription(answer)
-    await _wait_for(lambda: len(got) >= 20, 10)
+    await wait_for(lambda: len(got) >= 20, 10)
     assert ingest.frames >= 20
     times = [t for _, t in got]
     assert times == sorted(times)
@@ -124,7 +119,7 @@ async def test_close_stops_consumer_and_leaves_peers(
     ingest = VideoIngest(lambda f, t: None, peers, on_closed=lambda: closed.append(True))
     offer = await _offer(client_pc)
     await client_pc.setRemoteDescription(await ingest.start(offer.sdp, offer.type))
-    await _wait_for(lambda: ingest.frames >= 5, 10)
+    await wait_for(lambda: ingest.frames >= 5, 10)
     async with asyncio.timeout(5):
         await ingest.close()
         await ingest.close()  # idempotent
@@ -141,10 +136,10 @@ async def test_peer_hangup_calls_on_closed(loopback_ice: None) -> None:
     pc = RTCPeerConnection(rtc_configuration())
     offer = await _offer(pc)
     await pc.setRemoteDescription(await ingest.start(offer.sdp, offer.type))
-    await _wait_for(lambda: ingest.frames >= 3, 10)
+    await wait_for(lambda: ingest.frames >= 3, 10)
     async with asyncio.timeout(5):
         await pc.close()
-    await _wait_for(lambda: closed and not peers, 10)
+    await wait_for(lambda: closed and not peers, 10)
     assert closed == [True]
 
 
@@ -268,12 +263,12 @@ def _fake_server(mode: str, frames_before_prompt: int = 10) -> web.Application:
 
 async def _prompt(ws: web.WebSocketResponse, ingest: VideoIngest, frames: int) -> None:
     """Ask for the passphrase once enough video came (the handler keeps reading meanwhile)."""
-    await _wait_for(lambda: ingest.frames >= frames, 30)
+    await wait_for(lambda: ingest.frames >= frames, 30)
     await ws.send_json({"type": "confirm", "prompt_id": "p1", "account": "O****"})
 
 
 async def _gate_script(ws: web.WebSocketResponse, ingest: VideoIngest) -> None:
-    await _wait_for(lambda: ingest.frames >= 5, 10)
+    await wait_for(lambda: ingest.frames >= 5, 10)
     await ws.send_json({"type": "gate_open", "track_id": 1, "account": "B****"})
     await ws.send_json({"type": "gate_deny", "track_id": 2, "reason": "unknown"})
 
