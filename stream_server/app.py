@@ -24,6 +24,7 @@ from session.directory import Directory
 from session.ratelimit import RateLimiter
 from session.store import Store
 from stream_server.metrics import Metrics, TimedHasher
+from stream_server.webrtc import BgrConverter
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
 ANALYZER = web.AppKey("analyzer", FaceAnalyzer)
 DIRECTORY = web.AppKey("directory", Directory)
 HASHER = web.AppKey("hasher", PassphraseHasher)
+FRAME_CONVERTER = web.AppKey("frame_converter", BgrConverter)
 CIPHER = web.AppKey("cipher", TemplateCipher)
 PEERS = web.AppKey("peers", set)  # RTCPeerConnection objects, closed on shutdown
 CONNECTIONS = web.AppKey("connections", set)  # open terminal connections
@@ -58,6 +60,7 @@ def create_app(
     app[METRICS] = Metrics()
     app[CIPHER] = cipher
     app[HASHER] = TimedHasher(app[METRICS].work_clock)
+    app[FRAME_CONVERTER] = BgrConverter()
     app[PEERS] = set()
     app[CONNECTIONS] = set()
     app[MODELS_DIR] = str(models_dir) if models_dir is not None else ""

@@ -36,6 +36,7 @@ from stream_server.app import (
     CONNECTIONS,
     DIRECTORY,
     EXECUTOR,
+    FRAME_CONVERTER,
     HASHER,
     LIMITER,
     METRICS,
@@ -314,8 +315,6 @@ class TerminalConnection:
         self.session_task = asyncio.create_task(session.run())
 
     def _services(self) -> SessionServices:
-        from stream_server.webrtc import frame_to_bgr
-
         app = self.app
         return SessionServices(
             config=self.config,
@@ -324,7 +323,7 @@ class TerminalConnection:
             analyzer=app[ANALYZER],
             hasher=app[HASHER],
             executor=app[EXECUTOR],
-            to_bgr=frame_to_bgr,
+            to_bgr=app[FRAME_CONVERTER],
             observer=MetricsObserver(self.metrics),
         )
 

@@ -7,10 +7,12 @@ import fractions
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import av
+import cv2
 import numpy as np
 import pytest
 from aiohttp import WSMsgType, web
@@ -22,6 +24,7 @@ from pipeline.streamgen import StreamSpec, make_stream
 from stream_server import replay
 from stream_server.bench_terminal import send_video
 from stream_server.webrtc import (
+    BgrConverter,
     VideoIngest,
     add_bitrate_hints,
     frame_to_bgr,
@@ -58,8 +61,47 @@ async def test_frames_arrive_at_full_size(loopback_ice: None, client_pc: RTCPeer
     image = await asyncio.to_thread(frame_to_bgr, got[-1][0])
     assert image.shape == (480, 640, 3) and image.dtype == np.uint8
     assert image.flags["C_CONTIGUOUS"]
+    converted = await asyncio.to_thread(BgrConverter(), got[-1][0])
+    assert np.array_equal(converted, image) and converted.flags["C_CONTIGUOUS"]
     await ingest.close()
     assert not peers and ingest.closed
+
+
+def _vp8_frames(image: np.ndarray, count: int) -> list[av.VideoFrame]:
+    """``count`` decoded VP8 frames of ``image`` (shifted a little each frame)."""
+    height, width = image.shape[:2]
+    encoder = av.CodecContext.create("libvpx", "w")
+    encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuv420p"
+    encoder.time_base = fractions.Fraction(1, 15)
+    packets = []
+    for i in range(count):
+        frame = av.VideoFrame.from_ndarray(np.roll(image, 7 * i, axis=1), format="bgr24")
+        frame = frame.reformat(format="yuv420p")
+        frame.pts = i
+        packets += encoder.encode(frame)
+    packets += encoder.encode(None)
+    decoder = av.CodecContext.create("libvpx", "r")
+    frames = [f for p in packets for f in decoder.decode(p)]
+    return frames + list(decoder.decode(None))
+
+
+def test_converter_gives_the_same_pixels_as_pyav(data_dir: Path) -> None:
+    """The cached per-thread reformatter is an optimisation only: every pixel must agree with
+    PyAV's own conversion, across size changes (the context is rebuilt) and threads."""
+    photo = load_image(data_dir / OBAMA)
+    sizes = [(640, 480), (1280, 720), (334, 500), (640, 480)]
+    frames = [
+        f for w, h in sizes for f in _vp8_frames(np.ascontiguousarray(cv2.resize(photo, (w, h))), 3)
+    ]
+    assert [(f.width, f.height) for f in frames[::3]] == sizes
+    convert = BgrConverter()
+    expected = [frame_to_bgr(f) for f in frames]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        got = list(pool.map(convert, frames))
+    for frame, want, have in zip(frames, expected, got, strict=True):
+        assert have.shape == (frame.height, frame.width, 3) and have.flags["C_CONTIGUOUS"]
+        assert np.array_equal(have, want)
+    assert len({id(a) for a in got}) == len(got)  # no buffer shared between results
 
 
 def test_bitrate_hints_on_every_picture_codec() -> None:
