@@ -235,6 +235,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         }
     )
     config = config.model_copy(update={"server": server})
+    loop_name, loop_factory = event_loop_factory(config.server.event_loop)
     redis_url = args.redis_url or os.environ.get(ENV_REDIS) or config.server.redis_url
     embedded: EmbeddedRedis | None = None
     if not redis_url:
@@ -242,10 +243,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         redis_url = embedded.start()
         say(f"facepay: embedded Redis at {redis_url} (pid {embedded.pid})")
     try:
-        return asyncio.run(_serve(config, cipher, redis_url, args.models_dir, tls))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(
+                _serve(config, cipher, redis_url, args.models_dir, tls, loop_name=loop_name)
+            )
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+def event_loop_factory(
+    choice: str,
+) -> tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]:
+    """The loop ``server.event_loop`` asks for: (its name, a factory or None for asyncio's).
+
+    "auto" falls back to asyncio's loop where uvloop is not installed; "uvloop" asked for
+    explicitly and missing is a usage error, not a silent fallback.
+    """
+    if choice == "asyncio":
+        return "asyncio", None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise UsageError(
+                "server.event_loop is uvloop but uvloop is not installed "
+                "(pip install uvloop, or set it to asyncio)"
+            ) from None
+        return "asyncio", None
+    return "uvloop", uvloop.new_event_loop
 
 
 async def _serve(
@@ -254,6 +280,8 @@ async def _serve(
     redis_url: str,
     models_dir: str | None,
     tls: ssl.SSLContext | None = None,
+    *,
+    loop_name: str = "asyncio",
 ) -> int:
     from aiohttp import web
 
@@ -284,6 +312,7 @@ async def _serve(
                 "url": f"{scheme}://{shown}:{real_port}",
                 "redis_url": redact_url(redis_url),
                 "dev": config.server.dev_mode,
+                "event_loop": loop_name,
             }
         )
         say(f"facepay: serving on {scheme}://{shown}:{real_port} (Ctrl-C stops)")

@@ -19,6 +19,7 @@ from session.models import Terminal
 from session.store import Store
 from stream_server import embedded_redis
 from stream_server.cli import main
+from stream_server.cli_server import UsageError, event_loop_factory
 from tests.e2e import SERVER_ENV_VARS, spawn_serve
 
 
@@ -50,6 +51,7 @@ def test_serve_with_embedded_redis_then_admin_from_another_shell(tmp_path, model
     proc, started = spawn_serve("--data-dir", str(data), "--models-dir", str(models_dir))
     try:
         assert started["dev"] is True
+        assert started["event_loop"] == "uvloop"  # the default where uvloop is installed
         assert started["url"].startswith("http://127.0.0.1:")
         assert started["redis_url"] == (data / "redis.url").read_text().strip()
         assert (data / "template.key").stat().st_mode & 0o777 == 0o600
@@ -87,6 +89,39 @@ def test_serve_with_embedded_redis_then_admin_from_another_shell(tmp_path, model
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_event_loop_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvloop
+
+    name, factory = event_loop_factory("auto")
+    assert name == "uvloop" and factory is uvloop.new_event_loop
+    assert event_loop_factory("uvloop") == ("uvloop", uvloop.new_event_loop)
+    assert event_loop_factory("asyncio") == ("asyncio", None)
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed
+    assert event_loop_factory("auto") == ("asyncio", None)
+    with pytest.raises(UsageError, match="uvloop is not installed"):
+        event_loop_factory("uvloop")
+
+
+def test_serve_on_the_standard_loop_when_configured(tmp_path, models_dir):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"server": {"event_loop": "asyncio"}}))
+    proc, started = spawn_serve(
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--models-dir",
+        str(models_dir),
+        "--config",
+        str(config),
+    )
+    try:
+        assert started["event_loop"] == "asyncio"
+        with urllib.request.urlopen(started["url"] + "/readyz", timeout=5) as resp:
+            assert resp.status == 200
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
 
 
 def test_serve_without_a_key_outside_dev_mode_exits_2(tmp_path, capsys):
