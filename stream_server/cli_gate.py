@@ -65,8 +65,13 @@ def cmd_bench_gate(args: argparse.Namespace) -> int:
     if not Path(data_root, "faces").is_dir():
         say(f"facepay bench-gate: photos not found in {data_root} (set {DATA_ENV})")
         return EXIT_USAGE
+    from stream_server.cli_server import event_loop_factory
+
+    # The server runs in this process: on the loop `facepay serve` would choose by default.
+    _, loop_factory = event_loop_factory("auto")
     try:
-        return asyncio.run(_bench(args, Path(data_root)))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(_bench(args, Path(data_root)))
     except KeyboardInterrupt:
         return EXIT_REFUSED
 

@@ -77,3 +77,27 @@ def test_bench_runs_real_terminals_and_reports_the_contract_keys(models_dir, dat
     # Payments add ledger keys; cancelled checkouts add none worth a leak check here.
     assert resources["redis_keys"]["end"] >= resources["redis_keys"]["start"] > 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_gate_renders_a_scene_and_reports_the_contract_keys(models_dir, data_dir):
+    """``facepay bench-gate --people 1``: the server in the command's own process (on the
+    loop ``serve`` would use), a real gate terminal streaming the rendered scene."""
+    env = {k: v for k, v in os.environ.items() if k not in SERVER_ENV_VARS}
+    argv = ["bench-gate", "--people", "1", "--models-dir", str(models_dir)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "stream_server.cli", *argv, "--data-dir", str(data_dir)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    # DESIGN.md §5 keys.
+    for key in ("people", "decision_ms", "wrong_opens", "missed", "cpu_ms_per_decision"):
+        assert key in out
+    assert out["people"] == 1
+    assert out["wrong_opens"] == 0 and out["missed"] == []
+    assert set(out["decision_ms"]) >= {"p50", "p95", "max"}
+    assert out["cpu_ms_per_decision"] > 0
