@@ -15,33 +15,11 @@ import sys
 from tests.e2e import REPO, SERVER_ENV_VARS
 
 
-def test_bench_runs_real_terminals_and_reports_the_contract_keys(models_dir, data_dir, tmp_path):
+def _facepay(*argv: str) -> dict:
+    """Run ``facepay ARGV`` as a new process (clean server environment); its last JSON line."""
     env = {k: v for k, v in os.environ.items() if k not in SERVER_ENV_VARS}
-    plot = tmp_path / "bench.png"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "stream_server.cli",
-            "bench",
-            "--models-dir",
-            str(models_dir),
-            "--enroll-photo",
-            str(data_dir / "faces/obama/obama.jpg"),
-            "--sweep",
-            "1,2",
-            "--terminals",
-            "2",
-            "--duration",
-            "4",
-            "--ws-terminals",
-            "3",
-            "--sample-every",
-            "1",
-            "--plot",
-            str(plot),
-            str(data_dir / "faces/obama/obama3.jpg"),
-        ],
+        [sys.executable, "-m", "stream_server.cli", *argv],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -49,7 +27,31 @@ def test_bench_runs_real_terminals_and_reports_the_contract_keys(models_dir, dat
         timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_bench_runs_real_terminals_and_reports_the_contract_keys(models_dir, data_dir, tmp_path):
+    plot = tmp_path / "bench.png"
+    out = _facepay(
+        "bench",
+        "--models-dir",
+        str(models_dir),
+        "--enroll-photo",
+        str(data_dir / "faces/obama/obama.jpg"),
+        "--sweep",
+        "1,2",
+        "--terminals",
+        "2",
+        "--duration",
+        "4",
+        "--ws-terminals",
+        "3",
+        "--sample-every",
+        "1",
+        "--plot",
+        str(plot),
+        str(data_dir / "faces/obama/obama3.jpg"),
+    )
     # DESIGN.md §5 keys.
     for key in ("terminals", "confirm_ms", "sessions", "frames", "cpu_ms_per_decision"):
         assert key in out
@@ -82,18 +84,9 @@ def test_bench_runs_real_terminals_and_reports_the_contract_keys(models_dir, dat
 def test_bench_gate_renders_a_scene_and_reports_the_contract_keys(models_dir, data_dir):
     """``facepay bench-gate --people 1``: the server in the command's own process (on the
     loop ``serve`` would use), a real gate terminal streaming the rendered scene."""
-    env = {k: v for k, v in os.environ.items() if k not in SERVER_ENV_VARS}
-    argv = ["bench-gate", "--people", "1", "--models-dir", str(models_dir)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "stream_server.cli", *argv, "--data-dir", str(data_dir)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
+    out = _facepay(
+        "bench-gate", "--people", "1", "--models-dir", str(models_dir), "--data-dir", str(data_dir)
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
     # DESIGN.md §5 keys.
     for key in ("people", "decision_ms", "wrong_opens", "missed", "cpu_ms_per_decision"):
         assert key in out
