@@ -47,6 +47,9 @@ def summary(
         "fps": args.fps,
         "duration_s": args.duration,
         "gap_s": args.gap,
+        "video_between_shoppers": (
+            "streaming" if args.continuous_video or args.live_encode else "paused"
+        ),
         "confirm_ms": {
             "p50": percentile(confirms, 0.5),
             "p95": percentile(confirms, 0.95),

@@ -5,6 +5,10 @@ aiortc peer connection sending VP8 video at ``fps`` in real time. It runs checko
 back for the duration: ``start_checkout`` -> ``confirm`` -> passphrase -> ``approved``, and
 reports one JSON line per session on stdout.
 
+Like our web client's checkout page, a terminal stops sending video when a checkout ends and
+starts again right after sending the next ``start_checkout`` (``pause_video`` in the spec; ``facepay
+bench --continuous-video`` keeps every terminal streaming, as a camera that cannot pause would).
+
 The video is encoded once per process (a few seconds of the SOURCE as a camera would see it,
 keyframe every second) and the packets are replayed in a loop, as a camera with a hardware
 encoder hands them over. Encoding every frame in Python for every terminal would spend the
@@ -20,6 +24,7 @@ import asyncio
 import contextlib
 import fractions
 import json
+import math
 import sys
 import time
 from collections.abc import Iterable
@@ -75,7 +80,9 @@ class PacketTrack(MediaStreamTrack):
 
     Like a hardware encoder it answers the server's keyframe requests (RTCP PLI): once
     :meth:`attach`-ed to its sender, a request makes the next packet sent the next keyframe
-    of the loop.
+    of the loop. :meth:`pause` stops sending (the camera runs on: timestamps keep wall-clock
+    time) and :meth:`resume` restarts with the next keyframe, since the receiver cannot
+    decode an inter frame whose references it never got.
     """
 
     kind = "video"
@@ -90,6 +97,8 @@ class PacketTrack(MediaStreamTrack):
         self._n = 0
         self.frames_sent = 0
         self.keyframes_requested = 0
+        self._sending = asyncio.Event()
+        self._sending.set()
 
     def attach(self, sender: RTCRtpSender) -> None:
         """Answer ``sender``'s keyframe requests (aiortc would ask an encoder this has not)."""
@@ -98,6 +107,22 @@ class PacketTrack(MediaStreamTrack):
     def request_keyframe(self) -> None:
         """Send the loop's next keyframe next (the loop starts with one)."""
         self.keyframes_requested += 1
+        self._seek_keyframe()
+
+    def pause(self) -> None:
+        """Stop sending until :meth:`resume` (between shoppers)."""
+        self._sending.clear()
+
+    def resume(self) -> None:
+        """Send again, starting with a keyframe."""
+        self._sending.set()
+
+    @property
+    def paused(self) -> bool:
+        """True between :meth:`pause` and :meth:`resume`."""
+        return not self._sending.is_set()
+
+    def _seek_keyframe(self) -> None:
         later = [k for k in self._keyframes if k >= self._i]
         self._i = later[0] if later else 0
 
@@ -112,6 +137,14 @@ class PacketTrack(MediaStreamTrack):
             wait = self._t0 + self._n / self.fps - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
+        if not self._sending.is_set():
+            await self._sending.wait()
+            if self.readyState != "live":
+                raise MediaStreamError
+            # The camera ran on while nothing was sent: the timestamps move on with the
+            # clock, and the receiver can only restart from a keyframe.
+            self._n = max(self._n, math.ceil((time.monotonic() - self._t0) * self.fps))
+            self._seek_keyframe()
         packet = av.Packet(self._packets[self._i])
         self._i = (self._i + 1) % len(self._packets)
         packet.pts = round(self._n * _CLOCK / self.fps)
@@ -189,6 +222,9 @@ class BenchTerminal:
         await ws.send_json(
             {"type": "start_checkout", "amount": self.spec["amount"], "order_id": order}
         )
+        # After the request, as the web client: a keyframe that reached the server before
+        # the checkout did would be discarded undecoded.
+        self._video(sending=True)
         deadline = t0 + SESSION_GUARD_S
         try:
             while True:
@@ -226,9 +262,19 @@ class BenchTerminal:
         except TimeoutError:
             rec.update(outcome="lost", reason="no_outcome")
         finally:
+            self._video(sending=False)
             rec["end_ms"] = round((time.monotonic() - t0) * 1000, 1)
             rec["t"] = round(time.time(), 3)
             print(json.dumps(rec), flush=True)
+
+    def _video(self, *, sending: bool) -> None:
+        """Pause or resume the camera between shoppers (when the spec says so and it can)."""
+        if not self.spec.get("pause_video") or not isinstance(self.track, PacketTrack):
+            return
+        if sending:
+            self.track.resume()
+        else:
+            self.track.pause()
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         async for msg in ws:

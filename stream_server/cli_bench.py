@@ -73,6 +73,11 @@ def register(sub: Any) -> None:
         help="seconds before a terminal's next shopper steps up (0.3: back to back)",
     )
     p.add_argument("--live-encode", action="store_true", help="encode every frame (client CPU)")
+    p.add_argument(
+        "--continuous-video",
+        action="store_true",
+        help="terminals keep streaming between shoppers (default: they pause, as the web client)",
+    )
     p.add_argument("--sweep", help="comma-separated terminal counts for the throughput curve")
     p.add_argument("--plot", type=Path, help="write latency histograms and the curve (PNG)")
     p.add_argument("--raw", type=Path, help="write every session record (JSON lines)")
@@ -313,6 +318,7 @@ async def _run(
                 "passphrase": PASSPHRASE,
                 "phone_last4": PHONE[-4:],
                 "live_encode": args.live_encode,
+                "pause_video": not args.continuous_video and not args.live_encode,
                 "start_at": start_at,
             }
             path = tmp / f"terminals-{p}.json"

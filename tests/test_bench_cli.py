@@ -58,6 +58,7 @@ def test_bench_runs_real_terminals_and_reports_the_contract_keys(models_dir, dat
     for key in ("model_ms_per_decision", "overhead_ratio", "peak_rss_mb"):
         assert key in out
     assert out["terminals"] == 2
+    assert out["video_between_shoppers"] == "paused"  # as the web client's checkout page
     sessions = out["sessions"]
     assert sessions["lost"] == 0 and sessions["decided"] == sessions["started"] >= 2
     assert out["outcomes"] == {"approved": sessions["started"]}  # the enrolled shopper pays

@@ -193,3 +193,37 @@ async def test_hardware_like_camera_restarts_on_request(
     await _pause_and_resume(ingest, got, wanted)
     assert track.keyframes_requested >= 1
     await ingest.close()
+
+
+async def test_a_paused_camera_sends_nothing_and_restarts_at_a_keyframe() -> None:
+    track = PacketTrack(await asyncio.to_thread(encode_loop, _frames(40), 15.0), 15.0)
+    for _ in range(3):
+        await track.recv()
+    track.pause()
+    assert track.paused
+    pending = asyncio.ensure_future(track.recv())
+    await asyncio.sleep(0.5)
+    assert not pending.done()  # nothing is sent while paused
+    track.resume()
+    packet = await asyncio.wait_for(pending, 1.0)
+    assert is_keyframe("VP8", bytes(packet))
+    # The camera ran on: the timestamp is where the clock is, not the 4th frame's.
+    assert packet.pts >= 0.5 * 90_000
+    track.stop()
+
+
+async def test_a_camera_paused_between_shoppers_costs_the_server_no_frames(
+    loopback_ice: None, client_pc: RTCPeerConnection
+) -> None:
+    track = PacketTrack(await asyncio.to_thread(encode_loop, _frames(60), 15.0), 15.0)
+    ingest, got = await connect_ingest(client_pc, track, wanted=lambda: True)
+    await wait_for(lambda: len(got) >= 5, 10)
+    track.pause()
+    await asyncio.sleep(0.3)  # frames already in flight
+    arrived, decoded = ingest.frames + ingest.undecoded, len(got)
+    await asyncio.sleep(1.0)
+    assert ingest.frames + ingest.undecoded == arrived  # not even received undecoded
+    track.resume()
+    await wait_for(lambda: len(got) >= decoded + 5, 3)  # the same connection, decoding again
+    assert ingest.connection_state == "connected"
+    await ingest.close()

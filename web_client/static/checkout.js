@@ -56,7 +56,18 @@ function fail(text) {
   setText("conn", "Not connected");
 }
 
-function startCheckout() {
+/**
+ * The camera sends video only while a checkout may look at it: from right after
+ * start_checkout until the result. Failing to pause costs only server CPU; failing to
+ * restart makes the checkout time out (it declines, never pays).
+ */
+async function sendVideo(on) {
+  const ok = await terminal.setVideoSending(on);
+  document.body.dataset.video = terminal.videoSending ? "sending" : "paused";
+  return ok;
+}
+
+async function startCheckout() {
   setText("order", order);
   setText("amount", amount);
   document.getElementById("offer").hidden = true;
@@ -64,6 +75,9 @@ function startCheckout() {
   if (terminal.send({ type: "start_checkout", amount, order_id: order })) {
     sessionOpen = true;
     showStatus("connecting", "Starting…");
+    // Only now: the encoder restarts with a keyframe, and one that reached the server before
+    // the checkout did would be discarded undecoded (nobody was looking yet).
+    await sendVideo(true);
   }
 }
 
@@ -96,6 +110,7 @@ function showResult(ok, title, detail) {
   clearInterval(countdownTimer);
   promptId = null;
   sessionOpen = false;
+  sendVideo(false);
   showScreen("screen-result");
   const el = document.getElementById("result-title");
   el.textContent = title;
@@ -194,7 +209,9 @@ const terminal = new Terminal({
       startCheckout();
       return;
     }
-    // Otherwise the last sale had ended: show its result again and wait for "New sale".
+    // Otherwise the last sale had ended: show its result again and wait for "New sale"
+    // (the new connection sends no video until then).
+    sendVideo(false);
     setState("idle");
     showScreen("screen-result");
   },

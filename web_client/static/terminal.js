@@ -85,6 +85,7 @@ export class Terminal {
     this.videoLostAt = 0;
     this.reoffering = false;
     this.stopped = false;
+    this.videoSending = false; // whether the current peer connection sends video
   }
 
   /**
@@ -182,6 +183,7 @@ export class Terminal {
     if (this.pc) this.pc.close();
     const pc = new RTCPeerConnection({ iceServers: [] });
     this.pc = pc;
+    this.videoSending = true; // a new connection sends until told otherwise
     for (const track of this.stream.getVideoTracks()) pc.addTrack(track, this.stream);
     await pc.setLocalDescription(await pc.createOffer());
     await waitIceComplete(pc);
@@ -209,6 +211,43 @@ export class Terminal {
     this.onStatus(`${what}. Reconnecting in ${seconds} s…`, false);
     setTimeout(() => this.connect(), this.retryDelayMs);
     this.retryDelayMs = Math.min(this.retryDelayMs * 2, 30000);
+  }
+
+  /**
+   * Stop or restart sending video; the camera and its preview stay on. A checkout kiosk
+   * sends nothing between shoppers: the server decodes only while a checkout looks, but
+   * receiving 15 frames a second costs it CPU all the same (about a quarter of an idle
+   * kiosk's server CPU, docs/performance.md). A restarted encoder begins with a keyframe, and the
+   * server asks for one too. Resolves to whether every video sender is now in that state.
+   */
+  setVideoSending(on) {
+    // One change at a time: setParameters must get what the last getParameters returned.
+    this.videoChange = (this.videoChange || Promise.resolve()).then(() => this.applyVideo(on));
+    return this.videoChange;
+  }
+
+  async applyVideo(on) {
+    const pc = this.pc;
+    if (!pc) return false;
+    let ok = true;
+    for (const sender of pc.getSenders()) {
+      if (!sender.track || sender.track.kind !== "video") continue;
+      const params = sender.getParameters();
+      if (!params.encodings || !params.encodings.length) {
+        ok = false; // not negotiated yet: it sends as soon as it is
+        continue;
+      }
+      if (params.encodings.every((e) => e.active === on)) continue;
+      for (const enc of params.encodings) enc.active = on;
+      try {
+        await sender.setParameters(params);
+      } catch (err) {
+        console.warn("could not %s the video: %s", on ? "restart" : "pause", err);
+        ok = false;
+      }
+    }
+    if (ok && pc === this.pc) this.videoSending = on;
+    return ok;
   }
 
   send(obj) {
