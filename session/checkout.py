@@ -135,7 +135,9 @@ class CheckoutSession(VideoSession):
         await self._set(S.SCANNING)
         deadline = time.monotonic() + self.policy.session_timeout_s
         with self.frames.wanted():  # the video is decoded only while a checkout scans
-            account, subject = await self._recognise(deadline)
+            embedding = await self._live_embedding(deadline)
+        # Identified without video: a phone-digit prompt decodes no frames while it waits.
+        account, subject = await self._identify(embedding)
         await self._confirm(account, subject)
 
     async def _set(self, state: CheckoutState, **extra: Any) -> None:
@@ -163,8 +165,8 @@ class CheckoutSession(VideoSession):
                 raise _CancelRequested
 
     # --- recognition --------------------------------------------------------------------
-    async def _recognise(self, deadline: float) -> tuple[Account, str]:
-        """Frames until one live, single, matched face: returns its account and subject."""
+    async def _live_embedding(self, deadline: float) -> FloatArray:
+        """Frames until one live, single face: returns its embedding (declines a spoof)."""
         while True:
             await self._check_stopped()
             try:
@@ -188,7 +190,7 @@ class CheckoutSession(VideoSession):
                 await self._finish(S.DECLINED, "spoof")
             embedding = live.verdict.embedding
             assert embedding is not None  # a live verdict carries its embedding
-            return await self._identify(embedding)
+            return embedding
 
     def _single_live_face(self, reports: list[TrackReport]) -> TrackReport | None:
         """The one decided face, or None while undecided or while several people are in view."""

@@ -5,9 +5,11 @@ aiortc peer connection sending VP8 video at ``fps`` in real time. It runs checko
 back for the duration: ``start_checkout`` -> ``confirm`` -> passphrase -> ``approved``, and
 reports one JSON line per session on stdout.
 
-Like our web client's checkout page, a terminal stops sending video when a checkout ends and
-starts again right after sending the next ``start_checkout`` (``pause_video`` in the spec; ``facepay
-bench --continuous-video`` keeps every terminal streaming, as a camera that cannot pause would).
+Like our web client's checkout page, a terminal stops sending video at the confirmation
+prompt (or when a checkout ends) and starts again when the server says the next checkout is
+``scanning`` (``pause_video`` in the
+spec; ``facepay bench --continuous-video`` keeps every terminal streaming, as a camera that
+cannot pause would).
 
 The video is encoded once per process (a few seconds of the SOURCE as a camera would see it,
 keyframe every second) and the packets are replayed in a loop, as a camera with a hardware
@@ -222,9 +224,6 @@ class BenchTerminal:
         await ws.send_json(
             {"type": "start_checkout", "amount": self.spec["amount"], "order_id": order}
         )
-        # After the request, as the web client: a keyframe that reached the server before
-        # the checkout did would be discarded undecoded.
-        self._video(sending=True)
         deadline = t0 + SESSION_GUARD_S
         try:
             while True:
@@ -235,6 +234,7 @@ class BenchTerminal:
                 kind = event["type"]
                 if kind == "confirm":
                     rec["confirm_ms"] = round((time.monotonic() - t0) * 1000, 1)
+                    self._video(sending=False)  # recognised: no more video this checkout
                     await ws.send_json(
                         {
                             "type": "passphrase",
@@ -247,6 +247,9 @@ class BenchTerminal:
                 elif kind in ("approved", "declined"):
                     rec.update(outcome=kind, reason=event.get("reason"))
                     break
+                elif kind == "state" and event.get("state") == "scanning":
+                    # The server looks from now on: restart the camera (as the web client).
+                    self._video(sending=True)
                 elif kind == "state" and event.get("state") in ("timeout", "cancelled"):
                     rec.update(outcome=event["state"], reason=event.get("reason"))
                     break

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
+from stream_server.app import CONNECTIONS
 from tests.e2e import PASSPHRASE, camera_frames, empty_frames
 
 ENROLL = "faces/obama/obama.jpg"
@@ -55,6 +56,9 @@ async def test_lookalikes_ask_for_phone_digits(make_env, analyzer, photo):
     await term.checkout("4.20", "o-twin")
     ask = await term.expect("need_phone_digits", "confirm", "declined")
     assert ask["type"] == "need_phone_digits", term.events
+    # The face is decided: while the shopper types the digits nothing is decoded.
+    [conn] = list(env.app[CONNECTIONS])
+    assert not conn.frames.in_demand
     await term.send({"type": "phone_digits", "digits": "9999"})
     confirm = await term.expect("confirm", "declined")
     assert confirm["type"] == "confirm" and confirm["account"] == "T***"

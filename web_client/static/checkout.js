@@ -57,8 +57,8 @@ function fail(text) {
 }
 
 /**
- * The camera sends video only while a checkout may look at it: from right after
- * start_checkout until the result. Failing to pause costs only server CPU; failing to
+ * The camera sends video only while a checkout may look at it: from the server's
+ * "scanning" until the confirmation prompt (typing a passphrase takes seconds) or the result. Failing to pause costs only server CPU; failing to
  * restart makes the checkout time out (it declines, never pays).
  */
 async function sendVideo(on) {
@@ -67,7 +67,7 @@ async function sendVideo(on) {
   return ok;
 }
 
-async function startCheckout() {
+function startCheckout() {
   setText("order", order);
   setText("amount", amount);
   document.getElementById("offer").hidden = true;
@@ -75,13 +75,12 @@ async function startCheckout() {
   if (terminal.send({ type: "start_checkout", amount, order_id: order })) {
     sessionOpen = true;
     showStatus("connecting", "Starting…");
-    // Only now: the encoder restarts with a keyframe, and one that reached the server before
-    // the checkout did would be discarded undecoded (nobody was looking yet).
-    await sendVideo(true);
   }
 }
 
 function showConfirm(msg) {
+  // The shopper has been recognised: the server looks at no more video in this checkout.
+  sendVideo(false);
   promptId = msg.prompt_id;
   setState("confirm");
   showScreen("screen-confirm");
@@ -132,6 +131,10 @@ function onFaces(msg) {
 function onState(msg) {
   switch (msg.state) {
     case "scanning":
+      // The server looks from now on: restart the camera. Its encoder begins with a
+      // keyframe, which the server can decode at once (one sent before the checkout began
+      // would have been discarded, and the server would ask for another).
+      sendVideo(true);
       showStatus("scanning");
       if (msg.hint === "one_person_at_a_time") {
         const hint = document.getElementById("hint");
