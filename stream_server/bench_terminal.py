@@ -7,9 +7,8 @@ reports one JSON line per session on stdout.
 
 Like our web client's checkout page, a terminal stops sending video at the confirmation
 prompt (or when a checkout ends) and starts again when the server says the next checkout is
-``scanning`` (``pause_video`` in the
-spec; ``facepay bench --continuous-video`` keeps every terminal streaming, as a camera that
-cannot pause would).
+``scanning`` (``pause_video`` in the spec; ``facepay bench --continuous-video`` keeps every
+terminal streaming, as a camera that cannot pause would).
 
 The video is encoded once per process (a few seconds of the SOURCE as a camera would see it,
 keyframe every second) and the packets are replayed in a loop, as a camera with a hardware

@@ -58,8 +58,9 @@ function fail(text) {
 
 /**
  * The camera sends video only while a checkout may look at it: from the server's
- * "scanning" until the confirmation prompt (typing a passphrase takes seconds) or the result. Failing to pause costs only server CPU; failing to
- * restart makes the checkout time out (it declines, never pays).
+ * "scanning" until the confirmation prompt (typing a passphrase takes seconds) or the
+ * result. Failing to pause costs only server CPU; failing to restart makes the checkout
+ * time out (it declines, never pays).
  */
 async function sendVideo(on) {
   const ok = await terminal.setVideoSending(on);

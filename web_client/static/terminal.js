@@ -215,14 +215,15 @@ export class Terminal {
 
   /**
    * Stop or restart sending video; the camera and its preview stay on. A checkout kiosk
-   * sends nothing between shoppers: the server decodes only while a checkout looks, but
-   * receiving 15 frames a second costs it CPU all the same (about a quarter of an idle
-   * kiosk's server CPU, docs/performance.md). A restarted encoder begins with a keyframe, and the
-   * server asks for one too. Resolves to whether every video sender is now in that state.
+   * sends nothing while no checkout looks: the server decodes only then, but receiving
+   * 15 frames a second costs it CPU all the same (about 30 % of an idle kiosk's server
+   * CPU, docs/performance.md). A restarted encoder begins with a keyframe, and the server
+   * asks for one too. Resolves to whether every video sender is now in that state.
    */
   setVideoSending(on) {
     // One change at a time: setParameters must get what the last getParameters returned.
-    this.videoChange = (this.videoChange || Promise.resolve()).then(() => this.applyVideo(on));
+    const previous = (this.videoChange || Promise.resolve()).catch(() => false);
+    this.videoChange = previous.then(() => this.applyVideo(on));
     return this.videoChange;
   }
 
