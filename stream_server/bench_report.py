@@ -16,6 +16,12 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)], 1)
 
 
+def pauses_video(args: argparse.Namespace) -> bool:
+    """Whether the bench's terminals pause their video while no checkout looks (the default;
+    not with ``--continuous-video``, nor with ``--live-encode``, whose track cannot pause)."""
+    return not args.continuous_video and not args.live_encode
+
+
 def summary(
     n: int,
     args: argparse.Namespace,
@@ -47,9 +53,7 @@ def summary(
         "fps": args.fps,
         "duration_s": args.duration,
         "gap_s": args.gap,
-        "video_between_shoppers": (
-            "streaming" if args.continuous_video or args.live_encode else "paused"
-        ),
+        "video_between_shoppers": "paused" if pauses_video(args) else "streaming",
         "confirm_ms": {
             "p50": percentile(confirms, 0.5),
             "p95": percentile(confirms, 0.95),

@@ -30,7 +30,7 @@ from typing import Any
 
 import aiohttp
 
-from stream_server.bench_report import plot, summary
+from stream_server.bench_report import pauses_video, plot, summary
 from stream_server.bench_soak import Sampler
 from stream_server.cli import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, emit, say
 
@@ -318,7 +318,7 @@ async def _run(
                 "passphrase": PASSPHRASE,
                 "phone_last4": PHONE[-4:],
                 "live_encode": args.live_encode,
-                "pause_video": not args.continuous_video and not args.live_encode,
+                "pause_video": pauses_video(args),
                 "start_at": start_at,
             }
             path = tmp / f"terminals-{p}.json"
