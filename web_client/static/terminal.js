@@ -217,8 +217,9 @@ export class Terminal {
    * Stop or restart sending video; the camera and its preview stay on. A checkout kiosk
    * sends nothing while no checkout looks: the server decodes only then, but receiving
    * 15 frames a second costs it CPU all the same (about 30 % of an idle kiosk's server
-   * CPU, docs/performance.md). A restarted encoder begins with a keyframe, and the server
-   * asks for one too. Resolves to whether every video sender is now in that state.
+   * CPU, docs/performance.md). A restarted encoder begins with a keyframe; the server asks
+   * for one only if it skipped frames since its last checkout. Resolves to whether every
+   * video sender is now in that state.
    */
   setVideoSending(on) {
     // One change at a time: setParameters must get what the last getParameters returned.
