@@ -89,8 +89,13 @@ def _pick(registry: dict[str, _Factory[_T]], name: str, kind: str) -> _Factory[_
         raise ConfigError(f"unknown {kind} {name!r}; known: {sorted(registry)}") from exc
 
 
-def quality_limits(config: PipelineConfig) -> QualityThresholds:
-    """The quality gate's thresholds from config."""
+def quality_limits(config: PipelineConfig, *, video: bool = False) -> QualityThresholds:
+    """The quality gate's thresholds from config.
+
+    ``video`` adds the rule that only live video needs: ``max_face_frac`` (a face too close
+    for liveness). A single photo is judged without it: a close-cropped portrait is a good
+    template, and no verdict rests on its liveness.
+    """
     q = config.quality
     return QualityThresholds(
         min_face_px=q.min_face_px,
@@ -100,6 +105,7 @@ def quality_limits(config: PipelineConfig) -> QualityThresholds:
         min_brightness=q.min_brightness,
         max_brightness=q.max_brightness,
         min_detection_score=q.min_detection_score,
+        max_face_frac=q.max_face_frac if video else 1.0,
     )
 
 
@@ -167,11 +173,14 @@ class FaceAnalyzer:
         t0 = time.perf_counter()
         aligned = align(image, face)
         t1 = time.perf_counter()
-        report = assess(face, aligned, limits or self.limits)
+        report = assess(face, aligned, limits or self.limits, image.shape)
         t2 = time.perf_counter()
         timings["align"] = (t1 - t0) * 1000
         timings["quality"] = (t2 - t1) * 1000
         usable = report.ok or not require_quality
+        # A face failing only for being too close is still scored: the evidence never counts
+        # it as live, but a print or a screen this close scores ~0 and is declined at once.
+        scorable = usable or report.reasons == ("too_close",)
         vector = None
         p_real = None
         if usable and embed:
@@ -179,7 +188,7 @@ class FaceAnalyzer:
             t3 = time.perf_counter()
             timings["embed"] = (t3 - t2) * 1000
             t2 = t3
-        if usable and liveness:
+        if scorable and liveness:
             p_real = self.liveness_model.liveness(image, face)
             timings["liveness"] = (time.perf_counter() - t2) * 1000
         return FaceAnalysis(face, report, p_real, vector, timings)

@@ -64,6 +64,14 @@ class QualityConfig(_Strict):
     min_brightness: float = Field(40.0, ge=0.0, le=128.0)
     max_brightness: float = Field(215.0, ge=128.0, le=255.0)
     min_detection_score: float = Field(0.8, ge=0.3, le=0.99)
+    #: A face whose squared box is more than this fraction of the frame's shorter side is
+    #: ``too_close``: the frame adds no evidence and the person is asked to step back.
+    #: MiniFASNet's 2.7x/4.0x context crops then shrink to under 1.25x the face. Live
+    #: camera views of the shared photos scored 0.79-1.0 up to 0.63 and then fell with size
+    #: (biden2 0.51 at 0.71, 0.24 at 0.79; obama2 0.36 at 0.94, declined as spoof), while
+    #: image_T1, a genuine capture, still scored 1.0 at 0.74-0.80 (docs/pipeline.md). 1.0
+    #: turns the check off. Single photos (imports, ``facepay analyze``) are not held to it.
+    max_face_frac: float = Field(0.8, ge=0.4, le=1.0)
 
 
 class EvidenceConfig(_Strict):

@@ -7,6 +7,10 @@ passing), prints and screens occasionally score high on one frame, so the verdic
   trimming cannot hide);
 - enough video: at least ``min_frames`` quality-passed frames over ``min_span_s`` seconds;
 - a fast spoof exit when the last ``spoof_fast_frames`` frames all score under ``spoof_floor``;
+- a face too close to the camera (quality ``too_close``) adds no evidence, since its
+  liveness crops hold no context and live faces score low there; its scores are kept apart
+  and can only take the fast spoof exit (a print or a screen that close scores ~0), never
+  make the face live;
 - optionally, the rigidity cue (``use_rigidity``): a sheet of paper or a tablet moves as one
   rigid plane, so its five landmarks follow an affine map of their first position exactly,
   while a real head turning even a few degrees moves the nose off that map (parallax). The
@@ -111,6 +115,8 @@ class EvidenceAccumulator:
         self.config = config
         self.liveness_threshold = liveness_threshold
         self.frames: deque[FrameEvidence] = deque(maxlen=config.max_frames)
+        #: (t, p_real) of frames set aside as too close: spoof evidence only.
+        self.too_close: deque[tuple[float, float]] = deque(maxlen=config.max_frames)
         self.rejected: dict[str, int] = {}
         self.seen = 0
 
@@ -120,6 +126,9 @@ class EvidenceAccumulator:
         if not analysis.quality.ok:
             for reason in analysis.quality.reasons:
                 self.rejected[reason] = self.rejected.get(reason, 0) + 1
+            if analysis.quality.reasons == ("too_close",) and analysis.p_real is not None:
+                self.too_close.append((t, analysis.p_real))
+                self._slide(t)
             return False
         self.frames.append(
             FrameEvidence(
@@ -130,10 +139,15 @@ class EvidenceAccumulator:
                 landmarks=analysis.face.landmarks_array(),
             )
         )
+        self._slide(t)
+        return True
+
+    def _slide(self, t: float) -> None:
         # The window slides: old evidence about a face that has since changed must not count.
         while self.frames and t - self.frames[0].t > self.config.window_s:
             self.frames.popleft()
-        return True
+        while self.too_close and t - self.too_close[0][0] > self.config.window_s:
+            self.too_close.popleft()
 
     @property
     def embeddings_count(self) -> int:
@@ -183,6 +197,21 @@ class EvidenceAccumulator:
         recent = [f.p_real for f in scored[-cfg.spoof_fast_frames :] if f.p_real is not None]
         if len(recent) >= cfg.spoof_fast_frames and max(recent) < cfg.spoof_floor:
             return make("spoof", "liveness_low")
+        close = [p for _, p in self.too_close]
+        if len(close) >= cfg.spoof_fast_frames and max(close[-cfg.spoof_fast_frames :]) < (
+            cfg.spoof_floor
+        ):
+            # Resting on the too-close frames alone: their own score, count and span.
+            return Verdict(
+                status="spoof",
+                reasons=("liveness_low",),
+                liveness=trimmed_mean(np.array(close, np.float32), cfg.trim_low),
+                frames=len(close),
+                span_s=self.too_close[-1][0] - self.too_close[0][0],
+                embedding=None,
+                nonrigidity=None,
+                motion=None,
+            )
         if len(scored) < cfg.min_frames:
             return make("undecided", "need_more_frames")
         if span < cfg.min_span_s:

@@ -35,6 +35,9 @@ class QualityThresholds:
     min_brightness: float = 40.0
     max_brightness: float = 215.0
     min_detection_score: float = 0.8
+    #: Largest face for liveness, as its squared box's side over the frame's shorter side
+    #: (1.0: no limit). Only checked when ``assess`` is given the frame's shape.
+    max_face_frac: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +97,27 @@ def sharpness(aligned: ImageArray) -> float:
     return float(cv2.Laplacian(grey, cv2.CV_64F).var())
 
 
-def assess(face: Face, aligned: ImageArray, limits: QualityThresholds) -> QualityReport:
-    """Check one face against ``limits``; the report lists every failed check."""
+def too_close(face: Face, frame_shape: tuple[int, ...], max_face_frac: float) -> bool:
+    """Whether the face fills so much of the frame that liveness loses its context.
+
+    MiniFASNet judges a crop 2.7x and 4.0x the (squared) face box; a face whose box is more
+    than ``max_face_frac`` of the frame's shorter side leaves both crops at under
+    ``1 / max_face_frac`` times the face, with no edges, bezels or background to judge.
+    """
+    side = max(face.box.width, face.box.height)
+    return max_face_frac < 1.0 and side > max_face_frac * min(frame_shape[0], frame_shape[1])
+
+
+def assess(
+    face: Face,
+    aligned: ImageArray,
+    limits: QualityThresholds,
+    frame_shape: tuple[int, ...] | None = None,
+) -> QualityReport:
+    """Check one face against ``limits``; the report lists every failed check.
+
+    ``frame_shape`` (the frame's ``shape``) enables the ``too_close`` check.
+    """
     face_px = min(face.box.width, face.box.height)
     sharp = sharpness(aligned)
     yaw, pitch = estimate_pose(face)
@@ -107,6 +129,8 @@ def assess(face: Face, aligned: ImageArray, limits: QualityThresholds) -> Qualit
         reasons.append("uncertain_face")
     if face_px < limits.min_face_px:
         reasons.append("too_small")
+    if frame_shape is not None and too_close(face, frame_shape, limits.max_face_frac):
+        reasons.append("too_close")
     if sharp < limits.min_sharpness:
         reasons.append("blurry")
     if abs(yaw) > limits.max_yaw_deg:

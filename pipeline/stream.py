@@ -58,7 +58,7 @@ class StreamAnalyzer:
         self.ended: dict[int, Verdict] = {}
         self.decided: set[int] = set()
         self.ready_px = self.config.quality.min_face_px
-        self.limits = quality_limits(self.config)
+        self.limits = quality_limits(self.config, video=True)
         self.frames = 0
         #: Model runs saved by frame selection (embeddings, liveness), for benchmarks.
         self.skipped = {"embed": 0, "liveness": 0}

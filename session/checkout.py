@@ -78,6 +78,8 @@ class CheckoutSession(VideoSession):
         self.payment_id: str | None = None
         self._crowded = False
         self._crowd_until = 0.0
+        #: The distance hint last sent while scanning ("farther" or None), sent on change.
+        self._distance_hint: str | None = None
 
     # --- input from the terminal --------------------------------------------------------
     def deliver(self, message: dict[str, Any]) -> None:
@@ -212,17 +214,27 @@ class CheckoutSession(VideoSession):
             return None
         return main if main.verdict.status in ("live", "spoof") else None
 
+    async def _scanning_hint(self, hint: str | None) -> None:
+        """A ``state`` event that shows (or, with None, clears) a hint while scanning."""
+        event: dict[str, Any] = {
+            "type": "state",
+            "state": str(self.machine.state),
+            "session_id": self.session_id,
+        }
+        await self._send(event if hint is None else {**event, "hint": hint})
+
     async def _faces_event(self, reports: list[TrackReport], size: tuple[int, int]) -> None:
         if self._crowded:
             self._crowded = False
-            await self._send(
-                {
-                    "type": "state",
-                    "state": str(self.machine.state),
-                    "session_id": self.session_id,
-                    "hint": "one_person_at_a_time",
-                }
-            )
+            await self._scanning_hint("one_person_at_a_time")
+        # A face too close for liveness adds no evidence: without a word the shopper would
+        # wait for a timeout, so ask them to step back (and say when they have).
+        main = max(reports, key=lambda r: r.face.box.area) if reports else None
+        close = main is not None and "too_close" in main.analysis.quality.reasons
+        hint = "farther" if close else None
+        if hint != self._distance_hint:
+            self._distance_hint = hint
+            await self._scanning_hint(hint)
         if not self._faces_due():
             return
         await self._send_faces(size, boxes=[r.face.box.as_list() for r in reports])

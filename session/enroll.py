@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 #: Quality reasons -> the hint shown to the person, first match wins.
 HINTS: tuple[tuple[str, str], ...] = (
     ("too_small", "closer"),
+    ("too_close", "farther"),
     ("too_dark", "more_light"),
     ("too_bright", "less_light"),
     ("turned_away", "look_at_camera"),

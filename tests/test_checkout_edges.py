@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import cv2
 import numpy as np
@@ -43,6 +44,37 @@ async def test_two_comparable_faces_wait_for_one_person(make_env, analyzer, phot
     assert end["state"] == "timeout", term.events  # nobody is charged for the person behind them
     assert "confirm" not in term.types()
     assert await env.payments() == []
+
+
+def leaning_in(analyzer, photo, close_s: float = 2.0):
+    """The shopper's face fills the frame (obama2.jpg, ~0.95 of it), then steps back."""
+    close = camera_frames(analyzer, photo("faces/obama/obama2.jpg"), seconds=close_s)
+    return itertools.chain(close, camera_frames(analyzer, photo(SHOPPER)))
+
+
+async def test_a_face_too_close_is_asked_to_step_back_then_pays(make_env, analyzer, photo):
+    # Judged at that distance this live face scores ~0.3 and was declined as a spoof: the
+    # liveness crops hold no context. Its frames now add no evidence, the terminal is told
+    # why, and the checkout goes on once the shopper steps back.
+    env = await make_env()
+    await env.enroll("acct-obama", "Barack Obama", "+12025550101", photo(ENROLL))
+    term = await env.terminal()
+    await term.start_video(leaning_in(analyzer, photo))
+    await term.checkout("3.50", "o-close")
+    hint = await term.expect("state")
+    while hint.get("hint") != "farther":
+        assert hint["state"] == "scanning", term.events
+        hint = await term.expect("state")
+    cleared = await term.expect("state")  # stepped back: the hint is withdrawn
+    assert cleared["state"] == "scanning" and "hint" not in cleared, term.events
+    confirm = await term.expect("confirm", "declined")
+    assert confirm["type"] == "confirm", term.events
+    await term.send(
+        {"type": "passphrase", "prompt_id": confirm["prompt_id"], "passphrase": PASSPHRASE}
+    )
+    end = await term.until_end()
+    assert end["state"] == "approved", term.events
+    assert len(await env.payments()) == 1
 
 
 async def test_lookalikes_ask_for_phone_digits(make_env, analyzer, photo):

@@ -6,6 +6,8 @@ import asyncio
 
 import pytest
 
+from session.enroll import HINTS as ENROLL_HINTS
+from session.enroll import hint_for
 from stream_server.app import CONNECTIONS, REDIS
 from tests.e2e import camera_frames
 
@@ -13,11 +15,19 @@ ENROLL = "faces/obama/obama.jpg"
 SHOPPER = "faces/obama/obama3.jpg"  # another photo of the same person
 SECRET = "my new pass 77"
 FIELDS = {"account_id": "acct-live", "name": "Barack Obama", "phone": "+1 202 555 0101"}
-HINTS = {"closer", "more_light", "less_light", "look_at_camera", "hold_still"}
+HINTS = {"closer", "farther", "more_light", "less_light", "look_at_camera", "hold_still"}
 HINTS |= {"one_person", "no_face", "ok"}
 
 
 pytestmark = pytest.mark.usefixtures("loopback_ice")
+
+
+def test_quality_reasons_map_to_the_documented_hints():
+    assert hint_for(("too_close",)) == "farther"
+    assert hint_for(("too_small",)) == "closer"
+    assert hint_for(("too_dark", "blurry")) == "more_light"  # the first match wins
+    assert hint_for(()) == "ok"
+    assert {hint for _, hint in ENROLL_HINTS} | {"one_person", "no_face", "ok"} == HINTS
 
 
 async def _enroll_terminal(env, analyzer, photo, rel=ENROLL):

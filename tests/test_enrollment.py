@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
+from pipeline.analyzer import quality_limits
 from pipeline.config import MatchConfig
 from pipeline.errors import Conflict, InvalidRequest, NotFound, QualityError
 from session.crypto import PassphraseHasher, TemplateCipher, generate_key
@@ -100,6 +101,22 @@ async def test_a_small_face_in_the_background_is_allowed(env, photo, analyzer):
     faces = analyzer.detect(image)
     assert len(faces) == 2  # both found; the second is well under half the main face's area
     _, count = await _enroll(env, [image])
+    assert count == 1
+
+
+async def test_a_close_cropped_portrait_is_a_good_template(env, photo, analyzer):
+    # A passport-style crop fills the picture: too close for liveness at a terminal, but a
+    # photo import judges no liveness, so the distance rule does not apply to it.
+    image = photo("faces/obama/obama.jpg")
+    box = max(analyzer.detect(image), key=lambda f: f.box.area).box
+    x, y = int(box.center[0]), int(box.center[1])
+    half = int(max(box.width, box.height) * 0.55)
+    crop = np.ascontiguousarray(image[y - half : y + half, x - half : x + half])
+    (face,) = analyzer.detect(crop)
+    video = quality_limits(analyzer.config, video=True)
+    report = analyzer.analyze_face(crop, face, embed=False, liveness=False, limits=video).quality
+    assert report.reasons == ("too_close",)
+    _, count = await _enroll(env, [crop])
     assert count == 1
 
 

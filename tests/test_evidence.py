@@ -149,3 +149,47 @@ def test_moderately_low_scores_wait_for_more_video_when_configured():
     fast = EvidenceAccumulator(cfg, 0.5)
     _feed(fast, [0.01, 0.0, 0.02])
     assert fast.verdict().status == "spoof"  # a print's near-zero scores exit at once
+
+
+def _too_close(p_real):
+    face = Face(Box(0, 0, 470, 470), LANDMARKS, 0.93)
+    report = QualityReport(False, ("too_close",), 470, 300, 0, 0, 120, 0.0)
+    return FaceAnalysis(face, report, p_real, None)
+
+
+def test_too_close_frames_never_make_a_face_live_nor_decline_a_middling_one():
+    acc = EvidenceAccumulator(EvidenceConfig(), 0.5)
+    for i in range(30):  # a live face leaning in scores 0.2-0.4, then a perfect 1.0
+        assert not acc.add(i / 15, _too_close(0.3 if i % 5 else 1.0))
+    verdict = acc.verdict()
+    assert verdict.status == "undecided" and verdict.reasons == ("need_more_frames",)
+    assert acc.rejected == {"too_close": 30}
+    # Stepping back: ordinary frames decide, as they would have without the close ones.
+    _feed(acc, [0.97] * 8, fps=15.0, start=30)
+    assert acc.verdict().status == "live"
+
+
+def test_too_close_frames_scoring_near_zero_take_the_fast_spoof_exit():
+    cfg = EvidenceConfig(spoof_fast_frames=4, spoof_floor=0.1)
+    acc = EvidenceAccumulator(cfg, 0.5)
+    for i, p in enumerate([0.02, 0.01, 0.03]):
+        acc.add(i / 15, _too_close(p))
+    assert acc.verdict().status == "undecided"  # three frames are not yet enough
+    acc.add(3 / 15, _too_close(0.0))
+    verdict = acc.verdict()
+    assert verdict.status == "spoof" and verdict.reasons == ("liveness_low",)
+    assert verdict.frames == 4 and verdict.embedding is None
+    # One close frame at the floor or above keeps the exit shut.
+    other = EvidenceAccumulator(cfg, 0.5)
+    for i, p in enumerate([0.02, 0.01, 0.12, 0.0]):
+        other.add(i / 15, _too_close(p))
+    assert other.verdict().status == "undecided"
+
+
+def test_too_close_scores_leave_the_window_like_any_evidence():
+    cfg = EvidenceConfig(window_s=1.0, spoof_fast_frames=4)
+    acc = EvidenceAccumulator(cfg, 0.5)
+    for i in range(3):
+        acc.add(i / 15, _too_close(0.01))
+    acc.add(5.0, _too_close(0.01))  # the first three are over 1 s old by now
+    assert len(acc.too_close) == 1 and acc.verdict().status == "undecided"

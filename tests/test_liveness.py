@@ -111,3 +111,32 @@ def test_too_short_a_glimpse_stays_undecided(analyzer, photo):
     spec = _camera_spec(analyzer, image, 2, gap_frames=((3, 24),))
     verdicts = _run_stream(analyzer, image, spec)
     assert [v.status for v in verdicts.values()] == ["undecided"]
+
+
+def test_a_face_too_close_for_liveness_adds_no_evidence_until_it_steps_back(analyzer, photo):
+    # obama2.jpg in camera view fills the frame (squared box ~0.92-0.99 of its height):
+    # MiniFASNet's context crops collapse to the face and this live face scores ~0.3.
+    # Judged anyway (max_face_frac 1.0: the rule off) it is declined as a spoof; with the
+    # rule its frames are set aside as too_close, and the same person a step further back
+    # (obama3.jpg, ~0.7 of the frame) is decided live.
+    close_photo, back_photo = photo("faces/obama/obama2.jpg"), photo("faces/obama/obama3.jpg")
+    close = list(generate_frames(close_photo, _camera_spec(analyzer, close_photo, 0)))
+    back = list(generate_frames(back_photo, _camera_spec(analyzer, back_photo, 0)))
+
+    rule_off = analyzer.config.model_copy(
+        update={"quality": analyzer.config.quality.model_copy(update={"max_face_frac": 1.0})}
+    )
+    judged = StreamAnalyzer(analyzer, rule_off)
+    for i, frame in enumerate(close):
+        judged.process(frame, i / 15)
+    assert {v.status for v in judged.verdicts().values()} == {"spoof"}
+
+    stream = StreamAnalyzer(analyzer)
+    for i, frame in enumerate(close):
+        for report in stream.process(frame, i / 15):
+            assert "too_close" in report.analysis.quality.reasons
+            assert report.verdict.status == "undecided"
+    statuses = []
+    for i, frame in enumerate(back, start=len(close)):
+        statuses += [r.verdict.status for r in stream.process(frame, i / 15)]
+    assert "live" in statuses and "spoof" not in statuses

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import cv2
 import numpy as np
 import pytest
 
 from pipeline.align import align
+from pipeline.analyzer import quality_limits
 from pipeline.quality import assess, estimate_pose
 from pipeline.types import Box, Face
 
@@ -62,3 +65,38 @@ def test_pose_is_zero_for_the_template_and_signed_for_turns():
     pts[2] = (pts[2][0] + 15, pts[2][1])  # nose pushed to the image right
     turned = Face(frontal.box, tuple(pts), 0.9)
     assert estimate_pose(turned)[0] > 20
+
+
+def _face(x1: float, y1: float, x2: float, y2: float) -> Face:
+    w, h = x2 - x1, y2 - y1
+    marks = (
+        (x1 + 0.3 * w, y1 + 0.4 * h),
+        (x1 + 0.7 * w, y1 + 0.4 * h),
+        (x1 + 0.5 * w, y1 + 0.6 * h),
+        (x1 + 0.35 * w, y1 + 0.8 * h),
+        (x1 + 0.65 * w, y1 + 0.8 * h),
+    )
+    return Face(Box(x1, y1, x2, y2), marks, 0.95)
+
+
+@pytest.mark.parametrize(("height", "close"), [(300, False), (384, False), (390, True)])
+def test_a_face_filling_the_frame_is_too_close(analyzer, height, close):
+    # 480 px is the shorter side: 0.8 of it is 384 px (the default max_face_frac). The box
+    # is narrower than tall, as YuNet's are; its squared side is its height.
+    face = _face(100, 40, 100 + 0.75 * height, 40 + height)
+    aligned = np.full((112, 112, 3), 128, np.uint8)
+    video = quality_limits(analyzer.config, video=True)
+    report = assess(face, aligned, video, (480, 640, 3))
+    assert ("too_close" in report.reasons) is close
+    # Without the frame's shape, or with a single photo's limits, there is no distance rule.
+    assert "too_close" not in assess(face, aligned, video).reasons
+    assert "too_close" not in assess(face, aligned, analyzer.limits, (480, 640, 3)).reasons
+
+
+def test_the_distance_rule_can_be_switched_off(analyzer):
+    face = _face(0, 0, 470, 470)
+    aligned = np.full((112, 112, 3), 128, np.uint8)
+    video = quality_limits(analyzer.config, video=True)
+    off = dataclasses.replace(video, max_face_frac=1.0)
+    assert "too_close" in assess(face, aligned, video, (480, 640)).reasons
+    assert "too_close" not in assess(face, aligned, off, (480, 640)).reasons

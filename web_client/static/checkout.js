@@ -129,6 +129,19 @@ function onFaces(msg) {
   clearLater();
 }
 
+// Hints the server sends with "scanning"; a "scanning" without one clears the last.
+const SCAN_HINTS = {
+  one_person_at_a_time: "Only one person in front of the camera please.",
+  farther: "Please step back a little: you are too close to the camera.",
+};
+
+function showHint(name) {
+  const hint = document.getElementById("hint");
+  hint.textContent = SCAN_HINTS[name] || "";
+  hint.dataset.hint = name || ""; // for kiosk automation and tests
+  hint.hidden = !SCAN_HINTS[name];
+}
+
 function onState(msg) {
   switch (msg.state) {
     case "scanning":
@@ -137,11 +150,7 @@ function onState(msg) {
       // would have been discarded, and the server would ask for another).
       sendVideo(true);
       showStatus("scanning");
-      if (msg.hint === "one_person_at_a_time") {
-        const hint = document.getElementById("hint");
-        hint.textContent = "Only one person in front of the camera please.";
-        hint.hidden = false;
-      }
+      showHint(msg.hint);
       break;
     case "verifying":
       document.getElementById("hint").hidden = true;

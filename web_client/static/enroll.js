@@ -6,6 +6,7 @@ import {
 
 const HINTS = {
   closer: "Come a little closer",
+  farther: "Move back a little",
   more_light: "More light please",
   less_light: "Too bright: move out of direct light",
   look_at_camera: "Look at the camera",
