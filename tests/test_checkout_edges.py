@@ -31,15 +31,21 @@ def two_people(analyzer, photo):
         yield np.ascontiguousarray(cv2.resize(np.hstack([a, b[:, 160:480]]), (640, 480)))
 
 
+async def _scanning_until_hint(term, hint: str) -> None:
+    """Skip ``state`` events (all of them ``scanning``) until one carries ``hint``."""
+    state = await term.expect("state")
+    while state.get("hint") != hint:
+        assert state["state"] == "scanning", term.events
+        state = await term.expect("state")
+
+
 async def test_two_comparable_faces_wait_for_one_person(make_env, analyzer, photo):
     env = await make_env(session_timeout_s=6.0)
     await env.enroll("acct-obama", "Barack Obama", "+12025550101", photo(ENROLL))
     term = await env.terminal()
     await term.start_video(two_people(analyzer, photo))
     await term.checkout("9.99", "o-crowd")
-    hint = await term.expect("state")
-    while hint.get("hint") != "one_person_at_a_time":
-        hint = await term.expect("state")
+    await _scanning_until_hint(term, "one_person_at_a_time")
     end = await term.until_end(timeout=15)
     assert end["state"] == "timeout", term.events  # nobody is charged for the person behind them
     assert "confirm" not in term.types()
@@ -61,10 +67,7 @@ async def test_a_face_too_close_is_asked_to_step_back_then_pays(make_env, analyz
     term = await env.terminal()
     await term.start_video(leaning_in(analyzer, photo))
     await term.checkout("3.50", "o-close")
-    hint = await term.expect("state")
-    while hint.get("hint") != "farther":
-        assert hint["state"] == "scanning", term.events
-        hint = await term.expect("state")
+    await _scanning_until_hint(term, "farther")
     cleared = await term.expect("state")  # stepped back: the hint is withdrawn
     assert cleared["state"] == "scanning" and "hint" not in cleared, term.events
     confirm = await term.expect("confirm", "declined")
