@@ -31,7 +31,7 @@ from session.frames import FrameSlot
 from session.models import Account, format_amount
 from session.services import SessionServices
 from session.states import CheckoutMachine, CheckoutState
-from session.video import Emit, VideoSession
+from session.video import Emit, VideoSession, nearest
 
 log = logging.getLogger(__name__)
 S = CheckoutState
@@ -196,9 +196,9 @@ class CheckoutSession(VideoSession):
 
     def _single_live_face(self, reports: list[TrackReport]) -> TrackReport | None:
         """The one decided face, or None while undecided or while several people are in view."""
-        if not reports:
+        main = nearest(reports)
+        if main is None:
             return None
-        main = max(reports, key=lambda r: r.face.box.area)
         crowd = [
             r
             for r in reports
@@ -229,7 +229,7 @@ class CheckoutSession(VideoSession):
             await self._scanning_hint("one_person_at_a_time")
         # A face too close for liveness adds no evidence: without a word the shopper would
         # wait for a timeout, so ask them to step back (and say when they have).
-        main = max(reports, key=lambda r: r.face.box.area) if reports else None
+        main = nearest(reports)
         close = main is not None and "too_close" in main.analysis.quality.reasons
         hint = "farther" if close else None
         if hint != self._distance_hint:

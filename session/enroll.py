@@ -25,7 +25,7 @@ from session import _store_lua as _store_rules
 from session.crypto import check_passphrase
 from session.frames import FrameSlot
 from session.services import SessionServices
-from session.video import Emit, VideoSession
+from session.video import Emit, VideoSession, nearest
 
 log = logging.getLogger(__name__)
 
@@ -207,9 +207,9 @@ class EnrollSession(VideoSession):
 
     def _main_face(self, reports: list[TrackReport]) -> tuple[str, TrackReport | None]:
         """(hint, the one main face or None when nobody or several people are in view)."""
-        if not reports:
+        main = nearest(reports)
+        if main is None:
             return "no_face", None
-        main = max(reports, key=lambda r: r.face.box.area)
         ratio = self.svc.config.policy.crowd_area_ratio
         if any(r is not main and r.face.box.area >= ratio * main.face.box.area for r in reports):
             return "one_person", None

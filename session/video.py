@@ -27,6 +27,11 @@ Emit = Callable[[dict[str, Any]], Awaitable[None]]
 Analysed = tuple[list[TrackReport], tuple[int, int], TimedFrame[Any]]
 
 
+def nearest(reports: list[TrackReport]) -> TrackReport | None:
+    """The largest face in view (the person nearest the camera), or None if there is none."""
+    return max(reports, key=lambda r: r.face.box.area, default=None)
+
+
 class VideoSession:
     """Base of the video-fed sessions: frames in, analysed reports out, events to the terminal."""
 
