@@ -24,6 +24,7 @@ from session.directory import Directory
 from session.ratelimit import RateLimiter
 from session.store import Store
 from stream_server.metrics import Metrics, TimedHasher
+from stream_server.redis_client import connect as connect_redis
 from stream_server.webrtc import BgrConverter
 
 log = logging.getLogger(__name__)
@@ -68,15 +69,7 @@ def create_app(
         app[WEB_ROOT_DIR] = str(web_root)
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
-        pool = aioredis.BlockingConnectionPool.from_url(
-            redis_url,
-            max_connections=config.server.redis_max_connections,
-            timeout=5,
-            socket_timeout=5,
-            socket_connect_timeout=2,
-            health_check_interval=10,
-        )
-        client = aioredis.Redis.from_pool(pool)  # the client owns (and closes) the pool
+        client = connect_redis(redis_url, max_connections=config.server.redis_max_connections)
         app[REDIS] = client
         app[STORE] = Store(client, cipher, limits=config.limits)
         app[LIMITER] = RateLimiter(client)

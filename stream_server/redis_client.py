@@ -1,0 +1,47 @@
+"""The server's Redis client: one place that decides how its connections are pooled.
+
+A payment must not fail because Redis restarted a moment ago. redis-py hands out a pooled
+connection only after checking that the server has not closed it (the check reconnects
+one that it has), but recent redis-py (8.1 here) skips that check while "maintenance
+notifications" are enabled, and their default, ``"auto"``, counts as enabled. Those
+notifications come from managed Redis clusters that announce failovers; a plain Redis
+sends none. With the default, every connection pooled before a restart failed its first
+command after it, and a shopper's passphrase came back ``unavailable``
+(docs/faults.md). Turning the notifications off restores the check.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+
+try:  # older redis-py has no maintenance notifications and always checks
+    from redis.maint_notifications import MaintNotificationsConfig
+except ImportError:  # pragma: no cover - depends on the installed redis-py
+    MaintNotificationsConfig = None  # type: ignore[assignment,misc]
+
+
+def connection_options() -> dict[str, Any]:
+    """Options for a client that checks each pooled connection before handing it out."""
+    if MaintNotificationsConfig is None:  # pragma: no cover
+        return {}
+    return {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
+
+
+def connect(url: str, *, max_connections: int) -> aioredis.Redis:
+    """A client on a bounded pool: callers wait up to 5 s for a free connection.
+
+    Timeouts are short on purpose: a session declines ``unavailable`` when Redis is slow
+    rather than holding a shopper. The client owns the pool (``aclose()`` closes both).
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=5,
+        socket_timeout=5,
+        socket_connect_timeout=2,
+        health_check_interval=10,
+        **connection_options(),
+    )
+    return aioredis.Redis.from_pool(pool)
