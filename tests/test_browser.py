@@ -8,6 +8,7 @@ docs/screenshots/<page>-<state>.png (1024x600).
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -41,6 +42,16 @@ def _url(env, path: str) -> str:
     return str(env.server.make_url(path))
 
 
+async def _no_video_arrives(env) -> Any:
+    """The page's one connection receives no frame (decoded or not) for 1.5 s; returns it."""
+    [conn] = list(env.app[CONNECTIONS])
+    await asyncio.sleep(0.5)  # frames already in flight
+    arrived = conn.ingest.frames + conn.ingest.undecoded
+    await asyncio.sleep(1.5)
+    assert conn.ingest.frames + conn.ingest.undecoded == arrived
+    return conn
+
+
 OFFER = "Join our membership: 5% off every visit"
 
 
@@ -72,11 +83,7 @@ async def test_checkout_with_passphrase_is_approved(make_env, analyzer, photo, t
             # Between shoppers the page sends no video either: the server receives no frame
             # at all (decoded or not) while the result is up.
             assert await page.get_attribute("body", "data-video") == "paused"
-            [conn] = list(env.app[CONNECTIONS])
-            await asyncio.sleep(0.5)  # frames already in flight
-            arrived = conn.ingest.frames + conn.ingest.undecoded
-            await asyncio.sleep(1.5)
-            assert conn.ingest.frames + conn.ingest.undecoded == arrived
+            conn = await _no_video_arrives(env)
             decoded = conn.ingest.frames
             # "New sale" starts the next checkout on the same connection (seen here on a
             # phone-sized screen); cancel it.
@@ -262,6 +269,10 @@ async def test_enrolment_with_consent_then_the_new_account_pays(env, analyzer, p
                 await shots.shot("capturing")
             await wait_state(page, "passphrase")
             await shots.shot("passphrase")
+            # The capture is over: the camera is off, and the server receives no more video
+            # while the person types.
+            assert await page.evaluate("document.getElementById('preview').srcObject === null")
+            await _no_video_arrives(env)
             await page.fill("#pass1", PASSPHRASE)
             await page.fill("#pass2", PASSPHRASE)
             await page.press("#pass2", "Enter")

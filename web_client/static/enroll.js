@@ -69,6 +69,10 @@ const handlers = {
       showScreen("screen-capture");
       setText("hint", HINTS.look_at_camera);
     } else if (msg.state === "passphrase") {
+      // The capture is over: the camera goes off while the person types.
+      terminal.closeCamera();
+      clearOverlay(canvas);
+      setText("conn", "Connected · camera off");
       setState("passphrase");
       showScreen("screen-passphrase");
       document.getElementById("pass1").focus();

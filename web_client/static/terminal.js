@@ -260,11 +260,23 @@ export class Terminal {
     return false;
   }
 
+  /**
+   * Turn the camera off and send no more video, but keep the connection: an enrolment
+   * needs no picture once its capture is over. The peer connection stays (its track is
+   * ended, so nothing is sent); a reconnect asks for the camera again.
+   */
+  closeCamera() {
+    if (this.stream) for (const t of this.stream.getTracks()) t.stop();
+    this.stream = null;
+    this.video.srcObject = null;
+    this.videoSending = false;
+  }
+
   stop() {
     this.stopped = true;
     if (this.ws) this.ws.close();
     if (this.pc) this.pc.close();
-    if (this.stream) for (const t of this.stream.getTracks()) t.stop();
+    this.closeCamera();
   }
 }
 
