@@ -12,14 +12,17 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from pipeline.config import EvidenceConfig, PipelineConfig
 from pipeline.errors import ConfigError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # hide_input_in_errors: a rejected value is not echoed into the error (and so into
+    # logs): it may be a secret (an admin token, a template key). The error still names
+    # the field and the bound.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class PolicyConfig(_Strict):
@@ -84,6 +87,12 @@ class RateLimitConfig(_Strict):
     lockout_memory_s: float = Field(86400.0, ge=60.0, le=30 * 86400.0)
 
 
+#: Shortest admin token accepted. The admin API adds terminals, erases shoppers and reads
+#: payments, and nothing slows down guessing its token (docs/api.md), so the token itself
+#: must be unguessable: 32 characters of ``secrets.token_urlsafe`` carry 192 bits.
+ADMIN_TOKEN_MIN_CHARS = 32
+
+
 class ServerConfig(_Strict):
     """Network, storage and secrets."""
 
@@ -119,6 +128,16 @@ class ServerConfig(_Strict):
     #: always allowed; "*" allows any). Clients that send no Origin (kiosk apps, replay)
     #: are not browsers and are let through: the terminal token authenticates them.
     allowed_origins: tuple[str, ...] = Field((), max_length=64)
+
+    @field_validator("admin_token", "admin_token_previous")
+    @classmethod
+    def _admin_token_long_enough(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and len(token.get_secret_value()) < ADMIN_TOKEN_MIN_CHARS:
+            raise ValueError(
+                f"an admin token needs at least {ADMIN_TOKEN_MIN_CHARS} characters; make one "
+                "with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        return token
 
 
 class GateConfig(_Strict):
@@ -159,6 +178,18 @@ class FacePayConfig(_Strict):
     gate: GateConfig = GateConfig()
     enrollment: EnrollmentConfig = EnrollmentConfig()
     limits: RateLimitConfig = RateLimitConfig()
+
+    def with_server(self, **updates: Any) -> FacePayConfig:
+        """This config with ``server`` fields replaced, validated as a loaded one is.
+
+        Raises ConfigError where a value breaks a rule (values resolved after loading, such
+        as an admin token from the environment, meet the same rules as the file's).
+        """
+        try:
+            server = ServerConfig.model_validate(self.server.model_dump() | updates)
+        except ValidationError as exc:
+            raise ConfigError(f"invalid configuration: {exc}") from exc
+        return self.model_copy(update={"server": server})
 
     def gate_pipeline(self) -> PipelineConfig:
         """The pipeline config a gate session runs with (gate evidence and face size)."""

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from pydantic import SecretStr
 
 from pipeline.errors import (
     ConfigError,
@@ -228,13 +227,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     admin_token = resolve_admin_token(args, config, data_dir)
     if not admin_token:
         say(f"facepay: admin API disabled (set {ENV_ADMIN} or --admin-token-file to enable it)")
-    server = config.server.model_copy(
-        update={
-            "admin_token": SecretStr(admin_token) if admin_token else None,
-            "data_dir": data_dir,
-        }
-    )
-    config = config.model_copy(update={"server": server})
+    # Validated, not copied: a token from the environment or a file meets the same rules
+    # (its length) as one in the config file.
+    config = config.with_server(admin_token=admin_token or None, data_dir=data_dir)
     loop_name, loop_factory = event_loop_factory(config.server.event_loop)
     redis_url = args.redis_url or os.environ.get(ENV_REDIS) or config.server.redis_url
     embedded: EmbeddedRedis | None = None

@@ -27,6 +27,8 @@ from stream_server.app import ANALYZER, DIRECTORY, HASHER, REDIS, STORE, create_
 from tests.terminal import TestTerminal
 
 PASSPHRASE = "correct horse 42"
+#: The in-process servers' admin token (at least 32 characters, as every admin token).
+ADMIN_TOKEN = "admin-secret-token-for-e2e-tests-0123"
 REPO = Path(__file__).resolve().parent.parent
 #: Variables a ``facepay serve`` reads; tests start servers without any of them set.
 SERVER_ENV_VARS = (
@@ -143,7 +145,7 @@ async def start_env(
     config = FacePayConfig.model_validate(
         {
             "policy": policy,
-            "server": {"admin_token": "admin-secret-token", "workers": 2, **(server or {})},
+            "server": {"admin_token": ADMIN_TOKEN, "workers": 2, **(server or {})},
             "limits": limits or {},
         }
     )

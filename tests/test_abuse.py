@@ -29,7 +29,7 @@ from stream_server.webrtc import rtc_configuration
 from tests.e2e import PASSPHRASE, SERVER_ENV_VARS, Env, camera_frames, empty_frames
 
 ADMIN = "admin-token-for-abuse-tests-0123"
-OLD_ADMIN = "previous-admin-token-9876543210"
+OLD_ADMIN = "previous-admin-token-9876543210abc"
 ENROLL = "faces/obama/obama.jpg"
 SHOPPER = "faces/obama/obama3.jpg"
 
@@ -513,12 +513,13 @@ def test_admin_tokens_are_compared_in_constant_time_and_all_of_them(monkeypatch)
         return real(a, b)
 
     monkeypatch.setattr(admin.hmac, "compare_digest", spy)
+    new, old = "new-admin-token-" + "n" * 16, "old-admin-token-" + "o" * 16
     config = FacePayConfig.model_validate(
-        {"server": {"admin_token": "new-admin-token", "admin_token_previous": "old-admin-token"}}
+        {"server": {"admin_token": new, "admin_token_previous": old}}
     )
     app = web.Application()
     app[CONFIG] = config
-    for given, ok in (("new-admin-token", True), ("old-admin-token", True), ("new-admin", False)):
+    for given, ok in ((new, True), (old, True), (new[:9], False)):
         calls.clear()
         request = make_mocked_request(
             "GET", "/api/payments/x", headers={"Authorization": f"Bearer {given}"}, app=app
@@ -528,5 +529,5 @@ def test_admin_tokens_are_compared_in_constant_time_and_all_of_them(monkeypatch)
         else:
             with pytest.raises(AuthError):
                 admin.check_admin(request)
-        assert [b for _, b in calls] == [b"new-admin-token", b"old-admin-token"], given
+        assert [b for _, b in calls] == [new.encode(), old.encode()], given
         assert all(a == given.encode() for a, _ in calls)

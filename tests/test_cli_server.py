@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from session.config import FacePayConfig
 from session.crypto import TemplateCipher, generate_key
 from session.models import Terminal
 from session.store import Store
@@ -242,3 +243,29 @@ def test_enroll_needs_a_template_key(redis_url, models_dir, data_dir, tmp_path, 
     args = _enroll_args(redis_url, models_dir, passfile, data_dir / "faces/obama/obama.jpg")
     code, _, err = run(capsys, *args, "--consent", "--data-dir", str(tmp_path))
     assert code == 2 and "FACEPAY_TEMPLATE_KEY" in err
+
+
+@pytest.mark.parametrize("source", ["env", "file", "config"])
+def test_serve_refuses_a_short_admin_token_and_does_not_print_it(
+    source: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An admin token under 32 characters stops `facepay serve` (exit 2) before it starts."""
+    short = "weak-token-31-characters-long-x"
+    assert len(short) == 31
+    monkeypatch.setenv("FACEPAY_TEMPLATE_KEY", "00" * 32)
+    argv = ["serve", "--port", "0", "--data-dir", str(tmp_path / "data")]
+    if source == "env":
+        monkeypatch.setenv("FACEPAY_ADMIN_TOKEN", short)
+    elif source == "file":
+        (tmp_path / "admin.token").write_text(short + "\n")
+        argv += ["--admin-token-file", str(tmp_path / "admin.token")]
+    else:
+        (tmp_path / "config.json").write_text(json.dumps({"server": {"admin_token": short}}))
+        argv += ["--config", str(tmp_path / "config.json")]
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert "at least 32 characters" in err and "admin_token" in err
+    assert short not in err and short not in json.dumps(out)
+    assert not (tmp_path / "data" / "redis.url").exists()  # nothing was started
+    # One character more is enough for the rule (the server would then start: not here).
+    FacePayConfig().with_server(admin_token=short + "y")

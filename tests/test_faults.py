@@ -112,7 +112,7 @@ async def make_shop(tmp_path, redis_server, redis_url, models_dir, analyzer, pho
             redis_url=redis_url,
             models_dir=models_dir,
             template_key=key.hex(),
-            admin_token="fpa_" + secrets.token_urlsafe(16),
+            admin_token="fpa_" + secrets.token_urlsafe(32),
         )
         shop = Shop(
             server, redis_server, client, store, merchant.merchant_id, token, verify_s,

@@ -140,7 +140,7 @@ async def test_enrolment_and_erasure_reach_every_instance(aiohttp_server, redis_
     (commit and PUBLISH are one MULTI) to the moment both instances' directories agree.
     """
     cipher = TemplateCipher(generate_key())
-    config = FacePayConfig(server=ServerConfig(admin_token="t" * 16, workers=1))
+    config = FacePayConfig(server=ServerConfig(admin_token="t" * 32, workers=1))
     apps = [
         create_app(config, cipher=cipher, redis_url=redis_url, models_dir=models_dir)
         for _ in range(2)

@@ -36,7 +36,7 @@ from session.crypto import TemplateCipher
 from session.enrollment import template_from_image
 from session.store import Store
 from stream_server.app import DIRECTORY
-from tests.e2e import REPO, SERVER_ENV_VARS, camera_frames
+from tests.e2e import ADMIN_TOKEN, REPO, SERVER_ENV_VARS, camera_frames
 from tests.privacy_scan import (
     ENC_BYTES,
     SID,
@@ -53,7 +53,7 @@ from tests.privacy_scan import (
     subject_templates,
 )
 
-ADMIN = {"Authorization": "Bearer admin-secret-token"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 LIVE_SECRET = "Live Phrase 58 zebra"
 PHOTO_SECRET = "Photo Phrase 91 otter"
 CLI_SECRET = "Cli Phrase 37 heron"
@@ -182,7 +182,7 @@ async def test_full_flows_then_erasure_leave_no_biometrics_or_secrets(
             **secret_forms("live passphrase", LIVE_SECRET),
             **secret_forms("photo passphrase", PHOTO_SECRET),
             **secret_forms("wrong passphrase", WRONG_SECRET),
-            **secret_forms("admin token", "admin-secret-token"),
+            **secret_forms("admin token", ADMIN_TOKEN),
         }
         for name, token in (
             ("checkout", env.token),
