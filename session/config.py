@@ -113,6 +113,11 @@ class ServerConfig(_Strict):
     admin_token_previous: SecretStr | None = None
     #: 32-byte AES-GCM key, hex or base64 (FACEPAY_TEMPLATE_KEY).
     template_key: SecretStr | None = None
+    #: After each erasure, ask Redis to rewrite its append-only file, take a fresh snapshot
+    #: and clear SLOWLOG, so the erased person's data leaves Redis's own files within
+    #: seconds instead of at the next rewrite (docs/privacy.md). Each is one background job
+    #: in Redis (a fork); turn this off if you schedule rewrites yourself on a big dataset.
+    purge_history_on_erasure: bool = True
     #: Inference/argon2 workers; None = number of cores.
     workers: int | None = Field(None, ge=1, le=64)
     #: The event loop that moves every RTP packet: on "uvloop" (libuv) the loop thread spends

@@ -40,6 +40,7 @@ from redis.exceptions import WatchError
 from pipeline.errors import Conflict, InvalidRequest, NotFound, PaymentConflict
 from pipeline.types import FloatArray
 from session import _store_lua as h
+from session._store_purge import purge_history as _purge_history
 from session._store_terminals import StoreTerminals
 from session.config import RateLimitConfig
 from session.crypto import TemplateCipher
@@ -312,3 +313,15 @@ class Store(StoreTerminals):
                     except WatchError:
                         continue
         raise Conflict("account is being changed concurrently; try again")
+
+    async def purge_history(self, wait_s: float = 10.0) -> tuple[str, ...]:
+        """Ask Redis to drop erased data from its own files and logs; return what it started.
+
+        Starts an append-only file rewrite where AOF is on ("aof_rewrite"), a fresh snapshot
+        where snapshots are configured ("snapshot") and clears SLOWLOG ("slowlog"); Redis
+        writes the files in the background. Waits up to ``wait_s`` only if a job of the same
+        kind is already running (it would keep the data). What this Redis refuses is left out
+        and logged (session._store_purge); a lost connection raises StoreUnavailable.
+        """
+        with h.unavailable("purge_history"):
+            return await _purge_history(self._r, wait_s)

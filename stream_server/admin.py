@@ -258,15 +258,25 @@ async def add_account(request: web.Request) -> web.StreamResponse:
 
 
 async def erase_account(request: web.Request) -> web.StreamResponse:
-    """``DELETE /api/accounts/{account_id}`` -> 200 {account_id, erased: templates deleted}.
+    """``DELETE /api/accounts/{account_id}`` -> 200 {account_id, erased, history_purge}.
 
-    This instance's directory, like every other's, drops the subject when the store's
-    ``erased:{sid}`` event arrives (stream_server.sync); a stale index entry meanwhile cannot
-    pay, because the subject's link to the account is already gone.
+    ``erased`` counts the templates deleted. This instance's directory, like every other's,
+    drops the subject when the store's ``erased:{sid}`` event arrives (stream_server.sync);
+    a stale index entry meanwhile cannot pay, because the subject's link to the account is
+    already gone. ``history_purge`` lists what Redis was asked to redo so that its own files
+    lose the erased data too (``server.purge_history_on_erasure``; Store.purge_history).
     """
     account_id = request.match_info["account_id"]
-    erased = await request.app[STORE].erase_account(account_id, reason="admin_api")
-    return web.json_response({"account_id": account_id, "erased": erased})
+    store = request.app[STORE]
+    erased = await store.erase_account(account_id, reason="admin_api")
+    purged: tuple[str, ...] = ()
+    if request.app[CONFIG].server.purge_history_on_erasure:
+        try:
+            purged = await store.purge_history()
+        except StoreUnavailable as exc:  # the erasure itself is done and must be reported
+            log.warning("an erasure is done, but not the purge of Redis's files: %s", exc)
+    body = {"account_id": account_id, "erased": erased, "history_purge": list(purged)}
+    return web.json_response(body)
 
 
 async def get_payment(request: web.Request) -> web.StreamResponse:

@@ -165,7 +165,11 @@ async def test_enrol_from_photo_then_erase(client, data_dir, redis_url):
 
     resp = await client.delete("/api/accounts/alice", headers=AUTH)
     assert resp.status == 200
-    assert await resp.json() == {"account_id": "alice", "erased": 2}
+    assert await resp.json() == {
+        "account_id": "alice",
+        "erased": 2,
+        "history_purge": ["aof_rewrite", "slowlog"],  # the test Redis: AOF, no snapshots
+    }
     raw = aioredis.from_url(redis_url)
     try:
         assert await raw.keys("fp:tpl:*") == []
@@ -176,6 +180,30 @@ async def test_enrol_from_photo_then_erase(client, data_dir, redis_url):
 
     resp = await client.delete("/api/accounts/alice", headers=AUTH)
     assert resp.status == 404
+
+
+async def test_erasure_without_the_purge_when_it_is_turned_off(
+    aiohttp_client, redis_url, models_dir, cipher, data_dir
+):
+    config = FacePayConfig.model_validate(
+        {"server": {"admin_token": ADMIN, "purge_history_on_erasure": False}}
+    )
+    app = create_app(config, cipher=cipher, redis_url=redis_url, models_dir=models_dir)
+    client = await aiohttp_client(app)
+    form = _enrol_form([_jpeg(data_dir, "obama/obama.jpg")])
+    assert (await client.post("/api/accounts", data=form, headers=AUTH)).status == 201
+    raw = aioredis.from_url(redis_url)
+    try:
+        await raw.config_set("slowlog-log-slower-than", 0)  # every command is logged
+        resp = await client.delete("/api/accounts/alice", headers=AUTH)
+        assert resp.status == 200
+        assert await resp.json() == {"account_id": "alice", "erased": 1, "history_purge": []}
+        commands = [bytes(e["command"]) for e in await raw.slowlog_get(128)]
+        assert any(c.startswith(b"MULTI") or b"fp:account" in c for c in commands)
+        assert not [c for c in commands if c.startswith((b"BGREWRITEAOF", b"BGSAVE"))]
+    finally:
+        await raw.config_set("slowlog-log-slower-than", 10000)
+        await raw.aclose()
 
 
 @pytest.mark.parametrize(

@@ -568,6 +568,61 @@ async def test_audit_appends_and_reads_oldest_first(db: Store) -> None:
         await db.audit("login", note="x" * 1000)  # too long to be a short id or reason
 
 
+# --- Erased data in Redis's own files ------------------------------------------------------------
+
+
+async def _aof(redis_server: Any) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(redis_server.workdir.rglob("*.aof")))
+
+
+async def _rewrites_settled(r: aioredis.Redis) -> None:
+    async with asyncio.timeout(30):
+        while True:
+            info = await r.info("persistence")
+            if not (info["aof_rewrite_in_progress"] or info["aof_rewrite_scheduled"]):
+                return
+            await asyncio.sleep(0.05)
+
+
+async def test_purge_history_drops_deleted_data_from_the_aof_and_slowlog(
+    db: Store, client: aioredis.Redis, redis_server: Any
+) -> None:
+    marker = b"name-of-an-erased-person-7f3a"
+    await client.config_set("slowlog-log-slower-than", 0)  # log every command
+    try:
+        await client.set("fp:test:victim", marker)
+        await client.delete("fp:test:victim")
+        await _rewrites_settled(client)
+        assert marker in await _aof(redis_server)  # deleted, yet still in the file
+        assert any(marker in bytes(e["command"]) for e in await client.slowlog_get(128))
+        # This Redis writes an AOF and takes no snapshots (save ""): nothing to re-snapshot.
+        assert await db.purge_history() == ("aof_rewrite", "slowlog")
+        assert not any(marker in bytes(e["command"]) for e in await client.slowlog_get(128))
+        await _rewrites_settled(client)
+        assert marker not in await _aof(redis_server)
+    finally:
+        await client.config_set("slowlog-log-slower-than", 10000)  # Redis's default
+
+
+async def test_purge_history_leaves_out_what_redis_refuses(
+    client: aioredis.Redis, redis_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A Redis user that may not rewrite the AOF, as a managed service may set it up.
+    await client.acl_setuser(
+        "limited", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+        commands=["+@all", "-bgrewriteaof"],
+    )  # fmt: skip
+    limited = aioredis.Redis(port=redis_server.port, username="limited", password="pw")
+    try:
+        with caplog.at_level(logging.WARNING, logger="session.store"):
+            done = await Store(limited, TemplateCipher(generate_key())).purge_history()
+        assert done == ("slowlog",)
+        assert "refused BGREWRITEAOF" in caplog.text
+    finally:
+        await limited.aclose()
+        await client.acl_deluser("limited")
+
+
 # --- Redis going away ----------------------------------------------------------------------------
 
 

@@ -1,0 +1,78 @@
+"""Private part of ``session.store.Store``: making Redis's own files forget erased data.
+
+An erasure deletes the live keys, but Redis's append-only file keeps the commands that
+wrote them, its snapshot (``dump.rdb``) keeps what was live when it was taken, and SLOWLOG
+may keep the start of an enrolment's HSET (docs/privacy.md). A rewrite or snapshot only
+forgets the erasure's data if it *starts* after the erasure: one already running works
+from a copy of the dataset taken before it. Redis queues a new job behind a running job of
+the other kind, but refuses one behind a job of the same kind, so that case waits here for
+the running job to end and asks again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from session import _store_lua as h
+
+log = logging.getLogger(__name__)
+
+#: (name, command, the INFO persistence field that is 1 while a job of that kind runs)
+_Job = tuple[str, tuple[str, ...], str]
+_AOF: _Job = ("aof_rewrite", ("BGREWRITEAOF",), "aof_rewrite_in_progress")
+_SNAPSHOT: _Job = ("snapshot", ("BGSAVE", "SCHEDULE"), "rdb_bgsave_in_progress")
+_POLL_S = 0.05
+
+
+async def purge_history(r: Redis, wait_s: float) -> tuple[str, ...]:
+    """Start an AOF rewrite (where AOF is on) and a snapshot (where snapshots are configured),
+    and clear SLOWLOG; return the names of what was started.
+
+    Waits at most ``wait_s`` in all for running jobs of the same kind. A command this Redis
+    refuses (a managed service may disable CONFIG or BGSAVE), or one still blocked after
+    ``wait_s``, is left out and logged. Redis errors other than refusals propagate.
+    """
+    deadline = time.monotonic() + wait_s
+    settings: dict[str, str] = {}
+    try:
+        raw = await r.config_get("appendonly", "save")
+        settings = {h.text(k): h.text(v) for k, v in raw.items()}
+    except ResponseError as exc:
+        log.warning("purge after erasure: cannot read the Redis config: %s", exc)
+    jobs: list[_Job] = []
+    if settings.get("appendonly") == "yes":
+        jobs.append(_AOF)
+    if settings.get("save", "").strip():
+        jobs.append(_SNAPSHOT)
+    done = [name for name, command, busy in jobs if await _start(r, command, busy, deadline)]
+    try:
+        await r.execute_command("SLOWLOG", "RESET")
+        done.append("slowlog")
+    except ResponseError as exc:
+        log.warning("purge after erasure: Redis refused SLOWLOG RESET: %s", exc)
+    return tuple(done)
+
+
+async def _start(r: Redis, command: tuple[str, ...], busy: str, deadline: float) -> bool:
+    while True:
+        try:
+            await r.execute_command(*command)
+            return True
+        except ResponseError as exc:
+            if "already in progress" not in str(exc):
+                log.warning("purge after erasure: Redis refused %s: %s", command[0], exc)
+                return False
+        # A job of the same kind runs from a copy taken before the erasure: wait for it.
+        while int((await r.info("persistence")).get(busy, 0)):
+            if time.monotonic() > deadline:
+                log.warning(
+                    "purge after erasure: %s still busy; the erased data leaves at the next one",
+                    command[0],
+                )
+                return False
+            await asyncio.sleep(_POLL_S)
