@@ -33,6 +33,7 @@ import numpy.typing as npt
 from pipeline.ann import TRAIN_POINTS_PER_LIST, IvfIndex, lists_for
 from pipeline.config import MatchConfig
 from pipeline.decision import Decision, DecisionStatus, Match, decide
+from pipeline.tags import SubjectTags
 from pipeline.types import FloatArray
 
 __all__ = ["Decision", "DecisionStatus", "Gallery", "Match", "decide"]
@@ -41,8 +42,6 @@ log = logging.getLogger(__name__)
 
 Candidates = Callable[[str], bool] | Collection[str]
 
-# Slack for decimal boundaries: 0.7 - 0.6 is 0.0999...98 in binary floating point, and a
-# margin of exactly 0.1 must still pass.
 _INITIAL_CAPACITY = 256
 # Rows copied per lock hold while filling a new index: ~6 MB, a millisecond or two of copying,
 # so adds and searches interleave with a rebuild instead of waiting for all of it.
@@ -70,8 +69,7 @@ class Gallery:
         self._index: dict[str, int] = {}
         self._ids: list[str] = []  # subject index -> subject id
         self._tids_of: dict[int, list[int]] = {}  # subject index -> its template ids
-        self._tags: dict[str, dict[str, str]] = {}
-        self._tag_index: dict[tuple[str, str], set[str]] = {}
+        self._tags = SubjectTags()
         self._ann: IvfIndex | None = None
         self._ann_built_at = 0  # templates when the current index was trained
         self._building = False
@@ -91,7 +89,7 @@ class Gallery:
     def tags(self, subject_id: str) -> dict[str, str]:
         """A copy of the subject's tags (empty for an unknown subject)."""
         with self._lock:
-            return dict(self._tags.get(subject_id, {}))
+            return self._tags.get(subject_id)
 
     def add(
         self, subject_id: str, template: FloatArray, tags: Mapping[str, str] | None = None
@@ -126,7 +124,6 @@ class Gallery:
             if subject_id not in self._index:
                 self._index[subject_id] = len(self._ids)
                 self._ids.append(subject_id)
-                self._tags[subject_id] = {}
                 self._tids_of[self._index[subject_id]] = []
             idx = self._index[subject_id]
             rows = np.arange(self._count, self._count + m)
@@ -138,8 +135,7 @@ class Gallery:
             self._tids_of[idx].extend(tids.tolist())
             self._count += m
             self._next_tid += m
-            for key, value in (tags or {}).items():
-                self._set_tag(subject_id, str(key), str(value))
+            self._tags.merge(subject_id, tags or {})
             if self._ann is not None:
                 self._ann.add(vecs, tids)
 
@@ -152,8 +148,7 @@ class Gallery:
             idx = self._index.pop(subject_id, None)
             if idx is None:
                 return 0
-            for key, value in self._tags.pop(subject_id).items():
-                self._unindex_tag(subject_id, key, value)
+            self._tags.drop(subject_id)
             tids = np.asarray(self._tids_of.pop(idx), dtype=np.int64)
             gone = self._row_by_tid[tids]
             n = self._count
@@ -365,11 +360,7 @@ class Gallery:
             return None
         names: set[str] | None = None
         if tag_filter:
-            groups = sorted(
-                (self._tag_index.get((str(k), str(v)), set()) for k, v in tag_filter.items()),
-                key=len,
-            )
-            names = set(groups[0]).intersection(*groups[1:])
+            names = self._tags.matching(tag_filter)
         if callable(candidates):
             pool = self._index.keys() if names is None else names
             names = {s for s in pool if candidates(s)}
@@ -398,20 +389,6 @@ class Gallery:
         self._vectors = vectors
         self._owner = _resized(self._owner, capacity)
         self._tid_of_row = _resized(self._tid_of_row, capacity)
-
-    def _set_tag(self, subject_id: str, key: str, value: str) -> None:
-        old = self._tags[subject_id].get(key)
-        if old is not None:
-            self._unindex_tag(subject_id, key, old)
-        self._tags[subject_id][key] = value
-        self._tag_index.setdefault((key, value), set()).add(subject_id)
-
-    def _unindex_tag(self, subject_id: str, key: str, value: str) -> None:
-        members = self._tag_index.get((key, value))
-        if members is not None:
-            members.discard(subject_id)
-            if not members:
-                del self._tag_index[(key, value)]
 
 
 _A = TypeVar("_A", bound=np.generic)
