@@ -22,8 +22,8 @@ except ImportError:  # pragma: no cover - depends on the installed redis-py
     MaintNotificationsConfig = None  # type: ignore[assignment,misc]
 
 
-def connection_options() -> dict[str, Any]:
-    """Options for a client that checks each pooled connection before handing it out."""
+def _checked_connections() -> dict[str, Any]:
+    """Pool options under which redis-py checks each connection before handing it out."""
     if MaintNotificationsConfig is None:  # pragma: no cover
         return {}
     return {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
@@ -42,6 +42,6 @@ def connect(url: str, *, max_connections: int) -> aioredis.Redis:
         socket_timeout=5,
         socket_connect_timeout=2,
         health_check_interval=10,
-        **connection_options(),
+        **_checked_connections(),
     )
     return aioredis.Redis.from_pool(pool)
