@@ -13,7 +13,7 @@ from redis.exceptions import WatchError
 from pipeline.errors import Conflict, InvalidRequest, NotFound
 from session import _store_lua as h
 from session._store_ledger import StoreCore
-from session.crypto import TemplateCipher
+from session.crypto import SEALED_HASH, TemplateCipher
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,13 @@ class StoreKeys(StoreCore):
         return subjects, templates
 
     async def _rekey_subject(self, sid: str, new_cipher: TemplateCipher) -> int:
-        """Re-encrypt one subject's templates and re-seal its links; the number of templates
-        rewritten (0: already done)."""
+        """Re-encrypt one subject's templates and re-seal its links and its account's
+        passphrase hash; the number of templates rewritten (0: already done).
+
+        The hash moves in the same transaction as the link, so a link under the new key
+        means a hash under the new key too (an account with several subjects re-seals it
+        once: the later subjects find it done).
+        """
         key, s2a = self._k("tpl", sid), self._k("link", "s2a", sid)
         with h.unavailable("rekey_templates"):
             async with self._r.pipeline(transaction=True) as pipe:
@@ -108,6 +113,13 @@ class StoreKeys(StoreCore):
                         if not blobs and relink is None:
                             await pipe.unwatch()
                             return 0
+                        passhash = None
+                        if relink is not None:
+                            # The account is known only now; WATCH adds to the keys watched.
+                            akey = self._k("account", relink[0])
+                            await pipe.watch(akey)
+                            stored = await pipe.hget(akey, "passhash")
+                            passhash = self._resealed_passhash(relink[0], stored, new_cipher)
                         pipe.multi()
                         if blobs:
                             pipe.hset(key, mapping=blobs)  # type: ignore[arg-type]
@@ -117,11 +129,32 @@ class StoreKeys(StoreCore):
                             old_set = self._k("link", "a2s", self._cipher.blind(account_id))
                             pipe.srem(old_set, sid)
                             pipe.sadd(self._k("link", "a2s", new_cipher.blind(account_id)), sid)
+                            if passhash is not None:
+                                pipe.hset(self._k("account", account_id), "passhash", passhash)
                         await pipe.execute()
                         return len(blobs)
                     except WatchError:
                         continue
         raise Conflict("templates are being changed concurrently; try again")
+
+    def _resealed_passhash(
+        self, account_id: str, stored: bytes | str | None, new_cipher: TemplateCipher
+    ) -> str | None:
+        """The account's passphrase hash sealed under the new key; None if there is none
+        (an erased account) or it is sealed under the new key already. A hash that opens
+        with neither key stops the run (InvalidRequest), like a template; one stored before
+        hashes were sealed gets sealed now.
+        """
+        if stored is None:
+            return None
+        text = h.text(stored)
+        if text.startswith(SEALED_HASH):
+            try:
+                new_cipher.open_passhash(account_id, text)
+                return None
+            except InvalidRequest:
+                pass
+        return new_cipher.seal_passhash(account_id, self._cipher.open_passhash(account_id, text))
 
     def _relink(
         self, sid: str, sealed: bytes | str | None, new_cipher: TemplateCipher

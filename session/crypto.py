@@ -9,6 +9,9 @@ a 512-byte template is microseconds and may run inline.
   The same key also seals the *links* between a subject and its account (a separate
   AES-GCM key and an HMAC "blinding" key, both derived from it with HKDF), so a copy of
   Redis without the key shows encrypted faces and named accounts but not which is whose.
+  With the link key it also seals each account's argon2id hash, so such a copy holds no
+  hash to crack offline either (OWASP's "encrypt the hashes" in place of a pepper: unlike
+  a pepper, it can move to a new key without the passphrases).
 - ``PassphraseHasher``: argon2id (argon2-cffi) with OWASP's minimum parameters by default.
 """
 
@@ -38,6 +41,9 @@ TAG_BYTES = 16
 TEMPLATE_DIM = 128
 PASSPHRASE_MIN = 6
 PASSPHRASE_MAX = 128
+
+#: Prefix of a passphrase hash sealed with :meth:`TemplateCipher.seal_passhash`.
+SEALED_HASH = "sealed1:"
 
 _FLOAT_LE = np.dtype("<f4")
 
@@ -113,6 +119,25 @@ class TemplateCipher:
             return self._link_aead.decrypt(nonce, sealed, context.encode("utf-8")).decode()
         except (InvalidTag, UnicodeDecodeError) as exc:
             raise InvalidRequest("sealed link failed authentication") from exc
+
+    def seal_passhash(self, account_id: str, encoded: str) -> str:
+        """An argon2 hash sealed for storage: ``sealed1:`` + base64(nonce || AES-GCM)."""
+        sealed = self.seal_link(f"passhash:{account_id}", encoded)
+        return SEALED_HASH + base64.b64encode(sealed).decode("ascii")
+
+    def open_passhash(self, account_id: str, stored: str) -> str:
+        """The argon2 hash from :meth:`seal_passhash`; InvalidRequest if it does not open.
+
+        A hash stored before hashes were sealed (it starts ``$argon2``) is returned as it is;
+        rotating the template key seals it.
+        """
+        if not stored.startswith(SEALED_HASH):
+            return stored
+        try:
+            blob = base64.b64decode(stored[len(SEALED_HASH) :], validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise InvalidRequest("sealed passphrase hash is malformed") from exc
+        return self.open_link(f"passhash:{account_id}", blob)
 
     def blind(self, value: str) -> str:
         """A keyed, stable stand-in for ``value`` in key names (HMAC-SHA256, 32 hex)."""

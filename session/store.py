@@ -7,7 +7,8 @@ Key layout (prefix ``fp:``), chosen so that a stolen dump does not join faces to
 - ``fp:merchant:{mid}`` hash {name, created}
 - ``fp:terminal:{tid}`` hash {merchant_id, mode, token_sha256, created, status}
 - ``fp:termtok:{sha256(token)}`` -> tid
-- ``fp:account:{aid}`` hash {name, phone, phone_last4, passhash, status, created}
+- ``fp:account:{aid}`` hash {name, phone, phone_last4, passhash, status, created}; passhash
+  is the argon2id hash sealed under the template key (``TemplateCipher.seal_passhash``)
 - ``fp:tpl:{sid}`` hash {0: blob, 1: blob, ...}: AES-GCM(nonce || ciphertext), AAD = sid;
   ``sid`` is random and says nothing about the account
 - ``fp:subjects`` set of sids; ``fp:link:s2a:{sid}`` -> the aid sealed with AES-GCM (a
@@ -135,7 +136,7 @@ class Store(StoreTerminals):
                                 "name": name,
                                 "phone": phone,
                                 "phone_last4": account.phone_last4,
-                                "passhash": passphrase_hash,
+                                "passhash": self._cipher.seal_passhash(account_id, passphrase_hash),
                                 "status": "active",
                                 "created": repr(now),
                             },
@@ -164,14 +165,17 @@ class Store(StoreTerminals):
         return Account(account_id, raw["name"], raw["phone"], "active", float(raw["created"]))
 
     async def passphrase_hash(self, account_id: str) -> str:
-        """The stored argon2id hash, or NotFound."""
+        """The account's argon2id hash (stored sealed under the template key), or NotFound.
+
+        InvalidRequest if the sealed hash does not open with this store's key.
+        """
         with h.unavailable("passphrase_hash"):
             status, passhash = await self._r.hmget(
                 self._k("account", account_id), ["status", "passhash"]
             )
         if status is None or h.text(status) != "active" or passhash is None:
             raise NotFound("no such account")
-        return h.text(passhash)
+        return self._cipher.open_passhash(account_id, h.text(passhash))
 
     async def account_for_subject(self, subject_id: str) -> str:
         """The account a subject id belongs to, or NotFound."""

@@ -452,7 +452,17 @@ async def test_template_key_rotation_re_encrypts_every_template(redis_url: str) 
         with pytest.raises(InvalidRequest):
             await wrong.rekey_templates(TemplateCipher(new))
         assert await _subjects(redis_url, old) == before
+        # bob's hash was stored before hashes were sealed: the rotation seals it too.
+        plain = await db.passphrase_hash("bob")
+        await client.hset("fp:account:bob", "passhash", plain)
         assert await db.rekey_templates(TemplateCipher(new)) == (2, 5)
+        for account in ("alice", "bob"):
+            stored = (await client.hget(f"fp:account:{account}", "passhash")).decode()
+            assert stored.startswith("sealed1:")
+            hash_ = await Store(client, TemplateCipher(new)).passphrase_hash(account)
+            assert PassphraseHasher().verify(hash_, PASSPHRASE)
+            with pytest.raises(InvalidRequest):  # the old key opens it no more
+                await Store(client, TemplateCipher(old)).passphrase_hash(account)
         assert await _subjects(redis_url, new) == before  # same subjects, same templates
         assert await _subjects(redis_url, old) == {}  # the old key opens nothing any more
         assert await db.rekey_templates(TemplateCipher(new)) == (0, 0)  # resumable, idempotent

@@ -101,6 +101,27 @@ def test_any_flipped_byte_fails(position: int) -> None:
         cipher.decrypt(SID, bytes(blob))
 
 
+def test_a_sealed_passphrase_hash_opens_only_with_its_key_and_account() -> None:
+    hasher = PassphraseHasher(time_cost=1, memory_kib=64)
+    encoded = hasher.hash("correct horse 42")
+    cipher = TemplateCipher(generate_key())
+    sealed = cipher.seal_passhash("alice", encoded)
+    assert sealed.startswith("sealed1:") and "argon2" not in sealed
+    assert sealed != cipher.seal_passhash("alice", encoded)  # a fresh nonce each time
+    assert cipher.open_passhash("alice", sealed) == encoded
+    assert hasher.verify(cipher.open_passhash("alice", sealed), "correct horse 42")
+    for wrong in (
+        lambda: TemplateCipher(generate_key()).open_passhash("alice", sealed),  # another key
+        lambda: cipher.open_passhash("bob", sealed),  # moved to another account
+        lambda: cipher.open_passhash("alice", sealed[:-4]),  # cut
+        lambda: cipher.open_passhash("alice", "sealed1:not base64!"),
+    ):
+        with pytest.raises(InvalidRequest):
+            wrong()
+    # A hash stored before hashes were sealed is read as it is.
+    assert cipher.open_passhash("alice", encoded) == encoded
+
+
 def test_wrong_key_fails() -> None:
     blob = TemplateCipher(generate_key()).encrypt(SID, _template())
     with pytest.raises(InvalidRequest):
