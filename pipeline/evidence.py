@@ -168,6 +168,11 @@ class EvidenceAccumulator:
         weights = np.array([w for _, w in pairs], dtype=np.float32)
         return l2_normalise((stacked * weights[:, None]).sum(axis=0))
 
+    def _fast_spoof(self, scores: list[float]) -> bool:
+        """Whether the last ``spoof_fast_frames`` scores are all under ``spoof_floor``."""
+        n = self.config.spoof_fast_frames
+        return len(scores) >= n and max(scores[-n:]) < self.config.spoof_floor
+
     def verdict(self) -> Verdict:
         """Live, spoof or undecided, with reasons."""
         cfg = self.config
@@ -194,13 +199,10 @@ class EvidenceAccumulator:
                 motion=motion,
             )
 
-        recent = [f.p_real for f in scored[-cfg.spoof_fast_frames :] if f.p_real is not None]
-        if len(recent) >= cfg.spoof_fast_frames and max(recent) < cfg.spoof_floor:
+        if self._fast_spoof([f.p_real for f in scored if f.p_real is not None]):
             return make("spoof", "liveness_low")
         close = [p for _, p in self.too_close]
-        if len(close) >= cfg.spoof_fast_frames and max(close[-cfg.spoof_fast_frames :]) < (
-            cfg.spoof_floor
-        ):
+        if self._fast_spoof(close):
             # Resting on the too-close frames alone: their own score, count and span.
             return Verdict(
                 status="spoof",
