@@ -7,6 +7,12 @@ forgets the erasure's data if it *starts* after the erasure: one already running
 from a copy of the dataset taken before it. Redis queues a new job behind a running job of
 the other kind, but refuses one behind a job of the same kind, so that case waits here for
 the running job to end and asks again.
+
+A purge that could not finish (a job still busy after the wait, Redis unreachable, the
+server stopped between the erasure and the purge) must not be forgotten: every erasure
+counts itself in ``purge:erasures`` in its own transaction, and a purge that finished
+records the count it started from in ``purge:done``. While the first is ahead, a purge is
+still owed, and every server retries it (stream_server.purge_retry).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Literal
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -27,15 +34,36 @@ _Job = tuple[str, tuple[str, ...], str]
 _AOF: _Job = ("aof_rewrite", ("BGREWRITEAOF",), "aof_rewrite_in_progress")
 _SNAPSHOT: _Job = ("snapshot", ("BGSAVE", "SCHEDULE"), "rdb_bgsave_in_progress")
 _POLL_S = 0.05
+#: ``done := max(done, ARGV[1])``: purges may finish out of order, the mark only moves up.
+_MARK_DONE_LUA = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return 1
+"""
 
 
-async def purge_history(r: Redis, wait_s: float) -> tuple[str, ...]:
+async def purge_owed(r: Redis, erasures_key: str, done_key: str) -> tuple[int, bool]:
+    """``(erasures so far, whether a purge is still owed for some of them)``."""
+    erasures, done = await r.mget(erasures_key, done_key)
+    count = int(erasures or 0)
+    return count, count > int(done or 0)
+
+
+async def mark_done(r: Redis, done_key: str, erasures: int) -> None:
+    """Record that the erasures up to ``erasures`` are purged."""
+    await r.eval(_MARK_DONE_LUA, 1, done_key, str(erasures))
+
+
+async def purge_history(r: Redis, wait_s: float) -> tuple[tuple[str, ...], bool]:
     """Start an AOF rewrite (where AOF is on) and a snapshot (where snapshots are configured),
-    and clear SLOWLOG; return the names of what was started.
+    and clear SLOWLOG; return the names of what was started and whether the purge finished.
 
     Waits at most ``wait_s`` in all for running jobs of the same kind. A command this Redis
-    refuses (a managed service may disable CONFIG or BGSAVE), or one still blocked after
-    ``wait_s``, is left out and logged. Redis errors other than refusals propagate.
+    refuses (a managed service may disable CONFIG or BGSAVE) is left out and logged; asking
+    again would not help, so the purge still counts as finished. A job still blocked after
+    ``wait_s`` is left out too, and the purge did not finish. Redis errors other than
+    refusals propagate.
     """
     deadline = time.monotonic() + wait_s
     settings: dict[str, str] = {}
@@ -49,30 +77,38 @@ async def purge_history(r: Redis, wait_s: float) -> tuple[str, ...]:
         jobs.append(_AOF)
     if settings.get("save", "").strip():
         jobs.append(_SNAPSHOT)
-    done = [name for name, command, busy in jobs if await _start(r, command, busy, deadline)]
+    done: list[str] = []
+    finished = True
+    for name, command, busy in jobs:
+        outcome = await _start(r, command, busy, deadline)
+        if outcome == "started":
+            done.append(name)
+        finished = finished and outcome != "busy"
     try:
         await r.execute_command("SLOWLOG", "RESET")
         done.append("slowlog")
     except ResponseError as exc:
         log.warning("purge after erasure: Redis refused SLOWLOG RESET: %s", exc)
-    return tuple(done)
+    return tuple(done), finished
 
 
-async def _start(r: Redis, command: tuple[str, ...], busy: str, deadline: float) -> bool:
+async def _start(
+    r: Redis, command: tuple[str, ...], busy: str, deadline: float
+) -> Literal["started", "refused", "busy"]:
     while True:
         try:
             await r.execute_command(*command)
-            return True
+            return "started"
         except ResponseError as exc:
             if "already in progress" not in str(exc):
                 log.warning("purge after erasure: Redis refused %s: %s", command[0], exc)
-                return False
+                return "refused"
         # A job of the same kind runs from a copy taken before the erasure: wait for it.
         while int((await r.info("persistence")).get(busy, 0)):
             if time.monotonic() > deadline:
                 log.warning(
-                    "purge after erasure: %s still busy; the erased data leaves at the next one",
+                    "purge after erasure: %s still busy; the purge is retried later",
                     command[0],
                 )
-                return False
+                return "busy"
             await asyncio.sleep(_POLL_S)

@@ -118,6 +118,9 @@ class ServerConfig(_Strict):
     #: seconds instead of at the next rewrite (docs/privacy.md). Each is one background job
     #: in Redis (a fork); turn this off if you schedule rewrites yourself on a big dataset.
     purge_history_on_erasure: bool = True
+    #: How often each server checks for an erasure whose purge did not finish (a rewrite
+    #: still busy, Redis unreachable, the server stopped in between) and runs it again.
+    purge_retry_s: float = Field(60.0, ge=1.0, le=3600.0)
     #: Inference/argon2 workers; None = number of cores.
     workers: int | None = Field(None, ge=1, le=64)
     #: The event loop that moves every RTP packet: on "uvloop" (libuv) the loop thread spends

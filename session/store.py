@@ -21,6 +21,8 @@ Key layout (prefix ``fp:``), chosen so that a stolen dump does not join faces to
   ``fp:lockouts:{aid}`` lockouts lately (back-off), ``fp:failday:{aid}`` failures today
 - ``fp:rl:{bucket}:{sha256(key)}`` rate-limit counters (session/ratelimit.py), with TTLs
 - ``fp:audit`` stream: event, time and ids only; never a passphrase, hash, embedding or image
+- ``fp:purge:erasures`` erasures so far; ``fp:purge:done`` the count the last finished purge
+  of Redis's own files started from (session/_store_purge.py)
 
 After an enrolment or an erasure commits, the store PUBLISHes ``enrolled:{sid}`` or
 ``erased:{sid}`` on channel ``fp:events`` so every server instance updates its directory.
@@ -41,7 +43,9 @@ from redis.exceptions import WatchError
 from pipeline.errors import Conflict, InvalidRequest, NotFound, PaymentConflict
 from pipeline.types import FloatArray
 from session import _store_lua as h
+from session._store_purge import mark_done as _mark_purged
 from session._store_purge import purge_history as _purge_history
+from session._store_purge import purge_owed as _purge_owed
 from session._store_terminals import StoreTerminals
 from session.config import RateLimitConfig
 from session.crypto import TemplateCipher
@@ -310,6 +314,7 @@ class Store(StoreTerminals):
                             "samples": str(count),
                         }
                         self._queue_audit(pipe, h.audit_fields("erased", now, fields))
+                        pipe.incr(self._k("purge", "erasures"))  # a purge is owed for it
                         for sid in sids:
                             pipe.publish(self.events_channel, f"erased:{sid}")
                         await pipe.execute()
@@ -326,6 +331,20 @@ class Store(StoreTerminals):
         writes the files in the background. Waits up to ``wait_s`` only if a job of the same
         kind is already running (it would keep the data). What this Redis refuses is left out
         and logged (session._store_purge); a lost connection raises StoreUnavailable.
+        A purge that finished settles every erasure before it; one that did not stays owed
+        (:meth:`purge_owed`).
         """
         with h.unavailable("purge_history"):
-            return await _purge_history(self._r, wait_s)
+            erasures, _ = await _purge_owed(self._r, *self._purge_keys())
+            started, finished = await _purge_history(self._r, wait_s)
+            if finished:
+                await _mark_purged(self._r, self._purge_keys()[1], erasures)
+            return started
+
+    async def purge_owed(self) -> bool:
+        """Whether an erasure has not yet been followed by a purge that finished."""
+        with h.unavailable("purge_owed"):
+            return (await _purge_owed(self._r, *self._purge_keys()))[1]
+
+    def _purge_keys(self) -> tuple[str, str]:
+        return self._k("purge", "erasures"), self._k("purge", "done")

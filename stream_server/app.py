@@ -107,10 +107,11 @@ def create_app(
 
 
 def _add_routes(app: web.Application) -> None:
-    from stream_server import admin, health, sync, web, ws
+    from stream_server import admin, health, purge_retry, sync, web, ws
 
     health.setup(app)
     sync.setup(app)
+    purge_retry.setup(app)
     admin.setup(app)
     ws.setup(app)
     web.setup(app, app.get(WEB_ROOT_DIR))

@@ -8,9 +8,11 @@ kind of leak.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import re
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -97,6 +99,22 @@ def leaks(blob: bytes, secrets: dict[str, bytes], needles: set[bytes]) -> list[s
     if run:
         found.append(run)
     return found
+
+
+def aof_bytes(folder: Path) -> bytes:
+    """Everything in the append-only files under ``folder`` (base, increments, manifest)."""
+    return b"".join(p.read_bytes() for p in sorted(folder.rglob("*.aof")))
+
+
+async def aof_settled(r: aioredis.Redis) -> None:
+    """Wait (bounded) until no AOF rewrite is running or scheduled."""
+    deadline = time.monotonic() + 30
+    while True:
+        info = await r.info("persistence")
+        if not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
+            return
+        assert time.monotonic() < deadline, "AOF rewrite did not finish"
+        await asyncio.sleep(0.05)
 
 
 async def dump_redis(r: aioredis.Redis) -> dict[bytes, list[bytes]]:

@@ -17,6 +17,7 @@ from session.crypto import PassphraseHasher, TemplateCipher, generate_key
 from session.store import Store
 from stream_server import sync
 from stream_server.app import DIRECTORY, STORE, create_app
+from tests.privacy_scan import aof_bytes, aof_settled
 
 ADMIN = "admin-token-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -203,6 +204,39 @@ async def test_erasure_without_the_purge_when_it_is_turned_off(
         assert not [c for c in commands if c.startswith((b"BGREWRITEAOF", b"BGSAVE"))]
     finally:
         await raw.config_set("slowlog-log-slower-than", 10000)
+        await raw.aclose()
+
+
+async def test_an_owed_purge_is_finished_by_the_next_server(
+    aiohttp_client, redis_url, redis_server, models_dir, cipher
+):
+    """A server stopped between an erasure and its purge: a server started later purges."""
+    raw = aioredis.from_url(redis_url)
+    try:
+        store = Store(raw, cipher)
+        passhash = PassphraseHasher(time_cost=1, memory_kib=64).hash(PASSPHRASE)
+        template = np.ones(128, np.float32) / np.sqrt(128)
+        consent = {"source": "test"}
+        await store.create_account(
+            "carol", "Carol Erased", "+8613800007777", passhash, [template], consent
+        )
+        await store.erase_account("carol")  # ... and the server stopped here
+        assert await store.purge_owed()
+        await aof_settled(raw)
+        assert b"Carol Erased" in aof_bytes(redis_server.workdir)
+
+        config = FacePayConfig.model_validate(
+            {"server": {"admin_token": ADMIN, "purge_retry_s": 1.0}}
+        )
+        app = create_app(config, cipher=cipher, redis_url=redis_url, models_dir=models_dir)
+        await aiohttp_client(app)
+        deadline = time.monotonic() + 10
+        while await store.purge_owed():
+            assert time.monotonic() < deadline, "the owed purge was not run"
+            await asyncio.sleep(0.1)
+        await aof_settled(raw)
+        assert b"Carol Erased" not in aof_bytes(redis_server.workdir)
+    finally:
         await raw.aclose()
 
 

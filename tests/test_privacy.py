@@ -40,6 +40,8 @@ from tests.e2e import ADMIN_TOKEN, REPO, SERVER_ENV_VARS, camera_frames
 from tests.privacy_scan import (
     ENC_BYTES,
     SID,
+    aof_bytes,
+    aof_settled,
     check_identity_separation,
     dump_redis,
     file_findings,
@@ -300,17 +302,6 @@ def _first_line(proc: subprocess.Popen[str]) -> str:
         return pool.submit(proc.stdout.readline).result(timeout=60)  # type: ignore[union-attr]
 
 
-async def _aof_settled(r: aioredis.Redis) -> None:
-    """Wait (bounded) until no AOF rewrite is running or scheduled."""
-    deadline = time.monotonic() + 30
-    while True:
-        info = await r.info("persistence")
-        if not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
-            return
-        assert time.monotonic() < deadline, "AOF rewrite did not finish"
-        await asyncio.sleep(0.05)
-
-
 async def test_dev_server_logs_and_data_folder_hold_no_secrets(
     tmp_path, models_dir, data_dir, analyzer
 ):
@@ -384,7 +375,7 @@ async def test_dev_server_logs_and_data_folder_hold_no_secrets(
             assert len(blobs) == 2
             # While running: the AOF holds the encrypted form only, never the plain one.
             assert file_findings(data, secrets, needles) == []
-            aof = b"".join(p.read_bytes() for p in (data / "redis").rglob("*.aof"))
+            aof = aof_bytes(data / "redis")
             assert all(blob in aof for blob in blobs)
 
             for person in (PHOTO, CLI):
@@ -398,8 +389,8 @@ async def test_dev_server_logs_and_data_folder_hold_no_secrets(
             assert await r.keys("fp:tpl:*") == [] and await r.keys("fp:link:*") == []
             # Erasure deletes live data, and the AOF rewrite it started drops the history
             # that wrote it (docs/privacy.md), with no step by the operator.
-            await _aof_settled(r)
-            aof = b"".join(p.read_bytes() for p in (data / "redis").rglob("*.aof"))
+            await aof_settled(r)
+            aof = aof_bytes(data / "redis")
             assert PHOTO["name"].encode() not in aof and CLI["name"].encode() not in aof
         finally:
             await r.aclose()

@@ -25,6 +25,7 @@ from pipeline.errors import (
 from pipeline.types import FloatArray
 from session.crypto import PassphraseHasher, TemplateCipher, generate_key
 from session.store import PaymentConflict, Store
+from tests.privacy_scan import aof_bytes, aof_settled
 
 PASSPHRASE = "open sesame 42"
 CONSENT = {"terminal": "t_enrol", "method": "kiosk-checkbox", "time": "2024-05-01T10:00:00Z"}
@@ -576,19 +577,6 @@ async def test_audit_appends_and_reads_oldest_first(db: Store) -> None:
 # --- Erased data in Redis's own files ------------------------------------------------------------
 
 
-async def _aof(redis_server: Any) -> bytes:
-    return b"".join(p.read_bytes() for p in sorted(redis_server.workdir.rglob("*.aof")))
-
-
-async def _rewrites_settled(r: aioredis.Redis) -> None:
-    async with asyncio.timeout(30):
-        while True:
-            info = await r.info("persistence")
-            if not (info["aof_rewrite_in_progress"] or info["aof_rewrite_scheduled"]):
-                return
-            await asyncio.sleep(0.05)
-
-
 async def test_purge_history_drops_deleted_data_from_the_aof_and_slowlog(
     db: Store, client: aioredis.Redis, redis_server: Any
 ) -> None:
@@ -597,20 +585,47 @@ async def test_purge_history_drops_deleted_data_from_the_aof_and_slowlog(
     try:
         await client.set("fp:test:victim", marker)
         await client.delete("fp:test:victim")
-        await _rewrites_settled(client)
-        assert marker in await _aof(redis_server)  # deleted, yet still in the file
+        await aof_settled(client)
+        assert marker in aof_bytes(redis_server.workdir)  # deleted, yet still in the file
         assert any(marker in bytes(e["command"]) for e in await client.slowlog_get(128))
         # This Redis writes an AOF and takes no snapshots (save ""): nothing to re-snapshot.
         assert await db.purge_history() == ("aof_rewrite", "slowlog")
         assert not any(marker in bytes(e["command"]) for e in await client.slowlog_get(128))
-        await _rewrites_settled(client)
-        assert marker not in await _aof(redis_server)
+        await aof_settled(client)
+        assert marker not in aof_bytes(redis_server.workdir)
     finally:
         await client.config_set("slowlog-log-slower-than", 10000)  # Redis's default
 
 
+async def test_an_unfinished_purge_stays_owed_until_one_finishes(
+    db: Store, client: aioredis.Redis, redis_server: Any, passhash: str
+) -> None:
+    await _enrol(db, passhash, "alice")
+    assert not await db.purge_owed()
+    filler = [f"fp:test:filler:{i}" for i in range(150)]
+    await client.mset(dict.fromkeys(filler, "x"))
+    await aof_settled(client)
+    # 10 ms per key: the rewrite started here takes ~1.5 s, and it forks before the erasure,
+    # so it keeps Alice. A purge must start a rewrite of its own after that one.
+    await client.config_set("rdb-key-save-delay", 10_000)
+    try:
+        await client.bgrewriteaof()
+        await db.erase_account("alice")
+        assert await db.purge_owed()
+        assert await db.purge_history(wait_s=0.2) == ("slowlog",)  # the rewrite is still busy
+        assert await db.purge_owed()  # so the purge is still owed
+        assert b"Alice Liddell" in aof_bytes(redis_server.workdir)
+    finally:
+        await client.config_set("rdb-key-save-delay", 0)  # the running rewrite keeps its 10 ms
+        await client.delete(*filler)
+    assert await db.purge_history() == ("aof_rewrite", "slowlog")  # waits for it, then starts
+    assert not await db.purge_owed()
+    await aof_settled(client)
+    assert b"Alice Liddell" not in aof_bytes(redis_server.workdir)
+
+
 async def test_purge_history_leaves_out_what_redis_refuses(
-    client: aioredis.Redis, redis_server: Any, caplog: pytest.LogCaptureFixture
+    client: aioredis.Redis, redis_server: Any, caplog: pytest.LogCaptureFixture, passhash: str
 ) -> None:
     # A Redis user that may not rewrite the AOF, as a managed service may set it up.
     await client.acl_setuser(
@@ -619,10 +634,16 @@ async def test_purge_history_leaves_out_what_redis_refuses(
     )  # fmt: skip
     limited = aioredis.Redis(port=redis_server.port, username="limited", password="pw")
     try:
+        store = Store(limited, TemplateCipher(generate_key()))
+        await store.create_account("bob", "Bob", "+8613800005678", passhash, _templates(), CONSENT)
+        await store.erase_account("bob")
+        assert await store.purge_owed()
         with caplog.at_level(logging.WARNING, logger="session.store"):
-            done = await Store(limited, TemplateCipher(generate_key())).purge_history()
+            done = await store.purge_history()
         assert done == ("slowlog",)
         assert "refused BGREWRITEAOF" in caplog.text
+        # Asking again would be refused again: the purge is as done as this Redis allows.
+        assert not await store.purge_owed()
     finally:
         await limited.aclose()
         await client.acl_deluser("limited")
