@@ -25,7 +25,7 @@ class StoreKeys(StoreCore):
 
     _cipher: TemplateCipher
 
-    async def rotate_terminal_token(self, terminal_id: str) -> str:
+    async def rotate_terminal_token(self, terminal_id: str, *, operator: str | None = None) -> str:
         """Give an active terminal a new token; the old one stops working at once.
 
         Returns the new token (shown once). NotFound if unknown, Conflict if revoked.
@@ -47,7 +47,9 @@ class StoreKeys(StoreCore):
                         pipe.delete(self._k("termtok", h.text(old)))
                         pipe.set(self._k("termtok", digest), terminal_id)
                         entry = h.audit_fields(
-                            "terminal_rotated", time.time(), {"terminal_id": terminal_id}
+                            "terminal_rotated",
+                            time.time(),
+                            {"terminal_id": terminal_id, **h.by_operator(operator)},
                         )
                         self._queue_audit(pipe, entry)
                         await pipe.execute()

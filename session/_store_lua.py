@@ -201,6 +201,11 @@ def audit_fields(event: str, t: float, fields: Mapping[str, str]) -> dict[str, s
     return entry
 
 
+def by_operator(operator: str | None) -> dict[str, str]:
+    """The audit field naming the admin operator behind a change (none for the CLI)."""
+    return {} if operator is None else {"operator": check_label(operator, "operator", limit=64)}
+
+
 def payment_from_hash(raw: Mapping[str, str]) -> Payment:
     """A ``Payment`` from its decoded Redis hash."""
     return Payment(

@@ -18,15 +18,19 @@ from session.models import Merchant, Terminal, TerminalMode
 class StoreTerminals(StoreKeys):
     """Merchants, terminals and terminal authentication."""
 
-    async def add_merchant(self, name: str) -> Merchant:
-        """Create a merchant with a new random id."""
+    async def add_merchant(self, name: str, *, operator: str | None = None) -> Merchant:
+        """Create a merchant with a new random id; audit ``merchant_added``."""
         name = h.check_label(name, "merchant name")
         merchant = Merchant(h.new_id("m", 12), name, time.time())
+        fields = {"merchant_id": merchant.merchant_id, **h.by_operator(operator)}
         with h.unavailable("add_merchant"):
-            await self._r.hset(
-                self._k("merchant", merchant.merchant_id),
-                mapping={"name": name, "created": repr(merchant.created)},
-            )
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.hset(
+                    self._k("merchant", merchant.merchant_id),
+                    mapping={"name": name, "created": repr(merchant.created)},
+                )
+                self._queue_audit(pipe, h.audit_fields("merchant_added", merchant.created, fields))
+                await pipe.execute()
         return merchant
 
     async def get_merchant(self, merchant_id: str) -> Merchant:
@@ -37,13 +41,24 @@ class StoreTerminals(StoreKeys):
             raise NotFound("no such merchant")
         return Merchant(merchant_id, raw["name"], float(raw["created"]))
 
-    async def add_terminal(self, merchant_id: str, mode: TerminalMode) -> tuple[Terminal, str]:
-        """Create a terminal; returns it and its token (shown once, stored only as sha256)."""
+    async def add_terminal(
+        self, merchant_id: str, mode: TerminalMode, *, operator: str | None = None
+    ) -> tuple[Terminal, str]:
+        """Create a terminal; returns it and its token (shown once, stored only as sha256).
+
+        Audit ``terminal_added`` (ids and mode, never the token).
+        """
         if mode not in get_args(TerminalMode):
             raise InvalidRequest(f"terminal mode must be one of {get_args(TerminalMode)}")
         await self.get_merchant(merchant_id)
         terminal = Terminal(h.new_id("t", 12), merchant_id, mode, time.time())
         token, digest = h.new_terminal_token()
+        fields = {
+            "terminal_id": terminal.terminal_id,
+            "merchant_id": merchant_id,
+            "mode": mode,
+            **h.by_operator(operator),
+        }
         with h.unavailable("add_terminal"):
             async with self._r.pipeline(transaction=True) as pipe:
                 pipe.hset(
@@ -57,6 +72,7 @@ class StoreTerminals(StoreKeys):
                     },
                 )
                 pipe.set(self._k("termtok", digest), terminal.terminal_id)
+                self._queue_audit(pipe, h.audit_fields("terminal_added", terminal.created, fields))
                 await pipe.execute()
         return terminal, token
 
@@ -68,7 +84,7 @@ class StoreTerminals(StoreKeys):
             raise NotFound("no such terminal")
         return self._terminal(terminal_id, raw)
 
-    async def revoke_terminal(self, terminal_id: str) -> None:
+    async def revoke_terminal(self, terminal_id: str, *, operator: str | None = None) -> None:
         """Revoke a terminal: its token stops working at once. NotFound if unknown."""
         with h.unavailable("revoke_terminal"):
             key = self._k("terminal", terminal_id)
@@ -79,7 +95,9 @@ class StoreTerminals(StoreKeys):
                 pipe.hset(key, mapping={"status": "revoked", "revoked": repr(time.time())})
                 pipe.delete(self._k("termtok", h.text(digest)))
                 entry = h.audit_fields(
-                    "terminal_revoked", time.time(), {"terminal_id": terminal_id}
+                    "terminal_revoked",
+                    time.time(),
+                    {"terminal_id": terminal_id, **h.by_operator(operator)},
                 )
                 self._queue_audit(pipe, entry)
                 await pipe.execute()

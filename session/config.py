@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.config import EvidenceConfig, PipelineConfig
 from pipeline.errors import ConfigError
@@ -91,6 +100,17 @@ class RateLimitConfig(_Strict):
 #: payments, and nothing slows down guessing its token (docs/api.md), so the token itself
 #: must be unguessable: 32 characters of ``secrets.token_urlsafe`` carry 192 bits.
 ADMIN_TOKEN_MIN_CHARS = 32
+#: The operator name ``admin_token`` (and ``admin_token_previous``) stands for.
+DEFAULT_OPERATOR = "admin"
+OPERATOR_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+
+
+def _check_admin_token(token: SecretStr) -> None:
+    if len(token.get_secret_value()) < ADMIN_TOKEN_MIN_CHARS:
+        raise ValueError(
+            f"an admin token needs at least {ADMIN_TOKEN_MIN_CHARS} characters; make one "
+            "with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
 
 
 class ServerConfig(_Strict):
@@ -111,6 +131,10 @@ class ServerConfig(_Strict):
     #: Also accepted while admin clients move to a new ``admin_token`` (rotation); remove it
     #: once they have.
     admin_token_previous: SecretStr | None = None
+    #: One admin token per operator, by name: the audit stream then records which operator
+    #: erased an account, enrolled one or created, rotated or revoked a terminal. The
+    #: tokens follow the same rules as ``admin_token``, which acts as the operator "admin".
+    admin_operators: dict[str, SecretStr] = Field(default_factory=dict, max_length=64)
     #: 32-byte AES-GCM key, hex or base64 (FACEPAY_TEMPLATE_KEY).
     template_key: SecretStr | None = None
     #: After each erasure, ask Redis to rewrite its append-only file, take a fresh snapshot
@@ -140,12 +164,43 @@ class ServerConfig(_Strict):
     @field_validator("admin_token", "admin_token_previous")
     @classmethod
     def _admin_token_long_enough(cls, token: SecretStr | None) -> SecretStr | None:
-        if token is not None and len(token.get_secret_value()) < ADMIN_TOKEN_MIN_CHARS:
-            raise ValueError(
-                f"an admin token needs at least {ADMIN_TOKEN_MIN_CHARS} characters; make one "
-                "with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
-            )
+        if token is not None:
+            _check_admin_token(token)
         return token
+
+    @field_validator("admin_operators")
+    @classmethod
+    def _operators_named_and_long_enough(
+        cls, operators: dict[str, SecretStr]
+    ) -> dict[str, SecretStr]:
+        for name, token in operators.items():
+            if not OPERATOR_NAME.fullmatch(name) or name == DEFAULT_OPERATOR:
+                raise ValueError(
+                    "an admin operator's name is 1-64 letters, digits or _.@- (and not "
+                    f"{DEFAULT_OPERATOR!r}, the name of admin_token)"
+                )
+            _check_admin_token(token)
+        return operators
+
+    @model_validator(mode="after")
+    def _admin_tokens_distinct(self) -> ServerConfig:
+        # A token shared by two operators would make the audit's operator a guess.
+        tokens = [token.get_secret_value() for _, token in self.admin_tokens()]
+        if len(set(tokens)) != len(tokens):
+            raise ValueError(
+                "every admin token (admin_token, its previous, each operator's) must differ"
+            )
+        return self
+
+    def admin_tokens(self) -> list[tuple[str, SecretStr]]:
+        """Every accepted admin token with the operator it stands for (``admin_token`` and
+        ``admin_token_previous`` both stand for "admin"). Empty: the admin API is disabled."""
+        out = [
+            (DEFAULT_OPERATOR, token)
+            for token in (self.admin_token, self.admin_token_previous)
+            if token is not None and token.get_secret_value()
+        ]
+        return out + list(self.admin_operators.items())
 
 
 class GateConfig(_Strict):

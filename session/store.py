@@ -274,12 +274,16 @@ class Store(StoreTerminals):
             raise InvalidRequest("a stored template slot is malformed") from exc
         return [self._cipher.decrypt(subject_id, bytes(blob)) for _, blob in slots]
 
-    async def erase_account(self, account_id: str, reason: str = "request") -> int:
+    async def erase_account(
+        self, account_id: str, reason: str = "request", *, operator: str | None = None
+    ) -> int:
         """Delete templates, links, subject ids and the PII of an account; mark it erased.
 
-        Returns the number of templates deleted; audit ``erased``. NotFound if unknown.
+        Returns the number of templates deleted; audit ``erased`` (with the admin operator,
+        where one asked). NotFound if unknown.
         """
         reason = h.check_label(reason, "erasure reason", limit=64)
+        by = h.by_operator(operator)
         akey, a2s = self._k("account", account_id), self._a2s_key(account_id)
         with h.unavailable("erase_account"):
             async with self._r.pipeline(transaction=True) as pipe:
@@ -312,6 +316,7 @@ class Store(StoreTerminals):
                             "reason": reason,
                             "subjects": str(len(sids)),
                             "samples": str(count),
+                            **by,
                         }
                         self._queue_audit(pipe, h.audit_fields("erased", now, fields))
                         pipe.incr(self._k("purge", "erasures"))  # a purge is owed for it

@@ -1,10 +1,12 @@
 """The admin HTTP API (``/api/...``): merchants, terminals, back-office enrolment, erasure
 and payment look-ups. See docs/api.md.
 
-Every route needs ``Authorization: Bearer <admin token>`` (``server.admin_token``, compared in
-constant time). With no admin token configured the API answers 503 ``admin_disabled``: it is
-never open. One middleware turns domain errors (``pipeline.errors``) into JSON error answers;
-anything unexpected becomes a 500 that says nothing about the internals.
+Every route needs ``Authorization: Bearer <admin token>`` (``server.admin_token`` or a named
+operator's from ``server.admin_operators``, compared in constant time); what an operator
+changes is audited under their name. With no admin token configured the API answers 503
+``admin_disabled``: it is never open. One middleware turns domain errors
+(``pipeline.errors``) into JSON error answers; anything unexpected becomes a 500 that says
+nothing about the internals.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ from stream_server.app import ANALYZER, CONFIG, CONNECTIONS, DIRECTORY, EXECUTOR
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: The admin operator a request was authenticated as (set by :func:`admin_route`).
+OPERATOR = web.RequestKey("operator", str)
 
 
 class UploadedImageError(ImageError):
@@ -131,39 +135,40 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         )
 
 
-def check_admin(request: web.Request) -> None:
-    """AdminDisabled if no admin token is configured; AuthError unless the bearer matches.
+def check_admin(request: web.Request) -> str:
+    """The operator whose admin token the bearer is; AdminDisabled if no admin token is
+    configured, AuthError unless one matches.
 
     The admin token is its own secret: terminal tokens never open the admin API (they are
-    looked up in Redis by the WebSocket, never here). During a rotation the previous token
-    (``server.admin_token_previous``) is accepted too. Every configured token is compared,
-    in constant time, whatever the first comparison gave: the answer's timing says nothing
-    about which token, or how much of one, matched.
+    looked up in Redis by the WebSocket, never here). ``server.admin_token`` (and, during a
+    rotation, ``server.admin_token_previous``) stand for the operator "admin";
+    ``server.admin_operators`` adds one token per named operator. Every configured token is
+    compared, in constant time, whatever the first comparison gave: the answer's timing says
+    nothing about which token, or how much of one, matched.
     """
-    server = request.app[CONFIG].server
-    secret = server.admin_token
-    if secret is None or not secret.get_secret_value():
+    accepted = request.app[CONFIG].server.admin_tokens()
+    if not accepted:
         raise AdminDisabled("admin API disabled: no admin token is configured")
-    accepted = [secret.get_secret_value()]
-    if server.admin_token_previous is not None and server.admin_token_previous.get_secret_value():
-        accepted.append(server.admin_token_previous.get_secret_value())
     header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")
     # surrogateescape: aiohttp keeps undecodable header bytes as surrogates; they never match.
     given_bytes = given.strip().encode("utf-8", "surrogateescape")
-    matched = False
-    for token in accepted:
-        matched |= hmac.compare_digest(given_bytes, token.encode("utf-8"))
-    if scheme.lower() != "bearer" or not matched:
+    operator: str | None = None
+    for name, token in accepted:
+        matched = hmac.compare_digest(given_bytes, token.get_secret_value().encode("utf-8"))
+        if matched and operator is None:
+            operator = name
+    if scheme.lower() != "bearer" or operator is None:
         log.warning("admin API: bad or missing token from %s", request.remote)
         raise AuthError("missing or wrong admin token")
+    return operator
 
 
 def admin_route(handler: Handler) -> Handler:
-    """Wrap a handler so that it runs only for the admin."""
+    """Wrap a handler so that it runs only for an admin operator (``request[OPERATOR]``)."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        check_admin(request)
+        request[OPERATOR] = check_admin(request)
         return await handler(request)
 
     wrapped.__name__ = handler.__name__
@@ -177,7 +182,7 @@ def admin_route(handler: Handler) -> Handler:
 async def add_merchant(request: web.Request) -> web.StreamResponse:
     """``POST /api/merchants {name}`` -> 201 {merchant_id, name, created}."""
     body = await json_body(request, MerchantIn)
-    merchant = await request.app[STORE].add_merchant(body.name)
+    merchant = await request.app[STORE].add_merchant(body.name, operator=request[OPERATOR])
     return web.json_response(
         {"merchant_id": merchant.merchant_id, "name": merchant.name, "created": merchant.created},
         status=201,
@@ -189,7 +194,9 @@ async def add_terminal(request: web.Request) -> web.StreamResponse:
     body = await json_body(request, TerminalIn)
     store = request.app[STORE]
     await store.get_merchant(body.merchant_id)  # NotFound for an unknown merchant
-    terminal, token = await store.add_terminal(body.merchant_id, body.mode)
+    terminal, token = await store.add_terminal(
+        body.merchant_id, body.mode, operator=request[OPERATOR]
+    )
     return web.json_response(
         {
             "terminal_id": terminal.terminal_id,
@@ -207,7 +214,7 @@ async def rotate_terminal(request: web.Request) -> web.StreamResponse:
     The old token stops working at once; sockets already open stay up until they reconnect.
     """
     terminal_id = request.match_info["terminal_id"]
-    token = await request.app[STORE].rotate_terminal_token(terminal_id)
+    token = await request.app[STORE].rotate_terminal_token(terminal_id, operator=request[OPERATOR])
     return web.json_response({"terminal_id": terminal_id, "token": token})
 
 
@@ -219,7 +226,7 @@ async def revoke_terminal(request: web.Request) -> web.StreamResponse:
     from stream_server.ws_messages import CLOSE_UNAUTHENTICATED
 
     terminal_id = request.match_info["terminal_id"]
-    await request.app[STORE].revoke_terminal(terminal_id)
+    await request.app[STORE].revoke_terminal(terminal_id, operator=request[OPERATOR])
     connections = request.app[CONNECTIONS]
     for conn in list(connections):
         if conn.terminal is not None and conn.terminal.terminal_id == terminal_id:
@@ -249,7 +256,11 @@ async def add_account(request: web.Request) -> web.StreamResponse:
         phone=form.phone,
         passphrase=form.passphrase,
         images=images,
-        consent={"source": "admin_api", "given_at": f"{time.time():.3f}"},
+        consent={
+            "source": "admin_api",
+            "given_at": f"{time.time():.3f}",
+            "operator": request[OPERATOR],
+        },
     )
     return web.json_response(
         {"account_id": account.account_id, "templates": count, "name": account.masked_name},
@@ -268,7 +279,7 @@ async def erase_account(request: web.Request) -> web.StreamResponse:
     """
     account_id = request.match_info["account_id"]
     store = request.app[STORE]
-    erased = await store.erase_account(account_id, reason="admin_api")
+    erased = await store.erase_account(account_id, reason="admin_api", operator=request[OPERATOR])
     purged: tuple[str, ...] = ()
     if request.app[CONFIG].server.purge_history_on_erasure:
         try:

@@ -225,7 +225,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     dev = config.server.dev_mode
     cipher = TemplateCipher(resolve_template_key(config, data_dir, create=dev))
     admin_token = resolve_admin_token(args, config, data_dir)
-    if not admin_token:
+    if not admin_token and not config.server.admin_operators:
         say(f"facepay: admin API disabled (set {ENV_ADMIN} or --admin-token-file to enable it)")
     # Validated, not copied: a token from the environment or a file meets the same rules
     # (its length) as one in the config file.

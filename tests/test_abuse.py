@@ -381,6 +381,47 @@ async def test_previous_admin_token_works_during_a_rotation(make_server, monkeyp
             assert len(calls) == 2  # both tokens compared, in constant time, every time
 
 
+ALICE = "alice-operator-token-" + "a" * 20
+BOB = "bob-operator-token-" + "b" * 20
+
+
+async def test_the_audit_names_the_operator_behind_each_admin_change(make_server) -> None:
+    env = await make_server(server={"admin_operators": {"alice": ALICE, "bob": BOB}})
+    api = env.server.make_url
+    hashed = PassphraseHasher(time_cost=1, memory_kib=64).hash(PASSPHRASE)
+    consent = {"method": "test"}
+    await env.store.create_account(
+        "acct-erased", "Erin Erased", "+8613800004321", hashed, _templates(1, 0), consent
+    )
+    async with aiohttp.ClientSession() as http:
+        shop = {"name": "Shop"}
+        async with http.post(api("/api/merchants"), json=shop, headers=_bearer(ALICE)) as resp:
+            assert resp.status == 201
+            mid = (await resp.json())["merchant_id"]
+        body = {"merchant_id": mid, "mode": "checkout"}
+        async with http.post(api("/api/terminals"), json=body, headers=_bearer(ALICE)) as resp:
+            assert resp.status == 201
+            tid = (await resp.json())["terminal_id"]
+        async with http.post(api(f"/api/terminals/{tid}/rotate"), headers=_bearer(BOB)) as resp:
+            assert resp.status == 200
+        async with http.delete(api(f"/api/terminals/{tid}"), headers=_bearer(ADMIN)) as resp:
+            assert resp.status == 200
+        async with http.delete(api("/api/accounts/acct-erased"), headers=_bearer(BOB)) as resp:
+            assert resp.status == 200
+    audit = {e["event"]: e for e in await env.store.read_audit()}
+    assert audit["merchant_added"]["merchant_id"] == mid
+    assert audit["merchant_added"]["operator"] == "alice"
+    assert audit["terminal_added"]["terminal_id"] == tid
+    assert audit["terminal_added"]["operator"] == "alice"
+    assert audit["terminal_rotated"]["operator"] == "bob"
+    assert audit["terminal_revoked"]["operator"] == "admin"  # server.admin_token
+    assert audit["erased"]["account_id"] == "acct-erased"
+    assert audit["erased"]["operator"] == "bob"
+    # Ids and names only: no operator's token is in the stream.
+    flat = " ".join(f"{k}={v}" for e in audit.values() for k, v in e.items())
+    assert ALICE not in flat and BOB not in flat and ADMIN not in flat
+
+
 async def test_terminal_token_rotation_and_revocation_via_admin_api(make_server) -> None:
     env = await make_server()
     tid = (await env.store.authenticate_terminal(env.token)).terminal_id
@@ -524,20 +565,29 @@ def test_admin_tokens_are_compared_in_constant_time_and_all_of_them(monkeypatch)
 
     monkeypatch.setattr(admin.hmac, "compare_digest", spy)
     new, old = "new-admin-token-" + "n" * 16, "old-admin-token-" + "o" * 16
+    alice, bob = "alice-admin-token-" + "a" * 16, "bob-admin-token-" + "b" * 16
     config = FacePayConfig.model_validate(
-        {"server": {"admin_token": new, "admin_token_previous": old}}
+        {
+            "server": {
+                "admin_token": new,
+                "admin_token_previous": old,
+                "admin_operators": {"alice": alice, "bob": bob},
+            }
+        }
     )
     app = web.Application()
     app[CONFIG] = config
-    for given, ok in ((new, True), (old, True), (new[:9], False)):
+    cases = ((new, "admin"), (old, "admin"), (alice, "alice"), (bob, "bob"), (new[:9], None))
+    for given, operator in cases:
         calls.clear()
         request = make_mocked_request(
             "GET", "/api/payments/x", headers={"Authorization": f"Bearer {given}"}, app=app
         )
-        if ok:
-            admin.check_admin(request)
+        if operator is not None:
+            assert admin.check_admin(request) == operator
         else:
             with pytest.raises(AuthError):
                 admin.check_admin(request)
-        assert [b for _, b in calls] == [new.encode(), old.encode()], given
+        expected = [new.encode(), old.encode(), alice.encode(), bob.encode()]
+        assert [b for _, b in calls] == expected, given
         assert all(a == given.encode() for a, _ in calls)

@@ -96,6 +96,23 @@ async def test_admin_api_is_disabled_without_a_configured_token(
         assert "disabled" in body["message"]
 
 
+async def test_named_operators_alone_enable_the_admin_api(
+    aiohttp_client, redis_url, models_dir, cipher
+):
+    ops = "ops-team-admin-token-0123456789-x"
+    config = FacePayConfig.model_validate({"server": {"admin_operators": {"ops": ops}}})
+    app = create_app(config, cipher=cipher, redis_url=redis_url, models_dir=models_dir)
+    client = await aiohttp_client(app)
+    shop = {"name": "Shop"}
+    resp = await client.post(
+        "/api/merchants", json=shop, headers={"Authorization": f"Bearer {ops}"}
+    )
+    assert resp.status == 201
+    assert (await client.post("/api/merchants", json=shop, headers=AUTH)).status == 401
+    [entry] = [e for e in await app[STORE].read_audit() if e["event"] == "merchant_added"]
+    assert entry["operator"] == "ops"
+
+
 # --- merchants and terminals ------------------------------------------------------------------
 
 
@@ -157,6 +174,8 @@ async def test_enrol_from_photo_then_erase(client, data_dir, redis_url):
     resp = await client.post("/api/accounts", data=form, headers=AUTH)
     assert resp.status == 201, await resp.text()
     assert await resp.json() == {"account_id": "alice", "templates": 2, "name": "A************"}
+    [consent] = [e for e in await client.app[STORE].read_audit() if e["event"] == "consent"]
+    assert consent["source"] == "admin_api" and consent["operator"] == "admin"
     assert len(directory.gallery) == 2
     assert len(directory.gallery.subjects()) == 1
 

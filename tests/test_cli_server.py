@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from pipeline.errors import ConfigError
 from session.config import FacePayConfig
 from session.crypto import TemplateCipher, generate_key
 from session.models import Terminal
@@ -269,3 +270,23 @@ def test_serve_refuses_a_short_admin_token_and_does_not_print_it(
     assert not (tmp_path / "data" / "redis.url").exists()  # nothing was started
     # One character more is enough for the rule (the server would then start: not here).
     FacePayConfig().with_server(admin_token=short + "y")
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        ({"admin_operators": {"alice smith": "a" * 40}}, "operator's name"),
+        ({"admin_operators": {"admin": "a" * 40}}, "operator's name"),
+        ({"admin_operators": {"alice": "b" * 31}}, "at least 32 characters"),
+        ({"admin_operators": {"alice": "c" * 40, "bob": "c" * 40}}, "must differ"),
+        ({"admin_token": "d" * 40, "admin_operators": {"alice": "d" * 40}}, "must differ"),
+    ],
+)
+def test_admin_operators_need_a_name_and_a_strong_token_of_their_own(
+    server: dict[str, object], message: str
+) -> None:
+    """One operator's token must not stand for another: the audit's operator would be a guess."""
+    with pytest.raises(ConfigError) as err:
+        FacePayConfig().with_server(**server)
+    assert message in str(err.value)
+    assert not any(c * 31 in str(err.value) for c in "abcd")  # no token is echoed
