@@ -21,6 +21,7 @@ from aiohttp import web
 from pipeline.errors import StoreUnavailable
 from session.store import Store
 from stream_server.app import CONFIG, STORE
+from stream_server.sync import stop_background
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +65,6 @@ def setup(app: web.Application) -> None:
             _retry_forever(app[STORE], server.purge_retry_s, stop), name="facepay-purge-retry"
         )
         yield
-        # As in stream_server.sync: a cancel can be lost inside redis-py on Python 3.11.
-        stop.set()
-        while not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.2)
-        with contextlib.suppress(asyncio.CancelledError):
-            task.result()
+        await stop_background(task, stop)
 
     app.cleanup_ctx.append(purge_retry_ctx)
