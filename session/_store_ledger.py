@@ -64,6 +64,21 @@ class StoreCore:
             rows = await self._r.xrevrange(self._k("audit"), count=count)
         return [h.decode_hash(fields) for _, fields in reversed(rows or [])]
 
+    async def audit_after(
+        self, after: str | None = None, count: int = 1000
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Up to ``count`` audit records after the one with stream id ``after`` (from the
+        oldest kept when None), oldest first, each with its id: a cursor for shipping the
+        stream elsewhere. InvalidRequest for a malformed id or count."""
+        if after is not None and not h.AUDIT_ID.fullmatch(after):
+            raise InvalidRequest("an audit cursor is a stream id such as 1732406400000-0")
+        if not 1 <= count <= h.MAX_AUDIT_PAGE:
+            raise InvalidRequest(f"an audit page holds 1 to {h.MAX_AUDIT_PAGE} records")
+        start = "-" if after is None else f"({after}"
+        with h.unavailable("audit_after"):
+            rows = await self._r.xrange(self._k("audit"), min=start, count=count)
+        return [(h.text(rid), h.decode_hash(fields)) for rid, fields in rows or []]
+
     # --- passphrase lockout ---------------------------------------------------------------
     async def locked_until(self, account_id: str) -> float | None:
         """Epoch seconds the account stays locked, or None."""

@@ -19,6 +19,10 @@ from session.models import Payment
 AUDIT_MAXLEN = 100_000
 DAILY_TTL_S = 2 * 24 * 3600
 MAX_AUDIT_VALUE = 256
+#: Most audit records one ``audit_after`` call returns.
+MAX_AUDIT_PAGE = 10_000
+#: A Redis stream id (milliseconds-sequence).
+AUDIT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 # Field names that could carry a secret or biometric data are refused by ``audit``.
 FORBIDDEN_AUDIT_WORDS = (

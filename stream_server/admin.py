@@ -305,6 +305,22 @@ async def get_order(request: web.Request) -> web.StreamResponse:
     return web.json_response(payment.to_json())
 
 
+async def read_audit(request: web.Request) -> web.StreamResponse:
+    """``GET /api/audit?after=ID&limit=N`` -> 200 {records: [{id, event, t, ...}], next}.
+
+    Oldest first, after the record ``after`` (from the oldest kept without it), at most
+    ``limit`` (1000 by default, 10,000 at most). ``next`` is the cursor for the next call:
+    the last record's id, or ``after`` again when there was nothing new.
+    """
+    after = request.query.get("after") or None
+    raw_limit = request.query.get("limit", "1000")
+    if not (raw_limit.isascii() and raw_limit.isdigit()):
+        raise InvalidRequest("limit must be a whole number")
+    rows = await request.app[STORE].audit_after(after, int(raw_limit))
+    records = [{"id": rid, **fields} for rid, fields in rows]
+    return web.json_response({"records": records, "next": rows[-1][0] if rows else after})
+
+
 def setup(app: web.Application) -> None:
     """Add the admin routes and the error middleware."""
     app.middlewares.append(errors_middleware)
@@ -314,5 +330,6 @@ def setup(app: web.Application) -> None:
     app.router.add_delete("/api/terminals/{terminal_id}", admin_route(revoke_terminal))
     app.router.add_post("/api/accounts", admin_route(add_account))
     app.router.add_delete("/api/accounts/{account_id}", admin_route(erase_account))
+    app.router.add_get("/api/audit", admin_route(read_audit))
     app.router.add_get("/api/payments/{payment_id}", admin_route(get_payment))
     app.router.add_get("/api/merchants/{merchant_id}/orders/{order_id}", admin_route(get_order))

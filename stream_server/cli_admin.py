@@ -1,4 +1,4 @@
-"""``facepay admin merchant-add|terminal-add`` and ``facepay enroll`` (back-office tools).
+"""``facepay admin merchant-add|terminal-add|audit`` and ``facepay enroll`` (back-office tools).
 
 They reach the server's Redis as ``facepay serve`` does (``cli_server`` documents where the
 URL, the data folder and the template key come from).
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ImageError, QualityError
+from pipeline.errors import ImageError, InvalidRequest, QualityError
 from session.crypto import TemplateCipher, generate_key
 from session.store import Store
 from stream_server.cli import EXIT_OK, EXIT_REFUSED, emit, say
@@ -31,7 +31,7 @@ from stream_server.cli_server import (
 
 def register(sub: Any) -> None:
     """Add ``admin`` and ``enroll`` to the ``facepay`` parser."""
-    admin = sub.add_parser("admin", help="create merchants and terminals")
+    admin = sub.add_parser("admin", help="create merchants and terminals, read the audit")
     asub = admin.add_subparsers(dest="admin_command", required=True)
     p = asub.add_parser("merchant-add", help="create a merchant")
     redis_arg(p)
@@ -42,6 +42,11 @@ def register(sub: Any) -> None:
     p.add_argument("--merchant", required=True, help="merchant id")
     p.add_argument("--mode", required=True, choices=("checkout", "gate", "enroll"))
     p.set_defaults(handler=run_cli(cmd_terminal_add))
+    p = asub.add_parser("audit", help="print audit records as JSON lines, oldest first")
+    redis_arg(p)
+    p.add_argument("--after", default=None, help="start after this record id (a cursor)")
+    p.add_argument("--limit", type=int, default=1000, help="at most this many (1-10000)")
+    p.set_defaults(handler=run_cli(cmd_audit))
 
     p = sub.add_parser("enroll", help="enrol an account from photos (back-office import)")
     redis_arg(p)
@@ -90,6 +95,26 @@ def cmd_terminal_add(args: argparse.Namespace) -> int:
             "mode": terminal.mode,
         }
     )
+    return EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Print audit records after ``--after``, one JSON object per line with its ``id``.
+
+    For shipping the stream to storage Redis cannot rewrite: keep the last ``id`` printed
+    and pass it as ``--after`` next time. Exit 2 for a malformed cursor or limit.
+    """
+    url = client_redis_url(args)
+    try:
+        rows = asyncio.run(
+            with_store(
+                url, TemplateCipher(generate_key()), lambda s: s.audit_after(args.after, args.limit)
+            )
+        )
+    except InvalidRequest as exc:
+        raise UsageError(str(exc)) from exc
+    for rid, fields in rows:
+        emit({"id": rid, **fields})
     return EXIT_OK
 
 

@@ -331,6 +331,29 @@ async def test_enrol_needs_multipart_and_an_image(client):
 # --- payments -----------------------------------------------------------------------------------
 
 
+async def test_audit_pages_with_a_cursor(client):
+    for name in ("Shop 1", "Shop 2", "Shop 3"):
+        assert (
+            await client.post("/api/merchants", json={"name": name}, headers=AUTH)
+        ).status == 201
+    resp = await client.get("/api/audit", params={"limit": "2"}, headers=AUTH)
+    assert resp.status == 200
+    first = await resp.json()
+    assert [r["event"] for r in first["records"]] == ["merchant_added"] * 2
+    assert first["next"] == first["records"][-1]["id"]
+    assert all(r["operator"] == "admin" for r in first["records"])
+    resp = await client.get("/api/audit", params={"after": first["next"]}, headers=AUTH)
+    second = await resp.json()
+    assert len(second["records"]) == 1 and second["records"][0]["id"] > first["next"]
+    resp = await client.get("/api/audit", params={"after": second["next"]}, headers=AUTH)
+    assert await resp.json() == {"records": [], "next": second["next"]}  # nothing new yet
+    for params in ({"after": "1-2-3"}, {"limit": "-1"}, {"limit": "0"}, {"limit": "x"}):
+        resp = await client.get("/api/audit", params=params, headers=AUTH)
+        assert resp.status == 400, params
+        assert (await resp.json())["error"] == "invalid_request"
+    assert (await client.get("/api/audit")).status == 401
+
+
 async def test_payment_lookups(client):
     resp = await client.get("/api/payments/p_nope", headers=AUTH)
     assert resp.status == 404

@@ -178,6 +178,20 @@ def test_admin_commands(redis_url, capsys):
     )  # fmt: skip
     assert code == 1 and out[0]["error"] == "not_found"
 
+    # The audit, oldest first, shipped page by page with the last id as the cursor.
+    code, page, _ = run(capsys, "admin", "audit", "--redis-url", redis_url, "--limit", "1")
+    assert code == 0 and [r["event"] for r in page] == ["merchant_added"]
+    assert page[0]["merchant_id"] == merchant_id and "operator" not in page[0]  # the CLI
+    audit = ["admin", "audit", "--redis-url", redis_url]
+    code, rest, _ = run(capsys, *audit, "--after", page[0]["id"])
+    assert code == 0 and [r["event"] for r in rest] == ["terminal_added"]
+    assert rest[0]["terminal_id"] == terminal.terminal_id and "token" not in json.dumps(rest)
+    code, none, _ = run(capsys, *audit, "--after", rest[0]["id"])
+    assert code == 0 and none == []
+    for bad in (["--after", "yesterday"], ["--limit", "0"], ["--limit", "10001"]):
+        code, out, _ = run(capsys, *audit, *bad)
+        assert code == 2 and out[0]["error"] == "usage", bad
+
 
 def test_admin_without_redis_is_a_usage_error(tmp_path, capsys):
     code, _, err = run(capsys, "admin", "merchant-add", "--data-dir", str(tmp_path), "Shop")
