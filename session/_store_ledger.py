@@ -13,11 +13,12 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
+from redis.exceptions import ResponseError
 
 from pipeline.errors import InvalidRequest, LimitExceeded, NotFound, PaymentConflict
 from session import _store_lua as h
 from session.config import RateLimitConfig
-from session.models import Payment
+from session.models import AuditPage, Payment
 
 
 class StoreCore:
@@ -29,6 +30,9 @@ class StoreCore:
     _fail_script: AsyncScript
     #: Lockout back-off and per-account failure budget (Store takes it from the config).
     limits: RateLimitConfig = RateLimitConfig()
+    #: About how many records the audit stream keeps (Redis trims whole nodes, so a few
+    #: more); the server takes it from ``server.audit_max_records``.
+    audit_maxlen: int = h.AUDIT_MAXLEN
 
     def _init_core(self, redis: Redis, prefix: str) -> None:
         self._r = redis
@@ -42,7 +46,7 @@ class StoreCore:
 
     def _queue_audit(self, pipe: Pipeline, entry: dict[str, str]) -> None:
         """Queue an XADD of a checked audit entry into a MULTI/EXEC pipeline."""
-        pipe.xadd(self._k("audit"), entry, maxlen=h.AUDIT_MAXLEN, approximate=True)  # type: ignore[arg-type]
+        pipe.xadd(self._k("audit"), entry, maxlen=self.audit_maxlen, approximate=True)  # type: ignore[arg-type]
 
     # --- audit --------------------------------------------------------------------------
     async def audit(self, event: str, **fields: str) -> None:
@@ -52,7 +56,7 @@ class StoreCore:
             await self._r.xadd(
                 self._k("audit"),
                 entry,  # type: ignore[arg-type]
-                maxlen=h.AUDIT_MAXLEN,
+                maxlen=self.audit_maxlen,
                 approximate=True,
             )
 
@@ -64,20 +68,45 @@ class StoreCore:
             rows = await self._r.xrevrange(self._k("audit"), count=count)
         return [h.decode_hash(fields) for _, fields in reversed(rows or [])]
 
-    async def audit_after(
-        self, after: str | None = None, count: int = 1000
-    ) -> list[tuple[str, dict[str, str]]]:
+    async def audit_after(self, after: str | None = None, count: int = 1000) -> AuditPage:
         """Up to ``count`` audit records after the one with stream id ``after`` (from the
         oldest kept when None), oldest first, each with its id: a cursor for shipping the
-        stream elsewhere. InvalidRequest for a malformed id or count."""
+        stream elsewhere. ``missed`` says whether records after the cursor may be gone
+        (:class:`AuditPage`). InvalidRequest for a malformed id or count."""
         if after is not None and not h.AUDIT_ID.fullmatch(after):
             raise InvalidRequest("an audit cursor is a stream id such as 1732406400000-0")
         if not 1 <= count <= h.MAX_AUDIT_PAGE:
             raise InvalidRequest(f"an audit page holds 1 to {h.MAX_AUDIT_PAGE} records")
         start = "-" if after is None else f"({after}"
+        key = self._k("audit")
         with h.unavailable("audit_after"):
-            rows = await self._r.xrange(self._k("audit"), min=start, count=count)
-        return [(h.text(rid), h.decode_hash(fields)) for rid, fields in rows or []]
+            # The stream's state first: a trim between the two reads then shows next time.
+            missed = await self._audit_lost_after(key, h.stream_id(after or "0-0"))
+            rows = await self._r.xrange(key, min=start, count=count)
+        records = [(h.text(rid), h.decode_hash(fields)) for rid, fields in rows or []]
+        return AuditPage(records, missed)
+
+    async def _audit_lost_after(self, key: str, cursor: tuple[int, int]) -> bool:
+        """Whether records newer than ``cursor`` may have left the stream unread."""
+        try:
+            info = await self._r.xinfo_stream(key)
+        except ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return False
+            raise
+        # XDEL (never done by FacePay) records the newest id it removed.
+        if h.stream_id(h.text(info.get("max-deleted-entry-id", "0-0"))) > cursor:
+            return True
+        # Trimming drops the oldest records and records nothing, but every record ever
+        # added is counted. If some are gone and the cursor is older than the oldest kept,
+        # records after the cursor may be among them. (Only "may": Redis trims whole nodes
+        # of ~100 records, and the cursor may have been the last of its node.)
+        lost = int(info.get("entries-added", 0)) > int(info.get("length", 0))
+        first = info.get("first-entry")
+        if first:
+            return lost and cursor < h.stream_id(h.text(first[0]))
+        # An empty stream: every record up to the last one added is gone.
+        return lost and cursor < h.stream_id(h.text(info.get("last-generated-id", "0-0")))
 
     # --- passphrase lockout ---------------------------------------------------------------
     async def locked_until(self, account_id: str) -> float | None:
@@ -197,7 +226,7 @@ class StoreCore:
             str(daily_limit),
             f"{merchant_id}:{order_id}",
             str(h.DAILY_TTL_S),
-            str(h.AUDIT_MAXLEN),
+            str(self.audit_maxlen),
         ]
         with h.unavailable("create_payment"):
             status, value = await self._pay_script(keys=keys, args=args)

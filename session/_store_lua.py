@@ -24,6 +24,13 @@ MAX_AUDIT_PAGE = 10_000
 #: A Redis stream id (milliseconds-sequence).
 AUDIT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
+
+def stream_id(value: str) -> tuple[int, int]:
+    """A stream id as a comparable pair (ids compare by number, not as text)."""
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq or 0)
+
+
 # Field names that could carry a secret or biometric data are refused by ``audit``.
 FORBIDDEN_AUDIT_WORDS = (
     "passphrase",

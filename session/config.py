@@ -145,6 +145,11 @@ class ServerConfig(_Strict):
     #: How often each server checks for an erasure whose purge did not finish (a rewrite
     #: still busy, Redis unreachable, the server stopped in between) and runs it again.
     purge_retry_s: float = Field(60.0, ge=1.0, le=3600.0)
+    #: About how many records the audit stream in Redis keeps (a payment's takes ~150 bytes
+    #: of Redis memory; the default is about a day of a busy store's payments). Keep a
+    #: longer history elsewhere: ``GET /api/audit?after=ID`` pages through it and flags
+    #: records trimmed before they were read (docs/api.md, Audit).
+    audit_max_records: int = Field(100_000, ge=1_000, le=100_000_000)
     #: Inference/argon2 workers; None = number of cores.
     workers: int | None = Field(None, ge=1, le=64)
     #: The event loop that moves every RTP packet: on "uvloop" (libuv) the loop thread spends

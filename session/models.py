@@ -128,3 +128,18 @@ def parse_amount(value: object) -> int:
     if minor > 10**12:
         raise InvalidRequest("amount is too large")
     return int(minor)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditPage:
+    """Audit records read after a cursor, oldest first, each as (stream id, fields).
+
+    ``missed`` is True when records after the cursor may have left the stream before this
+    read: deleted, or trimmed (the stream is capped) while the cursor is older than the
+    oldest record kept. A copy built from these pages may then have a gap there. Redis
+    trims whole nodes of ~100 records, so a cursor that was the last record of a trimmed
+    node is flagged although nothing after it was lost: the reader was that far behind.
+    """
+
+    records: list[tuple[str, dict[str, str]]]
+    missed: bool

@@ -75,10 +75,13 @@ class Store(StoreTerminals):
         cipher: TemplateCipher,
         prefix: str = "fp:",
         limits: RateLimitConfig | None = None,
+        audit_maxlen: int | None = None,
     ) -> None:
         self._init_core(redis, prefix)
         if limits is not None:
             self.limits = limits
+        if audit_maxlen is not None:
+            self.audit_maxlen = audit_maxlen
         self._cipher = cipher
         self.events_channel = f"{prefix}events"
 

@@ -306,19 +306,22 @@ async def get_order(request: web.Request) -> web.StreamResponse:
 
 
 async def read_audit(request: web.Request) -> web.StreamResponse:
-    """``GET /api/audit?after=ID&limit=N`` -> 200 {records: [{id, event, t, ...}], next}.
+    """``GET /api/audit?after=ID&limit=N`` -> 200 {records: [{id, event, t, ...}], next,
+    missed}.
 
     Oldest first, after the record ``after`` (from the oldest kept without it), at most
     ``limit`` (1000 by default, 10,000 at most). ``next`` is the cursor for the next call:
-    the last record's id, or ``after`` again when there was nothing new.
+    the last record's id, or ``after`` again when there was nothing new. ``missed``: records
+    after ``after`` were trimmed or deleted before they could be read.
     """
     after = request.query.get("after") or None
     raw_limit = request.query.get("limit", "1000")
     if not (raw_limit.isascii() and raw_limit.isdigit()):
         raise InvalidRequest("limit must be a whole number")
-    rows = await request.app[STORE].audit_after(after, int(raw_limit))
-    records = [{"id": rid, **fields} for rid, fields in rows]
-    return web.json_response({"records": records, "next": rows[-1][0] if rows else after})
+    page = await request.app[STORE].audit_after(after, int(raw_limit))
+    records = [{"id": rid, **fields} for rid, fields in page.records]
+    last = page.records[-1][0] if page.records else after
+    return web.json_response({"records": records, "next": last, "missed": page.missed})
 
 
 def setup(app: web.Application) -> None:

@@ -71,7 +71,9 @@ def create_app(
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         client = connect_redis(redis_url, max_connections=config.server.redis_max_connections)
         app[REDIS] = client
-        app[STORE] = Store(client, cipher, limits=config.limits)
+        app[STORE] = Store(
+            client, cipher, limits=config.limits, audit_maxlen=config.server.audit_max_records
+        )
         app[LIMITER] = RateLimiter(client)
         yield
         await client.aclose()

@@ -102,19 +102,26 @@ def cmd_audit(args: argparse.Namespace) -> int:
     """Print audit records after ``--after``, one JSON object per line with its ``id``.
 
     For shipping the stream to storage Redis cannot rewrite: keep the last ``id`` printed
-    and pass it as ``--after`` next time. Exit 2 for a malformed cursor or limit.
+    and pass it as ``--after`` next time. Exit 1 (after printing what is left) when records
+    after the cursor were trimmed before they were read; 2 for a malformed cursor or limit.
     """
     url = client_redis_url(args)
     try:
-        rows = asyncio.run(
+        page = asyncio.run(
             with_store(
                 url, TemplateCipher(generate_key()), lambda s: s.audit_after(args.after, args.limit)
             )
         )
     except InvalidRequest as exc:
         raise UsageError(str(exc)) from exc
-    for rid, fields in rows:
+    for rid, fields in page.records:
         emit({"id": rid, **fields})
+    if page.missed:
+        say(
+            f"facepay: audit records after {args.after or 'the start'} were trimmed or "
+            "deleted before they were read: a copy has a gap there"
+        )
+        return EXIT_REFUSED
     return EXIT_OK
 
 

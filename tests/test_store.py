@@ -23,6 +23,7 @@ from pipeline.errors import (
     StoreUnavailable,
 )
 from pipeline.types import FloatArray
+from session import _store_lua as h
 from session.crypto import PassphraseHasher, TemplateCipher, generate_key
 from session.store import PaymentConflict, Store
 from tests.privacy_scan import aof_bytes, aof_settled
@@ -572,6 +573,39 @@ async def test_audit_appends_and_reads_oldest_first(db: Store) -> None:
     assert rows[0]["event"] == "login" and float(rows[0]["t"]) <= time.time()
     with pytest.raises(InvalidRequest):
         await db.audit("login", note="x" * 1000)  # too long to be a short id or reason
+
+
+async def test_audit_pages_flag_records_trimmed_before_they_were_read(
+    client: aioredis.Redis,
+) -> None:
+    # A tiny cap: Redis trims whole stream nodes (100 records each by default), so with
+    # 250 records and a cap of 10 the oldest node or two go.
+    db = Store(client, TemplateCipher(generate_key()), audit_maxlen=10)
+    assert (await db.audit_after()).records == [] and not (await db.audit_after()).missed
+    await db.audit("login", account_id="a0")
+    first = await db.audit_after()
+    assert [f["account_id"] for _, f in first.records] == ["a0"] and not first.missed
+    cursor = first.records[0][0]
+    assert (await db.audit_after(cursor)).records == []
+    for i in range(1, 250):
+        await db.audit("login", account_id=f"a{i}")
+    page = await db.audit_after(cursor, count=10_000)
+    assert page.missed  # a1 and the records after it were trimmed before this read
+    kept = [f["account_id"] for _, f in page.records]
+    assert kept and kept[-1] == "a249" and "a1" not in kept
+    assert (await db.audit_after()).missed  # from the start: the oldest records are gone
+    # Reading on from the newest record read misses nothing more.
+    newer = await db.audit_after(page.records[-1][0])
+    assert newer.records == [] and not newer.missed
+    # A record deleted behind FacePay's back (XDEL) is flagged to a reader behind it.
+    await db.audit("login", account_id="b1")
+    await db.audit("login", account_id="b2")
+    b1, b2 = (await db.audit_after(page.records[-1][0])).records
+    await client.xdel("fp:audit", b2[0])
+    assert (await db.audit_after(b1[0])).missed
+    assert not (await db.audit_after(b2[0])).missed
+    # Record ids compare as numbers: "…-10" comes after "…-9".
+    assert h.stream_id("5-10") > h.stream_id("5-9") > h.stream_id("4-99")
 
 
 # --- Erased data in Redis's own files ------------------------------------------------------------
