@@ -342,11 +342,12 @@ class Store(StoreTerminals):
         A purge that finished settles every erasure before it; one that did not stays owed
         (:meth:`purge_owed`).
         """
+        erasures_key, done_key = self._purge_keys()
         with h.unavailable("purge_history"):
-            erasures, _ = await _purge_owed(self._r, *self._purge_keys())
+            erasures, _ = await _purge_owed(self._r, erasures_key, done_key)
             started, finished = await _purge_history(self._r, wait_s)
             if finished:
-                await _mark_purged(self._r, self._purge_keys()[1], erasures)
+                await _mark_purged(self._r, done_key, erasures)
             return started
 
     async def purge_owed(self) -> bool:
