@@ -104,6 +104,12 @@ class Metrics:
             "Video frames left undecoded: no session was looking at the video",
             registry=r,
         )
+        self.erasure_purge_owed = Gauge(
+            "facepay_erasure_purge_owed",
+            "1 while an erasure waits for a finished purge of Redis's files (checked every "
+            "server.purge_retry_s)",
+            registry=r,
+        )
         self.stage_seconds = Histogram(
             "facepay_stage_seconds",
             "Per-stage latency",

@@ -17,10 +17,11 @@ import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from prometheus_client import Gauge
 
 from pipeline.errors import StoreUnavailable
 from session.store import Store
-from stream_server.app import CONFIG, STORE
+from stream_server.app import CONFIG, METRICS, STORE
 from stream_server.sync import stop_background
 
 log = logging.getLogger(__name__)
@@ -28,19 +29,27 @@ log = logging.getLogger(__name__)
 _STARTED = web.AppKey("purge_retry_started", bool)
 
 
-async def retry_owed_purge(store: Store) -> tuple[str, ...] | None:
-    """Run the purge if one is owed; return what it started, or None if none was owed."""
+async def retry_owed_purge(store: Store, owed: Gauge | None = None) -> tuple[str, ...] | None:
+    """Run the purge if one is owed; return what it started, or None if none was owed.
+
+    ``owed`` (the ``facepay_erasure_purge_owed`` gauge) is left at 1 while a purge is still
+    owed after this pass, so that an operator can alert on a purge that keeps failing.
+    """
     if not await store.purge_owed():
+        if owed is not None:
+            owed.set(0)
         return None
     started = await store.purge_history()
     log.info("owed purge after erasure: started %s", ", ".join(started) or "nothing")
+    if owed is not None:
+        owed.set(int(await store.purge_owed()))
     return started
 
 
-async def _retry_forever(store: Store, interval_s: float, stop: asyncio.Event) -> None:
+async def _retry_forever(store: Store, owed: Gauge, interval_s: float, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
-            await retry_owed_purge(store)
+            await retry_owed_purge(store, owed)
         except StoreUnavailable as exc:
             log.warning("owed purge after erasure: Redis unavailable, trying again: %s", exc)
         except Exception:  # the task must outlive any one failure, or purges stay owed
@@ -62,7 +71,8 @@ def setup(app: web.Application) -> None:
             return
         stop = asyncio.Event()
         task = asyncio.create_task(
-            _retry_forever(app[STORE], server.purge_retry_s, stop), name="facepay-purge-retry"
+            _retry_forever(app[STORE], app[METRICS].erasure_purge_owed, server.purge_retry_s, stop),
+            name="facepay-purge-retry",
         )
         yield
         await stop_background(task, stop)
