@@ -150,6 +150,10 @@ class ServerConfig(_Strict):
     #: longer history elsewhere: ``GET /api/audit?after=ID`` pages through it and flags
     #: records trimmed before they were read (docs/api.md, Audit).
     audit_max_records: int = Field(100_000, ge=1_000, le=100_000_000)
+    #: Seal the audit records added since the last seal this often: an HMAC chain under a
+    #: subkey of the template key, checked by ``facepay admin audit-verify``. Records newer
+    #: than the last seal are not yet covered. None turns sealing off.
+    audit_seal_s: float | None = Field(10.0, ge=1.0, le=3600.0)
     #: Inference/argon2 workers; None = number of cores.
     workers: int | None = Field(None, ge=1, le=64)
     #: The event loop that moves every RTP packet: on "uvloop" (libuv) the loop thread spends

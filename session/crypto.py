@@ -102,6 +102,10 @@ class TemplateCipher:
         self._aead = AESGCM(bytes(key))
         self._link_aead = AESGCM(_derive(bytes(key), b"facepay link seal v1"))
         self._blind_key = _derive(bytes(key), b"facepay link blind v1")
+        self._audit_key = _derive(bytes(key), b"facepay audit seal v1")
+        #: Names the audit-seal key in seal records, so a verifier holding another key can
+        #: tell "sealed under a key I do not have" from "tampered with".
+        self.audit_key_id = hmac.new(self._audit_key, b"key id", hashlib.sha256).hexdigest()[:16]
         self.dim = dim
 
     def seal_link(self, context: str, value: str) -> bytes:
@@ -138,6 +142,10 @@ class TemplateCipher:
         except (binascii.Error, ValueError) as exc:
             raise InvalidRequest("sealed passphrase hash is malformed") from exc
         return self.open_link(f"passhash:{account_id}", blob)
+
+    def audit_mac(self, data: bytes) -> str:
+        """HMAC-SHA256 (hex) of audit records under the audit-seal subkey."""
+        return hmac.new(self._audit_key, data, hashlib.sha256).hexdigest()
 
     def blind(self, value: str) -> str:
         """A keyed, stable stand-in for ``value`` in key names (HMAC-SHA256, 32 hex)."""

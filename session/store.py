@@ -20,7 +20,9 @@ Key layout (prefix ``fp:``), chosen so that a stolen dump does not join faces to
 - ``fp:fail:{aid}`` failed passphrase counter; ``fp:lock:{aid}`` -> locked-until (TTL);
   ``fp:lockouts:{aid}`` lockouts lately (back-off), ``fp:failday:{aid}`` failures today
 - ``fp:rl:{bucket}:{sha256(key)}`` rate-limit counters (session/ratelimit.py), with TTLs
-- ``fp:audit`` stream: event, time and ids only; never a passphrase, hash, embedding or image
+- ``fp:audit`` stream: event, time and ids only; never a passphrase, hash, embedding or image;
+  ``audit_sealed`` records chain an HMAC over it (session/_store_audit.py), ``fp:audit:seal``
+  hash {upto, mac} of the last seal, ``fp:audit:sealing`` the sealer's short lock
 - ``fp:purge:erasures`` erasures so far; ``fp:purge:done`` the count the last finished purge
   of Redis's own files started from (session/_store_purge.py)
 
@@ -42,6 +44,7 @@ from redis.exceptions import WatchError
 
 from pipeline.errors import Conflict, InvalidRequest, NotFound, PaymentConflict
 from pipeline.types import FloatArray
+from session import _store_audit as _audit
 from session import _store_lua as h
 from session._store_purge import mark_done as _mark_purged
 from session._store_purge import purge_history as _purge_history
@@ -357,3 +360,21 @@ class Store(StoreTerminals):
 
     def _purge_keys(self) -> tuple[str, str]:
         return self._k("purge", "erasures"), self._k("purge", "done")
+
+    async def seal_audit(self) -> int:
+        """Append a seal over the audit records since the last one (session._store_audit);
+        return how many it covers (0: nothing new, or another server is sealing)."""
+        with h.unavailable("seal_audit"):
+            return await _audit.seal(
+                self._r,
+                self._k("audit"),
+                self._k("audit", "seal"),
+                self._k("audit", "sealing"),
+                self._cipher,
+                self.audit_maxlen,
+            )
+
+    async def verify_audit(self) -> _audit.AuditCheck:
+        """Recompute the audit stream's seals with this store's template key."""
+        with h.unavailable("verify_audit"):
+            return await _audit.verify(self._r, self._k("audit"), self._cipher)

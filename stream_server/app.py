@@ -109,11 +109,12 @@ def create_app(
 
 
 def _add_routes(app: web.Application) -> None:
-    from stream_server import admin, health, purge_retry, sync, web, ws
+    from stream_server import admin, audit_seal, health, purge_retry, sync, web, ws
 
     health.setup(app)
     sync.setup(app)
     purge_retry.setup(app)
+    audit_seal.setup(app)
     admin.setup(app)
     ws.setup(app)
     web.setup(app, app.get(WEB_ROOT_DIR))

@@ -1,4 +1,5 @@
-"""``facepay admin merchant-add|terminal-add|audit`` and ``facepay enroll`` (back-office tools).
+"""``facepay admin merchant-add|terminal-add|audit|audit-verify`` and ``facepay enroll``
+(back-office tools).
 
 They reach the server's Redis as ``facepay serve`` does (``cli_server`` documents where the
 URL, the data folder and the template key come from).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,10 @@ def register(sub: Any) -> None:
     p.add_argument("--after", default=None, help="start after this record id (a cursor)")
     p.add_argument("--limit", type=int, default=1000, help="at most this many (1-10000)")
     p.set_defaults(handler=run_cli(cmd_audit))
+    p = asub.add_parser("audit-verify", help="check the audit stream's seals (template key)")
+    redis_arg(p)
+    p.add_argument("--config", default=None, help="JSON configuration file")
+    p.set_defaults(handler=run_cli(cmd_audit_verify))
 
     p = sub.add_parser("enroll", help="enrol an account from photos (back-office import)")
     redis_arg(p)
@@ -120,6 +126,25 @@ def cmd_audit(args: argparse.Namespace) -> int:
         say(
             f"facepay: audit records after {args.after or 'the start'} were trimmed or "
             "deleted before they were read: a copy has a gap there"
+        )
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Recompute the audit stream's seals with the template key; print what was found.
+
+    Exit 0 when every seal that can be checked matches, 1 when one does not: records were
+    changed, removed or inserted after it was made.
+    """
+    config = load_config_args(args)
+    cipher = TemplateCipher(resolve_template_key(config, data_dir_of(args), create=False))
+    check = asyncio.run(with_store(client_redis_url(args), cipher, lambda s: s.verify_audit()))
+    emit(dataclasses.asdict(check))
+    if check.broken:
+        say(
+            f"facepay: {len(check.broken)} audit seal(s) do not match: records were changed, "
+            "removed or inserted after they were sealed"
         )
         return EXIT_REFUSED
     return EXIT_OK

@@ -11,18 +11,14 @@ another, which costs a rewrite and loses nothing.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
 
 from aiohttp import web
 from prometheus_client import Gauge
 
-from pipeline.errors import StoreUnavailable
 from session.store import Store
 from stream_server.app import CONFIG, METRICS, STORE
-from stream_server.sync import stop_background
+from stream_server.background import periodic_ctx
 
 log = logging.getLogger(__name__)
 
@@ -46,35 +42,17 @@ async def retry_owed_purge(store: Store, owed: Gauge | None = None) -> tuple[str
     return started
 
 
-async def _retry_forever(store: Store, owed: Gauge, interval_s: float, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        try:
-            await retry_owed_purge(store, owed)
-        except StoreUnavailable as exc:
-            log.warning("owed purge after erasure: Redis unavailable, trying again: %s", exc)
-        except Exception:  # the task must outlive any one failure, or purges stay owed
-            log.exception("owed purge after erasure failed; trying again")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval_s)
-
-
 def setup(app: web.Application) -> None:
     """Retry owed purges for the app's lifetime, where erasures purge at all (idempotent)."""
     if _STARTED in app:
         return
     app[_STARTED] = True
 
-    async def purge_retry_ctx(app: web.Application) -> AsyncIterator[None]:
+    def interval(app: web.Application) -> float | None:
         server = app[CONFIG].server
-        if not server.purge_history_on_erasure:
-            yield
-            return
-        stop = asyncio.Event()
-        task = asyncio.create_task(
-            _retry_forever(app[STORE], app[METRICS].erasure_purge_owed, server.purge_retry_s, stop),
-            name="facepay-purge-retry",
-        )
-        yield
-        await stop_background(task, stop)
+        return server.purge_retry_s if server.purge_history_on_erasure else None
 
-    app.cleanup_ctx.append(purge_retry_ctx)
+    async def job(app: web.Application) -> None:
+        await retry_owed_purge(app[STORE], app[METRICS].erasure_purge_owed)
+
+    app.cleanup_ctx.append(periodic_ctx("facepay-purge-retry", job, interval))

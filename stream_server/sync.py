@@ -24,6 +24,7 @@ from pipeline.errors import FacePayError, NotFound, StoreUnavailable
 from session.directory import Directory
 from session.store import Store
 from stream_server.app import DIRECTORY, REDIS, STORE
+from stream_server.background import stop_background
 
 log = logging.getLogger(__name__)
 
@@ -132,15 +133,3 @@ def setup(app: web.Application) -> None:
         await stop_background(task, stop)
 
     app.cleanup_ctx.append(sync_ctx)
-
-
-async def stop_background(task: asyncio.Task[None], stop: asyncio.Event) -> None:
-    """End a background task that watches ``stop`` and talks to Redis; wait for it."""
-    # On Python 3.11 a cancel can be lost inside redis-py (asyncio.wait_for returns a
-    # result that was ready instead of raising), so set the flag and repeat the cancel.
-    stop.set()
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=0.2)
-    with contextlib.suppress(asyncio.CancelledError):
-        task.result()

@@ -354,6 +354,27 @@ async def test_audit_pages_with_a_cursor(client):
     assert (await client.get("/api/audit")).status == 401
 
 
+async def test_the_server_seals_the_audit_stream(aiohttp_client, redis_url, models_dir, cipher):
+    config = FacePayConfig.model_validate({"server": {"admin_token": ADMIN, "audit_seal_s": 1.0}})
+    app = create_app(config, cipher=cipher, redis_url=redis_url, models_dir=models_dir)
+    client = await aiohttp_client(app)
+    for name in ("Shop 1", "Shop 2"):
+        assert (
+            await client.post("/api/merchants", json={"name": name}, headers=AUTH)
+        ).status == 201
+    deadline = time.monotonic() + 10
+    while (check := await app[STORE].verify_audit()).records_sealed < 2:
+        assert time.monotonic() < deadline, f"not sealed in time: {check}"
+        await asyncio.sleep(0.1)
+    assert check.broken == [] and check.unsealed == 0
+    # The seal is in the stream a reader ships: GET /api/audit carries it too.
+    records = (await (await client.get("/api/audit", headers=AUTH)).json())["records"]
+    shops = [r for r in records if r["event"] == "merchant_added"]
+    seals = [r for r in records if r["event"] == "audit_sealed"]
+    assert len(shops) == 2 and len(shops) + len(seals) == len(records)
+    assert seals[-1]["upto"] == shops[-1]["id"] and len(seals[-1]["mac"]) == 64
+
+
 async def test_payment_lookups(client):
     resp = await client.get("/api/payments/p_nope", headers=AUTH)
     assert resp.status == 404

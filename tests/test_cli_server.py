@@ -304,3 +304,42 @@ def test_admin_operators_need_a_name_and_a_strong_token_of_their_own(
         FacePayConfig().with_server(**server)
     assert message in str(err.value)
     assert not any(c * 31 in str(err.value) for c in "abcd")  # no token is echoed
+
+
+def test_audit_verify_command(redis_url, capsys, monkeypatch) -> None:
+    """`facepay admin audit-verify` checks the seals with the template key: 0, 1 or 2."""
+    key = generate_key()
+
+    async def sealed_stream() -> bytes:
+        client = aioredis.from_url(redis_url)
+        try:
+            store = Store(client, TemplateCipher(key))
+            for i in range(3):
+                await store.audit("login", account_id=f"a{i}")
+            assert await store.seal_audit() == 3
+            return (await client.xrange("fp:audit", count=1))[0][0]
+        finally:
+            await client.aclose()
+
+    first = asyncio.run(sealed_stream())
+    argv = ["admin", "audit-verify", "--redis-url", redis_url]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "template key" in err  # no key: nothing can be checked
+    monkeypatch.setenv("FACEPAY_TEMPLATE_KEY", key.hex())
+    code, out, _ = run(capsys, *argv)
+    assert code == 0
+    assert out[0] | {"broken": None} == {
+        "seals": 1, "verified": 1, "records_sealed": 3, "unsealed": 0, "not_checkable": 0,
+        "broken": None,
+    }  # fmt: skip
+
+    async def delete(record_id: bytes) -> None:
+        client = aioredis.from_url(redis_url)
+        try:
+            await client.xdel("fp:audit", record_id)
+        finally:
+            await client.aclose()
+
+    asyncio.run(delete(first))
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and len(out[0]["broken"]) == 1 and "do not match" in err

@@ -608,6 +608,60 @@ async def test_audit_pages_flag_records_trimmed_before_they_were_read(
     assert h.stream_id("5-10") > h.stream_id("5-9") > h.stream_id("4-99")
 
 
+async def test_audit_seals_verify_and_catch_a_rewritten_history(
+    db: Store, client: aioredis.Redis
+) -> None:
+    for i in range(5):
+        await db.audit("login", account_id=f"a{i}")
+    assert await db.seal_audit() == 5
+    assert await db.seal_audit() == 0  # nothing new since
+    for i in range(5, 7):
+        await db.audit("login", account_id=f"a{i}")
+    check = await db.verify_audit()
+    assert (check.seals, check.verified, check.records_sealed, check.unsealed) == (1, 1, 5, 2)
+    assert await db.seal_audit() == 2
+    check = await db.verify_audit()
+    assert (check.verified, check.records_sealed, check.unsealed, check.broken) == (2, 7, 0, [])
+    # Someone with Redis access but not the key writes another history under the same
+    # ids: one record changed, the seals copied as they were.
+    rows = await client.xrange("fp:audit")
+    await client.delete("fp:audit")
+    for rid, fields in rows:
+        if fields.get(b"account_id") == b"a2":
+            fields[b"account_id"] = b"mallory"
+        await client.xadd("fp:audit", fields, id=rid)
+    first_seal = next(rid for rid, f in rows if f[b"event"] == b"audit_sealed").decode()
+    check = await db.verify_audit()
+    assert check.broken == [first_seal] and check.verified == 1
+    # Under another template key (before a rotation) a seal cannot be checked, but is no
+    # evidence of tampering either.
+    other = await Store(client, TemplateCipher(generate_key())).verify_audit()
+    assert (other.seals, other.not_checkable, other.verified, other.broken) == (2, 2, 0, [])
+
+
+async def test_audit_seals_catch_deleted_records_and_seals(
+    db: Store, client: aioredis.Redis
+) -> None:
+    for batch in range(3):
+        for i in range(3):
+            await db.audit("login", account_id=f"b{batch}{i}")
+        await db.seal_audit()
+    rows = await client.xrange("fp:audit")
+    seals = [rid.decode() for rid, f in rows if f[b"event"] == b"audit_sealed"]
+    assert (await db.verify_audit()).verified == 3
+    record = next(rid for rid, f in rows if f.get(b"account_id") == b"b11")
+    await client.xdel("fp:audit", record)  # a sealed record removed
+    assert (await db.verify_audit()).broken == [seals[1]]
+    await client.xdel("fp:audit", seals[1])  # ... and its seal: the next one's link breaks
+    assert (await db.verify_audit()).broken == [seals[2]]
+    # One sealer at a time: while another server holds the lock, this one seals nothing.
+    await db.audit("login", account_id="c0")
+    await client.set("fp:audit:sealing", "another-server", px=5000)
+    assert await db.seal_audit() == 0
+    await client.delete("fp:audit:sealing")
+    assert await db.seal_audit() == 1
+
+
 # --- Erased data in Redis's own files ------------------------------------------------------------
 
 
