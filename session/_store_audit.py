@@ -18,9 +18,12 @@ import json
 import secrets
 import time
 from bisect import bisect_left, bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from session import _store_lua as h
 from session.crypto import TemplateCipher
@@ -35,6 +38,42 @@ return 0
 """
 
 Record = tuple[str, dict[str, str]]
+
+
+def stream_records(rows: Sequence[Any] | None) -> list[Record]:
+    """XRANGE rows as (id, fields) text pairs."""
+    return [(h.text(rid), h.decode_hash(fields)) for rid, fields in rows or []]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLosses:
+    """What XINFO STREAM says about records that left a stream."""
+
+    #: The newest id XDEL removed ((0, 0): none). Trimming does not set it (Redis 7.0).
+    deleted_upto: tuple[int, int]
+    #: Some records are gone, trimmed or deleted: more were ever added than are kept.
+    gone: bool
+    #: The oldest record kept, or None for an empty stream.
+    oldest: tuple[int, int] | None
+    #: The last id ever added.
+    last: tuple[int, int]
+
+
+async def stream_losses(r: Redis, key: str) -> StreamLosses | None:
+    """XINFO STREAM of ``key`` as :class:`StreamLosses`; None when there is no stream."""
+    try:
+        info = await r.xinfo_stream(key)
+    except ResponseError as exc:
+        if "no such key" in str(exc).lower():
+            return None
+        raise
+    first = info.get("first-entry")
+    return StreamLosses(
+        deleted_upto=h.stream_id(h.text(info.get("max-deleted-entry-id", "0-0"))),
+        gone=int(info.get("entries-added", 0)) > int(info.get("length", 0)),
+        oldest=h.stream_id(h.text(first[0])) if first else None,
+        last=h.stream_id(h.text(info.get("last-generated-id", "0-0"))),
+    )
 
 
 @dataclass
@@ -70,8 +109,7 @@ async def seal(
         last = h.decode_hash(await r.hgetall(state))
         after, prev = last.get("upto", "0-0"), last.get("mac", "")
         rows = await r.xrange(stream, min=f"({after}", count=MAX_SEAL_RECORDS)
-        records = [(h.text(i), h.decode_hash(f)) for i, f in rows or []]
-        records = [rec for rec in records if rec[1].get("event") != SEAL_EVENT]
+        records = [rec for rec in stream_records(rows) if rec[1].get("event") != SEAL_EVENT]
         if not records:
             return 0
         upto = records[-1][0]
@@ -99,11 +137,13 @@ async def verify(r: Redis, stream: str, cipher: TemplateCipher) -> AuditCheck:
     rows: list[Record] = []
     start = "-"
     while page := await r.xrange(stream, min=start, count=MAX_SEAL_RECORDS):
-        rows += [(h.text(i), h.decode_hash(f)) for i, f in page]
+        rows += stream_records(page)
         start = f"({rows[-1][0]}"
     data = [rec for rec in rows if rec[1].get("event") != SEAL_EVENT]
     ids = [h.stream_id(rid) for rid, _ in data]
-    trimmed = bool(rows) and await _trimmed(r, stream)
+    # Trimmed by the cap, with no XDEL among the losses (a deletion must fail its seal).
+    loss = await stream_losses(r, stream) if rows else None
+    trimmed = loss is not None and loss.gone and loss.deleted_upto == (0, 0)
     check = AuditCheck()
     previous: dict[str, str] | None = None
     upto = (0, 0)
@@ -124,11 +164,3 @@ async def verify(r: Redis, stream: str, cipher: TemplateCipher) -> AuditCheck:
         previous = s
     check.unsealed = len(data) - bisect_left(ids, (upto[0], upto[1] + 1))
     return check
-
-
-async def _trimmed(r: Redis, stream: str) -> bool:
-    """Whether the stream's cap has dropped records (and nobody XDEL'd any)."""
-    info = await r.xinfo_stream(stream)
-    if h.stream_id(h.text(info.get("max-deleted-entry-id", "0-0"))) != (0, 0):
-        return False  # a deletion: let the seals over it fail
-    return int(info.get("entries-added", 0)) > int(info.get("length", 0))

@@ -13,9 +13,9 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
-from redis.exceptions import ResponseError
 
 from pipeline.errors import InvalidRequest, LimitExceeded, NotFound, PaymentConflict
+from session import _store_audit as _audit
 from session import _store_lua as h
 from session.config import RateLimitConfig
 from session.models import AuditPage, Payment
@@ -83,30 +83,22 @@ class StoreCore:
             # The stream's state first: a trim between the two reads then shows next time.
             missed = await self._audit_lost_after(key, h.stream_id(after or "0-0"))
             rows = await self._r.xrange(key, min=start, count=count)
-        records = [(h.text(rid), h.decode_hash(fields)) for rid, fields in rows or []]
-        return AuditPage(records, missed)
+        return AuditPage(_audit.stream_records(rows), missed)
 
     async def _audit_lost_after(self, key: str, cursor: tuple[int, int]) -> bool:
         """Whether records newer than ``cursor`` may have left the stream unread."""
-        try:
-            info = await self._r.xinfo_stream(key)
-        except ResponseError as exc:
-            if "no such key" in str(exc).lower():
-                return False
-            raise
+        loss = await _audit.stream_losses(self._r, key)
+        if loss is None:
+            return False
         # XDEL (never done by FacePay) records the newest id it removed.
-        if h.stream_id(h.text(info.get("max-deleted-entry-id", "0-0"))) > cursor:
+        if loss.deleted_upto > cursor:
             return True
         # Trimming drops the oldest records and records nothing, but every record ever
-        # added is counted. If some are gone and the cursor is older than the oldest kept,
-        # records after the cursor may be among them. (Only "may": Redis trims whole nodes
-        # of ~100 records, and the cursor may have been the last of its node.)
-        lost = int(info.get("entries-added", 0)) > int(info.get("length", 0))
-        first = info.get("first-entry")
-        if first:
-            return lost and cursor < h.stream_id(h.text(first[0]))
-        # An empty stream: every record up to the last one added is gone.
-        return lost and cursor < h.stream_id(h.text(info.get("last-generated-id", "0-0")))
+        # added is counted. If some are gone and the cursor is older than the oldest kept
+        # (of an empty stream: the last added), records after the cursor may be among them.
+        # (Only "may": Redis trims whole nodes of ~100 records, and the cursor may have been
+        # the last of its node.)
+        return loss.gone and cursor < (loss.oldest or loss.last)
 
     # --- passphrase lockout ---------------------------------------------------------------
     async def locked_until(self, account_id: str) -> float | None:
