@@ -7,14 +7,23 @@ template key that Redis never sees, over the records since the previous seal and
 seal's MAC: a chain. Without the key nobody can give a changed, removed or inserted record a
 matching seal; with it, :func:`verify` recomputes the chain (``facepay admin audit-verify``).
 
-What seals cannot show: records newer than the last seal (one every ``server.audit_seal_s``),
-and a tail cut off together with its seals, which looks like a stream sealed less recently.
-A copy shipped to write-once storage (``GET /api/audit``) covers both.
+The chain's state (the last seal's ``upto`` and ``mac``) is kept in Redis, where the same
+writer could reset it so that the next seal starts a fresh chain over a rewritten history.
+The sealer therefore checks that the state names a seal that is in the stream and is not
+behind what this server saw last (:class:`Anchor`). When it is not, the sealer does not stop
+(new records still need seals): it writes a *restart* seal, which :func:`verify` reports and
+``audit-verify`` fails on.
+
+What seals cannot show: records newer than the last seal (one every ``server.audit_seal_s``;
+a server seals once more when it stops), and a tail cut off together with its seals, which
+looks like a stream sealed less recently. A copy shipped to write-once storage
+(``GET /api/audit``) covers both, and a history rewritten while every server was stopped.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from bisect import bisect_left, bisect_right
@@ -26,7 +35,9 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from session import _store_lua as h
-from session.crypto import TemplateCipher
+from session.crypto import AuditSealKey
+
+log = logging.getLogger(__name__)
 
 SEAL_EVENT = "audit_sealed"
 #: Most records one seal covers (a sealer far behind catches up over several passes).
@@ -35,6 +46,13 @@ _LOCK_MS = 30_000
 _RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+
+#: The seal and the chain state in one step; the state names the seal's id.
+_APPEND_LUA = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 4))
+redis.call('HSET', KEYS[2], 'upto', ARGV[2], 'mac', ARGV[3], 'seal', id)
+return id
 """
 
 Record = tuple[str, dict[str, str]]
@@ -84,56 +102,103 @@ class AuditCheck:
     verified: int = 0
     records_sealed: int = 0
     unsealed: int = 0
-    #: Seals that could not be checked: made under another template key (before a
-    #: rotation), or covering records the stream's cap has since trimmed.
+    #: Age in seconds of the oldest record no seal covers yet (None: every record is sealed).
+    oldest_unsealed_s: float | None = None
+    #: Seals whose records the stream's cap has since trimmed: nothing left to check.
     not_checkable: int = 0
+    #: Seals made under a template key that was not given (before a rotation).
+    unknown_key: int = 0
     broken: list[str] = field(default_factory=list)
+    #: Restart seals: a sealer found the chain's state reset or altered and began anew.
+    restarts: list[str] = field(default_factory=list)
 
 
-def seal_mac(cipher: TemplateCipher, prev: str, records: list[Record]) -> str:
+@dataclass
+class Anchor:
+    """The newest chain state one server has seen, so that it notices the state going back."""
+
+    upto: tuple[int, int] = (0, 0)
+    mac: str = ""
+    #: Restart seals written by this server.
+    restarts: int = 0
+
+
+def seal_mac(key: AuditSealKey, prev: str, records: list[Record]) -> str:
     """The chain MAC of ``records`` after the seal whose MAC is ``prev``."""
     lines = [f"{rid}\n{json.dumps(fields, sort_keys=True, separators=(',', ':'))}\n"
              for rid, fields in records]  # fmt: skip
-    return cipher.audit_mac(f"{prev}\n{''.join(lines)}".encode())
+    return key.mac(f"{prev}\n{''.join(lines)}".encode())
+
+
+async def _chain_fault(
+    r: Redis, stream: str, last: dict[str, str], records: list[Record], anchor: Anchor
+) -> str | None:
+    """Why the chain state ``last`` cannot be continued, or None when it can."""
+    after, mac = last.get("upto", "0-0"), last.get("mac", "")
+    at = h.stream_id(after)
+    if at < anchor.upto or (at == anchor.upto and mac != anchor.mac):
+        return "state_behind"  # this server saw a newer seal than the state names
+    if after == "0-0":
+        # A state that was never written: no seal may exist yet.
+        return "state_reset" if any(f.get("event") == SEAL_EVENT for _, f in records) else None
+    seal_id = last.get("seal")
+    if seal_id is None:
+        return None  # a state written before seals recorded their own id
+    named = stream_records(await r.xrange(stream, min=seal_id, max=seal_id))
+    if not named or named[0][1].get("upto") != after or named[0][1].get("mac") != mac:
+        return "state_mismatch"  # the seal the state names is gone or says otherwise
+    return None
 
 
 async def seal(
-    r: Redis, stream: str, state: str, lock: str, cipher: TemplateCipher, maxlen: int
+    r: Redis,
+    names: tuple[str, str, str],
+    key: AuditSealKey,
+    maxlen: int,
+    anchor: Anchor,
 ) -> int:
     """Seal the records since the last seal; return how many (0: none new, or another
-    server holds the sealing lock)."""
+    server holds the sealing lock). ``names``: the stream, the chain state and the lock."""
+    stream, state, lock = names
     token = secrets.token_hex(8)
     if not await r.set(lock, token, nx=True, px=_LOCK_MS):
         return 0
     try:
         last = h.decode_hash(await r.hgetall(state))
         after, prev = last.get("upto", "0-0"), last.get("mac", "")
-        rows = await r.xrange(stream, min=f"({after}", count=MAX_SEAL_RECORDS)
-        records = [rec for rec in stream_records(rows) if rec[1].get("event") != SEAL_EVENT]
+        rows = stream_records(await r.xrange(stream, min=f"({after}", count=MAX_SEAL_RECORDS))
+        fault = await _chain_fault(r, stream, last, rows, anchor)
+        records = [rec for rec in rows if rec[1].get("event") != SEAL_EVENT]
+        if fault is None:
+            anchor.upto, anchor.mac = h.stream_id(after), prev
         if not records:
             return 0
-        upto = records[-1][0]
-        mac = seal_mac(cipher, prev, records)
-        fields = {
-            "after": after,
-            "upto": upto,
-            "count": str(len(records)),
-            "prev": prev,
-            "mac": mac,
-            "key": cipher.audit_key_id,
-        }
-        async with r.pipeline(transaction=True) as pipe:
-            entry = h.audit_fields(SEAL_EVENT, time.time(), fields)
-            pipe.xadd(stream, entry, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
-            pipe.hset(state, mapping={"upto": upto, "mac": mac})
-            await pipe.execute()
+        fields = {"after": after, "upto": records[-1][0], "count": str(len(records))}
+        if fault is not None:
+            log.error("audit chain state %s: starting a new chain with a restart seal", fault)
+            fields |= {"restart": fault}
+            prev = ""
+            anchor.restarts += 1
+        mac = seal_mac(key, prev, records)
+        fields |= {"prev": prev, "mac": mac, "key": key.key_id}
+        entry = h.audit_fields(SEAL_EVENT, time.time(), fields)
+        flat = [part for pair in entry.items() for part in pair]
+        await r.eval(_APPEND_LUA, 2, stream, state, maxlen, fields["upto"], mac, *flat)
+        anchor.upto, anchor.mac = h.stream_id(fields["upto"]), mac
         return len(records)
     finally:
         await r.eval(_RELEASE_LUA, 1, lock, token)
 
 
-async def verify(r: Redis, stream: str, cipher: TemplateCipher) -> AuditCheck:
-    """Recompute every seal the stream still holds (reads the whole stream, in pages)."""
+def _named_key(s: dict[str, str], keys: Sequence[AuditSealKey]) -> AuditSealKey | None:
+    return next((k for k in keys if k.key_id == s.get("key")), None)
+
+
+async def verify(
+    r: Redis, stream: str, keys: Sequence[AuditSealKey], now: float | None = None
+) -> AuditCheck:
+    """Recompute every seal the stream still holds (reads the whole stream, in pages), each
+    with the one of ``keys`` (the current template key's, then retired ones) it names."""
     rows: list[Record] = []
     start = "-"
     while page := await r.xrange(stream, min=start, count=MAX_SEAL_RECORDS):
@@ -151,16 +216,29 @@ async def verify(r: Redis, stream: str, cipher: TemplateCipher) -> AuditCheck:
         check.seals += 1
         after, upto = h.stream_id(s.get("after", "0-0")), h.stream_id(s.get("upto", "0-0"))
         covered = data[bisect_right(ids, after) : bisect_right(ids, upto)]
-        linked = previous is None or (
-            s.get("prev") == previous.get("mac") and s.get("after") == previous.get("upto")
-        )
-        if s.get("key") != cipher.audit_key_id or (trimmed and ids and after < ids[0]):
+        if "restart" in s:
+            check.restarts.append(seal_id)
+            linked = s.get("prev") == ""
+        elif previous is None:
+            # The oldest seal kept: the records before it went with the seal that covered
+            # them (the cap trims from the start), or else that seal was deleted.
+            linked = after == (0, 0) or not ids or after < ids[0]
+        else:
+            linked = s.get("prev") == previous.get("mac") and s.get("after") == previous.get("upto")
+        key = _named_key(s, keys)
+        if trimmed and ids and after < ids[0]:
             check.not_checkable += 1
-        elif not linked or seal_mac(cipher, s.get("prev", ""), covered) != s.get("mac"):
+        elif key is None:
+            check.unknown_key += 1
+        elif not linked or seal_mac(key, s.get("prev", ""), covered) != s.get("mac"):
             check.broken.append(seal_id)
         else:
             check.verified += 1
             check.records_sealed += len(covered)
         previous = s
-    check.unsealed = len(data) - bisect_left(ids, (upto[0], upto[1] + 1))
+    first_unsealed = bisect_left(ids, (upto[0], upto[1] + 1))
+    check.unsealed = len(data) - first_unsealed
+    if check.unsealed:
+        at_ms = ids[first_unsealed][0]
+        check.oldest_unsealed_s = max(0.0, (now if now is not None else time.time()) - at_ms / 1000)
     return check

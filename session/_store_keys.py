@@ -58,7 +58,9 @@ class StoreKeys(StoreCore):
                         continue
         raise Conflict("terminal is being changed concurrently; try again")
 
-    async def rekey_templates(self, new_cipher: TemplateCipher) -> tuple[int, int]:
+    async def rekey_templates(
+        self, new_cipher: TemplateCipher, *, operator: str | None = None
+    ) -> tuple[int, int]:
         """Re-encrypt every subject's templates from this store's cipher to ``new_cipher``.
 
         Returns (subjects re-encrypted, templates re-encrypted); afterwards this store uses
@@ -84,7 +86,12 @@ class StoreKeys(StoreCore):
             if int(cursor) == 0:
                 break
         self._cipher = new_cipher
-        await self.audit("template_key_rotated", subjects=str(subjects), samples=str(templates))
+        await self.audit(
+            "template_key_rotated",
+            subjects=str(subjects),
+            samples=str(templates),
+            **h.by_operator(operator),
+        )
         return subjects, templates
 
     async def _rekey_subject(self, sid: str, new_cipher: TemplateCipher) -> int:

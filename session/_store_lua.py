@@ -213,8 +213,9 @@ def audit_fields(event: str, t: float, fields: Mapping[str, str]) -> dict[str, s
 
 
 def by_operator(operator: str | None) -> dict[str, str]:
-    """The audit field naming the admin operator behind a change (none for the CLI)."""
-    return {} if operator is None else {"operator": check_label(operator, "operator", limit=64)}
+    """The audit field naming the operator behind a change: an admin API operator's name,
+    or ``cli:`` and the name a command-line user gave (self-declared: see cli_admin)."""
+    return {} if operator is None else {"operator": check_label(operator, "operator", limit=80)}
 
 
 def payment_from_hash(raw: Mapping[str, str]) -> Payment:

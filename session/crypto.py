@@ -93,6 +93,42 @@ def _derive(key: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(key)
 
 
+AUDIT_KEY_PREFIX = "audit:"
+
+
+class AuditSealKey:
+    """The audit-seal subkey on its own: it makes and checks audit seals and opens nothing,
+    so it can be kept after a key rotation without keeping the old template key."""
+
+    def __init__(self, subkey: bytes) -> None:
+        if not isinstance(subkey, bytes | bytearray) or len(subkey) != KEY_BYTES:
+            raise ConfigError(f"audit seal key must be exactly {KEY_BYTES} bytes")
+        self._key = bytes(subkey)
+        #: Names the key in seal records, so a verifier holding another key can tell
+        #: "sealed under a key I do not have" from "tampered with".
+        self.key_id = hmac.new(self._key, b"key id", hashlib.sha256).hexdigest()[:16]
+
+    def mac(self, data: bytes) -> str:
+        """HMAC-SHA256 (hex) of audit records under this key."""
+        return hmac.new(self._key, data, hashlib.sha256).hexdigest()
+
+    def export(self) -> str:
+        """The key as ``audit:`` and 64 hex characters (for :meth:`parse`)."""
+        return AUDIT_KEY_PREFIX + self._key.hex()
+
+    @classmethod
+    def parse(cls, text: str) -> AuditSealKey:
+        """An exported key; ConfigError if ``text`` is not one."""
+        body = text.strip().removeprefix(AUDIT_KEY_PREFIX)
+        try:
+            subkey = bytes.fromhex(body)
+        except ValueError:
+            subkey = b""
+        if len(subkey) != KEY_BYTES:
+            raise ConfigError("an audit seal key is 'audit:' and 64 hex characters")
+        return cls(subkey)
+
+
 class TemplateCipher:
     """AES-256-GCM over float32 templates; the subject id is the associated data."""
 
@@ -102,10 +138,8 @@ class TemplateCipher:
         self._aead = AESGCM(bytes(key))
         self._link_aead = AESGCM(_derive(bytes(key), b"facepay link seal v1"))
         self._blind_key = _derive(bytes(key), b"facepay link blind v1")
-        self._audit_key = _derive(bytes(key), b"facepay audit seal v1")
-        #: Names the audit-seal key in seal records, so a verifier holding another key can
-        #: tell "sealed under a key I do not have" from "tampered with".
-        self.audit_key_id = hmac.new(self._audit_key, b"key id", hashlib.sha256).hexdigest()[:16]
+        #: The subkey of the audit stream's seals (session._store_audit).
+        self.audit = AuditSealKey(_derive(bytes(key), b"facepay audit seal v1"))
         self.dim = dim
 
     def seal_link(self, context: str, value: str) -> bytes:
@@ -142,10 +176,6 @@ class TemplateCipher:
         except (binascii.Error, ValueError) as exc:
             raise InvalidRequest("sealed passphrase hash is malformed") from exc
         return self.open_link(f"passhash:{account_id}", blob)
-
-    def audit_mac(self, data: bytes) -> str:
-        """HMAC-SHA256 (hex) of audit records under the audit-seal subkey."""
-        return hmac.new(self._audit_key, data, hashlib.sha256).hexdigest()
 
     def blind(self, value: str) -> str:
         """A keyed, stable stand-in for ``value`` in key names (HMAC-SHA256, 32 hex)."""

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
@@ -51,7 +51,7 @@ from session._store_purge import purge_history as _purge_history
 from session._store_purge import purge_owed as _purge_owed
 from session._store_terminals import StoreTerminals
 from session.config import RateLimitConfig
-from session.crypto import TemplateCipher
+from session.crypto import AuditSealKey, TemplateCipher
 from session.models import Account
 
 __all__ = ["PaymentConflict", "Store"]
@@ -87,6 +87,7 @@ class Store(StoreTerminals):
             self.audit_maxlen = audit_maxlen
         self._cipher = cipher
         self.events_channel = f"{prefix}events"
+        self._seal_anchor = _audit.Anchor()  # the newest audit-chain state this store saw
 
     async def ping(self) -> bool:
         """True if Redis answers (never raises)."""
@@ -364,17 +365,20 @@ class Store(StoreTerminals):
     async def seal_audit(self) -> int:
         """Append a seal over the audit records since the last one (session._store_audit);
         return how many it covers (0: nothing new, or another server is sealing)."""
+        names = (self._k("audit"), self._k("audit", "seal"), self._k("audit", "sealing"))
         with h.unavailable("seal_audit"):
             return await _audit.seal(
-                self._r,
-                self._k("audit"),
-                self._k("audit", "seal"),
-                self._k("audit", "sealing"),
-                self._cipher,
-                self.audit_maxlen,
+                self._r, names, self._cipher.audit, self.audit_maxlen, self._seal_anchor
             )
 
-    async def verify_audit(self) -> _audit.AuditCheck:
-        """Recompute the audit stream's seals with this store's template key."""
+    @property
+    def audit_chain_restarts(self) -> int:
+        """Restart seals this store wrote (it found the chain's state reset or altered)."""
+        return self._seal_anchor.restarts
+
+    async def verify_audit(self, retired: Sequence[AuditSealKey] = ()) -> _audit.AuditCheck:
+        """Recompute the audit stream's seals with this store's template key and, for seals
+        made before a key rotation, the ``retired`` audit keys."""
         with h.unavailable("verify_audit"):
-            return await _audit.verify(self._r, self._k("audit"), self._cipher)
+            keys = [self._cipher.audit, *retired]
+            return await _audit.verify(self._r, self._k("audit"), keys)

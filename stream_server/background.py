@@ -50,9 +50,11 @@ def periodic_ctx(
     name: str,
     job: Callable[[web.Application], Awaitable[object]],
     interval_s: Callable[[web.Application], float | None],
+    final_s: float = 0.0,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """A ``cleanup_ctx`` that runs ``job(app)`` every ``interval_s(app)`` seconds for the
-    app's lifetime (not at all when that is None: the feature is turned off)."""
+    app's lifetime (not at all when that is None: the feature is turned off), and once more
+    when the app stops if ``final_s`` > 0 (given at most that long; a failure is logged)."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         interval = interval_s(app)
@@ -63,5 +65,10 @@ def periodic_ctx(
         task = asyncio.create_task(every(interval, stop, lambda: job(app), name), name=name)
         yield
         await stop_background(task, stop)
+        if final_s > 0:
+            try:
+                await asyncio.wait_for(job(app), final_s)
+            except Exception as exc:
+                log.warning("%s: last run at shutdown failed: %r", name, exc)
 
     return ctx

@@ -10,16 +10,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import getpass
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ImageError, InvalidRequest, QualityError
-from session.crypto import TemplateCipher, generate_key
+from pipeline.errors import ConfigError, ImageError, InvalidRequest, QualityError
+from session.config import OPERATOR_NAME
+from session.crypto import (
+    AUDIT_KEY_PREFIX,
+    AuditSealKey,
+    TemplateCipher,
+    generate_key,
+    parse_key,
+)
 from session.store import Store
 from stream_server.cli import EXIT_OK, EXIT_REFUSED, emit, say
 from stream_server.cli_server import (
     UsageError,
+    _read_secret,
     client_redis_url,
     data_dir_of,
     load_config_args,
@@ -31,16 +41,43 @@ from stream_server.cli_server import (
 )
 
 
+def operator_arg(p: argparse.ArgumentParser) -> None:
+    """``--operator NAME``: who is making a change, for the audit stream."""
+    p.add_argument(
+        "--operator",
+        default=None,
+        help="your name for the audit stream, recorded as cli:NAME (default: the login name)",
+    )
+
+
+def cli_operator(args: argparse.Namespace) -> str:
+    """The audit's operator for a command-line change: ``cli:`` and ``--operator`` or the
+    login name. The ``cli:`` prefix sets it apart from the admin API's operators, who are
+    authenticated by their token: a command-line user reaches Redis directly, so the name
+    is the one they give, and it says who claimed a change, not who proved it."""
+    name = args.operator
+    if name is None:
+        try:
+            name = getpass.getuser()
+        except (OSError, KeyError):  # no login name: a container without a passwd entry
+            name = "unknown"
+    if not OPERATOR_NAME.fullmatch(name):
+        raise UsageError("--operator must be 1-64 letters, digits or _.@-")
+    return f"cli:{name}"
+
+
 def register(sub: Any) -> None:
     """Add ``admin`` and ``enroll`` to the ``facepay`` parser."""
     admin = sub.add_parser("admin", help="create merchants and terminals, read the audit")
     asub = admin.add_subparsers(dest="admin_command", required=True)
     p = asub.add_parser("merchant-add", help="create a merchant")
     redis_arg(p)
+    operator_arg(p)
     p.add_argument("name", help="merchant name")
     p.set_defaults(handler=run_cli(cmd_merchant_add))
     p = asub.add_parser("terminal-add", help="create a terminal and print its token once")
     redis_arg(p)
+    operator_arg(p)
     p.add_argument("--merchant", required=True, help="merchant id")
     p.add_argument("--mode", required=True, choices=("checkout", "gate", "enroll"))
     p.set_defaults(handler=run_cli(cmd_terminal_add))
@@ -52,10 +89,25 @@ def register(sub: Any) -> None:
     p = asub.add_parser("audit-verify", help="check the audit stream's seals (template key)")
     redis_arg(p)
     p.add_argument("--config", default=None, help="JSON configuration file")
+    p.add_argument(
+        "--previous-key-file",
+        action="append",
+        default=[],
+        type=Path,
+        help="a key from before a rotation (the template key, or its audit:HEX key) for the "
+        "seals made under it (repeatable)",
+    )
+    p.add_argument(
+        "--max-unsealed-age",
+        type=float,
+        default=None,
+        help="seconds a record may stay unsealed (default: 6 x server.audit_seal_s, >= 60)",
+    )
     p.set_defaults(handler=run_cli(cmd_audit_verify))
 
     p = sub.add_parser("enroll", help="enrol an account from photos (back-office import)")
     redis_arg(p)
+    operator_arg(p)
     models_arg(p)
     p.add_argument("--account", required=True, help="account id")
     p.add_argument("--name", required=True, help="display name")
@@ -75,9 +127,14 @@ def register(sub: Any) -> None:
 def cmd_merchant_add(args: argparse.Namespace) -> int:
     """Create a merchant; prints {"merchant_id", "name"}."""
     url = client_redis_url(args)
+    operator = cli_operator(args)
     # Merchants and terminals hold no templates: the store's cipher is never used here.
     merchant = asyncio.run(
-        with_store(url, TemplateCipher(generate_key()), lambda s: s.add_merchant(args.name))
+        with_store(
+            url,
+            TemplateCipher(generate_key()),
+            lambda s: s.add_merchant(args.name, operator=operator),
+        )
     )
     emit({"merchant_id": merchant.merchant_id, "name": merchant.name})
     return EXIT_OK
@@ -86,11 +143,12 @@ def cmd_merchant_add(args: argparse.Namespace) -> int:
 def cmd_terminal_add(args: argparse.Namespace) -> int:
     """Create a terminal; prints {"terminal_id", "token", ...} (the token is shown once)."""
     url = client_redis_url(args)
+    operator = cli_operator(args)
     terminal, token = asyncio.run(
         with_store(
             url,
             TemplateCipher(generate_key()),
-            lambda s: s.add_terminal(args.merchant, args.mode),
+            lambda s: s.add_terminal(args.merchant, args.mode, operator=operator),
         )
     )
     emit(
@@ -131,23 +189,67 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _retired_keys(paths: list[Path]) -> list[AuditSealKey]:
+    """The audit keys in ``--previous-key-file`` files: a whole template key, or only its
+    audit key (``audit:HEX``, as ``rotate-template-key --retired-audit-key-file`` keeps it)."""
+    out = []
+    for path in paths:
+        text = _read_secret(path, "previous key")
+        try:
+            if text.startswith(AUDIT_KEY_PREFIX):
+                out.append(AuditSealKey.parse(text))
+            else:
+                out.append(TemplateCipher(parse_key(text)).audit)
+        except ConfigError as exc:
+            raise UsageError(f"previous key {path}: {exc}") from None
+    return out
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Recompute the audit stream's seals with the template key; print what was found.
 
-    Exit 0 when every seal that can be checked matches, 1 when one does not: records were
-    changed, removed or inserted after it was made.
+    Exit 0 when every seal checks out; 1 when one does not match (records were changed,
+    removed or inserted after it was made), when the chain was restarted (its state in Redis
+    was reset or altered), when a seal's key was not given, or when records have stayed
+    unsealed longer than ``--max-unsealed-age`` (no server sealing, or seals removed).
     """
     config = load_config_args(args)
+    if args.max_unsealed_age is not None and args.max_unsealed_age <= 0:
+        raise UsageError("--max-unsealed-age must be a positive number of seconds")
     cipher = TemplateCipher(resolve_template_key(config, data_dir_of(args), create=False))
-    check = asyncio.run(with_store(client_redis_url(args), cipher, lambda s: s.verify_audit()))
+    retired = _retired_keys(args.previous_key_file)
+    check = asyncio.run(
+        with_store(client_redis_url(args), cipher, lambda s: s.verify_audit(retired))
+    )
     emit(dataclasses.asdict(check))
+    problems = []
     if check.broken:
-        say(
-            f"facepay: {len(check.broken)} audit seal(s) do not match: records were changed, "
-            "removed or inserted after they were sealed"
+        problems.append(
+            f"{len(check.broken)} audit seal(s) do not match: records were changed, removed "
+            "or inserted after they were sealed"
         )
-        return EXIT_REFUSED
-    return EXIT_OK
+    if check.restarts:
+        problems.append(
+            f"the seal chain was restarted {len(check.restarts)} time(s): a server found its "
+            "state in Redis reset or altered; records before each restart seal may have "
+            "been rewritten (compare them with the write-once copy)"
+        )
+    if check.unknown_key:
+        problems.append(
+            f"{check.unknown_key} seal(s) were made under a template key that was not given: "
+            "pass the key from before a rotation with --previous-key-file"
+        )
+    interval = config.server.audit_seal_s
+    limit = args.max_unsealed_age or (max(60.0, 6 * interval) if interval else None)
+    age = check.oldest_unsealed_s
+    if limit is not None and age is not None and age > limit:
+        problems.append(
+            f"{check.unsealed} record(s) unsealed, the oldest for {age:.0f} s (limit "
+            f"{limit:.0f} s): no server is sealing, or seals were removed"
+        )
+    for problem in problems:
+        say(f"facepay: {problem}")
+    return EXIT_REFUSED if problems else EXIT_OK
 
 
 # --- facepay enroll -----------------------------------------------------------------------------
@@ -179,6 +281,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         say("facepay: consent required: pass --consent once the person has agreed")
         emit({"error": "consent_required", "message": "consent required"})
         return EXIT_REFUSED
+    operator = cli_operator(args)
     passphrase = _read_passphrase(args)
     check_passphrase(passphrase)
     check_account_fields(args.account, args.name, args.phone)
@@ -208,7 +311,11 @@ def cmd_enroll(args: argparse.Namespace) -> int:
                 phone=args.phone,
                 passphrase=passphrase,
                 images=images,
-                consent={"source": "cli"},
+                consent={
+                    "source": "cli",
+                    "given_at": f"{time.time():.3f}",
+                    "operator": operator,
+                },
             )
         return account.account_id, count
 

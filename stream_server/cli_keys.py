@@ -17,6 +17,7 @@ from typing import Any
 from pipeline.errors import ConfigError, InvalidRequest
 from session.crypto import TemplateCipher, parse_key
 from stream_server.cli import EXIT_OK, EXIT_REFUSED, emit, say
+from stream_server.cli_admin import cli_operator, operator_arg
 from stream_server.cli_server import (
     ENV_KEY,
     KEY_FILE,
@@ -57,10 +58,23 @@ def cmd_rotate_template_key(args: argparse.Namespace) -> int:
     if new_key == old_key:
         raise UsageError("the new template key is the current one")
     url = client_redis_url(args)
+    operator = cli_operator(args)
     new_cipher = TemplateCipher(new_key)
+    if args.retired_audit_key_file:
+        # Kept before anything changes: the old audit seals stay checkable once the old
+        # template key is destroyed (which is what makes old backups unreadable).
+        retired, kept = Path(args.retired_audit_key_file), TemplateCipher(old_key).audit.export()
+        if not retired.exists():
+            _write_secret(retired, kept)
+        elif _read_secret(retired, "retired audit key") != kept:  # same: a run resumed
+            raise UsageError(f"{retired} holds another key; choose a new file")
     try:
         subjects, templates = asyncio.run(
-            with_store(url, TemplateCipher(old_key), lambda s: s.rekey_templates(new_cipher))
+            with_store(
+                url,
+                TemplateCipher(old_key),
+                lambda s: s.rekey_templates(new_cipher, operator=operator),
+            )
         )
     except InvalidRequest as exc:
         say(f"facepay: template key rotation stopped: {exc}")
@@ -89,8 +103,15 @@ def register(sub: Any) -> None:
         help="re-encrypt the stored face templates under a new key (servers stopped)",
     )
     redis_arg(p)
+    operator_arg(p)
     p.add_argument("--config", default=None, help="JSON configuration file")
     p.add_argument(
         "--new-key-file", default=None, help=f"file holding the new key (env {ENV_NEW_KEY})"
+    )
+    p.add_argument(
+        "--retired-audit-key-file",
+        default=None,
+        help="write the old key's audit seal key here (a new file), for "
+        "facepay admin audit-verify --previous-key-file after the old key is destroyed",
     )
     p.set_defaults(handler=run_cli(cmd_rotate_template_key))

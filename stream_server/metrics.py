@@ -110,6 +110,12 @@ class Metrics:
             "server.purge_retry_s)",
             registry=r,
         )
+        self.audit_chain_restarts = Counter(
+            "facepay_audit_chain_restarts",
+            "Restart seals this server wrote: it found the audit chain's state in Redis reset "
+            "or altered (facepay admin audit-verify names them)",
+            registry=r,
+        )
         self.stage_seconds = Histogram(
             "facepay_stage_seconds",
             "Per-stage latency",

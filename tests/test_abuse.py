@@ -523,15 +523,17 @@ async def test_rotate_template_key_command_replaces_the_dev_key_file(
     redis_url: str, tmp_path
 ) -> None:
     old, new = generate_key(), generate_key()
-    _, client = await _enrolled_store(redis_url, old)
+    store, client = await _enrolled_store(redis_url, old)
+    assert await store.seal_audit() > 0  # the enrolments' records, sealed under the old key
     await client.aclose()
     (tmp_path / "template.key").write_text(old.hex() + "\n")
     (tmp_path / "new.key").write_text(new.hex() + "\n")
     env = {k: v for k, v in os.environ.items() if k not in SERVER_ENV_VARS}
     args = ["--redis-url", redis_url, "--data-dir", str(tmp_path)]
     cmd = [sys.executable, "-m", "stream_server.cli", "rotate-template-key", *args]
+    retired = ["--retired-audit-key-file", str(tmp_path / "retired-audit.key")]
     done = subprocess.run(
-        [*cmd, "--new-key-file", str(tmp_path / "new.key")],
+        [*cmd, "--new-key-file", str(tmp_path / "new.key"), "--operator", "ops-1", *retired],
         env=env,
         capture_output=True,
         text=True,
@@ -539,6 +541,25 @@ async def test_rotate_template_key_command_replaces_the_dev_key_file(
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"subjects": 2, "templates": 5}
+    reader = aioredis.from_url(redis_url)
+    try:
+        rotated = (await reader.xrevrange("fp:audit", count=1))[0][1]
+    finally:
+        await reader.aclose()
+    assert rotated[b"event"] == b"template_key_rotated" and rotated[b"operator"] == b"cli:ops-1"
+    # The old key's seals stay checkable with the retired audit key alone, which cannot
+    # open a template: the old template key can be destroyed.
+    kept = (tmp_path / "retired-audit.key").read_text()
+    assert kept.startswith("audit:") and old.hex() not in kept
+    verify = [sys.executable, "-m", "stream_server.cli", "admin", "audit-verify", *args]
+    checked = subprocess.run(verify, env=env, capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 1 and json.loads(checked.stdout)["unknown_key"] == 1
+    checked = subprocess.run(
+        [*verify, "--previous-key-file", str(tmp_path / "retired-audit.key")],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["verified"] == 1
     assert (tmp_path / "template.key").read_text().strip() == new.hex()
     assert sorted((await _subjects(redis_url, new)).values()) == [2, 3]
     # Without a new key: a usage error (exit 2), nothing touched.

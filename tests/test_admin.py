@@ -16,7 +16,7 @@ from session.config import FacePayConfig
 from session.crypto import PassphraseHasher, TemplateCipher, generate_key
 from session.store import Store
 from stream_server import sync
-from stream_server.app import DIRECTORY, STORE, create_app
+from stream_server.app import DIRECTORY, METRICS, STORE, create_app
 from tests.privacy_scan import aof_bytes, aof_settled
 
 ADMIN = "admin-token-for-tests-0123456789"
@@ -373,6 +373,39 @@ async def test_the_server_seals_the_audit_stream(aiohttp_client, redis_url, mode
     seals = [r for r in records if r["event"] == "audit_sealed"]
     assert len(shops) == 2 and len(shops) + len(seals) == len(records)
     assert seals[-1]["upto"] == shops[-1]["id"] and len(seals[-1]["mac"]) == 64
+
+
+async def test_a_stopping_server_seals_and_counts_chain_restarts(
+    aiohttp_client, redis_url, models_dir, cipher
+):
+    """Seals come every hour here: the first at start-up, the next when the server stops.
+    A chain state reset in Redis meanwhile is answered with a restart seal and counted."""
+    config = FacePayConfig.model_validate(
+        {"server": {"admin_token": ADMIN, "audit_seal_s": 3600.0}}
+    )
+    app = create_app(config, cipher=cipher, redis_url=redis_url, models_dir=models_dir)
+    client = await aiohttp_client(app)
+    assert (await client.post("/api/merchants", json={"name": "S1"}, headers=AUTH)).status == 201
+    deadline = time.monotonic() + 10
+    while (await app[STORE].verify_audit()).seals < 1:  # the start-up seal (of S1 or less)
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    await app[STORE].seal_audit()  # S1 sealed whichever came first
+    redis = aioredis.from_url(redis_url)
+    try:
+        await redis.delete("fp:audit:seal")  # the chain's state reset behind the server
+        assert (
+            await client.post("/api/merchants", json={"name": "S2"}, headers=AUTH)
+        ).status == 201
+        metrics = await (await client.get("/metrics")).text()
+        assert "facepay_audit_chain_restarts_total 0.0" in metrics
+        await client.close()  # stops the app: the sealer's last pass
+        check = await Store(redis, cipher).verify_audit()
+        assert check.unsealed == 0 and check.broken == [] and len(check.restarts) == 1
+        restarts = app[METRICS].registry.get_sample_value("facepay_audit_chain_restarts_total")
+        assert restarts == 1
+    finally:
+        await redis.aclose()
 
 
 async def test_payment_lookups(client):

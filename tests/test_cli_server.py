@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
 import io
 import json
 import signal
@@ -156,7 +157,7 @@ def test_admin_commands(redis_url, capsys):
     assert code == 0
     merchant_id = out[0]["merchant_id"]
     code, out, _ = run(
-        capsys, "admin", "terminal-add", "--redis-url", redis_url,
+        capsys, "admin", "terminal-add", "--redis-url", redis_url, "--operator", "li.wei",
         "--merchant", merchant_id, "--mode", "gate",
     )  # fmt: skip
     assert code == 0
@@ -181,10 +182,13 @@ def test_admin_commands(redis_url, capsys):
     # The audit, oldest first, shipped page by page with the last id as the cursor.
     code, page, _ = run(capsys, "admin", "audit", "--redis-url", redis_url, "--limit", "1")
     assert code == 0 and [r["event"] for r in page] == ["merchant_added"]
-    assert page[0]["merchant_id"] == merchant_id and "operator" not in page[0]  # the CLI
+    # The command line's operator is the login name, or the one given, as "cli:NAME".
+    assert page[0]["merchant_id"] == merchant_id
+    assert page[0]["operator"] == f"cli:{getpass.getuser()}"
     audit = ["admin", "audit", "--redis-url", redis_url]
     code, rest, _ = run(capsys, *audit, "--after", page[0]["id"])
     assert code == 0 and [r["event"] for r in rest] == ["terminal_added"]
+    assert rest[0]["operator"] == "cli:li.wei"
     assert rest[0]["terminal_id"] == terminal.terminal_id and "token" not in json.dumps(rest)
     code, none, _ = run(capsys, *audit, "--after", rest[0]["id"])
     assert code == 0 and none == []
@@ -194,6 +198,11 @@ def test_admin_commands(redis_url, capsys):
 
 
 def test_admin_without_redis_is_a_usage_error(tmp_path, capsys):
+    code, _, err = run(
+        capsys, "admin", "merchant-add", "--redis-url", "redis://127.0.0.1:1",
+        "--operator", "li wei", "Shop",
+    )  # fmt: skip
+    assert code == 2 and "--operator" in err  # checked before anything is reached
     code, _, err = run(capsys, "admin", "merchant-add", "--data-dir", str(tmp_path), "Shop")
     assert code == 2 and "--redis-url" in err
     code, _, err = run(capsys, "admin", "merchant-add", "--redis-url", "redis://127.0.0.1:1", "S")
@@ -231,6 +240,11 @@ def test_enroll_command(redis_url, models_dir, data_dir, tmp_path, capsys, monke
     code, out, _ = run(capsys, *args, str(faces / "obama/obama2.jpg"), "--consent")
     assert code == 0
     assert out == [{"account_id": "alice", "templates": 2}]
+    # The consent is audited with who recorded it and when.
+    code, audit, _ = run(capsys, "admin", "audit", "--redis-url", redis_url)
+    consent = next(r for r in audit if r["event"] == "consent")
+    assert consent["operator"] == f"cli:{getpass.getuser()}" and consent["source"] == "cli"
+    assert abs(float(consent["given_at"]) - time.time()) < 120
 
     code, out, _ = run(capsys, *args, "--consent")
     assert code == 1 and out[0]["error"] == "conflict"
@@ -306,7 +320,7 @@ def test_admin_operators_need_a_name_and_a_strong_token_of_their_own(
     assert not any(c * 31 in str(err.value) for c in "abcd")  # no token is echoed
 
 
-def test_audit_verify_command(redis_url, capsys, monkeypatch) -> None:
+def test_audit_verify_command(redis_url, capsys, monkeypatch, tmp_path) -> None:
     """`facepay admin audit-verify` checks the seals with the template key: 0, 1 or 2."""
     key = generate_key()
 
@@ -328,10 +342,46 @@ def test_audit_verify_command(redis_url, capsys, monkeypatch) -> None:
     monkeypatch.setenv("FACEPAY_TEMPLATE_KEY", key.hex())
     code, out, _ = run(capsys, *argv)
     assert code == 0
-    assert out[0] | {"broken": None} == {
-        "seals": 1, "verified": 1, "records_sealed": 3, "unsealed": 0, "not_checkable": 0,
-        "broken": None,
+    assert out[0] == {
+        "seals": 1, "verified": 1, "records_sealed": 3, "unsealed": 0,
+        "oldest_unsealed_s": None, "not_checkable": 0, "unknown_key": 0, "broken": [],
+        "restarts": [],
     }  # fmt: skip
+    # After a rotation the old seals need the retired key: without it the check fails.
+    retired = tmp_path / "retired.key"
+    retired.write_text(key.hex())
+    monkeypatch.setenv("FACEPAY_TEMPLATE_KEY", generate_key().hex())
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and out[0]["unknown_key"] == 1 and "--previous-key-file" in err
+    code, out, _ = run(capsys, *argv, "--previous-key-file", str(retired))
+    assert code == 0 and out[0]["verified"] == 1
+    audit_only = tmp_path / "retired-audit.key"  # its audit key alone does as well
+    audit_only.write_text(TemplateCipher(key).audit.export())
+    code, out, _ = run(capsys, *argv, "--previous-key-file", str(audit_only))
+    assert code == 0 and out[0]["verified"] == 1
+    audit_only.write_text("audit:1234")
+    code, _, err = run(capsys, *argv, "--previous-key-file", str(audit_only))
+    assert code == 2 and "audit:" in err
+    code, _, err = run(capsys, *argv, "--previous-key-file", str(tmp_path / "missing.key"))
+    assert code == 2 and "cannot read" in err
+    monkeypatch.setenv("FACEPAY_TEMPLATE_KEY", key.hex())
+
+    async def add_record() -> None:
+        client = aioredis.from_url(redis_url)
+        try:
+            await Store(client, TemplateCipher(key)).audit("login", account_id="late")
+        finally:
+            await client.aclose()
+
+    # A record no server has sealed: fine while it is young, a failure once it is old.
+    asyncio.run(add_record())
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and out[0]["unsealed"] == 1
+    time.sleep(1.1)
+    code, out, err = run(capsys, *argv, "--max-unsealed-age", "1")
+    assert code == 1 and "no server is sealing" in err and out[0]["oldest_unsealed_s"] >= 1
+    code, _, err = run(capsys, *argv, "--max-unsealed-age", "0")
+    assert code == 2 and "positive" in err
 
     async def delete(record_id: bytes) -> None:
         client = aioredis.from_url(redis_url)

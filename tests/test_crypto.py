@@ -10,6 +10,7 @@ import pytest
 from pipeline.errors import ConfigError, InvalidRequest
 from pipeline.types import FloatArray
 from session.crypto import (
+    AuditSealKey,
     PassphraseHasher,
     TemplateCipher,
     check_passphrase,
@@ -231,3 +232,18 @@ def test_sealed_links_open_only_with_their_key_and_context() -> None:
     assert cipher.blind("acct-alice") != other.blind("acct-alice")
     assert cipher.blind("acct-alice") != cipher.blind("acct-bob")
     assert "alice" not in cipher.blind("acct-alice")
+
+
+def test_the_audit_seal_key_travels_alone_and_opens_nothing() -> None:
+    key = generate_key()
+    cipher = TemplateCipher(key)
+    kept = cipher.audit.export()
+    assert kept.startswith("audit:") and key.hex() not in kept
+    again = AuditSealKey.parse(kept)
+    assert again.key_id == cipher.audit.key_id and again.mac(b"x") == cipher.audit.mac(b"x")
+    # The same bytes as a template key are another key altogether.
+    assert TemplateCipher(bytes.fromhex(kept[6:])).audit.key_id != cipher.audit.key_id
+    assert TemplateCipher(generate_key()).audit.mac(b"x") != cipher.audit.mac(b"x")
+    for bad in ("audit:", "audit:zz", "audit:" + "00" * 31):
+        with pytest.raises(ConfigError):
+            AuditSealKey.parse(bad)

@@ -633,10 +633,84 @@ async def test_audit_seals_verify_and_catch_a_rewritten_history(
     first_seal = next(rid for rid, f in rows if f[b"event"] == b"audit_sealed").decode()
     check = await db.verify_audit()
     assert check.broken == [first_seal] and check.verified == 1
-    # Under another template key (before a rotation) a seal cannot be checked, but is no
-    # evidence of tampering either.
-    other = await Store(client, TemplateCipher(generate_key())).verify_audit()
-    assert (other.seals, other.not_checkable, other.verified, other.broken) == (2, 2, 0, [])
+    # Under another template key (after a rotation) the seals name a key it does not hold;
+    # given the retired key as well, it checks them.
+    rotated = Store(client, TemplateCipher(generate_key()))
+    other = await rotated.verify_audit()
+    assert (other.seals, other.unknown_key, other.verified, other.broken) == (2, 2, 0, [])
+    both = await rotated.verify_audit([db._cipher.audit])
+    assert (both.unknown_key, both.verified, both.broken) == (0, 1, [first_seal])
+
+
+async def test_audit_seals_catch_the_first_seal_deleted(db: Store, client: aioredis.Redis) -> None:
+    for batch in range(2):
+        await db.audit("login", account_id=f"e{batch}")
+        await db.seal_audit()
+    seals = [rid.decode() for rid, f in await client.xrange("fp:audit")
+             if f[b"event"] == b"audit_sealed"]  # fmt: skip
+    await client.xdel("fp:audit", seals[0])
+    # The record it covered is still there: the seal now oldest cannot start the chain.
+    check = await db.verify_audit()
+    assert check.broken == [seals[1]] and check.verified == 0
+
+
+async def test_audit_seals_across_a_template_key_rotation(
+    db: Store, client: aioredis.Redis
+) -> None:
+    old_key = db._cipher
+    await db.audit("login", account_id="before")
+    assert await db.seal_audit() == 1
+    new_key = TemplateCipher(generate_key())
+    server = Store(client, new_key)  # a server started with the new key continues the chain
+    await server.audit("login", account_id="after")
+    assert await server.seal_audit() == 1
+    check = await server.verify_audit([old_key.audit])
+    assert (check.seals, check.verified, check.unknown_key, check.broken) == (2, 2, 0, [])
+    assert check.restarts == [] and check.unsealed == 0 and check.oldest_unsealed_s is None
+    await server.audit("login", account_id="later")
+    check = await server.verify_audit([old_key.audit])
+    assert check.unsealed == 1 and check.oldest_unsealed_s is not None
+    assert 0 <= check.oldest_unsealed_s < 60
+
+
+async def test_audit_chain_state_reset_or_altered_starts_a_flagged_chain(
+    db: Store, client: aioredis.Redis
+) -> None:
+    """Someone who can write to Redis resets the chain's state after rewriting history:
+    the sealer does not quietly seal the new history as if it were the first."""
+    await db.audit("login", account_id="a0")
+    assert await db.seal_audit() == 1
+    rows = await client.xrange("fp:audit")
+    await client.delete("fp:audit", "fp:audit:seal")
+    for rid, fields in rows:  # the same ids, a record changed, the old seal dropped
+        if fields.get(b"event") != b"audit_sealed":
+            await client.xadd("fp:audit", {**fields, b"account_id": b"mallory"}, id=rid)
+    # A server that sealed before remembers the chain: the state went back.
+    assert await db.seal_audit() == 1
+    check = await db.verify_audit()
+    assert len(check.restarts) == 1 and check.broken == []
+    restart = (await client.xrange("fp:audit", min=check.restarts[0], max=check.restarts[0]))[0]
+    assert restart[1][b"restart"] == b"state_behind" and restart[1][b"prev"] == b""
+    # A server that never saw it (restarted) notices a state that is empty beside seals...
+    fresh = Store(client, db._cipher)
+    await client.delete("fp:audit:seal")
+    await db.audit("login", account_id="a1")
+    assert await fresh.seal_audit() > 0
+    last = (await client.xrevrange("fp:audit", count=1))[0][1]
+    assert last[b"restart"] == b"state_reset"
+    # ... and a state whose seal is not in the stream, or says otherwise.
+    await db.audit("login", account_id="a2")
+    await client.hset("fp:audit:seal", "mac", "0" * 64)
+    assert await Store(client, db._cipher).seal_audit() == 1
+    last = (await client.xrevrange("fp:audit", count=1))[0][1]
+    assert last[b"restart"] == b"state_mismatch"
+    check = await db.verify_audit()
+    assert len(check.restarts) == 3 and check.unsealed == 0
+    # An intact chain continues without a restart, on any server.
+    await db.audit("login", account_id="a3")
+    assert await Store(client, db._cipher).seal_audit() == 1
+    assert "restart" not in h.decode_hash((await client.xrevrange("fp:audit", count=1))[0][1])
+    assert len((await db.verify_audit()).restarts) == 3
 
 
 async def test_audit_seals_catch_deleted_records_and_seals(
