@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
@@ -43,10 +42,6 @@ SEAL_EVENT = "audit_sealed"
 #: Most records one seal covers (a sealer far behind catches up over several passes).
 MAX_SEAL_RECORDS = 10_000
 _LOCK_MS = 30_000
-_RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 #: The seal and the chain state in one step; the state names the seal's id.
 _APPEND_LUA = """
@@ -160,34 +155,35 @@ async def seal(
     """Seal the records since the last seal; return how many (0: none new, or another
     server holds the sealing lock). ``names``: the stream, the chain state and the lock."""
     stream, state, lock = names
-    token = secrets.token_hex(8)
-    if not await r.set(lock, token, nx=True, px=_LOCK_MS):
+    async with h.held(r, lock, _LOCK_MS) as mine:
+        return await _seal_held(r, stream, state, key, maxlen, anchor) if mine else 0
+
+
+async def _seal_held(
+    r: Redis, stream: str, state: str, key: AuditSealKey, maxlen: int, anchor: Anchor
+) -> int:
+    last = h.decode_hash(await r.hgetall(state))
+    after, prev = last.get("upto", "0-0"), last.get("mac", "")
+    rows = stream_records(await r.xrange(stream, min=f"({after}", count=MAX_SEAL_RECORDS))
+    fault = await _chain_fault(r, stream, last, rows, anchor)
+    records = [rec for rec in rows if rec[1].get("event") != SEAL_EVENT]
+    if fault is None:
+        anchor.upto, anchor.mac = h.stream_id(after), prev
+    if not records:
         return 0
-    try:
-        last = h.decode_hash(await r.hgetall(state))
-        after, prev = last.get("upto", "0-0"), last.get("mac", "")
-        rows = stream_records(await r.xrange(stream, min=f"({after}", count=MAX_SEAL_RECORDS))
-        fault = await _chain_fault(r, stream, last, rows, anchor)
-        records = [rec for rec in rows if rec[1].get("event") != SEAL_EVENT]
-        if fault is None:
-            anchor.upto, anchor.mac = h.stream_id(after), prev
-        if not records:
-            return 0
-        fields = {"after": after, "upto": records[-1][0], "count": str(len(records))}
-        if fault is not None:
-            log.error("audit chain state %s: starting a new chain with a restart seal", fault)
-            fields |= {"restart": fault}
-            prev = ""
-            anchor.restarts += 1
-        mac = seal_mac(key, prev, records)
-        fields |= {"prev": prev, "mac": mac, "key": key.key_id}
-        entry = h.audit_fields(SEAL_EVENT, time.time(), fields)
-        flat = [part for pair in entry.items() for part in pair]
-        await r.eval(_APPEND_LUA, 2, stream, state, maxlen, fields["upto"], mac, *flat)
-        anchor.upto, anchor.mac = h.stream_id(fields["upto"]), mac
-        return len(records)
-    finally:
-        await r.eval(_RELEASE_LUA, 1, lock, token)
+    fields = {"after": after, "upto": records[-1][0], "count": str(len(records))}
+    if fault is not None:
+        log.error("audit chain state %s: starting a new chain with a restart seal", fault)
+        fields |= {"restart": fault}
+        prev = ""
+        anchor.restarts += 1
+    mac = seal_mac(key, prev, records)
+    fields |= {"prev": prev, "mac": mac, "key": key.key_id}
+    entry = h.audit_fields(SEAL_EVENT, time.time(), fields)
+    flat = [part for pair in entry.items() for part in pair]
+    await r.eval(_APPEND_LUA, 2, stream, state, maxlen, fields["upto"], mac, *flat)
+    anchor.upto, anchor.mac = h.stream_id(fields["upto"]), mac
+    return len(records)
 
 
 def _named_key(s: dict[str, str], keys: Sequence[AuditSealKey]) -> AuditSealKey | None:

@@ -7,10 +7,11 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from pipeline.errors import InvalidRequest, StoreUnavailable
@@ -104,6 +105,27 @@ redis.call('SET', KEYS[2], string.format('%.3f', (tonumber(ARGV[8]) + ms) / 1000
 redis.call('DEL', KEYS[1])
 return {0, ms}
 """
+
+
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@asynccontextmanager
+async def held(r: Redis, key: str, ttl_ms: int) -> AsyncIterator[bool]:
+    """A short lock shared by every server on ``key``: True inside when this one holds it,
+    False when another does. It expires after ``ttl_ms`` should its holder die, and is
+    released only by its holder (a late release never frees another server's lock)."""
+    token = secrets.token_hex(8)
+    if not await r.set(key, token, nx=True, px=ttl_ms):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        await r.eval(_RELEASE_LUA, 1, key, token)
 
 
 @contextmanager

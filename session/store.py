@@ -22,9 +22,10 @@ Key layout (prefix ``fp:``), chosen so that a stolen dump does not join faces to
 - ``fp:rl:{bucket}:{sha256(key)}`` rate-limit counters (session/ratelimit.py), with TTLs
 - ``fp:audit`` stream: event, time and ids only; never a passphrase, hash, embedding or image;
   ``audit_sealed`` records chain an HMAC over it (session/_store_audit.py), ``fp:audit:seal``
-  hash {upto, mac} of the last seal, ``fp:audit:sealing`` the sealer's short lock
+  hash {upto, mac, seal} of the last seal, ``fp:audit:sealing`` the sealer's short lock
 - ``fp:purge:erasures`` erasures so far; ``fp:purge:done`` the count the last finished purge
-  of Redis's own files started from (session/_store_purge.py)
+  of Redis's own files started from (session/_store_purge.py); ``fp:purge:running`` the
+  purge's short lock
 
 After an enrolment or an erasure commits, the store PUBLISHes ``enrolled:{sid}`` or
 ``erased:{sid}`` on channel ``fp:events`` so every server instance updates its directory.
@@ -335,7 +336,9 @@ class Store(StoreTerminals):
                         continue
         raise Conflict("account is being changed concurrently; try again")
 
-    async def purge_history(self, wait_s: float = 10.0) -> tuple[str, ...]:
+    async def purge_history(
+        self, wait_s: float = 10.0, *, exclusive: bool = False
+    ) -> tuple[str, ...]:
         """Ask Redis to drop erased data from its own files and logs; return what it started.
 
         Starts an append-only file rewrite where AOF is on ("aof_rewrite"), a fresh snapshot
@@ -344,15 +347,20 @@ class Store(StoreTerminals):
         kind is already running (it would keep the data). What this Redis refuses is left out
         and logged (session._store_purge); a lost connection raises StoreUnavailable.
         A purge that finished settles every erasure before it; one that did not stays owed
-        (:meth:`purge_owed`).
+        (:meth:`purge_owed`). ``exclusive`` (the owed-purge retry) starts nothing while
+        another server's exclusive purge runs, so that servers do not each start a rewrite.
         """
         erasures_key, done_key = self._purge_keys()
+        ttl_ms = int((wait_s + 30) * 1000)
         with h.unavailable("purge_history"):
-            erasures, _ = await _purge_owed(self._r, erasures_key, done_key)
-            started, finished = await _purge_history(self._r, wait_s)
-            if finished:
-                await _mark_purged(self._r, done_key, erasures)
-            return started
+            async with h.held(self._r, self._k("purge", "running"), ttl_ms) as mine:
+                if exclusive and not mine:
+                    return ()
+                erasures, _ = await _purge_owed(self._r, erasures_key, done_key)
+                started, finished = await _purge_history(self._r, wait_s)
+                if finished:
+                    await _mark_purged(self._r, done_key, erasures)
+                return started
 
     async def purge_owed(self) -> bool:
         """Whether an erasure has not yet been followed by a purge that finished."""

@@ -4,9 +4,8 @@
 but that can fail to finish: a rewrite of the same kind still running after the wait, Redis
 unreachable for a moment, or the server stopping between the erasure and the purge. The
 erasure itself is done and counted, so the purge is owed, and each server checks every
-``server.purge_retry_s`` seconds and runs it again until one finishes. Two servers may
-both retry at the same moment; the second then waits for the first one's rewrite and starts
-another, which costs a rewrite and loses nothing.
+``server.purge_retry_s`` seconds and runs it again until one finishes. A short lock in
+Redis lets one server retry at a time (the others find it held and look again next time).
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ async def retry_owed_purge(store: Store, owed: Gauge | None = None) -> tuple[str
         if owed is not None:
             owed.set(0)
         return None
-    started = await store.purge_history()
+    started = await store.purge_history(exclusive=True)
     log.info("owed purge after erasure: started %s", ", ".join(started) or "nothing")
     if owed is not None:
         owed.set(int(await store.purge_owed()))

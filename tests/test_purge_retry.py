@@ -19,7 +19,8 @@ class _Store:
     async def purge_owed(self) -> bool:
         return self.owed
 
-    async def purge_history(self) -> tuple[str, ...]:
+    async def purge_history(self, *, exclusive: bool = False) -> tuple[str, ...]:
+        assert exclusive  # the retry never runs beside another server's
         self.purges += 1
         if self.purges >= self.finish_after:
             self.owed = False
