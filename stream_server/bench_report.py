@@ -81,22 +81,49 @@ def summary(
         "overhead_ratio": round(cpu_s / model_s, 3) if model_s > 0 else None,
         # Where the rest goes: argon2id (a deliberate cost per payment) and everything else
         # (WebRTC receive and VP8 decode of every frame, pre/post-processing, the event loop).
-        "cpu_breakdown_ms_per_decision": _breakdown(cpu_s, model_s, argon2_s, decided),
+        "cpu_breakdown_ms_per_decision": _breakdown(
+            cpu_s, model_s, argon2_s, decided, _thread_cpu(before, after)
+        ),
         "peak_rss_mb": round(peak_mb, 1),
         "terminal_errors": errors,
         "_records": records,
     }
 
 
-def _breakdown(cpu_s: float, model_s: float, argon2_s: float, decided: int) -> Any:
+def _thread_cpu(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds per thread role over the run (``facepay_thread_cpu_seconds_total``)."""
+    return {
+        key.removeprefix("thread:"): after[key] - before.get(key, 0.0)
+        for key in after
+        if key.startswith("thread:")
+    }
+
+
+def _breakdown(
+    cpu_s: float, model_s: float, argon2_s: float, decided: int, threads: dict[str, float]
+) -> Any:
+    """Milliseconds per decision: model, argon2id and the rest (``other``), and the rest by
+    thread where the server reports it: the workers' own pre/post-processing (their CPU less
+    model and argon2id), the VP8 decoders, the event loop, and other threads with what the
+    roles did not catch (threads that ended between two reads of /metrics)."""
     if not decided:
         return None
     per = 1000 / decided
-    return {
+    out: dict[str, Any] = {
         "model": round(model_s * per, 1),
         "argon2id": round(argon2_s * per, 1),
         "other": round((cpu_s - model_s - argon2_s) * per, 1),
     }
+    if threads.get("workers", 0.0) > 0:
+        workers, decoders = threads["workers"], threads.get("video_decoders", 0.0)
+        loop = threads.get("event_loop", 0.0)
+        out["other_by_thread"] = {
+            "workers_own": round((workers - model_s - argon2_s) * per, 1),
+            "video_decoders": round(decoders * per, 1),
+            "event_loop": round(loop * per, 1),
+            "other_threads": round((cpu_s - workers - decoders - loop) * per, 1),
+        }
+    return out
 
 
 def plot(path: Path, runs: list[dict[str, Any]]) -> None:

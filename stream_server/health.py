@@ -7,6 +7,7 @@ interface (the default is 127.0.0.1) or filter them at the proxy if that matters
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 from aiohttp import web
@@ -59,9 +60,14 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
+async def _name_loop_thread(app: web.Application) -> None:
+    app[METRICS].thread_cpu.set_loop_thread(threading.get_native_id())
+
+
 def setup(app: web.Application) -> None:
     """Add the health routes."""
     app[_STARTED] = time.monotonic()
+    app.on_startup.append(_name_loop_thread)  # on_startup runs on the loop's thread
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from pipeline.models import ModelClock
 from session.crypto import PassphraseHasher
+from stream_server.thread_cpu import ThreadCpuCollector
 
 STAGE_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
 DECISION_BUCKETS = (0.1, 0.2, 0.3, 0.33, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
@@ -86,6 +87,9 @@ class Metrics:
         # process_cpu_seconds_total and process_resident_memory_bytes: what `facepay bench`
         # divides by decisions when it targets a server it did not start.
         ProcessCollector(registry=r)
+        #: CPU by thread role (facepay_thread_cpu_seconds_total): the bench's breakdown.
+        self.thread_cpu = ThreadCpuCollector()
+        r.register(self.thread_cpu)
         self.sessions = Counter("facepay_sessions", "Sessions started", ["mode"], registry=r)
         self.sessions_active = Gauge(
             "facepay_sessions_active", "Terminal connections open", registry=r

@@ -69,6 +69,14 @@ def test_bench_runs_real_terminals_and_reports_the_contract_keys(models_dir, dat
     # Server CPU includes the model inference it did, so the ratio is at least 1.
     assert 0 < out["model_ms_per_decision"] <= out["cpu_ms_per_decision"]
     assert out["overhead_ratio"] >= 1.0
+    # The rest by thread, from the server's facepay_thread_cpu_seconds_total: every role
+    # did work (terminals streamed, frames were decoded and analysed), and the parts add
+    # up to the whole within rounding.
+    split = out["cpu_breakdown_ms_per_decision"]
+    by_thread = split["other_by_thread"]
+    assert by_thread["video_decoders"] > 0 and by_thread["event_loop"] > 0
+    assert by_thread["workers_own"] > 0
+    assert abs(sum(by_thread.values()) - split["other"]) <= 0.5
     assert out["peak_rss_mb"] > 0
     assert [row["terminals"] for row in out["sweep"]] == [1, 2]
     # The WebSocket-only terminals' checkouts were all cancelled cleanly.
