@@ -13,7 +13,6 @@ import contextlib
 import logging
 import secrets
 import time
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from pipeline.errors import (
@@ -28,7 +27,7 @@ from pipeline.gallery import Decision
 from pipeline.stream import TrackReport
 from pipeline.types import FloatArray
 from session.frames import FrameSlot
-from session.models import Account, format_amount
+from session.models import Account, CheckoutRequest, format_amount
 from session.services import SessionServices
 from session.states import CheckoutMachine, CheckoutState
 from session.video import Emit, VideoSession, nearest
@@ -39,17 +38,6 @@ S = CheckoutState
 #: around the crowd ratio from frame to frame, and one frame below it must not let the
 #: session pick a face.
 CROWD_HOLD_S = 1.0
-
-
-@dataclass(frozen=True)
-class CheckoutRequest:
-    """What the terminal asked for."""
-
-    merchant_id: str
-    terminal_id: str
-    order_id: str
-    amount: int
-    currency: str
 
 
 class _Ended(Exception):
@@ -144,6 +132,10 @@ class CheckoutSession(VideoSession):
 
     async def _set(self, state: CheckoutState, **extra: Any) -> None:
         self.machine.move(state)
+        await self._send_state(state, **extra)
+
+    async def _send_state(self, state: CheckoutState, **extra: Any) -> None:
+        """The ``state`` event the terminal shows (``extra``: a reason or a hint)."""
         await self._send(
             {"type": "state", "state": str(state), "session_id": self.session_id, **extra}
         )
@@ -154,9 +146,7 @@ class CheckoutSession(VideoSession):
         outcome = str(state)
         if state is S.DECLINED:
             await self._send({"type": "declined", "reason": reason, **extra})
-        await self._send(
-            {"type": "state", "state": outcome, "reason": reason, "session_id": self.session_id}
-        )
+        await self._send_state(state, reason=reason)
         self.svc.observer.decision("checkout", outcome, reason)
         raise _Ended
 
@@ -216,12 +206,7 @@ class CheckoutSession(VideoSession):
 
     async def _scanning_hint(self, hint: str | None) -> None:
         """A ``state`` event that shows (or, with None, clears) a hint while scanning."""
-        event: dict[str, Any] = {
-            "type": "state",
-            "state": str(self.machine.state),
-            "session_id": self.session_id,
-        }
-        await self._send(event if hint is None else {**event, "hint": hint})
+        await self._send_state(self.machine.state, **({} if hint is None else {"hint": hint}))
 
     async def _faces_event(self, reports: list[TrackReport], size: tuple[int, int]) -> None:
         if self._crowded:
@@ -265,9 +250,7 @@ class CheckoutSession(VideoSession):
         deadline = time.monotonic() + self.policy.prompt_expiry_s
         while attempts > 0:
             await self._send({"type": "need_phone_digits", "attempts_left": attempts})
-            await self._send(
-                {"type": "state", "state": str(S.AWAITING_PHONE), "session_id": self.session_id}
-            )
+            await self._send_state(S.AWAITING_PHONE)
             msg = await self._next_message(deadline, "phone_digits")
             digits = str(msg.get("digits", ""))
             decision = self.svc.directory.identify(embedding, phone_last4=digits)
@@ -319,9 +302,7 @@ class CheckoutSession(VideoSession):
         )
         if self._first_frame_t is not None:
             self.svc.observer.confirm_latency(time.monotonic() - self._first_frame_t)
-        await self._send(
-            {"type": "state", "state": str(S.AWAITING_PASSPHRASE), "session_id": self.session_id}
-        )
+        await self._send_state(S.AWAITING_PASSPHRASE)
         stored_hash = await self.svc.store.passphrase_hash(account.account_id)
         loop = asyncio.get_running_loop()
         while True:
@@ -401,7 +382,7 @@ class CheckoutSession(VideoSession):
                 "order_id": payment.order_id,
             }
         )
-        await self._send({"type": "state", "state": str(S.APPROVED), "session_id": self.session_id})
+        await self._send_state(S.APPROVED)
         if self.policy.offer_text:
             await self._send(
                 {

@@ -143,3 +143,14 @@ class AuditPage:
 
     records: list[tuple[str, dict[str, str]]]
     missed: bool
+
+
+@dataclass(frozen=True)
+class CheckoutRequest:
+    """What a checkout terminal asked for: an order to pay at a merchant."""
+
+    merchant_id: str
+    terminal_id: str
+    order_id: str
+    amount: int
+    currency: str

@@ -24,11 +24,11 @@ from pipeline.errors import (
     RateLimited,
     StoreUnavailable,
 )
-from session.checkout import CheckoutRequest, CheckoutSession
+from session.checkout import CheckoutSession
 from session.enroll import EnrollRequest, EnrollSession
 from session.frames import FrameSlot
 from session.gate import GateSession, GateTerminal
-from session.models import Terminal, parse_amount
+from session.models import CheckoutRequest, Terminal, parse_amount
 from session.services import SessionServices
 from stream_server.app import (
     ANALYZER,
