@@ -200,11 +200,28 @@ async def verify(
     while page := await r.xrange(stream, min=start, count=MAX_SEAL_RECORDS):
         rows += stream_records(page)
         start = f"({rows[-1][0]}"
+    loss = await stream_losses(r, stream) if rows else None
+    if loss is None or not loss.gone:
+        return check_chain(rows, keys, head_missing=False, now=now)
+    return check_chain(rows, keys, head_missing=True, deleted_upto=loss.deleted_upto, now=now)
+
+
+def check_chain(
+    rows: Sequence[Record],
+    keys: Sequence[AuditSealKey],
+    *,
+    head_missing: bool,
+    deleted_upto: tuple[int, int] = (0, 0),
+    now: float | None = None,
+) -> AuditCheck:
+    """Recompute the seals among ``rows`` (audit records in id order, seals included): a
+    live stream, or a copy shipped with ``facepay admin audit``. ``head_missing``: records
+    older than the first row may exist (trimmed by the cap, or a copy that starts at a
+    cursor), so a seal that reaches before it cannot be checked, unless a record was
+    deleted (XDEL) in its range or after it (``deleted_upto``, the newest deleted id): then
+    its missing records may have been deleted rather than trimmed, and it must match."""
     data = [rec for rec in rows if rec[1].get("event") != SEAL_EVENT]
     ids = [h.stream_id(rid) for rid, _ in data]
-    # Trimmed by the cap, with no XDEL among the losses (a deletion must fail its seal).
-    loss = await stream_losses(r, stream) if rows else None
-    trimmed = loss is not None and loss.gone and loss.deleted_upto == (0, 0)
     check = AuditCheck()
     previous: dict[str, str] | None = None
     upto = (0, 0)
@@ -222,8 +239,9 @@ async def verify(
         else:
             linked = s.get("prev") == previous.get("mac") and s.get("after") == previous.get("upto")
         key = _named_key(s, keys)
-        if trimmed and ids and after < ids[0]:
-            check.not_checkable += 1
+        went_before = head_missing and ids and after < ids[0] and deleted_upto <= after
+        if went_before and str(len(covered)) != s.get("count"):
+            check.not_checkable += 1  # some of its records went before the first one kept
         elif key is None:
             check.unknown_key += 1
         elif not linked or seal_mac(key, s.get("prev", ""), covered) != s.get("mac"):

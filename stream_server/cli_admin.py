@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError, ImageError, InvalidRequest, QualityError
+from session.audit_copy import AuditCheck, check_copy, parse_copy
 from session.config import OPERATOR_NAME
 from session.crypto import (
     AUDIT_KEY_PREFIX,
@@ -96,6 +97,12 @@ def register(sub: Any) -> None:
         type=Path,
         help="a key from before a rotation (the template key, or its audit:HEX key) for the "
         "seals made under it (repeatable)",
+    )
+    p.add_argument(
+        "--file",
+        type=Path,
+        default=None,
+        help="check a copy (JSON lines from facepay admin audit) instead of the live stream",
     )
     p.add_argument(
         "--max-unsealed-age",
@@ -205,6 +212,17 @@ def _retired_keys(paths: list[Path]) -> list[AuditSealKey]:
     return out
 
 
+def _check_file(path: Path, keys: list[AuditSealKey]) -> AuditCheck:
+    try:
+        with path.open(encoding="utf-8") as f:
+            rows = parse_copy(f)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (InvalidRequest, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    return check_copy(rows, keys)
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Recompute the audit stream's seals with the template key; print what was found.
 
@@ -218,9 +236,12 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         raise UsageError("--max-unsealed-age must be a positive number of seconds")
     cipher = TemplateCipher(resolve_template_key(config, data_dir_of(args), create=False))
     retired = _retired_keys(args.previous_key_file)
-    check = asyncio.run(
-        with_store(client_redis_url(args), cipher, lambda s: s.verify_audit(retired))
-    )
+    if args.file is not None:
+        check = _check_file(args.file, [cipher.audit, *retired])
+    else:
+        check = asyncio.run(
+            with_store(client_redis_url(args), cipher, lambda s: s.verify_audit(retired))
+        )
     emit(dataclasses.asdict(check))
     problems = []
     if check.broken:
@@ -242,7 +263,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     interval = config.server.audit_seal_s
     limit = args.max_unsealed_age or (max(60.0, 6 * interval) if interval else None)
     age = check.oldest_unsealed_s
-    if limit is not None and age is not None and age > limit:
+    # A copy ends where it was read, usually between two seals: its tail is not evidence.
+    if args.file is None and limit is not None and age is not None and age > limit:
         problems.append(
             f"{check.unsealed} record(s) unsealed, the oldest for {age:.0f} s (limit "
             f"{limit:.0f} s): no server is sealing, or seals were removed"

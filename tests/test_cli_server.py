@@ -393,3 +393,51 @@ def test_audit_verify_command(redis_url, capsys, monkeypatch, tmp_path) -> None:
     asyncio.run(delete(first))
     code, out, err = run(capsys, *argv)
     assert code == 1 and len(out[0]["broken"]) == 1 and "do not match" in err
+
+
+def test_audit_verify_checks_a_shipped_copy_without_redis(
+    redis_url, capsys, monkeypatch, tmp_path
+) -> None:
+    """The write-once copy covers what seals cannot show, so it is checkable on its own."""
+    key = generate_key()
+
+    async def sealed_stream() -> None:
+        client = aioredis.from_url(redis_url)
+        try:
+            store = Store(client, TemplateCipher(key))
+            for batch in range(2):
+                for i in range(3):
+                    await store.audit("login", account_id=f"a{batch}{i}")
+                assert await store.seal_audit() == 3
+            await store.audit("login", account_id="tail")  # read before the next seal
+        finally:
+            await client.aclose()
+
+    asyncio.run(sealed_stream())
+    code, records, _ = run(capsys, "admin", "audit", "--redis-url", redis_url)
+    assert code == 0 and len(records) == 9
+    copy = tmp_path / "audit.jsonl"
+    copy.write_text("".join(json.dumps(r) + "\n" for r in records))
+    monkeypatch.setenv("FACEPAY_TEMPLATE_KEY", key.hex())
+    argv = ["admin", "audit-verify", "--data-dir", str(tmp_path), "--file", str(copy)]
+    code, out, _ = run(capsys, *argv)  # no --redis-url: the copy alone
+    assert code == 0 and out[0]["verified"] == 2 and out[0]["records_sealed"] == 6
+    assert out[0]["unsealed"] == 1
+    # A copy that starts at a cursor: the seal reaching before it cannot be checked.
+    copy.write_text("".join(json.dumps(r) + "\n" for r in records[2:]))
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and out[0]["not_checkable"] == 1 and out[0]["verified"] == 1
+    # A record changed in the copy (or in Redis before it was read) breaks its seal.
+    changed = [dict(r) for r in records]
+    changed[4]["account_id"] = "mallory"
+    copy.write_text("".join(json.dumps(r) + "\n" for r in changed))
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and out[0]["broken"] == [records[7]["id"]] and "do not match" in err
+    for bad in (
+        "not json\n",
+        '{"event": "login"}\n',
+        json.dumps(records[1]) + "\n" + json.dumps(records[0]),
+    ):
+        copy.write_text(bad)
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "line" in err, bad

@@ -654,6 +654,28 @@ async def test_audit_seals_catch_the_first_seal_deleted(db: Store, client: aiore
     assert check.broken == [seals[1]] and check.verified == 0
 
 
+async def test_audit_seals_over_a_trimmed_stream(client: aioredis.Redis) -> None:
+    """The cap trims whole nodes from the start: a seal whose records went with them cannot
+    be checked, the rest still are, and a deletion among the kept records still shows."""
+    db = Store(client, TemplateCipher(generate_key()), audit_maxlen=20)
+    for batch in range(30):
+        for i in range(5):
+            await db.audit("login", account_id=f"t{batch}-{i}")
+        await db.seal_audit()
+    check = await db.verify_audit()
+    assert check.broken == [] and check.unknown_key == 0 and check.restarts == []
+    assert check.verified >= 1 and check.not_checkable >= 1
+    assert check.verified + check.not_checkable == check.seals
+    rows = await client.xrange("fp:audit")
+    kept = [rid for rid, f in rows if f[b"event"] == b"login"]
+    last_seal = next(rid for rid, f in reversed(rows) if f[b"event"] == b"audit_sealed")
+    await client.xdel("fp:audit", kept[-2])
+    # Redis keeps only the newest deleted id, so the trimmed seal can no longer be excused
+    # either: a deletion may have reached it too. Failing closed flags both.
+    broken = (await db.verify_audit()).broken
+    assert last_seal.decode() in broken and len(broken) <= 2
+
+
 async def test_audit_seals_across_a_template_key_rotation(
     db: Store, client: aioredis.Redis
 ) -> None:
