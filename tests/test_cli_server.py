@@ -320,22 +320,29 @@ def test_admin_operators_need_a_name_and_a_strong_token_of_their_own(
     assert not any(c * 31 in str(err.value) for c in "abcd")  # no token is echoed
 
 
+async def _audit_writes(
+    redis_url: str, key: bytes, sealed: tuple[int, ...] | list[int] = (), tail: int = 0
+) -> list[bytes]:
+    """Audit records as a server under ``key`` writes them: each batch of ``sealed`` then a
+    seal, then ``tail`` records not yet sealed. Returns the ids of the records written."""
+    client = aioredis.from_url(redis_url)
+    try:
+        store = Store(client, TemplateCipher(key))
+        for batch, count in enumerate([*sealed, tail]):
+            for i in range(count):
+                await store.audit("login", account_id=f"a{batch}{i}")
+            if batch < len(sealed):
+                assert await store.seal_audit() == count
+        rows = await client.xrange("fp:audit")
+        return [rid for rid, fields in rows if fields[b"event"] == b"login"]
+    finally:
+        await client.aclose()
+
+
 def test_audit_verify_command(redis_url, capsys, monkeypatch, tmp_path) -> None:
     """`facepay admin audit-verify` checks the seals with the template key: 0, 1 or 2."""
     key = generate_key()
-
-    async def sealed_stream() -> bytes:
-        client = aioredis.from_url(redis_url)
-        try:
-            store = Store(client, TemplateCipher(key))
-            for i in range(3):
-                await store.audit("login", account_id=f"a{i}")
-            assert await store.seal_audit() == 3
-            return (await client.xrange("fp:audit", count=1))[0][0]
-        finally:
-            await client.aclose()
-
-    first = asyncio.run(sealed_stream())
+    first = asyncio.run(_audit_writes(redis_url, key, sealed=[3]))[0]
     argv = ["admin", "audit-verify", "--redis-url", redis_url]
     code, _, err = run(capsys, *argv)
     assert code == 2 and "template key" in err  # no key: nothing can be checked
@@ -366,15 +373,8 @@ def test_audit_verify_command(redis_url, capsys, monkeypatch, tmp_path) -> None:
     assert code == 2 and "cannot read" in err
     monkeypatch.setenv("FACEPAY_TEMPLATE_KEY", key.hex())
 
-    async def add_record() -> None:
-        client = aioredis.from_url(redis_url)
-        try:
-            await Store(client, TemplateCipher(key)).audit("login", account_id="late")
-        finally:
-            await client.aclose()
-
     # A record no server has sealed: fine while it is young, a failure once it is old.
-    asyncio.run(add_record())
+    asyncio.run(_audit_writes(redis_url, key, tail=1))
     code, out, _ = run(capsys, *argv)
     assert code == 0 and out[0]["unsealed"] == 1
     time.sleep(1.1)
@@ -400,20 +400,7 @@ def test_audit_verify_checks_a_shipped_copy_without_redis(
 ) -> None:
     """The write-once copy covers what seals cannot show, so it is checkable on its own."""
     key = generate_key()
-
-    async def sealed_stream() -> None:
-        client = aioredis.from_url(redis_url)
-        try:
-            store = Store(client, TemplateCipher(key))
-            for batch in range(2):
-                for i in range(3):
-                    await store.audit("login", account_id=f"a{batch}{i}")
-                assert await store.seal_audit() == 3
-            await store.audit("login", account_id="tail")  # read before the next seal
-        finally:
-            await client.aclose()
-
-    asyncio.run(sealed_stream())
+    asyncio.run(_audit_writes(redis_url, key, sealed=[3, 3], tail=1))  # tail: read unsealed
     code, records, _ = run(capsys, "admin", "audit", "--redis-url", redis_url)
     assert code == 0 and len(records) == 9
     copy = tmp_path / "audit.jsonl"
