@@ -50,7 +50,8 @@ async def two_servers(tmp_path, redis_url, models_dir, loopback_ice):  # type: i
             models_dir=models_dir,
             template_key=key,
             admin_token=token,
-            config={"server": {"workers": 1}},  # two processes on a 2-core machine
+            # Two processes on a 2-core machine; both seal the audit stream every second.
+            config={"server": {"workers": 1, "audit_seal_s": 1.0}},
         )
         for name in ("a", "b")
     ]
@@ -73,7 +74,9 @@ async def _pay(term: TestTerminal, order: str, amount: str = "8.80") -> dict[str
     return await term.expect("approved", "declined", timeout=30)
 
 
-async def test_enrol_on_a_pay_on_b_erase_on_b_declines_on_a(two_servers, analyzer, photo, data_dir):
+async def test_enrol_on_a_pay_on_b_erase_on_b_declines_on_a(
+    two_servers, analyzer, photo, data_dir, redis_url
+):
     a, b = two_servers
     status, merchant = await a.post_json("/api/merchants", {"name": "Shop"})
     assert status == 201, merchant
@@ -118,6 +121,17 @@ async def test_enrol_on_a_pay_on_b_erase_on_b_declines_on_a(two_servers, analyze
     finally:
         await on_a.close()
         await on_b.close()
+    # Both servers seal the audit stream, one at a time, each going on from the last seal;
+    # stopped, each seals what is left. One chain: no restart, nothing left unsealed.
+    await asyncio.gather(a.stop(), b.stop())
+    client = aioredis.from_url(redis_url)
+    try:
+        key = bytes.fromhex(a.env["FACEPAY_TEMPLATE_KEY"])
+        check = await Store(client, TemplateCipher(key)).verify_audit()
+    finally:
+        await client.aclose()
+    assert check.seals >= 1 and check.verified == check.seals, check
+    assert check.restarts == [] and check.broken == [] and check.unsealed == 0, check
 
 
 # --- propagation, measured --------------------------------------------------------------------
