@@ -79,6 +79,11 @@ def summary(
         "cpu_ms_per_decision": round(cpu_ms, 1) if cpu_ms is not None else None,
         "model_ms_per_decision": round(model_ms, 1) if model_ms is not None else None,
         "overhead_ratio": round(cpu_s / model_s, 3) if model_s > 0 else None,
+        # The same without the passphrase check, whose cost is set by its security
+        # parameters rather than by the server's efficiency (docs/performance.md).
+        "overhead_ratio_without_argon2id": (
+            round((cpu_s - argon2_s) / model_s, 3) if model_s > 0 else None
+        ),
         # Where the rest goes: argon2id (a deliberate cost per payment) and everything else
         # (WebRTC receive and VP8 decode of every frame, pre/post-processing, the event loop).
         "cpu_breakdown_ms_per_decision": _breakdown(

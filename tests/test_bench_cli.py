@@ -69,6 +69,7 @@ def test_bench_runs_real_terminals_and_reports_the_contract_keys(models_dir, dat
     # Server CPU includes the model inference it did, so the ratio is at least 1.
     assert 0 < out["model_ms_per_decision"] <= out["cpu_ms_per_decision"]
     assert out["overhead_ratio"] >= 1.0
+    assert 1.0 <= out["overhead_ratio_without_argon2id"] < out["overhead_ratio"]
     # The rest by thread, from the server's facepay_thread_cpu_seconds_total: every role
     # did work (terminals streamed, frames were decoded and analysed), and the parts add
     # up to the whole within rounding.
