@@ -166,16 +166,20 @@ async def _seal_held(
     after, prev = last.get("upto", "0-0"), last.get("mac", "")
     rows = stream_records(await r.xrange(stream, min=f"({after}", count=MAX_SEAL_RECORDS))
     fault = await _chain_fault(r, stream, last, rows, anchor)
-    records = [rec for rec in rows if rec[1].get("event") != SEAL_EVENT]
     if fault is None:
         anchor.upto, anchor.mac = h.stream_id(after), prev
+    else:
+        # The state cannot be trusted, not even where it points: start after the newest
+        # seal the stream holds (or from the start), so every record gets a seal again.
+        after, prev = await _after_newest_seal(r, stream), ""
+        rows = stream_records(await r.xrange(stream, min=f"({after}", count=MAX_SEAL_RECORDS))
+    records = [rec for rec in rows if rec[1].get("event") != SEAL_EVENT]
     if not records:
         return 0
     fields = {"after": after, "upto": records[-1][0], "count": str(len(records))}
     if fault is not None:
         log.error("audit chain state %s: starting a new chain with a restart seal", fault)
         fields |= {"restart": fault}
-        prev = ""
         anchor.restarts += 1
     mac = seal_mac(key, prev, records)
     fields |= {"prev": prev, "mac": mac, "key": key.key_id}
@@ -184,6 +188,18 @@ async def _seal_held(
     await r.eval(_APPEND_LUA, 2, stream, state, maxlen, fields["upto"], mac, *flat)
     anchor.upto, anchor.mac = h.stream_id(fields["upto"]), mac
     return len(records)
+
+
+async def _after_newest_seal(r: Redis, stream: str) -> str:
+    """The ``upto`` of the newest seal among the last MAX_SEAL_RECORDS records, else "0-0"."""
+    start, seen = "+", 0
+    while seen < MAX_SEAL_RECORDS and (page := await r.xrevrange(stream, max=start, count=500)):
+        for _, fields in stream_records(page):
+            if fields.get("event") == SEAL_EVENT:
+                return fields.get("upto", "0-0")
+        seen += len(page)
+        start = f"({h.text(page[-1][0])}"
+    return "0-0"
 
 
 def _named_key(s: dict[str, str], keys: Sequence[AuditSealKey]) -> AuditSealKey | None:

@@ -733,6 +733,13 @@ async def test_audit_chain_state_reset_or_altered_starts_a_flagged_chain(
     assert await Store(client, db._cipher).seal_audit() == 1
     assert "restart" not in h.decode_hash((await client.xrevrange("fp:audit", count=1))[0][1])
     assert len((await db.verify_audit()).restarts) == 3
+    # A state pointed past every record would leave new ones unsealed for good: the
+    # restart begins after the newest seal in the stream instead.
+    await client.hset("fp:audit:seal", mapping={"upto": "99999999999999-0", "seal": "1-1"})
+    await db.audit("login", account_id="a4")
+    assert await Store(client, db._cipher).seal_audit() == 1
+    check = await db.verify_audit()
+    assert len(check.restarts) == 4 and check.unsealed == 0 and check.broken == []
 
 
 async def test_audit_seals_catch_deleted_records_and_seals(
