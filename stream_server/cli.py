@@ -97,6 +97,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("facepay: interrupted")
         return 130
+    except BrokenPipeError:
+        # The reader left early (`facepay admin audit | head`): not a crash. Point stdout
+        # at /dev/null so that the interpreter's last flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        say("facepay: output closed before everything was written")
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ import asyncio
 import getpass
 import io
 import json
+import os
 import signal
+import subprocess
 import sys
 import time
 import urllib.request
@@ -23,7 +25,7 @@ from session.store import Store
 from stream_server import embedded_redis
 from stream_server.cli import main
 from stream_server.cli_server import UsageError, event_loop_factory
-from tests.e2e import SERVER_ENV_VARS, spawn_serve
+from tests.e2e import REPO, SERVER_ENV_VARS, spawn_serve
 
 
 @pytest.fixture(autouse=True)
@@ -428,3 +430,16 @@ def test_audit_verify_checks_a_shipped_copy_without_redis(
         copy.write_text(bad)
         code, _, err = run(capsys, *argv)
         assert code == 2 and "line" in err, bad
+
+
+def test_a_reader_that_leaves_early_is_not_a_crash(redis_url, tmp_path) -> None:
+    """`facepay admin audit | head -1`: the rest has nowhere to go; no traceback."""
+    asyncio.run(_audit_writes(redis_url, generate_key(), tail=2000))
+    env = {k: v for k, v in os.environ.items() if k not in SERVER_ENV_VARS}
+    done = subprocess.run(
+        f"{sys.executable} -m stream_server.cli admin audit --limit 10000"
+        f" --redis-url {redis_url} | head -1",
+        shell=True, env=env, capture_output=True, text=True, timeout=60, cwd=REPO,
+    )  # fmt: skip
+    assert json.loads(done.stdout)["event"] == "login"
+    assert "Traceback" not in done.stderr and "output closed" in done.stderr
