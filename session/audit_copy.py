@@ -18,6 +18,8 @@ from session.crypto import AuditSealKey
 
 #: What a check found (seals verified, broken, restarted, ...), for the live stream or a copy.
 AuditCheck = _audit.AuditCheck
+#: Most records one page of the live stream holds (``Store.audit_after``).
+MAX_AUDIT_PAGE = h.MAX_AUDIT_PAGE
 
 
 def parse_copy(lines: Iterable[str]) -> list[_audit.Record]:
@@ -48,3 +50,32 @@ def check_copy(rows: Sequence[_audit.Record], keys: Sequence[AuditSealKey]) -> A
     """The seals of a copy recomputed with ``keys``. A copy may start at any cursor, so a
     seal that reaches before its first record counts as not checkable."""
     return _audit.check_chain(rows, keys, head_missing=True)
+
+
+#: Most differing record ids a comparison lists (the count is always complete).
+MAX_LISTED = 100
+
+
+def diverged(copy: Sequence[_audit.Record], live: Sequence[_audit.Record]) -> tuple[int, list[str]]:
+    """Where a copy and the live stream disagree, over the ids both could hold: from the
+    later of their first records (older live records may be trimmed, and a copy may start
+    at a cursor) to the earlier of their last (each may have been read before the other).
+
+    Returns how many ids differ and the first :data:`MAX_LISTED` of them: a record changed
+    (same id, other fields), missing from one side, or inserted into the other. A history
+    rewritten while every server was stopped seals cleanly, and only shows here.
+    """
+    if not copy or not live:
+        return 0, []
+    start = max(h.stream_id(copy[0][0]), h.stream_id(live[0][0]))
+    end = min(h.stream_id(copy[-1][0]), h.stream_id(live[-1][0]))
+
+    def window(rows: Sequence[_audit.Record]) -> dict[str, dict[str, str]]:
+        return {rid: f for rid, f in rows if start <= h.stream_id(rid) <= end}
+
+    mine, theirs = window(copy), window(live)
+    differing = sorted(
+        (rid for rid in mine.keys() | theirs.keys() if mine.get(rid) != theirs.get(rid)),
+        key=h.stream_id,
+    )
+    return len(differing), differing[:MAX_LISTED]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError, ImageError, InvalidRequest, QualityError
-from session.audit_copy import AuditCheck, check_copy, parse_copy
+from session.audit_copy import MAX_AUDIT_PAGE, check_copy, diverged, parse_copy
 from session.config import OPERATOR_NAME
 from session.crypto import (
     AUDIT_KEY_PREFIX,
@@ -103,6 +103,11 @@ def register(sub: Any) -> None:
         type=Path,
         default=None,
         help="check a copy (JSON lines from facepay admin audit) instead of the live stream",
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="with --file: also compare the copy with the live stream, record by record",
     )
     p.add_argument(
         "--max-unsealed-age",
@@ -212,15 +217,24 @@ def _retired_keys(paths: list[Path]) -> list[AuditSealKey]:
     return out
 
 
-def _check_file(path: Path, keys: list[AuditSealKey]) -> AuditCheck:
+def _read_copy(path: Path) -> list[tuple[str, dict[str, str]]]:
     try:
         with path.open(encoding="utf-8") as f:
-            rows = parse_copy(f)
+            return parse_copy(f)
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
     except (InvalidRequest, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: {exc}") from None
-    return check_copy(rows, keys)
+
+
+async def _live_rows(store: Store) -> list[tuple[str, dict[str, str]]]:
+    """Every record the live stream holds, oldest first (page by page)."""
+    rows: list[tuple[str, dict[str, str]]] = []
+    cursor: str | None = None
+    while page := (await store.audit_after(cursor, MAX_AUDIT_PAGE)).records:
+        rows += page
+        cursor = page[-1][0]
+    return rows
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -236,14 +250,26 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         raise UsageError("--max-unsealed-age must be a positive number of seconds")
     cipher = TemplateCipher(resolve_template_key(config, data_dir_of(args), create=False))
     retired = _retired_keys(args.previous_key_file)
+    if args.compare and args.file is None:
+        raise UsageError("--compare needs --file COPY")
+    report: dict[str, Any] = {}
     if args.file is not None:
-        check = _check_file(args.file, [cipher.audit, *retired])
+        rows = _read_copy(args.file)
+        check = check_copy(rows, [cipher.audit, *retired])
+        if args.compare:
+            live = asyncio.run(with_store(client_redis_url(args), cipher, _live_rows))
+            report["diverged"], report["diverged_ids"] = diverged(rows, live)
     else:
         check = asyncio.run(
             with_store(client_redis_url(args), cipher, lambda s: s.verify_audit(retired))
         )
-    emit(dataclasses.asdict(check))
+    emit(dataclasses.asdict(check) | report)
     problems = []
+    if report.get("diverged"):
+        problems.append(
+            f"{report['diverged']} record(s) differ between the copy and the live stream "
+            "(changed, removed or inserted on one side): diverged_ids lists them"
+        )
     if check.broken:
         problems.append(
             f"{len(check.broken)} audit seal(s) do not match: records were changed, removed "

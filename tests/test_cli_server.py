@@ -322,6 +322,25 @@ def test_admin_operators_need_a_name_and_a_strong_token_of_their_own(
     assert not any(c * 31 in str(err.value) for c in "abcd")  # no token is echoed
 
 
+async def _rewrite_history(redis_url: str, key: bytes, changed_id: str) -> None:
+    """What someone with Redis and the key's server could do while every server is stopped:
+    delete the stream and the chain state, write it again with one record changed, and let
+    a freshly started server seal it from the start."""
+    client = aioredis.from_url(redis_url)
+    try:
+        rows = await client.xrange("fp:audit")
+        await client.delete("fp:audit", "fp:audit:seal")
+        for rid, fields in rows:
+            if fields[b"event"] == b"audit_sealed":
+                continue
+            if rid.decode() == changed_id:
+                fields = {**fields, b"account_id": b"mallory"}
+            await client.xadd("fp:audit", fields, id=rid)
+        assert await Store(client, TemplateCipher(key)).seal_audit() > 0
+    finally:
+        await client.aclose()
+
+
 async def _audit_writes(
     redis_url: str, key: bytes, sealed: tuple[int, ...] | list[int] = (), tail: int = 0
 ) -> list[bytes]:
@@ -422,6 +441,26 @@ def test_audit_verify_checks_a_shipped_copy_without_redis(
     copy.write_text("".join(json.dumps(r) + "\n" for r in changed))
     code, out, err = run(capsys, *argv)
     assert code == 1 and out[0]["broken"] == [records[7]["id"]] and "do not match" in err
+    # The copy against the live stream: the same, then after a history rewritten while
+    # every server was stopped, which seals as a clean new chain and only the copy shows.
+    copy.write_text("".join(json.dumps(r) + "\n" for r in records))
+    live = ["admin", "audit-verify", "--redis-url", redis_url]
+    code, out, _ = run(capsys, *argv, "--compare", "--redis-url", redis_url)
+    assert code == 0 and out[0]["diverged"] == 0 and out[0]["diverged_ids"] == []
+    asyncio.run(_rewrite_history(redis_url, key, records[1]["id"]))
+    code, out, _ = run(capsys, *live)
+    assert code == 0 and out[0]["restarts"] == [] and out[0]["broken"] == []  # seals hold
+    code, out, err = run(capsys, *argv, "--compare", "--redis-url", redis_url)
+    assert code == 1 and "differ" in err
+    # The changed record, and the old seals that the rewrite dropped.
+    events = {r["id"]: r["event"] for r in records}
+    ids = out[0]["diverged_ids"]
+    assert [i for i in ids if events.get(i) == "login"] == [records[1]["id"]]
+    assert {i for i in ids if events.get(i) == "audit_sealed"} == {
+        r["id"] for r in records if r["event"] == "audit_sealed"
+    }
+    code, _, err = run(capsys, "admin", "audit-verify", "--redis-url", redis_url, "--compare")
+    assert code == 2 and "--file" in err
     for bad in (
         "not json\n",
         '{"event": "login"}\n',
