@@ -206,16 +206,22 @@ def _named_key(s: dict[str, str], keys: Sequence[AuditSealKey]) -> AuditSealKey 
     return next((k for k in keys if k.key_id == s.get("key")), None)
 
 
-async def verify(
-    r: Redis, stream: str, keys: Sequence[AuditSealKey], now: float | None = None
-) -> AuditCheck:
-    """Recompute every seal the stream still holds (reads the whole stream, in pages), each
-    with the one of ``keys`` (the current template key's, then retired ones) it names."""
+async def read_all(r: Redis, stream: str) -> list[Record]:
+    """Every record ``stream`` holds, oldest first, read in pages."""
     rows: list[Record] = []
     start = "-"
     while page := await r.xrange(stream, min=start, count=MAX_SEAL_RECORDS):
         rows += stream_records(page)
         start = f"({rows[-1][0]}"
+    return rows
+
+
+async def verify(
+    r: Redis, stream: str, keys: Sequence[AuditSealKey], now: float | None = None
+) -> AuditCheck:
+    """Recompute every seal the stream still holds (reads the whole stream, in pages), each
+    with the one of ``keys`` (the current template key's, then retired ones) it names."""
+    rows = await read_all(r, stream)
     loss = await stream_losses(r, stream) if rows else None
     if loss is None or not loss.gone:
         return check_chain(rows, keys, head_missing=False, now=now)

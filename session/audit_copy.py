@@ -18,8 +18,6 @@ from session.crypto import AuditSealKey
 
 #: What a check found (seals verified, broken, restarted, ...), for the live stream or a copy.
 AuditCheck = _audit.AuditCheck
-#: Most records one page of the live stream holds (``Store.audit_after``).
-MAX_AUDIT_PAGE = h.MAX_AUDIT_PAGE
 
 
 def parse_copy(lines: Iterable[str]) -> list[_audit.Record]:

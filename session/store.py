@@ -384,6 +384,11 @@ class Store(StoreTerminals):
         """Restart seals this store wrote (it found the chain's state reset or altered)."""
         return self._seal_anchor.restarts
 
+    async def audit_records(self) -> list[tuple[str, dict[str, str]]]:
+        """Every audit record the stream holds, seals included, oldest first."""
+        with h.unavailable("audit_records"):
+            return await _audit.read_all(self._r, self._k("audit"))
+
     async def verify_audit(self, retired: Sequence[AuditSealKey] = ()) -> _audit.AuditCheck:
         """Recompute the audit stream's seals with this store's template key and, for seals
         made before a key rotation, the ``retired`` audit keys."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError, ImageError, InvalidRequest, QualityError
-from session.audit_copy import MAX_AUDIT_PAGE, check_copy, diverged, parse_copy
+from session.audit_copy import check_copy, diverged, parse_copy
 from session.config import OPERATOR_NAME
 from session.crypto import (
     AUDIT_KEY_PREFIX,
@@ -227,16 +227,6 @@ def _read_copy(path: Path) -> list[tuple[str, dict[str, str]]]:
         raise UsageError(f"{path}: {exc}") from None
 
 
-async def _live_rows(store: Store) -> list[tuple[str, dict[str, str]]]:
-    """Every record the live stream holds, oldest first (page by page)."""
-    rows: list[tuple[str, dict[str, str]]] = []
-    cursor: str | None = None
-    while page := (await store.audit_after(cursor, MAX_AUDIT_PAGE)).records:
-        rows += page
-        cursor = page[-1][0]
-    return rows
-
-
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Recompute the audit stream's seals with the template key; print what was found.
 
@@ -257,7 +247,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         rows = _read_copy(args.file)
         check = check_copy(rows, [cipher.audit, *retired])
         if args.compare:
-            live = asyncio.run(with_store(client_redis_url(args), cipher, _live_rows))
+            live = asyncio.run(
+                with_store(client_redis_url(args), cipher, lambda s: s.audit_records())
+            )
             report["diverged"], report["diverged_ids"] = diverged(rows, live)
     else:
         check = asyncio.run(
