@@ -41,24 +41,13 @@ def summary(
         key = r["outcome"] if r["outcome"] != "declined" else f"declined:{r.get('reason')}"
         outcomes[key] = outcomes.get(key, 0) + 1
     decided = sum(1 for r in records if r["outcome"] in ("approved", "declined"))
-    cpu_s = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
-    if cpu_s is None:
-        cpu_s = after["cpu_s"] - before["cpu_s"]
-    model_s = after["model_s"] - before["model_s"]
-    argon2_s = after.get("argon2_s", 0.0) - before.get("argon2_s", 0.0)
-    cpu_ms = cpu_s * 1000 / decided if decided else None
-    model_ms = model_s * 1000 / decided if decided else None
     return {
         "terminals": n,
         "fps": args.fps,
         "duration_s": args.duration,
         "gap_s": args.gap,
         "video_between_shoppers": "paused" if pauses_video(args) else "streaming",
-        "confirm_ms": {
-            "p50": percentile(confirms, 0.5),
-            "p95": percentile(confirms, 0.95),
-            "max": round(max(confirms), 1) if confirms else None,
-        },
+        "confirm_ms": latency(confirms),
         "sessions": {
             "started": len(records),
             "decided": decided,
@@ -67,6 +56,44 @@ def summary(
         },
         "outcomes": outcomes,
         "decisions_per_s": round(decided / args.duration, 2),
+        **server_figures(decided, frames_sent, before, after, cpu0, cpu1),
+        "peak_rss_mb": round(peak_mb, 1),
+        "terminal_errors": errors,
+        "_records": records,
+    }
+
+
+def latency(values: list[float]) -> dict[str, float | None]:
+    """``{"p50", "p95", "max"}`` of milliseconds (None without values)."""
+    return {
+        "p50": percentile(values, 0.5),
+        "p95": percentile(values, 0.95),
+        "max": round(max(values), 1) if values else None,
+    }
+
+
+def server_figures(
+    decided: int,
+    frames_sent: int,
+    before: dict[str, float],
+    after: dict[str, float],
+    cpu0: float | None,
+    cpu1: float | None,
+) -> dict[str, Any]:
+    """The server's side of a run, from its counters before and after: frames, CPU and
+    model time per decision, their ratio and where the rest went (checkout and gate alike).
+
+    CPU is psutil's on the server process where this command started it (``cpu0``/``cpu1``),
+    else the server's own ``process_cpu_seconds_total``.
+    """
+    cpu_s = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
+    if cpu_s is None:
+        cpu_s = after["cpu_s"] - before["cpu_s"]
+    model_s = after["model_s"] - before["model_s"]
+    argon2_s = after.get("argon2_s", 0.0) - before.get("argon2_s", 0.0)
+    cpu_ms = cpu_s * 1000 / decided if decided else None
+    model_ms = model_s * 1000 / decided if decided else None
+    return {
         "frames": {
             "sent": frames_sent,
             "received": int(after["received"] - before["received"]),
@@ -89,9 +116,6 @@ def summary(
         "cpu_breakdown_ms_per_decision": _breakdown(
             cpu_s, model_s, argon2_s, decided, _thread_cpu(before, after)
         ),
-        "peak_rss_mb": round(peak_mb, 1),
-        "terminal_errors": errors,
-        "_records": records,
     }
 
 
@@ -139,17 +163,20 @@ def plot(path: Path, runs: list[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    # Checkout: time to the confirm prompt; gate: each person's decision_ms.
+    key = "decision_ms" if runs and runs[0].get("mode") == "gate" else "confirm_ms"
+    what = "gate decision time" if key == "decision_ms" else "time to confirm"
     for r in runs:
-        values = [rec["confirm_ms"] for rec in r["_records"] if "confirm_ms" in rec]
+        values = [rec[key] for rec in r["_records"] if key in rec]
         ax1.hist(values, bins=30, alpha=0.5, label=f"{r['terminals']} terminals")
-    ax1.set(xlabel="time to confirm (ms)", ylabel="sessions", title="Time to confirm")
+    ax1.set(xlabel=f"{what} (ms)", ylabel="decisions", title=what.capitalize())
     ax1.legend()
     xs = [r["terminals"] for r in runs]
     ax2.plot(xs, [r["decisions_per_s"] for r in runs], "o-", label="decisions/s")
     ax2.set(xlabel="concurrent terminals", ylabel="decisions per second", title="Throughput")
     ax3 = ax2.twinx()
-    ax3.plot(xs, [r["confirm_ms"]["p95"] or 0 for r in runs], "s--", color="C1")
-    ax3.set_ylabel("p95 time to confirm (ms)", color="C1")
+    ax3.plot(xs, [r[key]["p95"] or 0 for r in runs], "s--", color="C1")
+    ax3.set_ylabel(f"p95 {what} (ms)", color="C1")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

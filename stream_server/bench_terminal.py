@@ -52,9 +52,6 @@ GAP_S = 0.3
 #: A session with no outcome this long after it started is counted lost (longer than the
 #: server's own session timeout, 60 s by default, so a timeout is seen as one).
 SESSION_GUARD_S = 90.0
-#: A WebSocket-only terminal holds each checkout this long, then waits this long.
-SIGNAL_HOLD_S = 1.0
-SIGNAL_GAP_S = 1.0
 
 
 def encode_loop(frames: Iterable[np.ndarray], fps: float, bitrate: int = 1_000_000) -> list[bytes]:
@@ -117,6 +114,16 @@ class PacketTrack(MediaStreamTrack):
     def resume(self) -> None:
         """Send again, starting with a keyframe."""
         self._sending.set()
+
+    @property
+    def started_at(self) -> float | None:
+        """``time.monotonic()`` of the first frame sent (None before)."""
+        return self._t0
+
+    @property
+    def loop_frames(self) -> int:
+        """Frames in one pass of the loop."""
+        return len(self._packets)
 
     @property
     def paused(self) -> bool:
@@ -193,14 +200,19 @@ class BenchTerminal:
                 await self._checkout(ws, f"bench-{self.spec['run']}-{self.index}-{n}")
                 await asyncio.sleep(float(self.spec.get("gap_s", GAP_S)))
         finally:
-            with contextlib.suppress(Exception):
-                if self.pc is not None:
-                    await asyncio.wait_for(self.pc.close(), 5.0)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.close(), 3.0)
-            reader.cancel()
-            with contextlib.suppress(BaseException):
-                await reader
+            await self._hang_up(ws, reader)
+
+    async def _hang_up(self, ws: aiohttp.ClientWebSocketResponse, reader: asyncio.Future[None]
+                       ) -> None:  # fmt: skip
+        """Close the video and the socket, stop reading."""
+        with contextlib.suppress(Exception):
+            if self.pc is not None:
+                await asyncio.wait_for(self.pc.close(), 5.0)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ws.close(), 3.0)
+        reader.cancel()
+        with contextlib.suppress(BaseException):
+            await reader
 
     async def _start_video(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """A (new) peer connection sending the track; the server answers on the socket."""
@@ -293,84 +305,28 @@ class BenchTerminal:
                     return event
 
 
-class SignallingTerminal(BenchTerminal):
-    """A kiosk on the WebSocket only (no camera yet): checkouts that are cancelled.
-
-    The load test's realistic share of terminals without video: each cycle starts a checkout,
-    waits for the server to say it is scanning, cancels, and expects ``cancelled``; a ping in
-    between. Anything else (an error, a closed socket, no answer) is reported as an error.
-    """
-
-    async def run(self, http: aiohttp.ClientSession, end: float) -> None:
-        """Connect, then cycle checkout/cancel until ``end``."""
-        ws = await http.ws_connect(ws_url(self.spec["server"]), max_msg_size=1 << 20)
-        reader = asyncio.ensure_future(self._read(ws))
-        try:
-            await ws.send_json({"type": "hello", "token": self.token})
-            await self._expect({"hello"}, 10.0)
-            n = 0
-            while time.monotonic() < end:
-                n += 1
-                await self._cycle(ws, f"ws-{self.spec['run']}-{self.index}-{n}")
-                await asyncio.sleep(SIGNAL_GAP_S)
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.close(), 3.0)
-            reader.cancel()
-            with contextlib.suppress(BaseException):
-                await reader
-
-    async def _cycle(self, ws: aiohttp.ClientWebSocketResponse, order: str) -> None:
-        t0 = time.monotonic()
-        rec: dict[str, Any] = {"terminal": self.index, "order_id": order, "video": False}
-        try:
-            await ws.send_json({"type": "ping"})
-            await self._expect({"pong"}, 10.0)
-            start = {"type": "start_checkout", "amount": self.spec["amount"], "order_id": order}
-            await ws.send_json(start)
-            await self._until_state({"scanning"}, 10.0)
-            await asyncio.sleep(SIGNAL_HOLD_S)
-            await ws.send_json({"type": "cancel"})
-            await self._until_state({"cancelled"}, 10.0)
-            rec["outcome"] = "cancelled"
-        except TimeoutError:
-            rec["outcome"], rec["reason"] = "error", "no_answer"
-        except _Unexpected as exc:
-            rec["outcome"], rec["reason"] = "error", str(exc)
-        rec["end_ms"] = round((time.monotonic() - t0) * 1000, 1)
-        print(json.dumps(rec), flush=True)
-        if rec.get("reason") == "closed":
-            raise ConnectionError("server closed the WebSocket")
-
-    async def _until_state(self, states: set[str], timeout: float) -> None:
-        while True:
-            event = await self._expect({"state", "error", "declined", "_closed"}, timeout)
-            if event["type"] == "_closed":
-                raise _Unexpected("closed")
-            if event["type"] != "state":
-                raise _Unexpected(f"{event['type']}:{event.get('code') or event.get('reason')}")
-            if event.get("state") in states:
-                return
-
-
-class _Unexpected(Exception):
-    pass
-
-
 async def run_process(spec: dict[str, Any]) -> None:
     """Run this process's terminals (``spec["tokens"]``) until the duration ends."""
+    # Both subclass BenchTerminal, so they import this module: imported here, not above.
+    from stream_server.bench_gate import GateBenchTerminal
+    from stream_server.bench_signal import SignallingTerminal
+
     if spec.get("loopback", True):
         restrict_host_addresses(["127.0.0.1"])
     fps = float(spec["fps"])
     focus = tuple(spec["focus"]) if spec.get("focus") else None
+    gate = spec.get("mode") == "gate"
     packets: list[bytes] | None = None
-    if not spec.get("live_encode") and spec["tokens"]:
+    if gate:  # the whole looped scene, one pass (stream_server.bench_gate)
+        frames = open_source(spec["source"], fps=fps, seconds=float(spec["period_s"]))
+        packets = encode_loop(frames, fps)
+    elif not spec.get("live_encode") and spec["tokens"]:
         frames = open_source(spec["source"], fps=fps, seconds=LOOP_S, focus=focus)
         packets = encode_loop(frames, fps)
     start_at = float(spec["start_at"])  # wall clock, so every process starts together
     await asyncio.sleep(max(0.0, start_at - time.time()))
     end = time.monotonic() + float(spec["duration_s"])
-    terminals = []
+    terminals: list[BenchTerminal] = []
     for index, token in spec["tokens"]:
         if packets is not None:
             track: Any = PacketTrack(packets, fps)
@@ -382,7 +338,11 @@ async def run_process(spec: dict[str, Any]) -> None:
                 focus=focus,
             )
             track = ReplayTrack(frames, fps)
-        terminals.append(BenchTerminal(spec, token, index, track))
+        if gate:
+            delay = index * float(spec["stagger_s"])
+            terminals.append(GateBenchTerminal(spec, token, index, track, delay))
+        else:
+            terminals.append(BenchTerminal(spec, token, index, track))
     for index, token in spec.get("signal_tokens", []):
         terminals.append(SignallingTerminal(spec, token, index, None))
     async with aiohttp.ClientSession() as http:
@@ -394,6 +354,8 @@ async def run_process(spec: dict[str, Any]) -> None:
             print(json.dumps({"terminal": t.index, "terminal_error": repr(res)[:300]}), flush=True)
         sent = getattr(t.track, "frames_sent", 0)
         line = {"terminal": t.index, "frames_sent": sent, "reconnects": t.reconnects}
+        if gate and isinstance(t.track, PacketTrack):
+            line["passes"] = sent // t.track.loop_frames  # complete passes of the scene
         print(json.dumps(line), flush=True)
 
 

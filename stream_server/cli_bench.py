@@ -1,4 +1,4 @@
-"""``facepay bench``: N concurrent real checkout terminals against one server, measured.
+"""``facepay bench``: N concurrent real checkout (or gate) terminals against one server.
 
 Without ``--server`` it starts ``facepay serve --dev`` in a temporary data folder (its own
 embedded Redis, or ``--redis-url``) as a separate process, as production runs it. It then
@@ -10,6 +10,9 @@ Server-side figures come from the server itself, before and after the run: its
 ``/metrics`` (frames, raw model inference seconds from onnxruntime's ``run`` calls) and, for
 a server this command started, psutil on its process (CPU seconds, peak resident memory).
 ``overhead_ratio`` = server CPU per decision / model inference per decision, same run.
+
+``--mode gate`` runs N walk-through gates instead, each streaming a looped scene of people
+walking through (:mod:`stream_server.bench_gate`).
 """
 
 from __future__ import annotations
@@ -18,10 +21,8 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +31,9 @@ from typing import Any
 
 import aiohttp
 
+from stream_server import bench_gate
 from stream_server.bench_report import pauses_video, plot, summary
+from stream_server.bench_server import THREAD_LOOK_S, BenchError, BenchServer, read_metrics
 from stream_server.bench_soak import Sampler
 from stream_server.cli import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, emit, say
 
@@ -53,18 +56,35 @@ START_DELAY_S = 6.0
 
 def register(sub: Any) -> None:
     """Add ``bench``."""
-    p = sub.add_parser("bench", help="N concurrent checkout terminals against a server")
-    p.add_argument("source", nargs="?", help="photo, video or folder the terminals stream")
+    p = sub.add_parser("bench", help="N concurrent checkout or gate terminals against a server")
+    p.add_argument(
+        "source",
+        nargs="?",
+        help="photo, video or folder the terminals stream (gate: a scene video from "
+        "`facepay scene`, its .json beside it)",
+    )
     p.add_argument("--server", help="target a running server (needs --admin-token)")
     p.add_argument("--admin-token", default=os.environ.get("FACEPAY_ADMIN_TOKEN"))
     p.add_argument("--redis-url", default=os.environ.get("FACEPAY_REDIS_URL"))
     p.add_argument("--models-dir", default=os.environ.get("FACEPAY_MODELS_DIR"))
     p.add_argument("--config", help="JSON configuration for the server this command starts")
     p.add_argument("--terminals", type=int, default=8)
-    p.add_argument("--fps", type=float, default=15.0)
+    p.add_argument("--fps", type=float, help="frames per second (checkout 15, gate 30)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of checkouts")
-    p.add_argument("--mode", choices=("checkout",), default="checkout")
+    p.add_argument("--mode", choices=("checkout", "gate"), default="checkout")
+    p.add_argument(
+        "--people",
+        type=int,
+        default=3,
+        choices=bench_gate.PEOPLE_CHOICES,
+        help="gate: the preset scene to walk through when SOURCE is not given",
+    )
     p.add_argument("--enroll-photo", help="photo the shopper is enrolled from")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        help=f"root of the default photos and of the photos a scene names (env {DATA_ENV})",
+    )
     p.add_argument("--amount", default="0.01")
     p.add_argument(
         "--gap",
@@ -93,29 +113,24 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=cmd_bench)
 
 
-def _data_root() -> Path:
+def _data_root(args: argparse.Namespace) -> Path:
+    """Root of the photos: ``--data-dir``, else FACEPAY_TEST_DATA, else ../shared/data."""
+    if args.data_dir:
+        return Path(args.data_dir)
     env = os.environ.get(DATA_ENV)
     return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark (once, or once per ``--sweep`` count); JSON on stdout."""
+    gate = args.mode == "gate"
+    if args.fps is None:
+        args.fps = 30.0 if gate else 15.0
     if args.terminals < 1 or args.ws_terminals < 0 or args.fps <= 0 or args.duration <= 0:
         say("facepay bench: --terminals, --fps and --duration must be positive")
         return EXIT_USAGE
-    source = args.source or str(_data_root() / DEFAULT_SOURCE)
-    enroll = args.enroll_photo or (
-        str(_data_root() / DEFAULT_ENROLL) if args.source is None else args.source
-    )
-    for path in (source, enroll):
-        if not Path(path).exists():
-            say(f"facepay bench: {path} not found (set {DATA_ENV} or pass SOURCE)")
-            return EXIT_USAGE
-    if Path(enroll).is_dir() or Path(enroll).suffix.lower() not in (".jpg", ".jpeg", ".png"):
-        say("facepay bench: pass --enroll-photo PHOTO when SOURCE is not a photo")
-        return EXIT_USAGE
-    if args.server and not args.admin_token:
-        say("facepay bench: --server needs --admin-token (or FACEPAY_ADMIN_TOKEN)")
+    if gate and args.ws_terminals:
+        say("facepay bench: --ws-terminals is for checkout terminals")
         return EXIT_USAGE
     counts = [args.terminals]
     if args.sweep:
@@ -126,13 +141,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     elif args.plot:
         counts = sorted({1, max(1, args.terminals // 2), args.terminals})
+    if args.server and not args.admin_token:
+        say("facepay bench: --server needs --admin-token (or FACEPAY_ADMIN_TOKEN)")
+        return EXIT_USAGE
+    models_dir = args.models_dir
+    if not models_dir and (_data_root(args).parent / "models").is_dir():
+        models_dir = str(_data_root(args).parent / "models")  # ../shared/models beside us
+    work = Path(tempfile.mkdtemp(prefix="facepay-bench-"))
     try:
-        with _Server(args) as server:
-            runs = [asyncio.run(_run(args, server, n, source, enroll)) for n in counts]
-    except _BenchError as exc:
+        if gate:
+            if not (_data_root(args) / "faces").is_dir():
+                say(f"facepay bench: photos not found in {_data_root(args)} (--data-dir)")
+                return EXIT_USAGE
+            try:
+                scene = bench_gate.gate_scene(
+                    args.source, args.people, models_dir, _data_root(args), work
+                )
+            except (OSError, ValueError) as exc:
+                say(f"facepay bench: {exc} (a gate SOURCE is a scene video with its .json)")
+                return EXIT_USAGE
+            job: _Job = _GateJob(scene)
+            config = bench_gate.server_config(BENCH_CONFIG, scene)
+        else:
+            checkout = _checkout_job(args)
+            if isinstance(checkout, str):
+                say(f"facepay bench: {checkout}")
+                return EXIT_USAGE
+            job, config = checkout, BENCH_CONFIG
+        with BenchServer(args, models_dir, config) as server:
+            runs = [asyncio.run(_run(args, server, n, job)) for n in counts]
+    except BenchError as exc:
         say(f"facepay bench: {exc}")
         emit({"error": "bench_failed", "message": str(exc)})
         return EXIT_USAGE
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     main = next((r for r in runs if r["terminals"] == args.terminals), runs[-1])
     if args.plot:
         plot(args.plot, runs)
@@ -140,149 +183,60 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.raw.write_text("".join(json.dumps(rec) + "\n" for rec in main["_records"]))
     result = {k: v for k, v in main.items() if k != "_records"}
     if len(runs) > 1:
-        result["sweep"] = [{k: r[k] for k in _SWEEP_KEYS} for r in runs]
+        keys = _SWEEP_KEYS + (("decision_ms", "decisions") if gate else ("confirm_ms", "sessions"))
+        result["sweep"] = [{k: r[k] for k in keys} for r in runs]
     if args.plot:
         result["plot"] = str(args.plot)
     emit(result)
+    if gate:
+        ok = result["wrong_opens"] == 0 and not result["terminal_errors"]
+        return EXIT_OK if ok else EXIT_REFUSED
     return EXIT_OK if result["sessions"]["lost"] == 0 else EXIT_REFUSED
 
 
-_SWEEP_KEYS = ("terminals", "decisions_per_s", "confirm_ms", "cpu_ms_per_decision", "sessions")
+class _CheckoutJob:
+    """Checkout terminals paying back to back: what they stream, whom to enrol."""
+
+    def __init__(self, source: str, enroll: str) -> None:
+        self.source, self.enroll = source, enroll
 
 
-class _BenchError(Exception):
-    pass
+class _GateJob:
+    """Gate terminals walking a looped scene through (bench_gate)."""
+
+    def __init__(self, scene: bench_gate.GateScene) -> None:
+        self.scene = scene
+        self.source = str(scene.video)
 
 
-class _Server:
-    """The server under test: started here (``facepay serve --dev``) or given by URL."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.proc: subprocess.Popen[str] | None = None
-        self.tmp: Path | None = None
-        self.url: str = args.server or ""
-        self.admin_token: str = args.admin_token or ""
-        self.enrolled = False
-        self.pid: int | None = None
-        self.redis_url: str | None = args.redis_url
-
-    def __enter__(self) -> _Server:
-        if self.url:
-            return self
-        self.tmp = Path(tempfile.mkdtemp(prefix="facepay-bench-"))
-        cmd = [sys.executable, "-m", "stream_server.cli", "serve", "--dev", "--port", "0"]
-        cmd += ["--data-dir", str(self.tmp / "data")]
-        if self.args.redis_url:
-            cmd += ["--redis-url", self.args.redis_url]
-        models_dir = self.args.models_dir
-        if not models_dir and (_data_root().parent / "models").is_dir():
-            models_dir = str(_data_root().parent / "models")  # ../shared/models beside us
-        if models_dir:
-            cmd += ["--models-dir", models_dir]
-        config = self.args.config
-        if not config:
-            # The bench's kiosks pay every second or so; a real one serves a shopper every
-            # ~20 s, which is what the per-terminal limits are set for. Lift only those.
-            config = str(self.tmp / "bench-config.json")
-            Path(config).write_text(json.dumps(BENCH_CONFIG))
-        cmd += ["--config", config]
-        env = {k: v for k, v in os.environ.items() if k != "FACEPAY_ADMIN_TOKEN"}
-        log = (self.tmp / "server.log").open("w")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if not line.startswith("{"):
-            self.__exit__()
-            raise _BenchError(f"the server did not start; see {self.tmp / 'server.log'}")
-        first = json.loads(line)
-        if "url" not in first:
-            self.__exit__()
-            raise _BenchError(f"the server did not start: {first.get('message', first)}")
-        self.url = first["url"]
-        self.pid = self.proc.pid
-        if not self.redis_url and str(first.get("redis_url", "")).startswith("unix://"):
-            self.redis_url = first["redis_url"]  # the embedded one (no password to redact)
-        self.admin_token = (self.tmp / "data" / "admin.token").read_text().strip()
-        say(f"bench: server {self.url} (pid {self.proc.pid}, log {self.tmp / 'server.log'})")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def cpu_s(self) -> float | None:
-        """CPU seconds of the server process itself (not its embedded Redis)."""
-        if self.proc is None:
-            return None
-        import psutil
-
-        t = psutil.Process(self.proc.pid).cpu_times()
-        return float(t.user + t.system)
-
-    def rss_mb(self) -> float | None:
-        if self.proc is None:
-            return None
-        import psutil
-
-        return float(psutil.Process(self.proc.pid).memory_info().rss) / 2**20
+_Job = _CheckoutJob | _GateJob
 
 
-async def _admin(http: aiohttp.ClientSession, server: _Server, path: str, **kw: Any) -> Any:
-    headers = {"Authorization": f"Bearer {server.admin_token}"}
-    async with http.post(server.url + path, headers=headers, **kw) as resp:
-        body = await resp.json(content_type=None)
-        if resp.status >= 300:
-            raise _BenchError(f"POST {path}: {resp.status} {body}")
-        return body
+def _checkout_job(args: argparse.Namespace) -> _CheckoutJob | str:
+    """The checkout terminals' source and the shopper's photo, or what is wrong with them."""
+    source = args.source or str(_data_root(args) / DEFAULT_SOURCE)
+    enroll = args.enroll_photo or (
+        str(_data_root(args) / DEFAULT_ENROLL) if args.source is None else args.source
+    )
+    for path in (source, enroll):
+        if not Path(path).exists():
+            return f"{path} not found (set {DATA_ENV} or pass SOURCE)"
+    if Path(enroll).is_dir() or Path(enroll).suffix.lower() not in (".jpg", ".jpeg", ".png"):
+        return "pass --enroll-photo PHOTO when SOURCE is not a photo"
+    return _CheckoutJob(source, enroll)
 
 
-#: Seconds between the bench's reads of /metrics during a run (thread CPU by role).
-THREAD_LOOK_S = 2.0
-
-
-async def _metrics(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
-    """The server's counters we use, summed over labels."""
-    async with http.get(url + "/metrics") as resp:
-        text = await resp.text()
-        if resp.status != 200:
-            raise _BenchError(f"GET /metrics: {resp.status}")
-    wanted = {
-        "facepay_frames_received_total": "received",
-        "facepay_frames_processed_total": "processed",
-        "facepay_frames_dropped_total": "dropped",
-        "facepay_frames_undecoded_total": "undecoded",
-        "facepay_model_seconds_total": "model_s",
-        "facepay_work_seconds_total": "argon2_s",
-        "process_cpu_seconds_total": "cpu_s",
-        "process_resident_memory_bytes": "rss",
-    }
-    out = dict.fromkeys(wanted.values(), 0.0)
-    for line in text.splitlines():
-        m = re.match(r"^([a-z_]+)(\{[^}]*\})? ([0-9.e+-]+)$", line)
-        if m and m.group(1) in wanted:
-            out[wanted[m.group(1)]] += float(m.group(3))
-        elif m and m.group(1) == "facepay_thread_cpu_seconds_total":
-            role = re.search(r'role="([a-z_]+)"', m.group(2) or "")
-            if role:  # CPU by thread role: "thread:event_loop", "thread:workers", ...
-                out[f"thread:{role.group(1)}"] = float(m.group(3))
-    return out
+_SWEEP_KEYS = ("terminals", "decisions_per_s", "cpu_ms_per_decision")
 
 
 async def _provision(
-    http: aiohttp.ClientSession, server: _Server, n: int, enroll: str, run: str
+    http: aiohttp.ClientSession, server: BenchServer, n: int, enroll: str, run: str
 ) -> list[str]:
-    merchant = await _admin(http, server, "/api/merchants", json={"name": f"Bench {run}"})
+    merchant = await server.post(http, "/api/merchants", json={"name": f"Bench {run}"})
     tokens = []
     for _ in range(n):
         body = {"merchant_id": merchant["merchant_id"], "mode": "checkout"}
-        tokens.append((await _admin(http, server, "/api/terminals", json=body))["token"])
+        tokens.append((await server.post(http, "/api/terminals", json=body))["token"])
     if server.enrolled:
         return tokens  # one shopper per server: a second enrolment of the face is a twin
     server.enrolled = True
@@ -296,17 +250,20 @@ async def _provision(
     ):
         form.add_field(key, value)
     form.add_field("image", Path(enroll).read_bytes(), filename=Path(enroll).name)
-    await _admin(http, server, "/api/accounts", data=form)
+    await server.post(http, "/api/accounts", data=form)
     return tokens
 
 
-async def _run(
-    args: argparse.Namespace, server: _Server, n: int, source: str, enroll: str
-) -> dict[str, Any]:
+async def _run(args: argparse.Namespace, server: BenchServer, n: int, job: _Job) -> dict[str, Any]:
     run = secrets.token_hex(3)
+    gate = job.scene if isinstance(job, _GateJob) else None
     async with aiohttp.ClientSession() as http:
         m = args.ws_terminals
-        tokens = await _provision(http, server, n + m, enroll, run)
+        if gate is not None:
+            tokens = await bench_gate.provision(http, server, n, gate, _data_root(args), run)
+        else:
+            assert isinstance(job, _CheckoutJob)
+            tokens = await _provision(http, server, n + m, job.enroll, run)
         tmp = Path(tempfile.mkdtemp(prefix="facepay-bench-terms-"))
         procs = []
         start_at = time.time() + START_DELAY_S
@@ -320,7 +277,7 @@ async def _run(
                 "run": run,
                 "fps": args.fps,
                 "duration_s": args.duration,
-                "source": source,
+                "source": job.source,
                 "amount": args.amount,
                 "gap_s": args.gap,
                 "passphrase": PASSPHRASE,
@@ -329,6 +286,8 @@ async def _run(
                 "pause_video": pauses_video(args),
                 "start_at": start_at,
             }
+            if gate is not None:  # gates start staggered over one pass of the scene
+                spec.update(mode="gate", period_s=gate.period_s, stagger_s=gate.period_s / n)
             path = tmp / f"terminals-{p}.json"
             path.write_text(json.dumps(spec))
             procs.append(
@@ -342,7 +301,7 @@ async def _run(
                 )
             )
         await asyncio.sleep(max(0.0, start_at - time.time()))
-        before, cpu0 = await _metrics(http, server.url), server.cpu_s()
+        before, cpu0 = await read_metrics(http, server.url), server.cpu_s()
         peak, next_sample, next_look = 0.0, 0.0, time.monotonic() + THREAD_LOOK_S
         sampler = Sampler(server.pid, server.redis_url)
         waits = [asyncio.ensure_future(p.communicate()) for p in procs]
@@ -353,7 +312,7 @@ async def _run(
                 # A look at /metrics now and then also lets the server see its decoder
                 # threads alive: their CPU counts by role only if a read saw them.
                 next_look = time.monotonic() + THREAD_LOOK_S
-                look = (await _metrics(http, server.url))["rss"] / 2**20
+                look = (await read_metrics(http, server.url))["rss"] / 2**20
                 rss = look if rss is None else rss
             peak = max(peak, rss)
             if time.monotonic() >= next_sample:
@@ -364,24 +323,39 @@ async def _run(
             if proc.returncode is None:
                 proc.kill()
         outs = await asyncio.gather(*waits)
-        after, cpu1 = await _metrics(http, server.url), server.cpu_s()
+        after, cpu1 = await read_metrics(http, server.url), server.cpu_s()
         await asyncio.sleep(1.0)  # let the last sessions' teardown finish before the last look
         await sampler.sample(server.rss_mb())
         await sampler.close()
     shutil.rmtree(tmp, ignore_errors=True)
-    records, errors, frames_sent, reconnects = [], [], 0, 0
+    records, errors, frames_sent, reconnects, ends = [], [], 0, 0, []
     for out, err in outs:
         for line in out.decode().splitlines():
             rec = json.loads(line)
-            if "order_id" in rec:
+            if "order_id" in rec or "gate" in rec:
                 records.append(rec)
             elif "terminal_error" in rec:
                 errors.append(rec)
             else:
+                ends.append(rec)
                 frames_sent += int(rec.get("frames_sent", 0))
                 reconnects += int(rec.get("reconnects", 0))
         if not out and err:
             errors.append({"stderr": err.decode()[-400:]})
+    if gate is not None:
+        async with aiohttp.ClientSession() as http:
+            verdict = await bench_gate.judge(
+                http, server.get, records, bench_gate.passes_from(ends), server.gate_accounts
+            )
+        decisions = int(after["gate_decisions"] - before["gate_decisions"])
+        counters = (before, after, cpu0, cpu1)
+        result = bench_gate.gate_summary(
+            n, args, gate, records, verdict, decisions, frames_sent, counters
+        )
+        result.update(peak_rss_mb=round(peak, 1), terminal_errors=errors, _records=records)
+        result["resources"] = sampler.summary(result["decisions"]["opens"])
+        result["video_reconnects"] = reconnects
+        return result
     signal = [r for r in records if r.get("video") is False]
     records = [r for r in records if r.get("video") is not False]
     result = summary(n, args, records, errors, frames_sent, before, after, cpu0, cpu1, peak)

@@ -14,10 +14,12 @@ import sys
 
 from tests.e2e import REPO, SERVER_ENV_VARS
 
+DATA_ENV = "FACEPAY_TEST_DATA"
+
 
 def _facepay(*argv: str) -> dict:
     """Run ``facepay ARGV`` as a new process (clean server environment); its last JSON line."""
-    env = {k: v for k, v in os.environ.items() if k not in SERVER_ENV_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in (*SERVER_ENV_VARS, DATA_ENV)}
     proc = subprocess.run(
         [sys.executable, "-m", "stream_server.cli", *argv],
         cwd=REPO,
@@ -89,6 +91,59 @@ def test_bench_runs_real_terminals_and_reports_the_contract_keys(models_dir, dat
     # Payments add ledger keys; cancelled checkouts add none worth a leak check here.
     assert resources["redis_keys"]["end"] >= resources["redis_keys"]["start"] > 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_gate_mode_runs_concurrent_gates_and_judges_every_decision(
+    models_dir, data_dir, tmp_path
+):
+    """``facepay bench --mode gate``: two real gates at once, each streaming the 3-person
+    scene in a loop (two enrolled walkers and an unknown one per pass), judged from the
+    ledger; the server figures come from the same run."""
+    raw = tmp_path / "gate.jsonl"
+    out = _facepay(
+        "bench",
+        "--mode",
+        "gate",
+        "--terminals",
+        "2",
+        "--duration",
+        "14",
+        "--models-dir",
+        str(models_dir),
+        "--data-dir",
+        str(data_dir),
+        "--raw",
+        str(raw),
+    )
+    assert out["mode"] == "gate" and out["terminals"] == 2 and out["people"] == 3
+    # One pass is the scene and an empty corridor as long as the entry window, so that a
+    # walker's next pass is charged again and a re-formed track inside a pass is not.
+    assert out["pass_s"] >= out["entry_window_s"] > 0
+    for key in ("decision_ms", "frames", "cpu_ms_per_decision", "model_ms_per_decision"):
+        assert key in out
+    assert out["wrong_opens"] == 0 and out["missed"] == 0 and out["terminal_errors"] == []
+    # 14 s with the second gate starting half a pass late: 2 + 1 complete passes, two
+    # enrolled walkers each.
+    assert out["expected_opens"] == 6
+    decisions = out["decisions"]
+    assert decisions["opens"] >= out["expected_opens"]
+    assert decisions["denies"].get("unknown", 0) >= 3  # the unknown walker, every pass
+    assert (
+        decisions["server"]
+        == decisions["opens"] + sum(decisions["denies"].values()) + (decisions["repeats"])
+    )
+    assert out["decision_ms"]["p50"] <= out["decision_ms"]["p95"] <= out["decision_ms"]["max"]
+    frames = out["frames"]
+    assert 0 < frames["processed"] <= frames["received"] <= frames["sent"]
+    assert 0 < out["model_ms_per_decision"] <= out["cpu_ms_per_decision"]
+    # No passphrase at a gate: no argon2id, so both ratios are the same.
+    assert out["overhead_ratio"] == out["overhead_ratio_without_argon2id"] >= 1.0
+    assert out["cpu_breakdown_ms_per_decision"]["argon2id"] == 0
+    records = [json.loads(line) for line in raw.read_text().splitlines()]
+    assert len(records) == decisions["opens"] + sum(decisions["denies"].values())
+    assert {r["terminal"] for r in records} == {0, 1}
+    assert all(r["pass"] is not None and r["decision_ms"] > 0 for r in records)
+    assert all(r["payment_id"] for r in records if r["gate"] == "open")
 
 
 def test_bench_gate_renders_a_scene_and_reports_the_contract_keys(models_dir, data_dir):

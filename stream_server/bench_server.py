@@ -1,0 +1,157 @@
+"""The server under test for ``facepay bench``: started here or given by URL."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from stream_server.cli import say
+
+
+class BenchError(Exception):
+    """The bench cannot run (the server did not start, an admin call failed)."""
+
+
+class BenchServer:
+    """The server under test: started here (``facepay serve --dev``) or given by URL."""
+
+    def __init__(
+        self, args: argparse.Namespace, models_dir: str | None, config: dict[str, Any]
+    ) -> None:
+        self.args = args
+        self.models_dir = models_dir
+        #: Written for the started server unless ``--config`` names a file.
+        self.config = config
+        self.proc: subprocess.Popen[str] | None = None
+        self.tmp: Path | None = None
+        self.url: str = args.server or ""
+        self.admin_token: str = args.admin_token or ""
+        self.enrolled = False
+        #: Gate bench: enrolled walkers, account id -> kind (bench_gate.provision).
+        self.gate_accounts: dict[str, str] = {}
+        self.pid: int | None = None
+        self.redis_url: str | None = args.redis_url
+
+    def __enter__(self) -> BenchServer:
+        if self.url:
+            return self
+        self.tmp = Path(tempfile.mkdtemp(prefix="facepay-bench-"))
+        cmd = [sys.executable, "-m", "stream_server.cli", "serve", "--dev", "--port", "0"]
+        cmd += ["--data-dir", str(self.tmp / "data")]
+        if self.args.redis_url:
+            cmd += ["--redis-url", self.args.redis_url]
+        if self.models_dir:
+            cmd += ["--models-dir", self.models_dir]
+        config = self.args.config
+        if not config:
+            config = str(self.tmp / "bench-config.json")
+            Path(config).write_text(json.dumps(self.config))
+        cmd += ["--config", config]
+        env = {k: v for k, v in os.environ.items() if k != "FACEPAY_ADMIN_TOKEN"}
+        log = (self.tmp / "server.log").open("w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not line.startswith("{"):
+            self.__exit__()
+            raise BenchError(f"the server did not start; see {self.tmp / 'server.log'}")
+        first = json.loads(line)
+        if "url" not in first:
+            self.__exit__()
+            raise BenchError(f"the server did not start: {first.get('message', first)}")
+        self.url = first["url"]
+        self.pid = self.proc.pid
+        if not self.redis_url and str(first.get("redis_url", "")).startswith("unix://"):
+            self.redis_url = first["redis_url"]  # the embedded one (no password to redact)
+        self.admin_token = (self.tmp / "data" / "admin.token").read_text().strip()
+        say(f"bench: server {self.url} (pid {self.proc.pid}, log {self.tmp / 'server.log'})")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    async def post(self, http: aiohttp.ClientSession, path: str, **kw: Any) -> Any:
+        """An admin API POST; its JSON body (BenchError on a failure status)."""
+        headers = {"Authorization": f"Bearer {self.admin_token}"}
+        async with http.post(self.url + path, headers=headers, **kw) as resp:
+            body = await resp.json(content_type=None)
+            if resp.status >= 300:
+                raise BenchError(f"POST {path}: {resp.status} {body}")
+            return body
+
+    async def get(self, http: aiohttp.ClientSession, path: str) -> Any:
+        """An admin API GET; its JSON body (BenchError on a failure status)."""
+        headers = {"Authorization": f"Bearer {self.admin_token}"}
+        async with http.get(self.url + path, headers=headers) as resp:
+            body = await resp.json(content_type=None)
+            if resp.status >= 300:
+                raise BenchError(f"GET {path}: {resp.status} {body}")
+            return body
+
+    def cpu_s(self) -> float | None:
+        """CPU seconds of the server process itself (not its embedded Redis)."""
+        if self.proc is None:
+            return None
+        import psutil
+
+        t = psutil.Process(self.proc.pid).cpu_times()
+        return float(t.user + t.system)
+
+    def rss_mb(self) -> float | None:
+        if self.proc is None:
+            return None
+        import psutil
+
+        return float(psutil.Process(self.proc.pid).memory_info().rss) / 2**20
+
+
+#: Seconds between the bench's reads of /metrics during a run (thread CPU by role).
+THREAD_LOOK_S = 2.0
+
+
+async def read_metrics(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    """The server's counters we use, summed over labels."""
+    async with http.get(url + "/metrics") as resp:
+        text = await resp.text()
+        if resp.status != 200:
+            raise BenchError(f"GET /metrics: {resp.status}")
+    wanted = {
+        "facepay_frames_received_total": "received",
+        "facepay_frames_processed_total": "processed",
+        "facepay_frames_dropped_total": "dropped",
+        "facepay_frames_undecoded_total": "undecoded",
+        "facepay_model_seconds_total": "model_s",
+        "facepay_work_seconds_total": "argon2_s",
+        "process_cpu_seconds_total": "cpu_s",
+        "process_resident_memory_bytes": "rss",
+    }
+    out = dict.fromkeys(wanted.values(), 0.0)
+    out["gate_decisions"] = 0.0
+    for line in text.splitlines():
+        m = re.match(r"^([a-z_]+)(\{[^}]*\})? ([0-9.e+-]+)$", line)
+        if m and m.group(1) in wanted:
+            out[wanted[m.group(1)]] += float(m.group(3))
+        elif m and m.group(1) == "facepay_decisions_total" and 'mode="gate"' in (m.group(2) or ""):
+            out["gate_decisions"] += float(m.group(3))
+        elif m and m.group(1) == "facepay_thread_cpu_seconds_total":
+            role = re.search(r'role="([a-z_]+)"', m.group(2) or "")
+            if role:  # CPU by thread role: "thread:event_loop", "thread:workers", ...
+                out[f"thread:{role.group(1)}"] = float(m.group(3))
+    return out
