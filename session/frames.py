@@ -70,6 +70,12 @@ class FrameSlot(Generic[T]):
             self.taken += 1
         return item
 
+    def drop_older(self, t: float) -> None:
+        """Drop the waiting frame if it arrived before ``t`` (counted as dropped)."""
+        if self._item is not None and self._item.t < t:
+            self._item = None
+            self.dropped += 1
+
     def clear(self) -> None:
         """Forget a waiting frame (e.g. when a new checkout starts); not counted as dropped."""
         self._item = None

@@ -18,6 +18,7 @@ minimum size to the decision.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -56,6 +57,7 @@ class GateSession(VideoSession):
         self.policy = services.config.policy
         self.decisions: dict[int, str] = {}
         self.admitted_repeat = 0
+        self.idle_fps = services.config.gate.idle_scan_fps
         #: (arrival, age at analysis ms, analysis ms, faces) per analysed frame, bounded.
         self.trace: deque[tuple[float, float, float, int]] = deque(maxlen=2000)
 
@@ -82,6 +84,21 @@ class GateSession(VideoSession):
                 if report.track_id not in self.decisions and report.verdict.status != "undecided":
                     await self._decide(report)
             await self._faces_event(reports, size)
+            if not reports and not self.stream.evidence:
+                await self._idle(item.t)
+
+    async def _idle(self, t: float) -> None:
+        """Nobody in view: the next look is at a frame that arrived one idle interval after
+        frame time ``t`` or later (at most ``idle_scan_fps`` looks a second).
+
+        Frames that arrive meanwhile are dropped (and counted). Only speed is at stake: a
+        skipped frame can delay a decision, never make one.
+        """
+        due = t + 1.0 / self.idle_fps
+        wait = due - time.monotonic()
+        if wait > 0 and not self._stopped:
+            await asyncio.sleep(wait)
+        self.frames.drop_older(due)
 
     async def _faces_event(self, reports: list[TrackReport], size: tuple[int, int]) -> None:
         if not self._faces_due():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 
 import pytest
 
@@ -125,3 +126,30 @@ async def test_concurrent_gates_claim_an_entry_once(redis_url):
 def test_actor_type_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         Actor("x", "p").name = "y"  # type: ignore[misc]
+
+
+async def test_an_empty_corridor_is_looked_at_the_idle_rate_and_a_walker_at_every_frame(
+    env, analyzer, photo
+):
+    """``gate.idle_scan_fps`` (10): with nobody in view the gate analyses about ten frames a
+    second of its 30; from the first face on it analyses every frame it can, and the walker
+    is still decided."""
+    walker = dataclasses.replace(preset_scene(1).actors[0], enter_s=2.0, exit_s=4.5)
+    spec = SceneSpec(seconds=5.0, actors=(walker,), seed=2)
+    events, opened, session = await _run_gate(env, analyzer, photo, spec)
+    assert opened == ["obama"], events
+    trace = list(session.trace)  # (arrival, age ms, analysis ms, faces) per analysed frame
+    first_face = next(i for i, row in enumerate(trace) if row[3] > 0)
+    empty = trace[:first_face]
+    assert len(empty) >= 5  # the corridor was looked at (for 2 s before the walker enters)
+    # Between two looks at the empty corridor: at least one idle interval (0.1 s) ...
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(empty)]
+    assert min(gaps) >= 0.1, gaps
+    # ... so at most ten looks a second, where 30 frames arrived.
+    span = empty[-1][0] - empty[0][0]
+    assert len(empty) <= span * 10 + 1, (len(empty), span)
+    # While the walker is in view, no idle waits: the looks follow the frames.
+    with_face = [row for row in trace[first_face:] if row[3] > 0]
+    assert len(with_face) > 10
+    face_gaps = sorted(b[0] - a[0] for a, b in itertools.pairwise(with_face))
+    assert face_gaps[len(face_gaps) // 2] < 0.1, face_gaps
