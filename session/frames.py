@@ -46,13 +46,15 @@ class FrameSlot(Generic[T]):
         self._demand = 0
         #: Called (on the event loop) each time frames become wanted after a pause.
         self.on_demand: Callable[[], None] | None = None
+        #: Called for each frame dropped unanalysed (the server's metric counts them).
+        self.on_dropped: Callable[[], None] | None = None
 
     def put(self, frame: T, t: float) -> None:
         """Offer a frame; an untaken older frame is dropped."""
         if self._closed:
             return
         if self._item is not None:
-            self.dropped += 1
+            self._dropped()
         self.received += 1
         self._item = TimedFrame(frame, t, self.received)
         self._event.set()
@@ -74,7 +76,12 @@ class FrameSlot(Generic[T]):
         """Drop the waiting frame if it arrived before ``t`` (counted as dropped)."""
         if self._item is not None and self._item.t < t:
             self._item = None
-            self.dropped += 1
+            self._dropped()
+
+    def _dropped(self) -> None:
+        self.dropped += 1
+        if self.on_dropped is not None:
+            self.on_dropped()
 
     def clear(self) -> None:
         """Forget a waiting frame (e.g. when a new checkout starts); not counted as dropped."""

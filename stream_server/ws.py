@@ -77,6 +77,7 @@ class TerminalConnection:
         self.metrics = self.app[METRICS]
         self.terminal: Terminal | None = None
         self.frames: FrameSlot[Any] = FrameSlot()
+        self.frames.on_dropped = self.metrics.frames_dropped.inc
         self.ingest: Any = None
         self.session: CheckoutSession | GateSession | EnrollSession | None = None
         self.session_task: asyncio.Task[Any] | None = None
@@ -247,11 +248,8 @@ class TerminalConnection:
                     message = f"video frames above {max_pixels} pixels are dropped"
                     self._notify(error_event("frame_too_large", message))
                 return
-            before = self.frames.dropped
             self.frames.put(frame, t)
             metrics.frames_received.inc()
-            if self.frames.dropped > before:
-                metrics.frames_dropped.inc()
 
         def on_closed() -> None:
             # The peer connection died on its own (ICE consent lost, DTLS failure, the
