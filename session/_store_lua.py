@@ -14,8 +14,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from pipeline.errors import InvalidRequest, StoreUnavailable
-from session.models import Payment
+from pipeline.errors import InvalidRequest, NotFound, StoreUnavailable
+from session.models import Account, Payment
 
 AUDIT_MAXLEN = 100_000
 DAILY_TTL_S = 2 * 24 * 3600
@@ -238,6 +238,13 @@ def by_operator(operator: str | None) -> dict[str, str]:
     """The audit field naming the operator behind a change: an admin API operator's name,
     or ``cli:`` and the name a command-line user gave (self-declared: see cli_admin)."""
     return {} if operator is None else {"operator": check_label(operator, "operator", limit=80)}
+
+
+def account_from_hash(account_id: str, raw: Mapping[str, str]) -> Account:
+    """An active ``Account`` from its decoded Redis hash; NotFound if gone or erased."""
+    if raw.get("status") != "active":
+        raise NotFound("no such account")
+    return Account(account_id, raw["name"], raw["phone"], "active", float(raw["created"]))
 
 
 def payment_from_hash(raw: Mapping[str, str]) -> Payment:

@@ -234,11 +234,10 @@ class CheckoutSession(VideoSession):
         subject = str(decision.subject_id)
         try:
             account_id = await self.svc.store.account_for_subject(subject)
-            account = await self.svc.store.get_account(account_id)
+            account, locked = await self.svc.store.account_with_lock(account_id)
         except NotFound:
             # Erased between the search and now: behave as if never enrolled.
             await self._finish(S.DECLINED, "no_match")
-        locked = await self.svc.store.locked_until(account.account_id)
         if locked is not None:
             await self._finish(S.DECLINED, "locked", locked_until=locked)
         return account, subject

@@ -164,11 +164,11 @@ class GateSession(VideoSession):
         store = self.svc.store
         try:
             account_id = await store.account_for_subject(subject_id)
-            account = await store.get_account(account_id)
+            account, locked = await store.account_with_lock(account_id)
         except NotFound:
             await self._deny(report, "unknown", "Not recognised: please use the ticket gate")
             return
-        if await store.locked_until(account.account_id) is not None:
+        if locked is not None:
             await self._deny(report, "locked", "Account locked: please use the ticket gate")
             return
         fare = self.policy.gate_fare

@@ -172,9 +172,7 @@ class Store(StoreTerminals):
         """The account, or NotFound (an erased account is NotFound)."""
         with h.unavailable("get_account"):
             raw = h.decode_hash(await self._r.hgetall(self._k("account", account_id)))
-        if raw.get("status") != "active":
-            raise NotFound("no such account")
-        return Account(account_id, raw["name"], raw["phone"], "active", float(raw["created"]))
+        return h.account_from_hash(account_id, raw)
 
     async def passphrase_hash(self, account_id: str) -> str:
         """The account's argon2id hash (stored sealed under the template key), or NotFound.

@@ -353,7 +353,7 @@ async def test_erase_removes_biometrics_links_and_pii(
     await _enrol(db, passhash, "bob", seed=2)
     await db.record_failure("alice", 5, 60)
     assert await db.erase_account("alice", reason="user-request") == 4
-    for call in (db.get_account, db.passphrase_hash):
+    for call in (db.get_account, db.passphrase_hash, db.account_with_lock):
         with pytest.raises(NotFound):
             await call("alice")
     with pytest.raises(NotFound):
@@ -428,6 +428,20 @@ async def test_lockout_counts_locks_and_expires(db: Store, client: aioredis.Redi
     await asyncio.sleep(1.1)
     assert await db.locked_until("alice") is None
     assert await db.record_failure("alice", 3, 1.0) == (2, None)
+
+
+async def test_account_with_lock_reads_both_as_get_account_and_locked_until(
+    db: Store, passhash: str
+) -> None:
+    await _enrol(db, passhash)
+    account = await db.get_account("alice")
+    assert await db.account_with_lock("alice") == (account, None)
+    for _ in range(3):
+        _, until = await db.record_failure("alice", 3, 30.0)
+    assert until is not None
+    assert await db.account_with_lock("alice") == (account, pytest.approx(until))
+    with pytest.raises(NotFound):
+        await db.account_with_lock("bob")
 
 
 async def test_failure_counter_expires_and_clears(db: Store) -> None:
