@@ -355,6 +355,11 @@ async def _run(args: argparse.Namespace, server: BenchServer, n: int, job: _Job)
         result.update(peak_rss_mb=round(peak, 1), terminal_errors=errors, _records=records)
         result["resources"] = sampler.summary(result["decisions"]["opens"])
         result["video_reconnects"] = reconnects
+        if result["decisions"]["repeats"] and args.server:
+            say(
+                "bench: the server counted repeats (walkers inside its entry window): give it "
+                f"policy.gate_entry_window_s <= {gate.window_s} for this scene (docs/gate.md)"
+            )
         return result
     signal = [r for r in records if r.get("video") is False]
     records = [r for r in records if r.get("video") is not False]
