@@ -34,7 +34,6 @@ import aiohttp
 
 from stream_server.bench_report import latency, server_figures
 from stream_server.bench_terminal import BenchTerminal
-from stream_server.replay import ws_url
 
 #: Preset scenes (``facepay bench --mode gate --people N`` without SOURCE).
 PEOPLE_CHOICES = (1, 3, 5)
@@ -163,30 +162,23 @@ class GateBenchTerminal(BenchTerminal):
         super().__init__(spec, token, index, track)
         self.delay_s = delay_s
 
-    async def run(self, http: aiohttp.ClientSession, end: float) -> None:
-        """Connect, wait for this gate's turn in the stagger, stream and listen until ``end``."""
-        ws = await http.ws_connect(ws_url(self.spec["server"]), max_msg_size=1 << 20)
-        reader = asyncio.ensure_future(self._read(ws))
-        try:
-            await ws.send_json({"type": "hello", "token": self.token})
-            await self._expect({"hello"}, 10.0)
-            await asyncio.sleep(self.delay_s)
-            await self._start_video(ws)
-            while (left := end - time.monotonic()) > 0:
-                try:
-                    event = await self._expect(_EVENTS, left)
-                except TimeoutError:
-                    break
-                if event["type"] == "_closed":
-                    raise ConnectionError("server closed the WebSocket")
-                if event["type"] == "error":
-                    if event.get("code") == "video_lost":
-                        self.reconnects += 1
-                        await self._start_video(ws)
-                    continue
-                self._report(event)
-        finally:
-            await self._hang_up(ws, reader)
+    async def _work(self, ws: aiohttp.ClientWebSocketResponse, end: float) -> None:
+        """Wait for this gate's turn in the stagger, stream and listen until ``end``."""
+        await asyncio.sleep(self.delay_s)
+        await self._start_video(ws)
+        while (left := end - time.monotonic()) > 0:
+            try:
+                event = await self._expect(_EVENTS, left)
+            except TimeoutError:
+                break
+            if event["type"] == "_closed":
+                raise ConnectionError("server closed the WebSocket")
+            if event["type"] == "error":
+                if event.get("code") == "video_lost":
+                    self.reconnects += 1
+                    await self._start_video(ws)
+                continue
+            self._report(event)
 
     def _report(self, event: dict[str, Any]) -> None:
         # The pass from the camera's clock: a walker is decided while in view, and the

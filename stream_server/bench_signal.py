@@ -10,7 +10,6 @@ from typing import Any
 import aiohttp
 
 from stream_server.bench_terminal import BenchTerminal
-from stream_server.replay import ws_url
 
 #: A WebSocket-only terminal holds each checkout this long, then waits this long.
 SIGNAL_HOLD_S = 1.0
@@ -25,20 +24,13 @@ class SignallingTerminal(BenchTerminal):
     between. Anything else (an error, a closed socket, no answer) is reported as an error.
     """
 
-    async def run(self, http: aiohttp.ClientSession, end: float) -> None:
-        """Connect, then cycle checkout/cancel until ``end``."""
-        ws = await http.ws_connect(ws_url(self.spec["server"]), max_msg_size=1 << 20)
-        reader = asyncio.ensure_future(self._read(ws))
-        try:
-            await ws.send_json({"type": "hello", "token": self.token})
-            await self._expect({"hello"}, 10.0)
-            n = 0
-            while time.monotonic() < end:
-                n += 1
-                await self._cycle(ws, f"ws-{self.spec['run']}-{self.index}-{n}")
-                await asyncio.sleep(SIGNAL_GAP_S)
-        finally:
-            await self._hang_up(ws, reader)
+    async def _work(self, ws: aiohttp.ClientWebSocketResponse, end: float) -> None:
+        """Cycle checkout/cancel until ``end``."""
+        n = 0
+        while time.monotonic() < end:
+            n += 1
+            await self._cycle(ws, f"ws-{self.spec['run']}-{self.index}-{n}")
+            await asyncio.sleep(SIGNAL_GAP_S)
 
     async def _cycle(self, ws: aiohttp.ClientWebSocketResponse, order: str) -> None:
         t0 = time.monotonic()

@@ -181,26 +181,30 @@ class BenchTerminal:
         self.reconnects = 0  # new offers made because the video connection died
 
     async def run(self, http: aiohttp.ClientSession, end: float) -> None:
-        """Connect, stream, run checkouts until ``end``; every session is reported."""
+        """Connect and say hello, do this terminal's work until ``end``, hang up."""
         ws = await http.ws_connect(ws_url(self.spec["server"]), max_msg_size=1 << 20)
         reader = asyncio.ensure_future(self._read(ws))
         try:
             await ws.send_json({"type": "hello", "token": self.token})
             await self._expect({"hello"}, 10.0)
-            await self._start_video(ws)
-            # The camera runs before the first shopper arrives (a kiosk is always on).
-            await asyncio.sleep(self.spec.get("warmup_s", 1.0))
-            n = 0
-            while time.monotonic() < end:
-                if self.video_lost or self.pc is None or self.pc.connectionState == "failed":
-                    # As a kiosk would: the video connection died, so offer a new one.
-                    self.reconnects += 1
-                    await self._start_video(ws)
-                n += 1
-                await self._checkout(ws, f"bench-{self.spec['run']}-{self.index}-{n}")
-                await asyncio.sleep(float(self.spec.get("gap_s", GAP_S)))
+            await self._work(ws, end)
         finally:
             await self._hang_up(ws, reader)
+
+    async def _work(self, ws: aiohttp.ClientWebSocketResponse, end: float) -> None:
+        """Stream and run checkouts back to back; every session is reported."""
+        await self._start_video(ws)
+        # The camera runs before the first shopper arrives (a kiosk is always on).
+        await asyncio.sleep(self.spec.get("warmup_s", 1.0))
+        n = 0
+        while time.monotonic() < end:
+            if self.video_lost or self.pc is None or self.pc.connectionState == "failed":
+                # As a kiosk would: the video connection died, so offer a new one.
+                self.reconnects += 1
+                await self._start_video(ws)
+            n += 1
+            await self._checkout(ws, f"bench-{self.spec['run']}-{self.index}-{n}")
+            await asyncio.sleep(float(self.spec.get("gap_s", GAP_S)))
 
     async def _hang_up(self, ws: aiohttp.ClientWebSocketResponse, reader: asyncio.Future[None]
                        ) -> None:  # fmt: skip
