@@ -33,6 +33,7 @@ from typing import Any
 import aiohttp
 
 from stream_server.bench_report import latency, server_figures
+from stream_server.bench_server import BenchServer
 from stream_server.bench_terminal import BenchTerminal
 
 #: Preset scenes (``facepay bench --mode gate --people N`` without SOURCE).
@@ -115,7 +116,7 @@ def server_config(base: dict[str, Any], scene: GateScene) -> dict[str, Any]:
 
 async def provision(
     http: aiohttp.ClientSession,
-    server: Any,
+    server: BenchServer,
     n: int,
     scene: GateScene,
     data_root: Path,
