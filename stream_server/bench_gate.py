@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -199,6 +199,23 @@ class GateBenchTerminal(BenchTerminal):
         print(json.dumps(rec), flush=True)
 
 
+def wrong_opens(
+    opens: Iterable[tuple[Hashable, str]], live: set[str]
+) -> tuple[int, dict[Hashable, list[str]]]:
+    """(wrong opens, accounts opened per pass) from (pass key, account id) per open.
+
+    An open is wrong if its account is not a live enrolled walker's (a stranger, a print's
+    victim) or if that walker was already let through in the same pass.
+    """
+    opened: dict[Hashable, list[str]] = {}
+    wrong = 0
+    for key, account_id in opens:
+        if account_id not in live or account_id in opened.get(key, []):
+            wrong += 1
+        opened.setdefault(key, []).append(account_id)
+    return wrong, opened
+
+
 async def judge(
     http: aiohttp.ClientSession,
     get: Callable[[aiohttp.ClientSession, str], Awaitable[Any]],
@@ -212,16 +229,12 @@ async def judge(
     enrolled walker.
     """
     live = {a for a, kind in accounts.items() if kind == "live"}
-    opened: dict[tuple[int, int | None], list[str]] = {}
-    wrong = 0
+    opens = []
     for rec in records:
-        if rec["gate"] != "open":
-            continue
-        payment = await get(http, f"/api/payments/{rec['payment_id']}")
-        key = (rec["terminal"], rec["pass"])
-        if payment["account_id"] not in live or payment["account_id"] in opened.get(key, []):
-            wrong += 1
-        opened.setdefault(key, []).append(payment["account_id"])
+        if rec["gate"] == "open":
+            payment = await get(http, f"/api/payments/{rec['payment_id']}")
+            opens.append(((rec["terminal"], rec["pass"]), str(payment["account_id"])))
+    wrong, opened = wrong_opens(opens, live)
     missed = sum(
         len(live - set(opened.get((terminal, p), [])))
         for terminal, count in passes.items()

@@ -81,7 +81,12 @@ async def _bench(args: argparse.Namespace, data_root: Path) -> int:
     from pipeline.config import PipelineConfig
     from pipeline.image import load_image
     from pipeline.models import ModelStore
-    from pipeline.scene_presets import preset_scene, scene_from_json, write_scene
+    from pipeline.scene_presets import (
+        largest_face_box,
+        preset_scene,
+        scene_from_json,
+        write_scene,
+    )
     from session.config import FacePayConfig, ServerConfig
     from session.crypto import TemplateCipher, generate_key
     from session.enrollment import enroll_from_images
@@ -103,13 +108,9 @@ async def _bench(args: argparse.Namespace, data_root: Path) -> int:
     if args.scene is None:
         spec = preset_scene(args.people)
         analyzer = FaceAnalyzer.from_config(PipelineConfig(), ModelStore(args.models_dir))
-
-        def face_box(image: Any) -> tuple[float, float, float, float]:
-            face = max(analyzer.detect(image), key=lambda f: f.box.area)
-            return (face.box.x1, face.box.y1, face.box.x2, face.box.y2)
-
         video = work / "scene.avi"
         say(f"bench-gate: rendering a {args.people}-person scene to {video}")
+        face_box = largest_face_box(analyzer.detect)
         write_scene(spec, video, lambda rel: load_image(data_root / rel), face_box)
     else:
         video = args.scene
@@ -227,16 +228,13 @@ async def _replay(
 async def _judge(
     spec: Any, events: list[dict[str, Any]], store: Any, walkers: dict[str, str]
 ) -> dict[str, Any]:
+    from stream_server.bench_gate import wrong_opens
+
     opens = [e for e in events if e.get("type") == "gate_open"]
     denies = [e for e in events if e.get("type") == "gate_deny"]
     live_enrolled = {name for name, kind in walkers.items() if kind == "live"}
-    opened: dict[str, int] = {}
-    wrong = 0
-    for e in opens:
-        payment = await store.get_payment(e["payment_id"])
-        opened[payment.account_id] = opened.get(payment.account_id, 0) + 1
-        if payment.account_id not in live_enrolled or opened[payment.account_id] > 1:
-            wrong += 1
+    accounts = [(await store.get_payment(e["payment_id"])).account_id for e in opens]
+    wrong, opened = wrong_opens(((0, a) for a in accounts), live_enrolled)  # one pass
     latencies = [float(e["decision_ms"]) for e in opens + denies]
     return {
         "people": len(spec.actors),
@@ -252,5 +250,5 @@ async def _judge(
             "max": round(max(latencies), 1) if latencies else None,
         },
         "wrong_opens": wrong,
-        "missed": sorted(live_enrolled - set(opened)),
+        "missed": sorted(live_enrolled - set(opened.get(0, []))),
     }

@@ -159,3 +159,17 @@ def test_bench_gate_renders_a_scene_and_reports_the_contract_keys(models_dir, da
     assert out["wrong_opens"] == 0 and out["missed"] == []
     assert set(out["decision_ms"]) >= {"p50", "p95", "max"}
     assert out["cpu_ms_per_decision"] > 0
+
+
+def test_gate_judging_counts_a_strangers_open_and_a_second_open_in_one_pass() -> None:
+    from stream_server.bench_gate import wrong_opens
+
+    live = {"obama", "kit"}
+    opens = [((0, 0), "obama"), ((0, 0), "kit"), ((0, 1), "obama"), ((1, 0), "obama")]
+    assert wrong_opens(opens, live) == (
+        0,
+        {(0, 0): ["obama", "kit"], (0, 1): ["obama"], (1, 0): ["obama"]},
+    )
+    wrong, opened = wrong_opens([*opens, ((0, 1), "obama"), ((1, 0), "attacker")], live)
+    assert wrong == 2  # obama twice in gate 0's second pass; the print attacker's victim
+    assert opened[(1, 0)] == ["obama", "attacker"]
