@@ -10,6 +10,8 @@ liveness models on every frame until ``evidence.min_frames`` scores and then eve
 ``liveness_every`` frames, and a decided track gets no liveness and only an identity-check
 embedding every ``recheck_every`` frames. At most
 ``max_faces_per_frame`` faces get model time per frame, undecided and larger ones first.
+With an ``idle_check`` (gates), a frame taken while nobody is tracked skips even the
+detector if the view has not changed since the detector last found it empty.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from pipeline.analyzer import FaceAnalysis, FaceAnalyzer, quality_limits
 from pipeline.config import PipelineConfig
 from pipeline.evidence import EvidenceAccumulator, Verdict
+from pipeline.motion import ViewChange
 from pipeline.tracker import Tracker
 from pipeline.types import Face, ImageArray
 
@@ -60,8 +63,14 @@ class StreamAnalyzer:
         self.ready_px = self.config.quality.min_face_px
         self.limits = quality_limits(self.config, video=True)
         self.frames = 0
-        #: Model runs saved by frame selection (embeddings, liveness), for benchmarks.
-        self.skipped = {"embed": 0, "liveness": 0}
+        #: Model runs saved by frame selection (embeddings, liveness) and by the idle check
+        #: (detections), for benchmarks and tests.
+        self.skipped = {"embed": 0, "liveness": 0, "detect": 0}
+        #: The idle check before the detector (``pipeline.motion``): gates set it; None
+        #: (checkout, enrolment) runs the detector on every frame.
+        self.idle_check: ViewChange | None = None
+        #: Whether the last :meth:`process` ran the detector (False: skipped by the check).
+        self.detector_ran = False
 
     def mark_decided(self, track_id: int) -> None:
         """The caller decided this track: stop spending embedder and liveness time on it."""
@@ -106,7 +115,15 @@ class StreamAnalyzer:
     def process(self, frame: ImageArray, t: float) -> list[TrackReport]:
         """Analyse one frame taken at ``t`` seconds; returns a report per tracked face."""
         self.frames += 1
+        # Nobody tracked: a view unchanged since it was last found empty needs no detector.
+        idle = self.idle_check if not self.evidence else None
+        self.detector_ran = idle is None or not idle.unchanged(frame, t)
+        if not self.detector_ran:
+            self.skipped["detect"] += 1
+            return []
         faces = self.analyzer.detect(frame)
+        if idle is not None:
+            idle.looked(t, empty=not faces)
         plan = self._plan(faces, t)
         analyses = []
         for face, (embed, live) in zip(faces, plan, strict=True):

@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.config import EvidenceConfig, PipelineConfig
+from pipeline.config import ChangeConfig, EvidenceConfig, PipelineConfig
 from pipeline.errors import ConfigError
 
 
@@ -229,6 +229,9 @@ class GateConfig(_Strict):
     #: ``min_face_px``, when the decision clock starts, so 0.1 s between looks delays no
     #: decision; a face that appears at full size waits at most one interval.
     idle_scan_fps: float = Field(10.0, ge=1.0, le=120.0)
+    #: ... and of those looks, the detector runs only on a view that has changed since it
+    #: was last found empty, or once every ``max_still_s`` (``pipeline/motion.py``).
+    idle_change: ChangeConfig = ChangeConfig()
     evidence: EvidenceConfig = EvidenceConfig(
         min_frames=4, min_span_s=0.1, spoof_fast_frames=3, window_s=2.0, spoof_min_frames=10
     )

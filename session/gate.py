@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import LimitExceeded, NotFound, StoreUnavailable
+from pipeline.motion import ViewChange
 from pipeline.stream import TrackReport
 from session.frames import FrameSlot
 from session.models import format_amount
@@ -58,8 +59,11 @@ class GateSession(VideoSession):
         self.decisions: dict[int, str] = {}
         self.admitted_repeat = 0
         self.idle_fps = services.config.gate.idle_scan_fps
-        #: (arrival, age at analysis ms, analysis ms, faces) per analysed frame, bounded.
-        self.trace: deque[tuple[float, float, float, int]] = deque(maxlen=2000)
+        if services.config.gate.idle_change.enabled:
+            self.stream.idle_check = ViewChange(services.config.gate.idle_change)
+        #: (arrival, age at analysis ms, analysis ms, faces, detector ran) per analysed
+        #: frame, bounded.
+        self.trace: deque[tuple[float, float, float, int, bool]] = deque(maxlen=2000)
 
     async def run(self) -> None:
         """Process the newest frames until the stream ends or the session is stopped."""
@@ -79,7 +83,15 @@ class GateSession(VideoSession):
                 continue
             reports, size, item = got
             timings = self.last_timings
-            self.trace.append((item.t, timings["frame_age"], timings["frame"], len(reports)))
+            self.trace.append(
+                (
+                    item.t,
+                    timings["frame_age"],
+                    timings["frame"],
+                    len(reports),
+                    self.stream.detector_ran,
+                )
+            )
             for report in reports:
                 if report.track_id not in self.decisions and report.verdict.status != "undecided":
                     await self._decide(report)

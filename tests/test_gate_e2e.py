@@ -132,13 +132,14 @@ async def test_an_empty_corridor_is_looked_at_the_idle_rate_and_a_walker_at_ever
     env, analyzer, photo
 ):
     """``gate.idle_scan_fps`` (10): with nobody in view the gate analyses about ten frames a
-    second of its 30; from the first face on it analyses every frame it can, and the walker
-    is still decided."""
+    second of its 30, and runs the detector on those only when the view has changed or once
+    a second (``gate.idle_change``); from the first face on it analyses every frame it can,
+    and the walker is still decided."""
     walker = dataclasses.replace(preset_scene(1).actors[0], enter_s=2.0, exit_s=4.5)
     spec = SceneSpec(seconds=5.0, actors=(walker,), seed=2)
     events, opened, session = await _run_gate(env, analyzer, photo, spec)
     assert opened == ["obama"], events
-    trace = list(session.trace)  # (arrival, age ms, analysis ms, faces) per analysed frame
+    trace = list(session.trace)  # (arrival, age ms, analysis ms, faces, detector ran)
     first_face = next(i for i, row in enumerate(trace) if row[3] > 0)
     empty = trace[:first_face]
     assert len(empty) >= 5  # the corridor was looked at (for 2 s before the walker enters)
@@ -148,6 +149,13 @@ async def test_an_empty_corridor_is_looked_at_the_idle_rate_and_a_walker_at_ever
     # ... so at most ten looks a second, where 30 frames arrived.
     span = empty[-1][0] - empty[0][0]
     assert len(empty) <= span * 10 + 1, (len(empty), span)
+    # And of those looks, the detector ran only on a changed view or once a second
+    # (``gate.idle_change``): at the first look, at 1 s, and on the looks with part of the
+    # walker in view before it found his face.
+    detector_looks = [row[0] - empty[0][0] for row in empty if row[4]]
+    assert 2 <= len(detector_looks) <= 4, detector_looks
+    assert detector_looks[:2] == [0.0, pytest.approx(1.0, abs=0.15)], detector_looks
+    assert all(row[4] for row in trace[first_face:] if row[3] > 0)
     # While the walker is in view, no idle waits: the looks follow the frames.
     with_face = [row for row in trace[first_face:] if row[3] > 0]
     assert len(with_face) > 10
