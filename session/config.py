@@ -278,22 +278,36 @@ class FacePayConfig(_Strict):
         return self.pipeline.model_copy(update={"evidence": self.gate.evidence, "quality": quality})
 
 
+def read_config_data(path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """A JSON config file's contents, not yet validated ({} without a path)."""
+    if path is None:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"cannot read config {path}: not a JSON object")
+    return data
+
+
+def with_sections(data: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``data`` with each section's keys in ``overrides`` set on top (None values skipped)."""
+    out = dict(data)
+    for section, values in overrides.items():
+        merged = dict(out.get(section, {}))
+        merged.update({k: v for k, v in values.items() if v is not None})
+        out[section] = merged
+    return out
+
+
 def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> FacePayConfig:
     """Read a JSON config file (optional) and apply section overrides on top.
 
     ``overrides`` are nested dicts by section, e.g. ``server={"port": 0}``; values that are
     None are ignored so command-line options that were not given keep the file's value.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read config {path}: {exc}") from exc
-    for section, values in overrides.items():
-        merged = dict(data.get(section, {}))
-        merged.update({k: v for k, v in values.items() if v is not None})
-        data[section] = merged
+    data = with_sections(read_config_data(path), overrides)
     try:
         return FacePayConfig.model_validate(data)
     except ValidationError as exc:

@@ -67,7 +67,11 @@ def register(sub: Any) -> None:
     p.add_argument("--admin-token", default=os.environ.get("FACEPAY_ADMIN_TOKEN"))
     p.add_argument("--redis-url", default=os.environ.get("FACEPAY_REDIS_URL"))
     p.add_argument("--models-dir", default=os.environ.get("FACEPAY_MODELS_DIR"))
-    p.add_argument("--config", help="JSON configuration for the server this command starts")
+    p.add_argument(
+        "--config",
+        help="JSON configuration for the server this command starts (the bench sets its lifted "
+        "rate limits and, for gates, the scene's entry window on top)",
+    )
     p.add_argument("--terminals", type=int, default=8)
     p.add_argument("--fps", type=float, help="frames per second (checkout 15, gate 30)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of checkouts")

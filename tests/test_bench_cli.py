@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.e2e import REPO, SERVER_ENV_VARS
 
 DATA_ENV = "FACEPAY_TEST_DATA"
@@ -100,6 +102,10 @@ def test_bench_gate_mode_runs_concurrent_gates_and_judges_every_decision(
     scene in a loop (two enrolled walkers and an unknown one per pass), judged from the
     ledger; the server figures come from the same run."""
     raw = tmp_path / "gate.jsonl"
+    # A user's config with a production entry window: the bench must set the scene's on
+    # top, or every pass after a walker's first would be a repeat (and counted missed).
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"policy": {"gate_entry_window_s": 600}}))
     out = _facepay(
         "bench",
         "--mode",
@@ -112,6 +118,8 @@ def test_bench_gate_mode_runs_concurrent_gates_and_judges_every_decision(
         str(models_dir),
         "--data-dir",
         str(data_dir),
+        "--config",
+        str(config),
         "--raw",
         str(raw),
     )
@@ -173,3 +181,32 @@ def test_gate_judging_counts_a_strangers_open_and_a_second_open_in_one_pass() ->
     wrong, opened = wrong_opens([*opens, ((0, 1), "obama"), ((1, 0), "attacker")], live)
     assert wrong == 2  # obama twice in gate 0's second pass; the print attacker's victim
     assert opened[(1, 0)] == ["obama", "attacker"]
+
+
+def test_the_benchs_settings_go_on_top_of_the_users_config(tmp_path) -> None:
+    """``--config FILE``: the file's settings stay, the bench's own (lifted limits, the
+    gate scene's entry window) replace theirs key by key; an unreadable file is refused
+    before any server starts."""
+    from pipeline.errors import ConfigError
+    from session.config import read_config_data, with_sections
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"policy": {"gate_entry_window_s": 600, "gate_fare": 2}}))
+    bench = {"policy": {"gate_entry_window_s": 7.5}, "limits": {"x": 1}}
+    merged = with_sections(read_config_data(path), bench)
+    assert merged == {"policy": {"gate_entry_window_s": 7.5, "gate_fare": 2}, "limits": {"x": 1}}
+    assert read_config_data(None) == {}
+    for text in ("{not json", "[1, 2]"):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match="cannot read config"):
+            read_config_data(path)
+    env = {k: v for k, v in os.environ.items() if k not in (*SERVER_ENV_VARS, DATA_ENV)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "stream_server.cli", "bench", "--config", str(path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "cannot read config" in proc.stderr, proc.stderr
