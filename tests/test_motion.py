@@ -37,8 +37,7 @@ def _entering(people: int, background: tuple[tuple[int, int, int], ...]) -> Scen
     """A preset scene that starts with one second of empty corridor."""
     scene = preset_scene(people)
     actors = tuple(
-        dataclasses.replace(a, enter_s=a.enter_s + 1.0, exit_s=a.exit_s + 1.0)
-        for a in scene.actors
+        dataclasses.replace(a, enter_s=a.enter_s + 1.0, exit_s=a.exit_s + 1.0) for a in scene.actors
     )
     return dataclasses.replace(
         scene, actors=actors, seconds=scene.seconds + 1.0, background=background
@@ -150,6 +149,8 @@ def test_the_stream_skips_the_detector_on_an_empty_corridor_and_finds_the_walker
     assert plain.skipped["detect"] == 0
     # 2 s of empty corridor at 30 fps (60 frames): full looks at 0 s and 1 s only.
     assert in_view >= 55 and checked.skipped["detect"] >= in_view - 2, checked.skipped
-    assert {v.status for v in checked.verdicts().values()} == {
-        v.status for v in plain.verdicts().values()
-    } == {"live"}
+    assert (
+        {v.status for v in checked.verdicts().values()}
+        == {v.status for v in plain.verdicts().values()}
+        == {"live"}
+    )
