@@ -224,8 +224,8 @@ class GateConfig(_Strict):
 
     min_face_px: float = Field(80.0, ge=40.0, le=400.0)
     #: Frames a second analysed while nobody is in view (no face, no open track); every
-    #: frame once someone is. An empty corridor then costs a third of the detector time at
-    #: 30 fps. A walker's face enters small (~60 px) and needs ~0.5 s of walking to reach
+    #: frame once someone is. An empty corridor then gets a third of the looks at 30 fps.
+    #: A walker's face enters small (~60 px) and needs ~0.5 s of walking to reach
     #: ``min_face_px``, when the decision clock starts, so 0.1 s between looks delays no
     #: decision; a face that appears at full size waits at most one interval.
     idle_scan_fps: float = Field(10.0, ge=1.0, le=120.0)
