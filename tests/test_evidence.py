@@ -126,6 +126,41 @@ def test_rigidity_separates_a_moved_plane_from_a_turning_head():
     assert nonrigid_head > 0.035
 
 
+def _rigidity_frame_by_frame(landmarks: list[np.ndarray]) -> tuple[float, float]:
+    """The definition, one least-squares fit per frame (what ``rigidity`` does at once)."""
+    ref = landmarks[0].astype(np.float64)
+    eye = float(np.linalg.norm(ref[1] - ref[0])) or 1.0
+    design = np.hstack([ref, np.ones((5, 1))])
+    residuals, motions = [], []
+    for pts in landmarks[1:]:
+        target = pts.astype(np.float64)
+        coef, *_ = np.linalg.lstsq(design, target, rcond=None)
+        err = target - design @ coef
+        residuals.append(float(np.sqrt((err**2).sum(axis=1).mean())) / eye)
+        motions.append(float(np.linalg.norm(target - ref, axis=1).mean()) / eye)
+    if not residuals:
+        return 0.0, 0.0
+    return float(np.percentile(residuals, 80)), float(max(motions))
+
+
+def test_rigidity_fits_every_frame_as_one_fit_per_frame_would():
+    """All frames in one solve give each frame's own fit: random tracks of 1-60 frames,
+    degenerate ones too (all five landmarks on one point, or on one line)."""
+    rng = np.random.default_rng(7)
+    for trial in range(300):
+        base = rng.uniform(100, 500, (5, 2)).astype(np.float32)
+        if trial % 7 == 0:
+            base[:] = base[0]
+        elif trial % 11 == 0:
+            base[:, 1] = base[:, 0]
+        noise = rng.uniform(0, 20)
+        track = [base] + [
+            (base + rng.normal(0, noise, (5, 2))).astype(np.float32)
+            for _ in range(int(rng.integers(0, 60)))
+        ]
+        assert rigidity(track) == pytest.approx(_rigidity_frame_by_frame(track), abs=1e-9)
+
+
 def test_rigidity_cue_flags_a_moved_plane_only_when_enabled():
     cfg_on = EvidenceConfig(use_rigidity=True, rigidity_min_frames=10)
     for cfg, expected in [(EvidenceConfig(), "live"), (cfg_on, "spoof")]:
