@@ -18,7 +18,8 @@ from session.store import Store
 class Observer(Protocol):
     """What a session reports to the edge (metrics); all methods must be cheap."""
 
-    def frame_processed(self, timings_ms: dict[str, float]) -> None: ...
+    def frame_processed(self, timings_ms: dict[str, float], *, detector_ran: bool = True) -> None:
+        """One frame analysed; ``detector_ran`` False when the idle check skipped detection."""
 
     def confirm_latency(self, seconds: float) -> None: ...
 

@@ -120,6 +120,6 @@ class VideoSession:
         timings = {"frame": (time.perf_counter() - t0) * 1000.0, "frame_age": age_ms}
         for r in reports:
             timings.update(r.analysis.timings_ms)
-        self.svc.observer.frame_processed(timings)
+        self.svc.observer.frame_processed(timings, detector_ran=self.stream.detector_ran)
         self.last_timings = timings
         return reports, size, item

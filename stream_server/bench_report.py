@@ -100,6 +100,7 @@ def server_figures(
             "processed": int(after["processed"] - before["processed"]),
             "dropped": int(after["dropped"] - before["dropped"]),
             "undecoded": int(after["undecoded"] - before["undecoded"]),
+            "no_detector": int(after["no_detector"] - before["no_detector"]),
         },
         "server_cpu_s": round(cpu_s, 2),
         "model_s": round(model_s, 2),

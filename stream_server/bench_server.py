@@ -144,6 +144,7 @@ async def read_metrics(http: aiohttp.ClientSession, url: str) -> dict[str, float
         "facepay_frames_processed_total": "processed",
         "facepay_frames_dropped_total": "dropped",
         "facepay_frames_undecoded_total": "undecoded",
+        "facepay_frames_no_detector_total": "no_detector",
         "facepay_model_seconds_total": "model_s",
         "facepay_work_seconds_total": "argon2_s",
         "process_cpu_seconds_total": "cpu_s",

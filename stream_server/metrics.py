@@ -103,6 +103,12 @@ class Metrics:
         self.frames_dropped = Counter(
             "facepay_frames_dropped", "Frames replaced by a newer one before analysis", registry=r
         )
+        self.frames_no_detector = Counter(
+            "facepay_frames_no_detector",
+            "Analysed frames that skipped the face detector: a gate's empty corridor, "
+            "unchanged since it was last found empty (gate.idle_change)",
+            registry=r,
+        )
         self.frames_undecoded = Counter(
             "facepay_frames_undecoded",
             "Video frames left undecoded: no session was looking at the video",

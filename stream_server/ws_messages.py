@@ -92,8 +92,10 @@ class MetricsObserver:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    def frame_processed(self, timings_ms: dict[str, float]) -> None:
+    def frame_processed(self, timings_ms: dict[str, float], *, detector_ran: bool = True) -> None:
         self.metrics.frames_processed.inc()
+        if not detector_ran:
+            self.metrics.frames_no_detector.inc()
         for stage, ms in timings_ms.items():
             self.metrics.stage_seconds.labels(stage).observe(ms / 1000.0)
 

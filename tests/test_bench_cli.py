@@ -70,6 +70,7 @@ def test_bench_runs_real_terminals_and_reports_the_contract_keys(models_dir, dat
     assert out["confirm_ms"]["p50"] <= out["confirm_ms"]["p95"] <= out["confirm_ms"]["max"]
     frames = out["frames"]
     assert 0 < frames["processed"] <= frames["received"] <= frames["sent"]
+    assert frames["no_detector"] == 0  # a checkout runs the detector on every analysed frame
     # Server CPU includes the model inference it did, so the ratio is at least 1.
     assert 0 < out["model_ms_per_decision"] <= out["cpu_ms_per_decision"]
     assert out["overhead_ratio"] >= 1.0
@@ -143,6 +144,8 @@ def test_bench_gate_mode_runs_concurrent_gates_and_judges_every_decision(
     assert out["decision_ms"]["p50"] <= out["decision_ms"]["p95"] <= out["decision_ms"]["max"]
     frames = out["frames"]
     assert 0 < frames["processed"] <= frames["received"] <= frames["sent"]
+    # Each pass ends in an empty corridor: its unchanged looks skipped the detector.
+    assert 0 < frames["no_detector"] < frames["processed"]
     assert 0 < out["model_ms_per_decision"] <= out["cpu_ms_per_decision"]
     # No passphrase at a gate: no argon2id, so both ratios are the same.
     assert out["overhead_ratio"] == out["overhead_ratio_without_argon2id"] >= 1.0

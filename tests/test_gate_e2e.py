@@ -14,7 +14,7 @@ import pytest
 from pipeline.scene import Actor, SceneSpec, render_scene
 from pipeline.scene_presets import preset_scene, preset_turn_away
 from session.store import Store
-from stream_server.app import CONNECTIONS
+from stream_server.app import CONNECTIONS, METRICS
 
 pytestmark = pytest.mark.usefixtures("loopback_ice")
 
@@ -157,6 +157,11 @@ async def test_an_empty_corridor_is_looked_at_the_idle_rate_and_a_walker_at_ever
     assert 2 <= len(detector_looks) <= 4, detector_looks
     assert detector_looks[:2] == [0.0, min(t for t in looks if t >= 1.0)], (looks, empty)
     assert all(row[4] for row in trace[first_face:] if row[3] > 0)
+    # /metrics counts every skipped detector run of the session, the walker's wake included.
+    skipped = sum(1 for row in trace if not row[4])
+    assert skipped >= len(empty) - len(detector_looks)
+    exposed = env.app[METRICS].render().decode()
+    assert f"facepay_frames_no_detector_total {float(skipped)}" in exposed.splitlines()
     # While the walker is in view, no idle waits: the looks follow the frames.
     with_face = [row for row in trace[first_face:] if row[3] > 0]
     assert len(with_face) > 10
