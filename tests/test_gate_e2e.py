@@ -12,7 +12,7 @@ import itertools
 import pytest
 
 from pipeline.scene import Actor, SceneSpec, render_scene
-from pipeline.scene_presets import preset_scene, preset_turn_away
+from pipeline.scene_presets import largest_face_box, preset_scene, preset_turn_away
 from session.store import Store
 from stream_server.app import CONNECTIONS, METRICS
 
@@ -22,14 +22,6 @@ pytestmark = pytest.mark.usefixtures("loopback_ice")
 @pytest.fixture
 async def env(make_env):
     return await make_env()
-
-
-def _face_box(analyzer):
-    def box(image):
-        face = max(analyzer.detect(image), key=lambda f: f.box.area)
-        return (face.box.x1, face.box.y1, face.box.x2, face.box.y2)
-
-    return box
 
 
 async def _run_gate(env, analyzer, photo, spec: SceneSpec):
@@ -42,7 +34,7 @@ async def _run_gate(env, analyzer, photo, spec: SceneSpec):
             )
             enrolled[actor.name] = actor.kind
     _, token = await env.store.add_terminal(env.merchant.merchant_id, "gate")
-    frames = [f for f, _ in render_scene(spec, photo, _face_box(analyzer))]
+    frames = [f for f, _ in render_scene(spec, photo, largest_face_box(analyzer.detect))]
     term = await env.terminal(token=token)
     await term.start_video(frames, fps=spec.fps)
     session = next(c.session for c in env.app[CONNECTIONS] if c.terminal.mode == "gate")

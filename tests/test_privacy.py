@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 
 from pipeline.image import load_image
 from pipeline.scene import render_scene
-from pipeline.scene_presets import preset_scene
+from pipeline.scene_presets import largest_face_box, preset_scene
 from session.crypto import TemplateCipher
 from session.enrollment import template_from_image
 from session.store import Store
@@ -135,13 +135,11 @@ async def _checkout(env: Any, analyzer: Any, photo: Any, order: str) -> dict[str
 async def _gate_pass(env: Any, analyzer: Any, photo: Any) -> tuple[str, dict[str, Any]]:
     _, token = await env.store.add_terminal(env.merchant.merchant_id, "gate")
 
-    def box(image: Any) -> tuple[float, float, float, float]:
-        face = max(analyzer.detect(image), key=lambda f: f.box.area)
-        return (face.box.x1, face.box.y1, face.box.x2, face.box.y2)
-
     spec = preset_scene(1)
     term = await env.terminal(token)
-    await term.start_video([f for f, _ in render_scene(spec, photo, box)], fps=spec.fps)
+    await term.start_video(
+        [f for f, _ in render_scene(spec, photo, largest_face_box(analyzer.detect))], fps=spec.fps
+    )
     opened = await term.expect("gate_open", timeout=40)
     return token, opened
 
