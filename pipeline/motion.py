@@ -67,6 +67,9 @@ class ViewChange:
         self._empty: np.ndarray | None = None
         self._empty_t = -math.inf
         self._thumb: np.ndarray | None = None
+        #: Whether the view at the last :meth:`unchanged` had moved since it was last found
+        #: empty (True without a reference: nothing to compare with counts as moved).
+        self.moved = True
 
     def unchanged(self, image: ImageArray, t: float) -> bool:
         """Whether the detector may skip ``image`` (taken at ``t`` seconds).
@@ -75,10 +78,12 @@ class ViewChange:
         ``min_fraction`` of the thumbnail has changed since by more than ``pixel_delta``.
         """
         self._thumb = thumbnail(image)
-        if self._empty is None or t - self._empty_t >= self.config.max_still_s:
+        if self._empty is None:
+            self.moved = True
             return False
         moved = changed_fraction(self._empty, self._thumb, self.config.pixel_delta)
-        return moved < self.config.min_fraction
+        self.moved = moved >= self.config.min_fraction
+        return not self.moved and t - self._empty_t < self.config.max_still_s
 
     def looked(self, t: float, *, empty: bool) -> None:
         """The detector ran on the frame last passed to :meth:`unchanged`.

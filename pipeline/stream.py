@@ -71,6 +71,9 @@ class StreamAnalyzer:
         self.idle_check: ViewChange | None = None
         #: Whether the last :meth:`process` ran the detector (False: skipped by the check).
         self.detector_ran = False
+        #: Whether the idle check of the last :meth:`process` saw the view move since it was
+        #: last found empty (False when the check did not run: someone tracked, or no check).
+        self.view_moved = False
 
     def mark_decided(self, track_id: int) -> None:
         """The caller decided this track: stop spending embedder and liveness time on it."""
@@ -118,6 +121,7 @@ class StreamAnalyzer:
         # Nobody tracked: a view unchanged since it was last found empty needs no detector.
         idle = self.idle_check if not self.evidence else None
         self.detector_ran = idle is None or not idle.unchanged(frame, t)
+        self.view_moved = idle is not None and idle.moved
         if not self.detector_ran:
             self.skipped["detect"] += 1
             return []

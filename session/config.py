@@ -212,6 +212,26 @@ class ServerConfig(_Strict):
         return out + list(self.admin_operators.items())
 
 
+class IdleCameraConfig(_Strict):
+    """Ask an idle gate's camera for fewer frames (``{"type": "camera", "max_fps": N}``).
+
+    An empty corridor is looked at ``idle_scan_fps`` times a second, but the camera sends its
+    full rate (30 fps) and the server receives and decodes every frame: most of an idle
+    gate's CPU. Once the corridor has been empty and still for ``after_s``, the gate terminal
+    is asked to send at most ``fps`` frames a second; the first look that finds a face, a
+    tracked person or a moved view asks for the full rate again (``max_fps: null``). With
+    ``fps`` equal to ``idle_scan_fps`` the idle looks see the same frames as before; a
+    terminal that cannot lower its rate just keeps sending, which costs only CPU.
+    """
+
+    enabled: bool = True
+    #: The most frames a second an idle gate's camera is asked for.
+    fps: float = Field(10.0, ge=1.0, le=60.0)
+    #: How long the corridor must have been empty and still before asking (seconds): a gap
+    #: in a queue of walkers is shorter, so a busy gate stays at full rate.
+    after_s: float = Field(2.0, ge=0.2, le=600.0)
+
+
 class GateConfig(_Strict):
     """Walk-through gate: less video per decision than checkout, larger faces for evidence.
 
@@ -232,6 +252,7 @@ class GateConfig(_Strict):
     #: ... and of those looks, the detector runs only on a view that has changed since it
     #: was last found empty, or once every ``max_still_s`` (``pipeline/motion.py``).
     idle_change: ChangeConfig = ChangeConfig()
+    idle_camera: IdleCameraConfig = IdleCameraConfig()
     evidence: EvidenceConfig = EvidenceConfig(
         min_frames=4, min_span_s=0.1, spoof_fast_frames=3, window_s=2.0, spoof_min_frames=10
     )

@@ -61,6 +61,10 @@ class GateSession(VideoSession):
         self.idle_fps = services.config.gate.idle_scan_fps
         if services.config.gate.idle_change.enabled:
             self.stream.idle_check = ViewChange(services.config.gate.idle_change)
+        self.idle_camera = services.config.gate.idle_camera
+        #: The frame rate the gate's camera was last asked for; None: its full rate.
+        self.camera_fps: float | None = None
+        self._quiet_since: float | None = None
         #: (arrival, age at analysis ms, analysis ms, faces, detector ran) per analysed
         #: frame, bounded.
         self.trace: deque[tuple[float, float, float, int, bool]] = deque(maxlen=2000)
@@ -96,8 +100,36 @@ class GateSession(VideoSession):
                 if report.track_id not in self.decisions and report.verdict.status != "undecided":
                     await self._decide(report)
             await self._faces_event(reports, size)
+            await self._pace_camera(reports, item.t)
             if not reports and not self.stream.evidence:
                 await self._idle(item.t)
+
+    async def _pace_camera(self, reports: list[TrackReport], t: float) -> None:
+        """Ask for fewer frames once the corridor has been empty and still for
+        ``idle_camera.after_s``; ask for the full rate at the first face, track or movement.
+
+        Errs towards frames: any sign of someone restores the full rate at once, and a
+        terminal that ignores the request only costs CPU.
+        """
+        cfg = self.idle_camera
+        if not cfg.enabled:
+            return
+        if reports or self.stream.evidence or self.stream.view_moved:
+            self._quiet_since = None
+            if self.camera_fps is not None:
+                self.camera_fps = None
+                await self._send({"type": "camera", "max_fps": None})
+            return
+        if self._quiet_since is None:
+            self._quiet_since = t
+        if self.camera_fps is None and t - self._quiet_since >= cfg.after_s:
+            self.camera_fps = cfg.fps
+            await self._send({"type": "camera", "max_fps": cfg.fps})
+
+    def camera_restarted(self) -> None:
+        """The terminal offered a new video connection, which starts at its full rate."""
+        self.camera_fps = None
+        self._quiet_since = None
 
     async def _idle(self, t: float) -> None:
         """Nobody in view: the next look is at a frame that arrived one idle interval after

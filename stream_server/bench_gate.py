@@ -41,7 +41,7 @@ PEOPLE_CHOICES = (1, 3, 5)
 #: Added to the longest walk of an enrolled person to make the entry window.
 WINDOW_MARGIN_S = 0.5
 #: What a gate terminal listens for.
-_EVENTS = {"gate_open", "gate_deny", "error", "_closed"}
+_EVENTS = {"gate_open", "gate_deny", "camera", "error", "_closed"}
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,10 @@ class GateBenchTerminal(BenchTerminal):
 
     Each ``gate_open`` / ``gate_deny`` becomes one JSON line on stdout with the pass of the
     loop it belongs to (from the time since the camera's first frame). A gate whose video
-    connection dies offers a new one, as a gate controller would.
+    connection dies offers a new one, as a gate controller would. The server's ``camera``
+    messages (a lower frame rate while the corridor is empty, ``max_fps``; full rate again
+    with None) go to the track (:meth:`PacketTrack.set_max_fps`) and are counted in
+    ``camera_changes``.
     """
 
     def __init__(
@@ -162,6 +165,7 @@ class GateBenchTerminal(BenchTerminal):
     ) -> None:
         super().__init__(spec, token, index, track)
         self.delay_s = delay_s
+        self.camera_changes = 0  # the server's {"type": "camera"} messages
 
     async def _work(self, ws: aiohttp.ClientWebSocketResponse, end: float) -> None:
         """Wait for this gate's turn in the stagger, stream and listen until ``end``."""
@@ -174,12 +178,23 @@ class GateBenchTerminal(BenchTerminal):
                 break
             if event["type"] == "_closed":
                 raise ConnectionError("server closed the WebSocket")
+            if event["type"] == "camera":
+                self._camera(event)
+                continue
             if event["type"] == "error":
                 if event.get("code") == "video_lost":
                     self.reconnects += 1
                     await self._start_video(ws)
                 continue
             self._report(event)
+
+    def _camera(self, event: dict[str, Any]) -> None:
+        """Lower (``max_fps``) or restore (None) the camera's frame rate, as told."""
+        self.camera_changes += 1
+        max_fps = event.get("max_fps")
+        set_max_fps = getattr(self.track, "set_max_fps", None)
+        if set_max_fps is not None:
+            set_max_fps(None if max_fps is None else float(max_fps))
 
     def _report(self, event: dict[str, Any]) -> None:
         # The pass from the camera's clock: a walker is decided while in view, and the
@@ -291,4 +306,16 @@ def passes_from(lines: list[dict[str, Any]]) -> dict[int, int]:
         for line in lines:
             if "passes" in line:
                 out[int(line["terminal"])] = int(line["passes"])
+    return out
+
+
+def camera_totals(lines: list[dict[str, Any]]) -> dict[str, int]:
+    """All gate terminals' ``camera`` messages from the server (``camera_changes``) and
+    frames their cameras held back at a lowered rate (``frames_held``), from their last
+    lines."""
+    out = {"camera_changes": 0, "frames_held": 0}
+    for line in lines:
+        for key in out:
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                out[key] += int(line[key])
     return out

@@ -12,7 +12,7 @@ terminal streaming, as a camera that cannot pause would).
 
 The video is encoded once per process (a few seconds of the SOURCE as a camera would see it,
 keyframe every second) and the packets are replayed in a loop, as a camera with a hardware
-encoder hands them over. Encoding every frame in Python for every terminal would spend the
+encoder hands them over (``stream_server.bench_camera``). Encoding every frame in Python for every terminal would spend the
 2-core machine's CPU on the *clients* and measure them, not the server. ``--live-encode``
 keeps aiortc's per-frame software encoder when that is what you want to see.
 
@@ -23,27 +23,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fractions
 import json
-import math
 import sys
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import av
-import numpy as np
-from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc import RTCPeerConnection, RTCSessionDescription
 
-from stream_server.decode_gate import is_keyframe
+from stream_server.bench_camera import PacketTrack, encode_loop, send_video
 from stream_server.replay import ws_url
 from stream_server.replay_source import ReplayTrack, open_source
 from stream_server.webrtc import restrict_host_addresses, rtc_configuration
 
-_CLOCK = 90_000
 _PHONE = "need_phone_digits"
 #: Seconds of SOURCE encoded once and looped (a multiple of the keyframe interval).
 LOOP_S = 4
@@ -52,121 +45,6 @@ GAP_S = 0.3
 #: A session with no outcome this long after it started is counted lost (longer than the
 #: server's own session timeout, 60 s by default, so a timeout is seen as one).
 SESSION_GUARD_S = 90.0
-
-
-def encode_loop(frames: Iterable[np.ndarray], fps: float, bitrate: int = 1_000_000) -> list[bytes]:
-    """VP8 packets of ``frames`` with a keyframe every second (so a loop restarts cleanly)."""
-    codec = av.CodecContext.create("libvpx", "w")
-    codec.width, codec.height = 640, 480
-    codec.pix_fmt = "yuv420p"
-    codec.bit_rate = bitrate
-    codec.time_base = fractions.Fraction(1, round(fps))
-    codec.gop_size = round(fps)
-    codec.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
-    packets: list[bytes] = []
-    for i, image in enumerate(frames):
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="bgr24")
-        frame = frame.reformat(format="yuv420p")
-        frame.pts = i
-        packets.extend(bytes(p) for p in codec.encode(frame))
-    packets.extend(bytes(p) for p in codec.encode(None))
-    return packets
-
-
-class PacketTrack(MediaStreamTrack):
-    """Sends pre-encoded VP8 packets in a loop at ``fps`` (aiortc packs them, no encoding).
-
-    Like a hardware encoder it answers the server's keyframe requests (RTCP PLI): once
-    :meth:`attach`-ed to its sender, a request makes the next packet sent the next keyframe
-    of the loop. :meth:`pause` stops sending (the camera runs on: timestamps keep wall-clock
-    time) and :meth:`resume` restarts with the next keyframe, since the receiver cannot
-    decode an inter frame whose references it never got.
-    """
-
-    kind = "video"
-
-    def __init__(self, packets: list[bytes], fps: float) -> None:
-        super().__init__()
-        self.fps = fps
-        self._packets = packets
-        self._keyframes = [i for i, p in enumerate(packets) if is_keyframe("VP8", p)]
-        self._i = 0
-        self._t0: float | None = None
-        self._n = 0
-        self.frames_sent = 0
-        self.keyframes_requested = 0
-        self._sending = asyncio.Event()
-        self._sending.set()
-
-    def attach(self, sender: RTCRtpSender) -> None:
-        """Answer ``sender``'s keyframe requests (aiortc would ask an encoder this has not)."""
-        sender._send_keyframe = self.request_keyframe  # type: ignore[method-assign]
-
-    def request_keyframe(self) -> None:
-        """Send the loop's next keyframe next (the loop starts with one)."""
-        self.keyframes_requested += 1
-        self._seek_keyframe()
-
-    def pause(self) -> None:
-        """Stop sending until :meth:`resume` (between shoppers)."""
-        self._sending.clear()
-
-    def resume(self) -> None:
-        """Send again, starting with a keyframe."""
-        self._sending.set()
-
-    @property
-    def started_at(self) -> float | None:
-        """``time.monotonic()`` of the first frame sent (None before)."""
-        return self._t0
-
-    @property
-    def loop_frames(self) -> int:
-        """Frames in one pass of the loop."""
-        return len(self._packets)
-
-    @property
-    def paused(self) -> bool:
-        """True between :meth:`pause` and :meth:`resume`."""
-        return not self._sending.is_set()
-
-    def _seek_keyframe(self) -> None:
-        later = [k for k in self._keyframes if k >= self._i]
-        self._i = later[0] if later else 0
-
-    async def recv(self) -> av.Packet:
-        """The next packet, paced at ``fps``."""
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self._t0 is None:
-            self._t0 = time.monotonic()
-        else:
-            self._n += 1
-            wait = self._t0 + self._n / self.fps - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-        if not self._sending.is_set():
-            await self._sending.wait()
-            if self.readyState != "live":
-                raise MediaStreamError
-            # The camera ran on while nothing was sent: the timestamps move on with the
-            # clock, and the receiver can only restart from a keyframe.
-            self._n = max(self._n, math.ceil((time.monotonic() - self._t0) * self.fps))
-            self._seek_keyframe()
-        packet = av.Packet(self._packets[self._i])
-        self._i = (self._i + 1) % len(self._packets)
-        packet.pts = round(self._n * _CLOCK / self.fps)
-        packet.time_base = fractions.Fraction(1, _CLOCK)
-        self.frames_sent += 1
-        return packet
-
-
-def send_video(pc: RTCPeerConnection, track: MediaStreamTrack) -> RTCRtpSender:
-    """Add ``track`` to ``pc`` as a send-only camera; a :class:`PacketTrack` answers PLI."""
-    sender = pc.addTransceiver(track, direction="sendonly").sender
-    if isinstance(track, PacketTrack):
-        track.attach(sender)
-    return sender
 
 
 class BenchTerminal:
@@ -224,6 +102,8 @@ class BenchTerminal:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.pc.close(), 5.0)
         self.video_lost = False
+        if isinstance(self.track, PacketTrack):
+            self.track.set_max_fps(None)  # a new connection starts at the full frame rate
         pc = self.pc = RTCPeerConnection(rtc_configuration())
         send_video(pc, self.track)
         await pc.setLocalDescription(await pc.createOffer())
@@ -323,7 +203,9 @@ async def run_process(spec: dict[str, Any]) -> None:
     packets: list[bytes] | None = None
     if gate:  # the whole looped scene, one pass (stream_server.bench_gate)
         frames = open_source(spec["source"], fps=fps, seconds=float(spec["period_s"]))
-        packets = encode_loop(frames, fps)
+        # In temporal layers: the server lowers a gate's frame rate while its corridor is
+        # empty (``{"type": "camera"}``), and packets can then be left out.
+        packets = encode_loop(frames, fps, layers=True)
     elif not spec.get("live_encode") and spec["tokens"]:
         frames = open_source(spec["source"], fps=fps, seconds=LOOP_S, focus=focus)
         packets = encode_loop(frames, fps)
@@ -333,7 +215,7 @@ async def run_process(spec: dict[str, Any]) -> None:
     terminals: list[BenchTerminal] = []
     for index, token in spec["tokens"]:
         if packets is not None:
-            track: Any = PacketTrack(packets, fps)
+            track: Any = PacketTrack(packets, fps, layered=gate)
         else:
             frames = open_source(
                 spec["source"],
@@ -359,7 +241,11 @@ async def run_process(spec: dict[str, Any]) -> None:
         sent = getattr(t.track, "frames_sent", 0)
         line = {"terminal": t.index, "frames_sent": sent, "reconnects": t.reconnects}
         if gate and isinstance(t.track, PacketTrack):
-            line["passes"] = sent // t.track.loop_frames  # complete passes of the scene
+            # Complete passes of the scene: frames held back by the rate limit took their time.
+            line["passes"] = t.track.frames_played // t.track.loop_frames
+            line["frames_held"] = t.track.frames_held
+        if isinstance(t, GateBenchTerminal):
+            line["camera_changes"] = t.camera_changes
         print(json.dumps(line), flush=True)
 
 

@@ -359,6 +359,7 @@ async def _run(args: argparse.Namespace, server: BenchServer, n: int, job: _Job)
         result.update(peak_rss_mb=round(peak, 1), terminal_errors=errors, _records=records)
         result["resources"] = sampler.summary(result["decisions"]["opens"])
         result["video_reconnects"] = reconnects
+        result["camera"] = bench_gate.camera_totals(ends)  # gate.idle_camera requests
         if result["decisions"]["repeats"] and args.server:
             say(
                 "bench: the server counted repeats (walkers inside its entry window): give it "

@@ -268,6 +268,8 @@ class TerminalConnection:
         answer = await self.ingest.start(offer.sdp, offer.sdp_type)
         await self.send({"type": "answer", "sdp": answer.sdp, "sdp_type": answer.type})
         if self.terminal is not None and self.terminal.mode == "gate":
+            if isinstance(self.session, GateSession):
+                self.session.camera_restarted()  # a new connection sends at full rate
             self._start_gate()
 
     def _notify(self, event: dict[str, Any]) -> None:

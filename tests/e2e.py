@@ -138,15 +138,17 @@ async def start_env(
     *,
     server: dict[str, Any] | None = None,
     limits: dict[str, Any] | None = None,
+    gate: dict[str, Any] | None = None,
     **policy: Any,
 ) -> Env:
-    """Start the app (real Redis, models) with policy overrides (and server/limits ones);
-    one merchant + terminal."""
+    """Start the app (real Redis, models) with policy overrides (and server/limits/gate
+    ones); one merchant + terminal."""
     config = FacePayConfig.model_validate(
         {
             "policy": policy,
             "server": {"admin_token": ADMIN_TOKEN, "workers": 2, **(server or {})},
             "limits": limits or {},
+            "gate": gate or {},
         }
     )
     app = create_app(

@@ -16,7 +16,7 @@ import av
 import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
 
-from stream_server.bench_terminal import send_video
+from stream_server.bench_camera import send_video
 from stream_server.replay_source import ReplayTrack
 from stream_server.webrtc import VideoIngest, rtc_configuration
 

@@ -222,6 +222,107 @@ async def test_gate_opens_for_an_enrolled_person(env, analyzer, photo, tmp_path)
     assert len(await env.payments()) == 1
 
 
+# Injected by the test (never shipped in the page): the page's peer connections, newest last.
+PEERS_JS = """
+(() => {
+  const Native = window.RTCPeerConnection;
+  const peers = (window.__fpPeers = []);
+  window.RTCPeerConnection = class extends Native {
+    constructor(...args) { super(...args); peers.push(this); }
+  };
+})();
+"""
+
+# What the newest peer connection's video sender encodes: the maxFramerate of each encoding
+# ("unset": none, the camera's full rate) and the frames sent so far.
+SENDER_JS = """
+async () => {
+  const pc = window.__fpPeers[window.__fpPeers.length - 1];
+  const sender = pc.getSenders().find((s) => s.track && s.track.kind === "video");
+  const caps = sender.getParameters().encodings.map(
+    (e) => (e.maxFramerate === undefined ? "unset" : e.maxFramerate));
+  let sent = 0;
+  for (const r of (await sender.getStats()).values()) {
+    if (r.type === "outbound-rtp") sent += r.framesSent;
+  }
+  return { peers: window.__fpPeers.length, caps, sent };
+}
+"""
+
+
+async def _frames_sent_per_s(page, seconds: float = 2.0) -> float:
+    """The frame rate the page's video sender sends, measured over ``seconds``."""
+    before = (await page.evaluate(SENDER_JS))["sent"]
+    await asyncio.sleep(seconds)
+    return ((await page.evaluate(SENDER_JS))["sent"] - before) / seconds
+
+
+async def test_gate_camera_lowers_and_restores_its_frame_rate(env, analyzer, photo, tmp_path):
+    """The server's ``{"type": "camera", "max_fps": N}`` caps the gate's video sender at N
+    frames a second, ``max_fps: null`` lifts the cap; the video flows throughout, and a new
+    video connection starts at the full rate. The messages go out through the server's own
+    socket (not its idle timing, which tests/test_gate_e2e.py covers)."""
+    _, token = await env.store.add_terminal(env.merchant.merchant_id, "gate")
+    # 30 fps like a gate camera: a cap of 10 is plain in the frames sent.
+    camera = write_camera(analyzer, photo(SHOPPER), tmp_path / "cam.y4m", fps=30)
+    async with browser_page(tmp_path / "profile", camera) as page:
+        await page.add_init_script(script=PEERS_JS)
+        await page.goto(_url(env, f"/gate#token={token}"))
+        await wait_state(page, "scanning")
+        await page.wait_for_selector("body[data-camera=full]")
+        [conn] = list(env.app[CONNECTIONS])
+        assert (await page.evaluate(SENDER_JS))["caps"] == ["unset"]
+        full = await _frames_sent_per_s(page)
+
+        await conn.send({"type": "camera", "max_fps": 10})
+        await page.wait_for_selector("body[data-camera=idle]")
+        assert (await page.evaluate(SENDER_JS))["caps"] == [10]
+        capped = await _frames_sent_per_s(page)
+        # Still sending, and the server still receives: capped, not paused.
+        arrived = conn.ingest.frames + conn.ingest.undecoded
+        for _ in range(50):  # bounded wait (5 s)
+            if conn.ingest.frames + conn.ingest.undecoded > arrived + 5:
+                break
+            await asyncio.sleep(0.1)
+        assert conn.ingest.frames + conn.ingest.undecoded > arrived + 5
+        assert 0 < capped <= 15 < full, (capped, full)
+
+        await conn.send({"type": "camera", "max_fps": None})
+        await page.wait_for_selector("body[data-camera=full]")
+        assert (await page.evaluate(SENDER_JS))["caps"] == ["unset"]
+        assert await _frames_sent_per_s(page) > 15
+
+        # Capped, then the socket drops: the next video connection sends its full rate.
+        await conn.send({"type": "camera", "max_fps": 10})
+        await page.wait_for_selector("body[data-camera=idle]")
+        await conn.ws.close()
+        await wait_state(page, "connecting")
+        await wait_state(page, "scanning")
+        await page.wait_for_selector("body[data-camera=full]")
+        sender = await page.evaluate(SENDER_JS)
+        assert sender["peers"] == 2 and sender["caps"] == ["unset"], sender
+
+        # A browser that refuses the cap only warns, and keeps sending its full rate.
+        warnings: list[str] = []
+        page.on("console", lambda m: warnings.append(m.text) if m.type == "warning" else None)
+        await page.evaluate(
+            "() => { RTCRtpSender.prototype.setParameters = () =>"
+            " Promise.reject(new DOMException('unsupported', 'InvalidModificationError')); }"
+        )
+        [conn] = list(env.app[CONNECTIONS])
+        await conn.send({"type": "camera", "max_fps": 10})
+        for _ in range(50):  # bounded wait (5 s)
+            if any("cap the video at 10 fps" in w for w in warnings):
+                break
+            await asyncio.sleep(0.1)
+        assert any("cap the video at 10 fps" in w for w in warnings), warnings
+        assert await page.get_attribute("body", "data-camera") == "full"
+        assert (await page.evaluate(SENDER_JS))["caps"] == ["unset"]
+        assert await _frames_sent_per_s(page) > 15
+        assert csp_violations(page) == []
+        assert page.console_errors == []
+
+
 async def test_bad_token_and_missing_token_say_so(env, tmp_path):
     async with browser_page(tmp_path / "profile", None) as page:
         shots = StateShots(page, "checkout-no-token")

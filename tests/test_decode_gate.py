@@ -14,7 +14,7 @@ import pytest
 from aiortc import RTCPeerConnection
 
 from session.frames import FrameSlot
-from stream_server.bench_terminal import PacketTrack, encode_loop
+from stream_server.bench_camera import PacketTrack, encode_loop
 from stream_server.decode_gate import DecodeGate, is_keyframe
 from stream_server.webrtc import (
     VideoIngest,

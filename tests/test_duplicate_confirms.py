@@ -40,7 +40,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from stream_server.app import REDIS
-from stream_server.bench_terminal import PacketTrack, encode_loop
+from stream_server.bench_camera import PacketTrack, encode_loop
 from tests.e2e import PASSPHRASE, Env, camera_frames, start_env
 from tests.terminal import TestTerminal
 

@@ -25,7 +25,8 @@ async def env(make_env):
 
 
 async def _run_gate(env, analyzer, photo, spec: SceneSpec):
-    """Enrol the scene's enrolled people, stream it through a gate terminal; gate events."""
+    """Enrol the scene's enrolled people, stream it through a gate terminal; its gate
+    events, the accounts opened for, the gate session and every event the terminal got."""
     enrolled = {}
     for actor in spec.actors:
         if actor.enrolled and actor.enroll_photo and actor.name not in enrolled:
@@ -45,7 +46,7 @@ async def _run_gate(env, analyzer, photo, spec: SceneSpec):
     for e in events:
         if e["type"] == "gate_open":
             opened.append((await env.store.get_payment(e["payment_id"])).account_id)
-    return events, opened, session
+    return events, opened, session, term.events
 
 
 def _expect(spec: SceneSpec):
@@ -58,7 +59,7 @@ def _expect(spec: SceneSpec):
 @pytest.mark.parametrize("people", [1, 3, 5])
 async def test_each_person_gets_one_right_decision(env, analyzer, photo, people):
     spec = preset_scene(people)
-    events, opened, session = await _run_gate(env, analyzer, photo, spec)
+    events, opened, session, _ = await _run_gate(env, analyzer, photo, spec)
     live_enrolled, unknown, prints = _expect(spec)
     assert sorted(opened) == live_enrolled, events  # each enrolled walker exactly once
     denies = [e["reason"] for e in events if e["type"] == "gate_deny"]
@@ -87,14 +88,14 @@ async def test_a_person_passing_twice_in_the_window_pays_once(env, analyzer, pho
         exit_s=first.exit_s + 4.0,
     )
     spec = SceneSpec(seconds=second.exit_s + 0.2, actors=(first, second), seed=1)
-    events, opened, session = await _run_gate(env, analyzer, photo, spec)
+    events, opened, session, _ = await _run_gate(env, analyzer, photo, spec)
     assert opened == ["obama"], events
     assert len(await env.payments()) == 1
     assert "repeat" in session.decisions.values(), session.decisions
 
 
 async def test_turning_away_before_enough_evidence_gets_no_decision(env, analyzer, photo):
-    events, opened, _session = await _run_gate(env, analyzer, photo, preset_turn_away())
+    events, opened, _, _ = await _run_gate(env, analyzer, photo, preset_turn_away())
     assert events == [] and opened == []
     assert await env.payments() == []
 
@@ -129,7 +130,7 @@ async def test_an_empty_corridor_is_looked_at_the_idle_rate_and_a_walker_at_ever
     and the walker is still decided."""
     walker = dataclasses.replace(preset_scene(1).actors[0], enter_s=2.0, exit_s=4.5)
     spec = SceneSpec(seconds=5.0, actors=(walker,), seed=2)
-    events, opened, session = await _run_gate(env, analyzer, photo, spec)
+    events, opened, session, _ = await _run_gate(env, analyzer, photo, spec)
     assert opened == ["obama"], events
     trace = list(session.trace)  # (arrival, age ms, analysis ms, faces, detector ran)
     first_face = next(i for i, row in enumerate(trace) if row[3] > 0)
@@ -159,3 +160,28 @@ async def test_an_empty_corridor_is_looked_at_the_idle_rate_and_a_walker_at_ever
     assert len(with_face) > 10
     face_gaps = sorted(b[0] - a[0] for a, b in itertools.pairwise(with_face))
     assert face_gaps[len(face_gaps) // 2] < 0.1, face_gaps
+
+
+async def test_an_idle_gate_asks_its_camera_for_fewer_frames_and_a_walker_restores_them(
+    make_env, analyzer, photo
+):
+    """``gate.idle_camera``: after ``after_s`` of empty, still corridor the gate terminal is
+    asked for ``fps`` frames a second; the walker's first movement asks for the full rate
+    again, before his decision; once he has gone and the corridor is still, fewer again."""
+    env = await make_env(gate={"idle_camera": {"after_s": 1.0, "fps": 10}})
+    walker = dataclasses.replace(preset_scene(1).actors[0], enter_s=2.5, exit_s=5.0)
+    spec = SceneSpec(seconds=7.5, actors=(walker,), seed=3)
+    events, opened, session, got = await _run_gate(env, analyzer, photo, spec)
+    assert opened == ["obama"], events
+    term_events = [e for e in got if e["type"] in ("camera", "gate_open")]
+    kinds = [(e["type"], e.get("max_fps")) for e in term_events]
+    assert kinds == [("camera", 10), ("camera", None), ("gate_open", None), ("camera", 10)], kinds
+    assert session.camera_fps == 10
+
+
+async def test_the_idle_camera_request_can_be_turned_off(make_env, analyzer, photo):
+    env = await make_env(gate={"idle_camera": {"enabled": False}})
+    spec = SceneSpec(seconds=3.0, actors=(), seed=4)
+    _, _, session, got = await _run_gate(env, analyzer, photo, spec)
+    assert [e["type"] for e in got if e["type"] == "camera"] == []
+    assert session.camera_fps is None

@@ -81,6 +81,21 @@ def test_a_small_change_is_seen_and_a_face_drops_the_reference():
     assert check.unchanged(_grey(100), 0.3)
 
 
+def test_moved_tells_a_changed_view_from_a_due_full_look():
+    """``moved`` (what the gate's idle camera request listens to) is about the picture only:
+    a still view's once-a-second full look has not moved; a changed view and a view with
+    nothing to compare with have."""
+    check = ViewChange(CONFIG)
+    check.unchanged(_grey(100), 0.0)
+    assert check.moved  # no reference yet
+    check.looked(0.0, empty=True)
+    assert check.unchanged(_grey(100), 0.1) and not check.moved
+    assert not check.unchanged(_grey(100), CONFIG.max_still_s) and not check.moved
+    changed = _grey(100)
+    changed[:8, : 12 * 8] = 140
+    assert not check.unchanged(changed, CONFIG.max_still_s + 0.1) and check.moved
+
+
 def test_slow_drift_adds_up_against_the_last_empty_view():
     """The reference is the last view found empty, not the previous frame: a change of 4
     grey levels per look, each below ``pixel_delta`` (16), is seen once it adds up."""

@@ -22,7 +22,7 @@ from pipeline.errors import InvalidRequest
 from pipeline.image import load_image
 from pipeline.streamgen import StreamSpec, make_stream
 from stream_server import replay
-from stream_server.bench_terminal import send_video
+from stream_server.bench_camera import send_video
 from stream_server.webrtc import (
     BgrConverter,
     VideoIngest,

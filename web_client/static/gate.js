@@ -60,7 +60,21 @@ function onDeny(msg) {
   listDecision("deny", `#${msg.track_id} deny (${msg.reason}) — ${msg.decision_ms} ms`);
 }
 
-const handlers = { faces: onFaces, gate_open: onOpen, gate_deny: onDeny };
+/** body[data-camera] for kiosk automation and tests: `idle` (capped) or `full` rate. */
+function showCamera() {
+  document.body.dataset.camera = terminal.maxFps ? "idle" : "full";
+}
+
+/**
+ * The server asks for fewer frames while the corridor is empty, and for the full rate as
+ * soon as anything moves (a new video connection starts at full rate).
+ */
+async function onCamera(msg) {
+  await terminal.setMaxFramerate(msg.max_fps).catch((err) => console.warn(err));
+  showCamera();
+}
+
+const handlers = { faces: onFaces, gate_open: onOpen, gate_deny: onDeny, camera: onCamera };
 
 function fail(text) {
   setState("error");
@@ -76,10 +90,12 @@ const terminal = new Terminal({
     // The gate session starts with the video itself: no start message.
     baseState = "scanning";
     setState(baseState);
+    showCamera();
     setText("status", "Walk through and look at the camera");
   },
   onStatus: (text, ok) => {
     setText("conn", text);
+    showCamera(); // after a re-offer: the new video connection sends its full rate
     if (!ok) {
       baseState = "connecting";
       clearTimeout(bannerTimer);

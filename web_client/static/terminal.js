@@ -86,6 +86,7 @@ export class Terminal {
     this.reoffering = false;
     this.stopped = false;
     this.videoSending = false; // whether the current peer connection sends video
+    this.maxFps = null; // the frame-rate cap the current peer connection applies; null: none
   }
 
   /**
@@ -184,6 +185,7 @@ export class Terminal {
     const pc = new RTCPeerConnection({ iceServers: [] });
     this.pc = pc;
     this.videoSending = true; // a new connection sends until told otherwise
+    this.maxFps = null; // ... at the camera's full rate, as the server assumes
     for (const track of this.stream.getVideoTracks()) pc.addTrack(track, this.stream);
     await pc.setLocalDescription(await pc.createOffer());
     await waitIceComplete(pc);
@@ -222,15 +224,62 @@ export class Terminal {
    * video sender is now in that state.
    */
   setVideoSending(on) {
-    // One change at a time: setParameters must get what the last getParameters returned.
+    return this.editVideo(
+      (enc) => {
+        if (enc.active === on) return false;
+        enc.active = on;
+        return true;
+      },
+      on ? "restart the video" : "pause the video",
+      () => (this.videoSending = on),
+    );
+  }
+
+  /**
+   * Send at most `fps` frames a second (a positive number), or the camera's full rate again
+   * (null). A gate's server looks at only a few frames a second while the corridor is empty
+   * and says so ({"type": "camera", "max_fps": N}); receiving and decoding the rest costs
+   * it CPU. Errs towards frames: anything but a positive number means full rate, a failure
+   * (a browser without maxFramerate) only warns and leaves the video as it was, and a
+   * request that came before the server answered the current peer connection is dropped
+   * (it was meant for the previous one; a new connection starts at full rate). Resolves to
+   * whether every video sender now applies it; `maxFps` says what they apply.
+   */
+  setMaxFramerate(fps) {
+    const cap = typeof fps === "number" && Number.isFinite(fps) && fps > 0 ? fps : null;
+    const pc = this.pc;
+    if (!pc || !pc.remoteDescription) return Promise.resolve(false);
+    const edit = (enc) => {
+      if (cap === null) {
+        if (enc.maxFramerate === undefined) return false;
+        delete enc.maxFramerate; // Chrome: no value, no limit
+        return true;
+      }
+      if (enc.maxFramerate === cap) return false;
+      enc.maxFramerate = cap;
+      return true;
+    };
+    const what = cap === null ? "restore the full frame rate" : `cap the video at ${cap} fps`;
+    return this.editVideo(edit, what, () => (this.maxFps = cap), pc);
+  }
+
+  /**
+   * Apply `edit(encoding)` (changes one encoding in place, says whether it changed it) to
+   * every encoding of every video sender. One change at a time, `active` and `maxFramerate`
+   * alike: setParameters must get what the last getParameters returned. `applied()` runs
+   * once every video sender of the still current peer connection has the change. `forPc`:
+   * only if that is still the current peer connection (default: whichever is current by
+   * then). Resolves to whether every video sender now has the change; a failure only warns.
+   */
+  editVideo(edit, what, applied, forPc = null) {
     const previous = (this.videoChange || Promise.resolve()).catch(() => false);
-    this.videoChange = previous.then(() => this.applyVideo(on));
+    this.videoChange = previous.then(() => this.applyVideoEdit(edit, what, applied, forPc));
     return this.videoChange;
   }
 
-  async applyVideo(on) {
+  async applyVideoEdit(edit, what, applied, forPc) {
     const pc = this.pc;
-    if (!pc) return false;
+    if (!pc || (forPc && forPc !== pc)) return false;
     let ok = true;
     for (const sender of pc.getSenders()) {
       if (!sender.track || sender.track.kind !== "video") continue;
@@ -239,16 +288,16 @@ export class Terminal {
         ok = false; // not negotiated yet: it sends as soon as it is
         continue;
       }
-      if (params.encodings.every((e) => e.active === on)) continue;
-      for (const enc of params.encodings) enc.active = on;
+      // Every encoding, even once one changed: no short-circuit.
+      if (!params.encodings.map(edit).includes(true)) continue;
       try {
         await sender.setParameters(params);
       } catch (err) {
-        console.warn("could not %s the video: %s", on ? "restart" : "pause", err);
+        console.warn("could not %s: %s", what, err);
         ok = false;
       }
     }
-    if (ok && pc === this.pc) this.videoSending = on;
+    if (ok && pc === this.pc) applied();
     return ok;
   }
 

@@ -1,0 +1,246 @@
+"""The bench's camera: pre-encoded VP8 packets sent in a loop, as a hardware encoder would.
+
+``facepay bench`` encodes a few seconds of its SOURCE once per terminal process
+(:func:`encode_loop`) and every terminal replays the packets (:class:`PacketTrack`): encoding
+every frame in Python for every terminal would spend the 2-core machine's CPU on the
+*clients*. Gate terminals encode in temporal layers, so that their camera can lower its frame
+rate when the server asks (``{"type": "camera", "max_fps": N}``) by leaving out the upper
+layers, as a browser's ``maxFramerate`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import math
+import time
+from collections.abc import Iterable
+
+import av
+import numpy as np
+from aiortc import RTCPeerConnection, RTCRtpSender
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from stream_server.decode_gate import is_keyframe
+
+_CLOCK = 90_000
+
+#: Temporal layer of each frame in a layered encoding, by frame index % TS_PERIOD (libvpx's
+#: 3-layer pattern 0-2-1-2): layer 0 is a quarter of the frame rate, layers 0+1 half of it.
+TS_LAYER_IDS = (0, 2, 1, 2)
+TS_PERIOD = len(TS_LAYER_IDS)
+#: Share of the frames (and of the bitrate) of layers 0, 0+1 and 0+1+2.
+TS_DECIMATORS = (4, 2, 1)
+
+
+def encode_loop(
+    frames: Iterable[np.ndarray], fps: float, bitrate: int = 1_000_000, *, layers: bool = False
+) -> list[bytes]:
+    """VP8 packets of ``frames``, one per frame, a keyframe every second (so a loop restarts
+    cleanly).
+
+    With ``layers`` the packets form three temporal layers (:data:`TS_LAYER_IDS`: frame i is
+    of layer ``TS_LAYER_IDS[i % 4]``), so that a camera can lower its frame rate by dropping
+    the upper layers of pre-encoded packets (:meth:`PacketTrack.set_max_fps`) and what is
+    left still decodes to the same pictures. For that the encoding is error resilient (no
+    entropy context carried from frame to frame) and the keyframe interval is a multiple of
+    4 (libvpx's layer pattern does not restart at a keyframe: keyframes then fall on layer 0).
+    """
+    codec = av.CodecContext.create("libvpx", "w")
+    codec.width, codec.height = 640, 480
+    codec.pix_fmt = "yuv420p"
+    codec.bit_rate = bitrate
+    codec.time_base = fractions.Fraction(1, round(fps))
+    options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
+    if layers:
+        codec.gop_size = TS_PERIOD * max(1, math.ceil(fps / TS_PERIOD))
+        kbits = ",".join(str(max(1, bitrate // 1000 // d)) for d in TS_DECIMATORS)
+        options["error-resilient"] = "1"
+        options["ts-parameters"] = (
+            f"ts_number_layers={len(TS_DECIMATORS)}:ts_target_bitrate={kbits}"
+            f":ts_rate_decimator={','.join(map(str, TS_DECIMATORS))}:ts_periodicity={TS_PERIOD}"
+            f":ts_layer_id={','.join(map(str, TS_LAYER_IDS))}:ts_layering_mode=3"
+        )
+    else:
+        codec.gop_size = round(fps)
+    codec.options = options
+    packets: list[bytes] = []
+    n = 0
+    for n, image in enumerate(frames, 1):
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="bgr24")
+        frame = frame.reformat(format="yuv420p")
+        frame.pts = n - 1
+        packets.extend(bytes(p) for p in codec.encode(frame))
+    packets.extend(bytes(p) for p in codec.encode(None))
+    if layers and len(packets) != n:  # a frame's layer is known only from its index
+        raise RuntimeError(f"libvpx gave {len(packets)} packets for {n} frames")
+    return packets
+
+
+class PacketTrack(MediaStreamTrack):
+    """Sends pre-encoded VP8 packets in a loop at ``fps`` (aiortc packs them, no encoding).
+
+    Like a hardware encoder it answers the server's keyframe requests (RTCP PLI): once
+    :meth:`attach`-ed to its sender, a request makes the next packet sent the next keyframe
+    of the loop. :meth:`pause` stops sending (the camera runs on: timestamps keep wall-clock
+    time) and :meth:`resume` restarts with the next keyframe, since the receiver cannot
+    decode an inter frame whose references it never got.
+
+    :meth:`set_max_fps` lowers the frame rate as a browser's ``maxFramerate`` does: the
+    camera keeps its clock (``fps``, and the timestamps with it) and frames are left out.
+    Only ``layered`` packets (``encode_loop(..., layers=True)``) can be left out without
+    breaking the frames after them; an unlayered track is a camera that cannot lower its
+    rate and sends every frame whatever it is told.
+    """
+
+    kind = "video"
+
+    def __init__(self, packets: list[bytes], fps: float, *, layered: bool = False) -> None:
+        super().__init__()
+        self.fps = fps
+        self.layered = layered
+        self._packets = packets
+        self._keyframes = [i for i, p in enumerate(packets) if is_keyframe("VP8", p)]
+        self._is_key = set(self._keyframes)
+        self._i = 0
+        self._t0: float | None = None
+        self._n = 0
+        self.frames_sent = 0
+        #: Frames of the loop not sent because of :meth:`set_max_fps` (their time passed).
+        self.frames_held = 0
+        self.keyframes_requested = 0
+        self.max_fps: float | None = None
+        #: Highest temporal layer sent, and the one asked for (see :meth:`set_max_fps`).
+        self._top = self._wanted_top = len(TS_DECIMATORS) - 1
+        self._sending = asyncio.Event()
+        self._sending.set()
+
+    def attach(self, sender: RTCRtpSender) -> None:
+        """Answer ``sender``'s keyframe requests (aiortc would ask an encoder this has not)."""
+        sender._send_keyframe = self.request_keyframe  # type: ignore[method-assign]
+
+    def request_keyframe(self) -> None:
+        """Send the loop's next keyframe next (the loop starts with one)."""
+        self.keyframes_requested += 1
+        self._seek_keyframe()
+
+    def pause(self) -> None:
+        """Stop sending until :meth:`resume` (between shoppers)."""
+        self._sending.clear()
+
+    def resume(self) -> None:
+        """Send again, starting with a keyframe."""
+        self._sending.set()
+
+    def set_max_fps(self, max_fps: float | None) -> None:
+        """Send at most about ``max_fps`` frames a second (None: every frame).
+
+        A layered track sends the fewest temporal layers whose rate is at least ``max_fps``
+        (never fewer frames than asked: at 30 fps, 10 means layers 0+1, 15 frames a
+        second). Fewer layers take effect at once; more from the next base-layer frame or
+        keyframe, since an upper-layer frame may refer to one of its layer that was left
+        out. An unlayered track notes ``max_fps`` and sends every frame.
+        """
+        self.max_fps = max_fps
+        self._wanted_top = layers_for(max_fps, self.fps) - 1
+        self._top = min(self._top, self._wanted_top)
+
+    @property
+    def sending_fps(self) -> float:
+        """Frames sent a second at the current rate limit (``fps`` when unlimited)."""
+        if not self.layered:
+            return self.fps
+        return self.fps / TS_DECIMATORS[self._top]
+
+    @property
+    def started_at(self) -> float | None:
+        """``time.monotonic()`` of the first frame sent (None before)."""
+        return self._t0
+
+    @property
+    def loop_frames(self) -> int:
+        """Frames in one pass of the loop."""
+        return len(self._packets)
+
+    @property
+    def frames_played(self) -> int:
+        """Frames of the loop the camera went through, sent or held back by the rate."""
+        return self.frames_sent + self.frames_held
+
+    @property
+    def paused(self) -> bool:
+        """True between :meth:`pause` and :meth:`resume`."""
+        return not self._sending.is_set()
+
+    def _seek_keyframe(self) -> None:
+        later = [k for k in self._keyframes if k >= self._i]
+        self._i = later[0] if later else 0
+
+    async def _tick(self) -> None:
+        """Wait for the camera's next frame time (and for :meth:`resume` when paused)."""
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._t0 is None:
+            self._t0 = time.monotonic()
+        else:
+            self._n += 1
+            wait = self._t0 + self._n / self.fps - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        if not self._sending.is_set():
+            await self._sending.wait()
+            if self.readyState != "live":
+                raise MediaStreamError
+            # The camera ran on while nothing was sent: the timestamps move on with the
+            # clock, and the receiver can only restart from a keyframe.
+            self._n = max(self._n, math.ceil((time.monotonic() - self._t0) * self.fps))
+            self._seek_keyframe()
+
+    def next_frame(self) -> bytes | None:
+        """The camera's next frame: its packet, or None if the rate limit leaves it out.
+
+        :meth:`recv` calls this once a frame time (``1 / fps``); called directly it plays
+        the loop without the pacing.
+        """
+        i = self._i
+        self._i = (i + 1) % len(self._packets)
+        if not self.layered:
+            return self._packets[i]
+        key = i in self._is_key
+        if key or i % TS_PERIOD == 0:  # later frames refer to none before this one
+            self._top = self._wanted_top
+        if key or TS_LAYER_IDS[i % TS_PERIOD] <= self._top:
+            return self._packets[i]
+        self.frames_held += 1
+        return None
+
+    async def recv(self) -> av.Packet:
+        """The next packet sent, paced at ``fps`` (frames held back take their time)."""
+        data = None
+        while data is None:
+            await self._tick()
+            data = self.next_frame()
+        packet = av.Packet(data)
+        packet.pts = round(self._n * _CLOCK / self.fps)
+        packet.time_base = fractions.Fraction(1, _CLOCK)
+        self.frames_sent += 1
+        return packet
+
+
+def layers_for(max_fps: float | None, fps: float) -> int:
+    """How many temporal layers (of :data:`TS_DECIMATORS`) a ``fps`` camera sends to keep
+    to ``max_fps``: the fewest whose rate is at least ``max_fps`` (all for None)."""
+    if max_fps is None:
+        return len(TS_DECIMATORS)
+    for n, decimator in enumerate(TS_DECIMATORS, 1):
+        if fps / decimator >= max_fps:
+            return n
+    return len(TS_DECIMATORS)
+
+
+def send_video(pc: RTCPeerConnection, track: MediaStreamTrack) -> RTCRtpSender:
+    """Add ``track`` to ``pc`` as a send-only camera; a :class:`PacketTrack` answers PLI."""
+    sender = pc.addTransceiver(track, direction="sendonly").sender
+    if isinstance(track, PacketTrack):
+        track.attach(sender)
+    return sender

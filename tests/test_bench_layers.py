@@ -1,0 +1,231 @@
+"""A bench gate's camera lowering its frame rate: pre-encoded VP8 in temporal layers
+(``encode_loop(..., layers=True)``) and :meth:`PacketTrack.set_max_fps` leaving out the
+upper layers, with real libvpx encoding and decoding (PyAV) and over real WebRTC.
+
+The track paces frames in real time, so these run it at 300 fps: the rate limits asked for
+are fractions of that (``fps / 3`` is what 10 is at 30 fps: half the frames; ``fps / 6``
+what 5 is: a quarter). Nothing here asserts on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import av
+import numpy as np
+import pytest
+from aiortc import RTCPeerConnection
+
+from stream_server.bench_camera import (
+    TS_LAYER_IDS,
+    PacketTrack,
+    encode_loop,
+    layers_for,
+)
+from stream_server.bench_gate import GateBenchTerminal, camera_totals
+from stream_server.decode_gate import is_keyframe
+from stream_server.webrtc import frame_to_bgr
+from tests.terminal import connect_ingest, wait_for
+
+FPS = 300.0  # the track's clock in these tests (fast); the encoding's is 15 fps
+HALF, QUARTER = FPS / 3, FPS / 6  # as 10 and 5 are at 30 fps
+
+
+def _scene(n: int) -> list[np.ndarray]:
+    """A moving scene: a drifting gradient and a square crossing it (every frame differs,
+    so inter frames carry data and a wrong reference shows)."""
+    base = np.tile(np.linspace(0, 200, 640, dtype=np.uint8), (480, 1))
+    frames = []
+    for i in range(n):
+        image = np.dstack([np.roll(base, 5 * i, axis=1), base, base[:, ::-1]])
+        x, y = 40 + 13 * i, 100 + 4 * i
+        image[y : y + 120, x : x + 90] = (30 + 5 * i % 200, 220, 90)
+        frames.append(image)
+    return frames
+
+
+def _decode(packets: list[bytes]) -> list[np.ndarray]:
+    """One picture per packet, in order (libvpx decodes without delay)."""
+    decoder = av.CodecContext.create("libvpx", "r")
+    out = []
+    for data in packets:
+        frames = decoder.decode(av.Packet(data))
+        assert len(frames) == 1
+        out.append(frames[0].to_ndarray(format="gray"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def layered() -> list[bytes]:
+    return encode_loop(_scene(40), 15.0, layers=True)  # keyframes at 0, 16, 32
+
+
+def test_a_layered_encoding_has_one_packet_a_frame_and_keyframes_on_the_base_layer(
+    layered: list[bytes],
+) -> None:
+    assert len(layered) == 40
+    assert [i for i, p in enumerate(layered) if is_keyframe("VP8", p)] == [0, 16, 32]
+    at_30 = encode_loop(_scene(40), 30.0, layers=True)  # a second: 32 frames, not 30
+    assert [i for i, p in enumerate(at_30) if is_keyframe("VP8", p)] == [0, 32]
+    # Unlayered: as before, a keyframe every second to the frame.
+    plain = encode_loop(_scene(40), 15.0)
+    assert [i for i, p in enumerate(plain) if is_keyframe("VP8", p)] == [0, 15, 30]
+
+
+def test_leaving_out_upper_layers_decodes_to_the_same_pictures(layered: list[bytes]) -> None:
+    """The encoding itself: half and quarter of the frames decode as in a full decode."""
+    full = _decode(layered)
+    for step in (2, 4):
+        kept = list(range(0, len(layered), step))
+        assert {TS_LAYER_IDS[i % 4] for i in kept} == ({0, 1} if step == 2 else {0})
+        for i, image in zip(kept, _decode([layered[i] for i in kept]), strict=True):
+            assert np.array_equal(image, full[i]), f"frame {i} at 1/{step} of the frames"
+
+
+async def test_a_layered_camera_sends_what_decodes_as_the_full_stream(
+    layered: list[bytes],
+) -> None:
+    """Paced by :meth:`PacketTrack.recv`: full -> half -> full -> quarter -> full -> half,
+    across keyframes (0, 16, 32) and two wraps of the loop, with a keyframe request at a
+    quarter rate. The clock runs on over frames left out, and every frame sent decodes to
+    exactly the picture a full decode gives for it."""
+    index = {p: i for i, p in enumerate(layered)}
+    assert len(index) == len(layered)  # a packet tells which frame of the loop it is
+    full = _decode(layered)
+    track = PacketTrack(layered, FPS, layered=True)
+    # (clock tick from which it applies, max_fps; or "pli" for a keyframe request)
+    schedule: list[tuple[int, float | str | None]] = [
+        (9, HALF),
+        (21, None),  # raised after an odd frame: layer 2 waits for the next base frame
+        (30, QUARTER),
+        (37, "pli"),  # seeks from frame 37 to the keyframe at 0 (the loop's next)
+        (51, None),
+        (66, HALF),
+        (95, None),
+    ]
+    sent: list[tuple[int, int]] = []  # (clock tick, frame of the loop)
+    phases: list[float | str | None] = []  # the rate asked for when each was sent
+    limit: float | str | None = None
+    while len(sent) < 80:
+        packet = await track.recv()
+        assert packet.pts is not None and packet.time_base is not None
+        tick = round(float(packet.pts * packet.time_base) * FPS)
+        sent.append((tick, index[bytes(packet)]))
+        phases.append(limit)
+        while schedule and schedule[0][0] <= tick + 1:
+            _, change = schedule.pop(0)
+            if change == "pli":
+                track.request_keyframe()
+            else:
+                limit = change
+                track.set_max_fps(limit)  # type: ignore[arg-type]
+    track.stop()
+
+    ticks, frames = [t for t, _ in sent], [i for _, i in sent]
+    assert ticks == sorted(set(ticks)) and ticks[0] == 0  # one frame time each, sent or not
+    assert track.frames_sent == len(sent) == 80
+    assert track.frames_held == ticks[-1] + 1 - len(sent) > 0
+    assert track.frames_played == ticks[-1] + 1
+    assert track.keyframes_requested == 1
+    assert frames[frames.index(36) + 1] == 0  # the requested keyframe came next
+    # Each lowered rate sent only its layers (and keyframes), and did leave frames out.
+    for rate in (HALF, QUARTER):
+        during = [i for i, phase in zip(frames, phases, strict=True) if phase == rate]
+        top = layers_for(rate, FPS) - 1
+        assert len(during) > 3 and all(TS_LAYER_IDS[i % 4] <= top for i in during)
+        assert {TS_LAYER_IDS[i % 4] for i in during} == set(range(top + 1))
+    # What a receiver decodes is the full decode's picture, frame by frame.
+    for (tick, i), image in zip(sent, _decode([layered[i] for _, i in sent]), strict=True):
+        assert np.array_equal(image, full[i]), f"frame {i} of the loop at tick {tick}"
+
+
+@pytest.mark.parametrize("before", [None, HALF, QUARTER])
+@pytest.mark.parametrize("after", [None, HALF, QUARTER])
+def test_a_rate_change_at_any_frame_keeps_the_stream_decodable(
+    layered: list[bytes], before: float | None, after: float | None
+) -> None:
+    """Without the pacing (:meth:`PacketTrack.next_frame`): the rate changes at every
+    position of the layer pattern, and around a keyframe; nothing sent decodes wrong."""
+    full = _decode(layered)
+    for at in range(9, 19):
+        track = PacketTrack(layered, FPS, layered=True)
+        track.set_max_fps(before)
+        sent = []
+        for tick in range(len(layered) + 8):  # and on into the next pass
+            if tick == at:
+                track.set_max_fps(after)
+            if (data := track.next_frame()) is not None:
+                sent.append(tick % len(layered))
+                assert data == layered[tick % len(layered)]
+        assert track.frames_held == len(layered) + 8 - len(sent)
+        assert {0, 16, 32} <= set(sent)  # keyframes are always sent
+        for i, image in zip(sent, _decode([layered[i] for i in sent]), strict=True):
+            assert np.array_equal(image, full[i]), f"{before} -> {after} at {at}: frame {i}"
+
+
+def test_the_fewest_layers_that_give_at_least_the_rate_asked_for() -> None:
+    assert [layers_for(r, 30.0) for r in (None, 60, 30, 16, 15, 10, 7.6, 7.5, 5, 1)] == [
+        3, 3, 3, 3, 2, 2, 2, 1, 1, 1,
+    ]  # fmt: skip
+    assert layers_for(10, 15.0) == 3  # 7.5 is fewer than asked: all of 15
+    track = PacketTrack(encode_loop(_scene(8), 15.0, layers=True), 30.0, layered=True)
+    assert track.sending_fps == 30.0
+    track.set_max_fps(10)
+    assert (track.max_fps, track.sending_fps) == (10, 15.0)  # lower: at once
+    track.set_max_fps(5)
+    assert track.sending_fps == 7.5
+    track.set_max_fps(None)
+    assert track.sending_fps == 7.5  # higher: from the next base frame sent
+
+
+async def test_an_unlayered_camera_cannot_lower_its_rate_and_sends_every_frame() -> None:
+    packets = encode_loop(_scene(20), 15.0)
+    track = PacketTrack(packets, FPS)
+    track.set_max_fps(QUARTER)
+    assert track.max_fps == QUARTER and track.sending_fps == FPS
+    got = [bytes(await track.recv()) for _ in range(25)]
+    track.stop()
+    assert got == packets + packets[:5]
+    assert track.frames_sent == 25 and track.frames_held == 0
+
+
+def test_a_gate_terminal_follows_and_counts_the_servers_camera_messages() -> None:
+    track = PacketTrack(encode_loop(_scene(8), 15.0, layers=True), 30.0, layered=True)
+    gate = GateBenchTerminal({}, "token", 0, track, 0.0)
+    gate._camera({"type": "camera", "max_fps": 10})
+    assert (track.max_fps, track.sending_fps) == (10.0, 15.0)
+    gate._camera({"type": "camera", "max_fps": None})
+    assert track.max_fps is None and gate.camera_changes == 2
+    ends = [
+        {"terminal": 0, "frames_sent": 9, "camera_changes": 2, "frames_held": 5},
+        {"terminal": 1, "frames_sent": 3},  # a checkout terminal's line
+        {"terminal": 2, "camera_changes": 1, "frames_held": 0},
+    ]
+    assert camera_totals(ends) == {"camera_changes": 3, "frames_held": 5}
+
+
+async def test_a_lowered_rate_over_real_webrtc_decodes_clean(
+    loopback_ice: None, client_pc: RTCPeerConnection
+) -> None:
+    """At 30 fps over aiortc, lowered to 10 (15 sent) and then to 5 (7.5 sent): every
+    picture the server decodes is one of the loop's, exact to the pixel."""
+    packets = await asyncio.to_thread(encode_loop, _scene(48), 30.0, layers=True)
+    full = [np.asarray(image) for image in _decode(packets)]
+    track = PacketTrack(packets, 30.0, layered=True)
+    ingest, got = await connect_ingest(client_pc, track, wanted=lambda: True)
+    await wait_for(lambda: len(got) >= 5, 10)
+    track.set_max_fps(10)
+    await wait_for(lambda: track.frames_held >= 12, 5)
+    track.set_max_fps(5)
+    held = track.frames_held
+    await wait_for(lambda: track.frames_held >= held + 24, 5)
+    track.set_max_fps(None)
+    await wait_for(lambda: track.frames_sent >= 60, 5)
+    await ingest.close()
+    assert len(got) >= 20
+    images = await asyncio.to_thread(lambda: [frame_to_bgr(f) for f in got])
+    for n, image in enumerate(images):
+        gray = av.VideoFrame.from_ndarray(image, format="bgr24").to_ndarray(format="gray")
+        best = min(float(np.abs(gray.astype(int) - ref).mean()) for ref in full)
+        # bgr and back loses a little; a wrong reference frame is far off.
+        assert best < 2.0, f"picture {n} is none of the loop's ({best:.1f})"
