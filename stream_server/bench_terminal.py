@@ -12,9 +12,10 @@ terminal streaming, as a camera that cannot pause would).
 
 The video is encoded once per process (a few seconds of the SOURCE as a camera would see it,
 keyframe every second) and the packets are replayed in a loop, as a camera with a hardware
-encoder hands them over (``stream_server.bench_camera``). Encoding every frame in Python for every terminal would spend the
-2-core machine's CPU on the *clients* and measure them, not the server. ``--live-encode``
-keeps aiortc's per-frame software encoder when that is what you want to see.
+encoder hands them over (``stream_server.bench_camera``). Encoding every frame in Python for
+every terminal would spend the 2-core machine's CPU on the *clients* and measure them, not
+the server. ``--live-encode`` keeps aiortc's per-frame software encoder when that is what
+you want to see.
 
 Run as ``python -m stream_server.bench_terminal SPEC_JSON`` (the bench does this).
 """

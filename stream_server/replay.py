@@ -297,6 +297,10 @@ async def _converse(
             term.opened += 1
         elif kind == "gate_deny":
             term.denied += 1
+        elif kind == "camera":  # an idle gate asks for fewer frames, as the gate page obeys
+            fps = event.get("max_fps")
+            ok = isinstance(fps, int | float) and not isinstance(fps, bool) and fps > 0
+            term.track.set_max_fps(float(fps) if ok else None)
         elif kind == "state":
             state = event.get("state")
             started = started or state not in (None, "idle")

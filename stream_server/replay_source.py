@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import fractions
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -242,9 +243,22 @@ class ReplayTrack(VideoStreamTrack):
         self._t0: float | None = None
         self._pts = 0.0
         self.frames_sent = 0
+        #: Frames the camera took but did not send, at a rate asked by :meth:`set_max_fps`.
+        self.frames_held = 0
+        self._every = 1  # send every n-th frame of the camera's clock
+        self._taken = 0
         self.first_frame_at: float | None = None
         self.source_done = asyncio.Event()
         self.source_error: str | None = None
+
+    def set_max_fps(self, max_fps: float | None) -> None:
+        """Send at most ``max_fps`` frames a second (None: all), as a browser's camera does
+        with ``maxFramerate``: the camera keeps its ``fps`` clock and source, and leaves
+        frames out (every second one for ``fps / 2``, every third for ``fps / 3``)."""
+        if max_fps is None or max_fps >= self.fps:
+            self._every = 1
+        else:
+            self._every = math.ceil(self.fps / max_fps - 1e-9)
 
     async def next_timestamp(self) -> tuple[int, fractions.Fraction]:
         """Wait until the next frame is due at ``fps``; return its pts in a 90 kHz clock."""
@@ -283,9 +297,14 @@ class ReplayTrack(VideoStreamTrack):
         return self._last
 
     async def recv(self) -> av.VideoFrame:
-        """The next frame, paced at ``fps``."""
-        pts, time_base = await self.next_timestamp()
-        image = await self._next_image()
+        """The next frame, paced at ``fps`` (frames left out by a rate limit take their time)."""
+        while True:
+            pts, time_base = await self.next_timestamp()
+            image = await self._next_image()
+            self._taken += 1
+            if (self._taken - 1) % self._every == 0:
+                break
+            self.frames_held += 1
         frame = av.VideoFrame.from_ndarray(image, format="bgr24")
         frame.pts, frame.time_base = pts, time_base
         if self.first_frame_at is None:

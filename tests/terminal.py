@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -30,6 +31,8 @@ class TestTerminal:
         self.ws_url = ws_url
         self.token = token
         self.events: list[dict[str, Any]] = []
+        #: (time.monotonic(), max_fps) of every ``camera`` request, as it arrived.
+        self.camera: list[tuple[float, float | None]] = []
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.http: aiohttp.ClientSession | None = None
         self.ws: aiohttp.ClientWebSocketResponse | None = None
@@ -60,6 +63,10 @@ class TestTerminal:
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     event = msg.json()
                     self.events.append(event)
+                    if event.get("type") == "camera":
+                        self.camera.append((time.monotonic(), event["max_fps"]))
+                        if hasattr(self.track, "set_max_fps"):
+                            self.track.set_max_fps(event["max_fps"])  # as the gate page does
                     await self._queue.put(event)
         finally:  # however the reading ends, a waiting test hears about it
             self.close_code = self.ws.close_code
