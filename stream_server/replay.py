@@ -299,8 +299,9 @@ async def _converse(
             term.denied += 1
         elif kind == "camera":  # an idle gate asks for fewer frames, as the gate page obeys
             fps = event.get("max_fps")
-            ok = isinstance(fps, int | float) and not isinstance(fps, bool) and fps > 0
-            term.track.set_max_fps(float(fps) if ok else None)
+            if isinstance(fps, bool) or not isinstance(fps, int | float) or not fps > 0:
+                fps = None  # anything but a positive number: the full rate
+            term.track.set_max_fps(fps)
         elif kind == "state":
             state = event.get("state")
             started = started or state not in (None, "idle")
