@@ -255,8 +255,8 @@ class ReplayTrack(VideoStreamTrack):
         """Send at most ``max_fps`` frames a second (None: all), as a browser's camera does
         with ``maxFramerate``: the camera keeps its ``fps`` clock and source, and leaves
         frames out (every second one for ``fps / 2``, every third for ``fps / 3``)."""
-        if max_fps is None or max_fps >= self.fps:
-            self._every = 1
+        if max_fps is None or not max_fps > 0 or max_fps >= self.fps:
+            self._every = 1  # a rate it cannot make sense of: every frame, never fewer
         else:
             self._every = math.ceil(self.fps / max_fps - 1e-9)
 
