@@ -9,6 +9,7 @@ are written side by side; stdout gets {"video", "scene", "frames", "people"}.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from stream_server.cli import EXIT_OK, EXIT_USAGE, emit, say
 
 DATA_ENV = "FACEPAY_TEST_DATA"
 DEFAULT_DATA = Path("..") / "shared" / "data"
+#: Longest video ``--seconds`` renders (10 minutes of 640x480 at 30 fps).
+MAX_SECONDS = 600.0
 
 
 def register(sub: Any) -> None:
@@ -35,6 +38,13 @@ def register(sub: Any) -> None:
         help="instead: one person who turns away before showing enough face",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="video length: longer than the preset adds an empty corridor after the walkers "
+        f"(a mostly idle gate); at most {MAX_SECONDS:g}",
+    )
     p.add_argument(
         "--data-dir",
         type=Path,
@@ -70,6 +80,10 @@ def cmd_scene(args: argparse.Namespace) -> int:
         return _usage(f"folder {out.parent} does not exist")
     data = Path(args.data_dir or os.environ.get(DATA_ENV) or DEFAULT_DATA)
     spec = preset_turn_away(args.seed) if args.turn_away else preset_scene(args.people, args.seed)
+    if args.seconds is not None:
+        if not spec.seconds <= args.seconds <= MAX_SECONDS:
+            return _usage(f"--seconds must be {spec.seconds:g} to {MAX_SECONDS:g} for this scene")
+        spec = dataclasses.replace(spec, seconds=args.seconds)
     missing = [a.photo for a in spec.actors if not (data / a.photo).is_file()]
     if missing:
         return _usage(f"photos not found under {data} (set --data-dir or {DATA_ENV}): {missing}")

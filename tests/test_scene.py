@@ -286,4 +286,11 @@ def test_cli_writes_video_and_scene(
     spec = scene_from_json(json.loads(out.with_suffix(".json").read_text()))
     assert spec == preset_scene(1, seed=3)
     assert _cli(["scene", "--out", str(tmp_path / "x.gif"), *common]) == 2
+    # --seconds: the same walk, then an empty corridor; never shorter than the walk.
+    long = tmp_path / "idle.y4m"
+    assert _cli(["scene", "--out", str(long), "--people", "1", "--seconds", "5", *common]) == 0
+    long_spec = scene_from_json(json.loads(long.with_suffix(".json").read_text()))
+    assert long_spec == replace(preset_scene(1), seconds=5.0)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["frames"] == 150
+    assert _cli(["scene", "--out", str(long), "--people", "1", "--seconds", "1", *common]) == 2
     assert _cli(["scene", "--out", str(out), "--data-dir", str(tmp_path)]) == 2
