@@ -35,6 +35,7 @@ import aiohttp
 from stream_server.bench_report import latency, server_figures
 from stream_server.bench_server import BenchServer
 from stream_server.bench_terminal import BenchTerminal
+from stream_server.replay_source import camera_rate
 
 #: Preset scenes (``facepay bench --mode gate --people N`` without SOURCE).
 PEOPLE_CHOICES = (1, 3, 5)
@@ -191,10 +192,9 @@ class GateBenchTerminal(BenchTerminal):
     def _camera(self, event: dict[str, Any]) -> None:
         """Lower (``max_fps``) or restore (None) the camera's frame rate, as told."""
         self.camera_changes += 1
-        max_fps = event.get("max_fps")
         set_max_fps = getattr(self.track, "set_max_fps", None)
         if set_max_fps is not None:
-            set_max_fps(None if max_fps is None else float(max_fps))
+            set_max_fps(camera_rate(event.get("max_fps")))
 
     def _report(self, event: dict[str, Any]) -> None:
         # The pass from the camera's clock: a walker is decided while in view, and the

@@ -31,6 +31,7 @@ from stream_server.replay_source import (
     Locate,
     ReplaySourceError,
     ReplayTrack,
+    camera_rate,
     folder_frames,
     open_source,
     photo_frames,
@@ -298,10 +299,7 @@ async def _converse(
         elif kind == "gate_deny":
             term.denied += 1
         elif kind == "camera":  # an idle gate asks for fewer frames, as the gate page obeys
-            fps = event.get("max_fps")
-            if isinstance(fps, bool) or not isinstance(fps, int | float) or not fps > 0:
-                fps = None  # anything but a positive number: the full rate
-            term.track.set_max_fps(fps)
+            term.track.set_max_fps(camera_rate(event.get("max_fps")))
         elif kind == "state":
             state = event.get("state")
             started = started or state not in (None, "idle")

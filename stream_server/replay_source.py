@@ -225,6 +225,14 @@ def open_source(
     return video_frames(path, fps=fps, seconds=seconds, locate=locate)
 
 
+def camera_rate(max_fps: object) -> float | None:
+    """A ``camera`` request's ``max_fps`` as a camera can use it: a positive number, else None
+    (the full rate: a camera that cannot make sense of a request errs towards frames)."""
+    if isinstance(max_fps, bool) or not isinstance(max_fps, int | float) or not max_fps > 0:
+        return None
+    return float(max_fps)
+
+
 class ReplayTrack(VideoStreamTrack):
     """Plays BGR frames at ``fps`` in real time; repeats the last one once they run out.
 

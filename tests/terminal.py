@@ -18,7 +18,7 @@ import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
 
 from stream_server.bench_camera import send_video
-from stream_server.replay_source import ReplayTrack
+from stream_server.replay_source import ReplayTrack, camera_rate
 from stream_server.webrtc import VideoIngest, rtc_configuration
 
 
@@ -66,7 +66,8 @@ class TestTerminal:
                     if event.get("type") == "camera":
                         self.camera.append((time.monotonic(), event["max_fps"]))
                         if hasattr(self.track, "set_max_fps"):
-                            self.track.set_max_fps(event["max_fps"])  # as the gate page does
+                            # as the gate page does
+                            self.track.set_max_fps(camera_rate(event["max_fps"]))
                     await self._queue.put(event)
         finally:  # however the reading ends, a waiting test hears about it
             self.close_code = self.ws.close_code

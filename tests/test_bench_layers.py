@@ -24,6 +24,7 @@ from stream_server.bench_camera import (
 )
 from stream_server.bench_gate import GateBenchTerminal, camera_totals
 from stream_server.decode_gate import is_keyframe
+from stream_server.replay_source import camera_rate
 from stream_server.webrtc import frame_to_bgr
 from tests.terminal import connect_ingest, wait_for
 
@@ -196,6 +197,11 @@ def test_a_gate_terminal_follows_and_counts_the_servers_camera_messages() -> Non
     assert (track.max_fps, track.sending_fps) == (10.0, 15.0)
     gate._camera({"type": "camera", "max_fps": None})
     assert track.max_fps is None and gate.camera_changes == 2
+    # A request it cannot make sense of keeps the full rate (never fewer frames).
+    for bad in (0, -5, True, "10", [10]):
+        gate._camera({"type": "camera", "max_fps": bad})
+        assert track.max_fps is None, bad
+    assert camera_rate(7) == 7.0 and camera_rate(None) is None
     ends = [
         {"terminal": 0, "frames_sent": 9, "camera_changes": 2, "frames_held": 5},
         {"terminal": 1, "frames_sent": 3},  # a checkout terminal's line
