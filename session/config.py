@@ -258,6 +258,21 @@ class GateConfig(_Strict):
     )
 
 
+class CheckoutConfig(_Strict):
+    """Checkout terminals (``checkout`` mode)."""
+
+    #: The most frames a second a checkout terminal is asked to send, right after each video
+    #: connection is answered (``{"type": "camera", "max_fps": N}``); None: ask nothing. A
+    #: browser's camera sends 30 fps, but a checkout's evidence must span
+    #: ``pipeline.evidence.min_span_s`` (0.3 s) whatever the rate, so frames beyond about 15
+    #: a second do not bring the decision sooner; they are received, decoded and analysed
+    #: for nothing (docs/performance.md: 2 terminals at 30 fps cost 281 ms of server CPU per
+    #: checkout against 179 ms at 15, with the same time to ``confirm``). 15 is also the rate
+    #: the evidence thresholds and the bench were measured at. A terminal that ignores the
+    #: request keeps its rate: that costs only CPU.
+    camera_fps: float | None = Field(15.0, ge=5.0, le=60.0)
+
+
 class EnrollmentConfig(_Strict):
     """Live enrolment at an ``enroll`` terminal (docs/protocol.md)."""
 
@@ -278,6 +293,7 @@ class FacePayConfig(_Strict):
     policy: PolicyConfig = PolicyConfig()
     server: ServerConfig = ServerConfig()
     gate: GateConfig = GateConfig()
+    checkout: CheckoutConfig = CheckoutConfig()
     enrollment: EnrollmentConfig = EnrollmentConfig()
     limits: RateLimitConfig = RateLimitConfig()
 

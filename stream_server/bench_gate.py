@@ -35,14 +35,13 @@ import aiohttp
 from stream_server.bench_report import latency, server_figures
 from stream_server.bench_server import BenchServer
 from stream_server.bench_terminal import BenchTerminal
-from stream_server.replay_source import camera_rate
 
 #: Preset scenes (``facepay bench --mode gate --people N`` without SOURCE).
 PEOPLE_CHOICES = (1, 3, 5)
 #: Added to the longest walk of an enrolled person to make the entry window.
 WINDOW_MARGIN_S = 0.5
 #: What a gate terminal listens for.
-_EVENTS = {"gate_open", "gate_deny", "camera", "error", "_closed"}
+_EVENTS = {"gate_open", "gate_deny", "error", "_closed"}
 
 
 @dataclass(frozen=True)
@@ -166,7 +165,6 @@ class GateBenchTerminal(BenchTerminal):
     ) -> None:
         super().__init__(spec, token, index, track)
         self.delay_s = delay_s
-        self.camera_changes = 0  # the server's {"type": "camera"} messages
 
     async def _work(self, ws: aiohttp.ClientWebSocketResponse, end: float) -> None:
         """Wait for this gate's turn in the stagger, stream and listen until ``end``."""
@@ -179,22 +177,12 @@ class GateBenchTerminal(BenchTerminal):
                 break
             if event["type"] == "_closed":
                 raise ConnectionError("server closed the WebSocket")
-            if event["type"] == "camera":
-                self._camera(event)
-                continue
             if event["type"] == "error":
                 if event.get("code") == "video_lost":
                     self.reconnects += 1
                     await self._start_video(ws)
                 continue
             self._report(event)
-
-    def _camera(self, event: dict[str, Any]) -> None:
-        """Lower (``max_fps``) or restore (None) the camera's frame rate, as told."""
-        self.camera_changes += 1
-        set_max_fps = getattr(self.track, "set_max_fps", None)
-        if set_max_fps is not None:
-            set_max_fps(camera_rate(event.get("max_fps")))
 
     def _report(self, event: dict[str, Any]) -> None:
         # The pass from the camera's clock: a walker is decided while in view, and the
@@ -306,16 +294,4 @@ def passes_from(lines: list[dict[str, Any]]) -> dict[int, int]:
         for line in lines:
             if "passes" in line:
                 out[int(line["terminal"])] = int(line["passes"])
-    return out
-
-
-def camera_totals(lines: list[dict[str, Any]]) -> dict[str, int]:
-    """All gate terminals' ``camera`` messages from the server (``camera_changes``) and
-    frames their cameras held back at a lowered rate (``frames_held``), from their last
-    lines."""
-    out = {"camera_changes": 0, "frames_held": 0}
-    for line in lines:
-        for key in out:
-            with contextlib.suppress(KeyError, TypeError, ValueError):
-                out[key] += int(line[key])
     return out

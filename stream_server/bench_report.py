@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -181,3 +182,15 @@ def plot(path: Path, runs: list[dict[str, Any]]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def camera_totals(lines: list[dict[str, Any]]) -> dict[str, int]:
+    """All terminals' ``camera`` messages from the server (``camera_changes``: a checkout's
+    cap after each answer, an idle gate's requests) and frames their cameras held back at a
+    capped rate (``frames_held``), from their last lines."""
+    out = {"camera_changes": 0, "frames_held": 0}
+    for line in lines:
+        for key in out:
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                out[key] += int(line[key])
+    return out

@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 
 from stream_server import bench_gate
-from stream_server.bench_report import pauses_video, plot, summary
+from stream_server.bench_report import camera_totals, pauses_video, plot, summary
 from stream_server.bench_server import THREAD_LOOK_S, BenchError, BenchServer, read_metrics
 from stream_server.bench_soak import Sampler
 from stream_server.cli import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, emit, say
@@ -359,7 +359,7 @@ async def _run(args: argparse.Namespace, server: BenchServer, n: int, job: _Job)
         result.update(peak_rss_mb=round(peak, 1), terminal_errors=errors, _records=records)
         result["resources"] = sampler.summary(result["decisions"]["opens"])
         result["video_reconnects"] = reconnects
-        result["camera"] = bench_gate.camera_totals(ends)  # gate.idle_camera requests
+        result["camera"] = camera_totals(ends)  # gate.idle_camera requests
         if result["decisions"]["repeats"] and args.server:
             say(
                 "bench: the server counted repeats (walkers inside its entry window): give it "
@@ -377,6 +377,7 @@ async def _run(args: argparse.Namespace, server: BenchServer, n: int, job: _Job)
     failed = result["sessions"]["lost"] + result.get("ws_sessions", {}).get("errors", 0)
     result["error_rate"] = round(failed / all_sessions, 4) if all_sessions else None
     result["resources"] = sampler.summary(result["sessions"]["approved"])
+    result["camera"] = camera_totals(ends)  # checkout.camera_fps, after every answer
     # Terminals whose video connection died (the server said video_lost, or ICE failed on
     # their side) and that offered a new one, as a kiosk would.
     result["video_reconnects"] = reconnects

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import fractions
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -253,8 +252,8 @@ class ReplayTrack(VideoStreamTrack):
         self.frames_sent = 0
         #: Frames the camera took but did not send, at a rate asked by :meth:`set_max_fps`.
         self.frames_held = 0
-        self._every = 1  # send every n-th frame of the camera's clock
-        self._taken = 0
+        self._interval = 0.0  # at a capped rate, seconds between frames sent (0: all)
+        self._due: float | None = None  # the camera's clock time of the next frame to send
         self.first_frame_at: float | None = None
         self.source_done = asyncio.Event()
         self.source_error: str | None = None
@@ -262,11 +261,25 @@ class ReplayTrack(VideoStreamTrack):
     def set_max_fps(self, max_fps: float | None) -> None:
         """Send at most ``max_fps`` frames a second (None: all), as a browser's camera does
         with ``maxFramerate``: the camera keeps its ``fps`` clock and source, and leaves
-        frames out (every second one for ``fps / 2``, every third for ``fps / 3``)."""
+        frames out so that those sent average ``max_fps`` (every second one for
+        ``fps / 2``; 15 of every 25 of a 25 fps video capped at 15)."""
         if max_fps is None or not max_fps > 0 or max_fps >= self.fps:
-            self._every = 1  # a rate it cannot make sense of: every frame, never fewer
+            self._interval = 0.0  # a rate it cannot make sense of: every frame, never fewer
         else:
-            self._every = math.ceil(self.fps / max_fps - 1e-9)
+            self._interval = 1.0 / max_fps
+        self._due = None
+
+    def _keeps(self, t: float) -> bool:
+        """Whether the frame at camera time ``t`` (seconds) is sent at the current cap."""
+        if not self._interval:
+            return True
+        # Half a frame's slack absorbs rounding; a frame is never held for a late one.
+        if self._due is not None and t < self._due - 0.5 / self.fps:
+            return False
+        due = self._due
+        # Behind (the first frame, or a gap in the frames): count from this one.
+        self._due = (t if due is None or t - due >= self._interval else due) + self._interval
+        return True
 
     async def next_timestamp(self) -> tuple[int, fractions.Fraction]:
         """Wait until the next frame is due at ``fps``; return its pts in a 90 kHz clock."""
@@ -309,8 +322,7 @@ class ReplayTrack(VideoStreamTrack):
         while True:
             pts, time_base = await self.next_timestamp()
             image = await self._next_image()
-            self._taken += 1
-            if (self._taken - 1) % self._every == 0:
+            if self._keeps(pts / _CLOCK):
                 break
             self.frames_held += 1
         frame = av.VideoFrame.from_ndarray(image, format="bgr24")

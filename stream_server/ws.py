@@ -267,7 +267,10 @@ class TerminalConnection:
         self.frames.on_demand = self.ingest.resume
         answer = await self.ingest.start(offer.sdp, offer.sdp_type)
         await self.send({"type": "answer", "sdp": answer.sdp, "sdp_type": answer.type})
-        if self.terminal is not None and self.terminal.mode == "gate":
+        mode, cap = self.terminal.mode, self.config.checkout.camera_fps
+        if mode == "checkout" and cap is not None:  # after the answer: for this connection
+            await self.send({"type": "camera", "max_fps": cap})
+        if mode == "gate":
             if isinstance(self.session, GateSession):
                 self.session.camera_restarted()  # a new connection sends at full rate
             self._start_gate()

@@ -139,16 +139,18 @@ async def start_env(
     server: dict[str, Any] | None = None,
     limits: dict[str, Any] | None = None,
     gate: dict[str, Any] | None = None,
+    checkout: dict[str, Any] | None = None,
     **policy: Any,
 ) -> Env:
-    """Start the app (real Redis, models) with policy overrides (and server/limits/gate
-    ones); one merchant + terminal."""
+    """Start the app (real Redis, models) with policy overrides (and server/limits/gate/
+    checkout ones); one merchant + terminal."""
     config = FacePayConfig.model_validate(
         {
             "policy": policy,
             "server": {"admin_token": ADMIN_TOKEN, "workers": 2, **(server or {})},
             "limits": limits or {},
             "gate": gate or {},
+            "checkout": checkout or {},
         }
     )
     app = create_app(

@@ -22,7 +22,9 @@ from stream_server.bench_camera import (
     encode_loop,
     layers_for,
 )
-from stream_server.bench_gate import GateBenchTerminal, camera_totals
+from stream_server.bench_gate import GateBenchTerminal
+from stream_server.bench_report import camera_totals
+from stream_server.bench_terminal import BenchTerminal
 from stream_server.decode_gate import is_keyframe
 from stream_server.replay_source import camera_rate
 from stream_server.webrtc import frame_to_bgr
@@ -208,6 +210,15 @@ def test_a_gate_terminal_follows_and_counts_the_servers_camera_messages() -> Non
         {"terminal": 2, "camera_changes": 1, "frames_held": 0},
     ]
     assert camera_totals(ends) == {"camera_changes": 3, "frames_held": 5}
+
+
+def test_a_checkout_terminal_follows_the_servers_cap() -> None:
+    """A 30 fps checkout camera capped at 15 (``checkout.camera_fps``) sends every second
+    frame: layers 0 and 1 of its layered encoding."""
+    track = PacketTrack(encode_loop(_scene(8), 15.0, layers=True), 30.0, layered=True)
+    checkout = BenchTerminal({}, "token", 0, track)
+    checkout._camera({"type": "camera", "max_fps": 15})
+    assert (track.max_fps, track.sending_fps, checkout.camera_changes) == (15.0, 15.0, 1)
 
 
 async def test_a_lowered_rate_over_real_webrtc_decodes_clean(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import numpy as np
 import pytest
 
 from stream_server.app import CONNECTIONS
@@ -321,6 +322,26 @@ async def test_gate_camera_lowers_and_restores_its_frame_rate(env, analyzer, pho
         assert await _frames_sent_per_s(page) > 15
         assert csp_violations(page) == []
         assert page.console_errors == []
+
+
+async def test_checkout_camera_is_capped_right_after_the_answer(env, analyzer, tmp_path):
+    """A browser's camera sends 30 fps; a checkout needs about 15 (``checkout.camera_fps``),
+    which the server asks for right after its answer. The page applies the cap although the
+    request follows the answer at once (the page handles messages concurrently, and a cap
+    set before the answer is applied would be dropped), and the video still flows."""
+    nobody = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    camera = write_camera(analyzer, nobody, tmp_path / "cam.y4m", fps=30)
+    async with browser_page(tmp_path / "profile", camera) as page:
+        await page.add_init_script(script=PEERS_JS)
+        await page.goto(_url(env, f"/checkout#token={env.token}&amount=1.00&order=o-cap"))
+        await wait_state(page, "scanning")
+        for _ in range(50):  # bounded wait (5 s)
+            if (await page.evaluate(SENDER_JS))["caps"] == [15]:
+                break
+            await asyncio.sleep(0.1)
+        assert (await page.evaluate(SENDER_JS))["caps"] == [15]
+        assert 0 < await _frames_sent_per_s(page) <= 17
+        assert csp_violations(page) == []
 
 
 async def test_bad_token_and_missing_token_say_so(env, tmp_path):

@@ -50,6 +50,42 @@ async def test_enrolled_shopper_pays_once(make_env, analyzer, photo):
     assert len(await env.payments()) == 1
 
 
+async def test_a_checkout_camera_is_capped_at_the_rate_its_evidence_needs(
+    make_env, analyzer, photo
+):
+    """Right after each answer the server asks a checkout terminal for at most
+    ``checkout.camera_fps`` (15) frames a second: a 30 fps camera that obeys sends every
+    second frame, and the shopper still pays. A new video connection is capped again."""
+    env = await make_env()
+    await env.enroll("acct-obama", "Barack Obama", "+1 202 555 0101", photo(ENROLL))
+    term = await env.terminal()
+    await term.start_video(camera_frames(analyzer, photo(SHOPPER), fps=30), fps=30)
+    assert (await term.expect("camera", timeout=5))["max_fps"] == 15
+    assert (await term.checkout("12.50", "o-1"))["state"] == "scanning"
+    confirm = await term.expect("confirm", "declined")
+    assert confirm["type"] == "confirm", term.events
+    sent, held = term.track.frames_sent, term.track.frames_held
+    assert sent >= 5 and abs(sent - held) <= 1, (sent, held)  # 15 of 30 a second
+    await term.send({"type": "cancel"})
+    await term.until_end()
+    assert [max_fps for _, max_fps in term.camera] == [15]
+    # The same terminal offers a new video connection: the cap comes with its answer.
+    await term.pc.close()
+    await term.start_video(camera_frames(analyzer, photo(SHOPPER), fps=30), fps=30)
+    assert (await term.expect("camera", timeout=5))["max_fps"] == 15
+
+
+async def test_no_cap_is_asked_when_none_is_configured(make_env, analyzer, photo):
+    """``checkout.camera_fps: null``: the camera keeps its rate, the server asks nothing."""
+    env = await make_env(checkout={"camera_fps": None})
+    await env.enroll("acct-obama", "Barack Obama", "+1 202 555 0101", photo(ENROLL))
+    term = await env.terminal()
+    await term.start_video(camera_frames(analyzer, photo(SHOPPER), fps=30), fps=30)
+    assert (await term.checkout("12.50", "o-1"))["state"] == "scanning"
+    assert (await term.expect("confirm", "declined"))["type"] == "confirm", term.events
+    assert term.camera == [] and term.track.frames_held == 0
+
+
 async def test_three_wrong_passphrases_lock_the_account(make_env, analyzer, photo):
     env = await make_env()
     await env.enroll("acct-obama", "Barack Obama", "+1 202 555 0101", photo(ENROLL))

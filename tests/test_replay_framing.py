@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import av
@@ -12,7 +13,7 @@ import pytest
 from pipeline.analyzer import FaceAnalyzer
 from stream_server import replay
 from stream_server.cli_replay import _face_locator
-from stream_server.replay_source import Locate, _upright
+from stream_server.replay_source import Locate, ReplayTrack, _upright
 
 # A full-length portrait (970x2204): the centre of its 4:3 crop is the chest.
 PORTRAIT = Path("faces") / "biden" / "biden.jpg"
@@ -142,3 +143,21 @@ def test_display_rotation_is_undone_as_ffmpeg_plays_it(rotation: int, turn: int 
     image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
     expected = image if turn is None else cv2.rotate(image, turn)
     assert np.array_equal(_upright(image, rotation), expected)
+
+
+@pytest.mark.parametrize(
+    ("fps", "cap", "kept"),
+    [(30.0, 15.0, 15), (25.0, 15.0, 15), (24.0, 15.0, 15), (30.0, 10.0, 10), (15.0, 15.0, 15)],
+)
+def test_a_capped_replay_sends_the_rate_asked_on_average(fps: float, cap: float, kept: int) -> None:
+    """``max_fps`` caps the frames sent as a browser's ``maxFramerate`` does: they average
+    the cap (15 of every 25 of a 25 fps video, not every second one), never more, with no
+    gap as long as two intervals of the cap."""
+    track = ReplayTrack([], fps=fps)
+    track.set_max_fps(cap)
+    times = [round(i * 90_000 / fps) / 90_000 for i in range(int(fps * 10))]
+    sent = [t for t in times if track._keeps(t)]
+    assert len(sent) == kept * 10
+    assert all(b - a < 2.0 / cap for a, b in itertools.pairwise(sent))
+    track.set_max_fps(None)
+    assert all(track._keeps(t) for t in times)

@@ -84,6 +84,7 @@ export class Terminal {
     this.videoRetryMs = 0; // the last re-offer delay after video_lost (doubles, up to 30 s)
     this.videoLostAt = 0;
     this.reoffering = false;
+    this.answering = null; // setRemoteDescription of the latest answer, while it runs
     this.stopped = false;
     this.videoSending = false; // whether the current peer connection sends video
     this.maxFps = null; // the frame-rate cap the current peer connection applies; null: none
@@ -139,7 +140,13 @@ export class Terminal {
       return;
     }
     if (msg.type === "answer") {
-      await this.pc.setRemoteDescription({ type: msg.sdp_type || "answer", sdp: msg.sdp });
+      // Kept so a request for this connection that follows the answer at once (a
+      // checkout's frame-rate cap) can wait for it: messages are handled concurrently.
+      this.answering = this.pc.setRemoteDescription({
+        type: msg.sdp_type || "answer",
+        sdp: msg.sdp,
+      });
+      await this.answering;
       if (this.reoffering) {
         // Same socket, same session: only the video came back; the page carries on.
         this.reoffering = false;
@@ -242,13 +249,18 @@ export class Terminal {
    * it CPU. Errs towards frames: anything but a positive number means full rate, a failure
    * (a browser without maxFramerate) only warns and leaves the video as it was, and a
    * request that came before the server answered the current peer connection is dropped
-   * (it was meant for the previous one; a new connection starts at full rate). Resolves to
-   * whether every video sender now applies it; `maxFps` says what they apply.
+   * (it was meant for the previous one; a new connection starts at full rate). A checkout's
+   * server caps the rate right after its answer: such a request waits for the answer to be
+   * applied. Resolves to whether every video sender now applies it; `maxFps` says what
+   * they apply.
    */
-  setMaxFramerate(fps) {
+  async setMaxFramerate(fps) {
     const cap = typeof fps === "number" && Number.isFinite(fps) && fps > 0 ? fps : null;
     const pc = this.pc;
-    if (!pc || !pc.remoteDescription) return Promise.resolve(false);
+    if (pc && !pc.remoteDescription && this.answering) {
+      await this.answering.catch(() => {}); // its answer is being applied
+    }
+    if (!pc || pc !== this.pc || !pc.remoteDescription) return false;
     const edit = (enc) => {
       if (cap === null) {
         if (enc.maxFramerate === undefined) return false;
