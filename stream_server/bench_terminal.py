@@ -17,6 +17,11 @@ every terminal would spend the 2-core machine's CPU on the *clients* and measure
 the server. ``--live-encode`` keeps aiortc's per-frame software encoder when that is what
 you want to see.
 
+The server caps a checkout camera's rate right after each answer (``camera {max_fps}``,
+``checkout.camera_fps``, 15). A ``--live-encode`` camera obeys, as the web client does; the
+pre-encoded one is a camera that cannot cap its rate and keeps sending ``--fps`` (counted in
+``camera``): ``--fps 15`` is what a browser's 30 fps camera sends once capped.
+
 Run as ``python -m stream_server.bench_terminal SPEC_JSON`` (the bench does this).
 """
 
@@ -39,8 +44,6 @@ from stream_server.replay_source import ReplayTrack, camera_rate, open_source
 from stream_server.webrtc import restrict_host_addresses, rtc_configuration
 
 _PHONE = "need_phone_digits"
-#: A checkout camera up to this rate is encoded as one layer; faster ones in layers.
-ONE_LAYER_MAX_FPS = 15.0
 #: Seconds of SOURCE encoded once and looped (a multiple of the keyframe interval).
 LOOP_S = 4
 #: A shopper steps up this long after the last one left (``--gap``; 0.3 s = saturation).
@@ -217,10 +220,6 @@ async def run_process(spec: dict[str, Any]) -> None:
     fps = float(spec["fps"])
     focus = tuple(spec["focus"]) if spec.get("focus") else None
     gate = spec.get("mode") == "gate"
-    # A camera faster than the checkout's cap (checkout.camera_fps, 15) is encoded in
-    # temporal layers so that it can halve its rate when asked; at 15 fps or below, as one
-    # layer (what the checkout figures in docs/performance.md were measured with).
-    layered = gate or fps > ONE_LAYER_MAX_FPS
     packets: list[bytes] | None = None
     if gate:  # the whole looped scene, one pass (stream_server.bench_gate)
         frames = open_source(spec["source"], fps=fps, seconds=float(spec["period_s"]))
@@ -229,14 +228,14 @@ async def run_process(spec: dict[str, Any]) -> None:
         packets = encode_loop(frames, fps, layers=True)
     elif not spec.get("live_encode") and spec["tokens"]:
         frames = open_source(spec["source"], fps=fps, seconds=LOOP_S, focus=focus)
-        packets = encode_loop(frames, fps, layers=layered)
+        packets = encode_loop(frames, fps)
     start_at = float(spec["start_at"])  # wall clock, so every process starts together
     await asyncio.sleep(max(0.0, start_at - time.time()))
     end = time.monotonic() + float(spec["duration_s"])
     terminals: list[BenchTerminal] = []
     for index, token in spec["tokens"]:
         if packets is not None:
-            track: Any = PacketTrack(packets, fps, layered=layered)
+            track: Any = PacketTrack(packets, fps, layered=gate)
         else:
             frames = open_source(
                 spec["source"],

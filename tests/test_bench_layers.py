@@ -212,13 +212,18 @@ def test_a_gate_terminal_follows_and_counts_the_servers_camera_messages() -> Non
     assert camera_totals(ends) == {"camera_changes": 3, "frames_held": 5}
 
 
-def test_a_checkout_terminal_follows_the_servers_cap() -> None:
-    """A 30 fps checkout camera capped at 15 (``checkout.camera_fps``) sends every second
-    frame: layers 0 and 1 of its layered encoding."""
-    track = PacketTrack(encode_loop(_scene(8), 15.0, layers=True), 30.0, layered=True)
+def test_a_checkout_terminal_hears_the_servers_cap() -> None:
+    """A checkout terminal passes the server's cap (``checkout.camera_fps``) to its camera
+    and counts it. The bench's pre-encoded checkout camera is one layer: it notes the cap
+    and keeps its rate, as a camera that cannot cap itself (``--fps 15`` is the capped
+    camera's stream); a layered one would halve."""
+    track = PacketTrack(encode_loop(_scene(8), 15.0), 30.0)
     checkout = BenchTerminal({}, "token", 0, track)
     checkout._camera({"type": "camera", "max_fps": 15})
-    assert (track.max_fps, track.sending_fps, checkout.camera_changes) == (15.0, 15.0, 1)
+    assert (track.max_fps, track.sending_fps, checkout.camera_changes) == (15.0, 30.0, 1)
+    layered = PacketTrack(encode_loop(_scene(8), 15.0, layers=True), 30.0, layered=True)
+    BenchTerminal({}, "token", 1, layered)._camera({"type": "camera", "max_fps": 15})
+    assert layered.sending_fps == 15.0
 
 
 async def test_a_lowered_rate_over_real_webrtc_decodes_clean(
