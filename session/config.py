@@ -266,8 +266,8 @@ class CheckoutConfig(_Strict):
     #: browser's camera sends 30 fps, but a checkout's evidence must span
     #: ``pipeline.evidence.min_span_s`` (0.3 s) whatever the rate, so frames beyond about 15
     #: a second do not bring the decision sooner; they are received, decoded and analysed
-    #: for nothing (docs/performance.md: 2 terminals at 30 fps cost 281 ms of server CPU per
-    #: checkout against 179 ms at 15, with the same time to ``confirm``). 15 is also the rate
+    #: for nothing (docs/performance.md: 2 terminals at 30 fps cost 279 ms of server CPU per
+    #: checkout against 191 ms at 15, with the same time to ``confirm``). 15 is also the rate
     #: the evidence thresholds and the bench were measured at. A terminal that ignores the
     #: request keeps its rate: that costs only CPU.
     camera_fps: float | None = Field(15.0, ge=5.0, le=60.0)
