@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from stream_server import replay
 from tests.e2e import PASSPHRASE, camera_frames, empty_frames
 
 ENROLL = "faces/obama/obama.jpg"
@@ -73,6 +74,25 @@ async def test_a_checkout_camera_is_capped_at_the_rate_its_evidence_needs(
     await term.pc.close()
     await term.start_video(camera_frames(analyzer, photo(SHOPPER), fps=30), fps=30)
     assert (await term.expect("camera", timeout=5))["max_fps"] == 15
+
+
+async def test_facepay_replay_obeys_the_cap(make_env, analyzer, photo):
+    """``facepay replay`` of a 30 fps source sends 15 frames a second once the server asks,
+    prints the request, and the shopper pays."""
+    env = await make_env()
+    await env.enroll("acct-obama", "Barack Obama", "+1 202 555 0101", photo(ENROLL))
+    lines: list[dict] = []
+    frames = camera_frames(analyzer, photo(SHOPPER), fps=30)
+    async with asyncio.timeout(40):
+        result = await replay.run_replay(
+            str(env.server.make_url("/")), env.token, "checkout", frames, fps=30,
+            amount="12.50", order_id="o-r", passphrase=PASSPHRASE, timeout_s=30,
+            out=lines.append,
+        )  # fmt: skip
+    assert result["outcome"] == "approved", lines
+    assert [line["max_fps"] for line in lines if line["type"] == "camera"] == [15]
+    # Sent at 15 a second from the first frame (one frame of slack for the clock).
+    assert 4 <= result["frames_sent"] <= result["t_ms"] / 1000 * 15 + 2, result
 
 
 async def test_no_cap_is_asked_when_none_is_configured(make_env, analyzer, photo):
