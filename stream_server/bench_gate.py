@@ -156,8 +156,7 @@ class GateBenchTerminal(BenchTerminal):
     loop it belongs to (from the time since the camera's first frame). A gate whose video
     connection dies offers a new one, as a gate controller would. The server's ``camera``
     messages (a lower frame rate while the corridor is empty, ``max_fps``; full rate again
-    with None) go to the track (:meth:`PacketTrack.set_max_fps`) and are counted in
-    ``camera_changes``.
+    with None) go to the track as for every bench terminal (:meth:`BenchTerminal._camera`).
     """
 
     def __init__(

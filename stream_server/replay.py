@@ -298,7 +298,7 @@ async def _converse(
             term.opened += 1
         elif kind == "gate_deny":
             term.denied += 1
-        elif kind == "camera":  # an idle gate asks for fewer frames, as the gate page obeys
+        elif kind == "camera":  # a checkout's cap, an idle gate's lower rate: as the pages
             term.track.set_max_fps(camera_rate(event.get("max_fps")))
         elif kind == "state":
             state = event.get("state")
