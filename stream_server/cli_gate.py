@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -190,6 +191,12 @@ async def _bench(args: argparse.Namespace, data_root: Path) -> int:
         await runner.cleanup()
         if embedded is not None:
             embedded.stop()
+        # The private Redis saved the run's enrolments (templates, names, passphrase hashes)
+        # on stopping: none of it outlives the run. A rendered preset scene stays, since the
+        # result names it; with the user's SCENE nothing else is left.
+        shutil.rmtree(work / "data", ignore_errors=True)
+        if args.scene is not None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 async def _replay(

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -170,6 +172,11 @@ def test_bench_gate_renders_a_scene_and_reports_the_contract_keys(models_dir, da
     assert out["wrong_opens"] == 0 and out["missed"] == []
     assert set(out["decision_ms"]) >= {"p50", "p95", "max"}
     assert out["cpu_ms_per_decision"] > 0
+    # The rendered scene stays for reuse; the private Redis's data (the run's enrolments)
+    # does not outlive the command.
+    work = Path(out["scene"]).parent
+    assert Path(out["scene"]).is_file() and not (work / "data").exists()
+    shutil.rmtree(work)
 
 
 def test_gate_judging_counts_a_strangers_open_and_a_second_open_in_one_pass() -> None:
