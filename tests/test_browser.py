@@ -61,6 +61,7 @@ async def test_checkout_with_passphrase_is_approved(make_env, analyzer, photo, t
     await env.enroll("acct-obama", "Barack Obama", "+1 202 555 0101", photo(ENROLL))
     camera = write_camera(analyzer, photo(SHOPPER), tmp_path / "cam.y4m")
     async with browser_page(tmp_path / "profile", camera) as page:
+        await page.add_init_script(script=PEERS_JS)
         shots = StateShots(page, "checkout")
         shots.start()
         try:
@@ -92,6 +93,8 @@ async def test_checkout_with_passphrase_is_approved(make_env, analyzer, photo, t
             await page.click("#new-sale")
             await wait_state(page, "confirm")  # found the shopper again: the video restarted
             assert conn.ingest.frames > decoded
+            # The cap asked for after the answer outlived pausing and resuming the video.
+            assert (await page.evaluate(SENDER_JS))["caps"] == [15]
             await page.screenshot(path=str(SCREENSHOTS / "checkout-confirm-phone.png"))
             await page.click("#screen-confirm [data-action=cancel]")
             await wait_state(page, "cancelled")
