@@ -284,6 +284,12 @@ class EnrollmentConfig(_Strict):
     timeout_s: float = Field(60.0, ge=3.0, le=600.0)
     #: How long the passphrase step may take; then declined ``timeout``.
     passphrase_timeout_s: float = Field(120.0, ge=3.0, le=600.0)
+    #: The most frames a second an enroll terminal is asked to send, right after each video
+    #: connection is answered; None: ask nothing. For the reasons of ``checkout.camera_fps``:
+    #: the liveness evidence spans ``min_span_s`` whatever the rate and templates come at
+    #: least ``min_gap_s`` apart, so a browser's 30 fps only doubles the frames received,
+    #: decoded and analysed (and enrolment embeds every frame of the face).
+    camera_fps: float | None = Field(15.0, ge=5.0, le=60.0)
 
 
 class FacePayConfig(_Strict):

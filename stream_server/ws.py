@@ -267,8 +267,12 @@ class TerminalConnection:
         self.frames.on_demand = self.ingest.resume
         answer = await self.ingest.start(offer.sdp, offer.sdp_type)
         await self.send({"type": "answer", "sdp": answer.sdp, "sdp_type": answer.type})
-        mode, cap = self.terminal.mode, self.config.checkout.camera_fps
-        if mode == "checkout" and cap is not None:  # after the answer: for this connection
+        mode = self.terminal.mode
+        caps = {
+            "checkout": self.config.checkout.camera_fps,
+            "enroll": self.config.enrollment.camera_fps,
+        }
+        if (cap := caps.get(mode)) is not None:  # after the answer: for this connection
             await self.send({"type": "camera", "max_fps": cap})
         if mode == "gate":
             if isinstance(self.session, GateSession):

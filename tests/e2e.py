@@ -140,10 +140,11 @@ async def start_env(
     limits: dict[str, Any] | None = None,
     gate: dict[str, Any] | None = None,
     checkout: dict[str, Any] | None = None,
+    enrollment: dict[str, Any] | None = None,
     **policy: Any,
 ) -> Env:
     """Start the app (real Redis, models) with policy overrides (and server/limits/gate/
-    checkout ones); one merchant + terminal."""
+    checkout/enrollment ones); one merchant + terminal."""
     config = FacePayConfig.model_validate(
         {
             "policy": policy,
@@ -151,6 +152,7 @@ async def start_env(
             "limits": limits or {},
             "gate": gate or {},
             "checkout": checkout or {},
+            "enrollment": enrollment or {},
         }
     )
     app = create_app(

@@ -66,7 +66,7 @@ class TestTerminal:
                     if event.get("type") == "camera":
                         self.camera.append((time.monotonic(), event["max_fps"]))
                         if hasattr(self.track, "set_max_fps"):
-                            # as the pages do (a checkout's cap, an idle gate's rate)
+                            # as the pages do (a checkout's or enrolment's cap, a gate's idle rate)
                             self.track.set_max_fps(camera_rate(event["max_fps"]))
                     await self._queue.put(event)
         finally:  # however the reading ends, a waiting test hears about it

@@ -371,6 +371,7 @@ async def test_enrolment_with_consent_then_the_new_account_pays(env, analyzer, p
     _, token = await env.store.add_terminal(env.merchant.merchant_id, "enroll")
     camera = write_camera(analyzer, photo(ENROLL), tmp_path / "enrol.y4m")
     async with browser_page(tmp_path / "profile", camera) as page:
+        await page.add_init_script(script=PEERS_JS)
         shots = StateShots(page, "enroll")
         shots.start()
         try:
@@ -398,6 +399,8 @@ async def test_enrolment_with_consent_then_the_new_account_pays(env, analyzer, p
             # while the person types.
             assert await page.evaluate("document.getElementById('preview').srcObject === null")
             await _no_video_arrives(env)
+            # The capture ran capped at the server's request (enrollment.camera_fps).
+            assert (await page.evaluate(SENDER_JS))["caps"] == [15]
             await page.fill("#pass1", PASSPHRASE)
             await page.fill("#pass2", PASSPHRASE)
             await page.press("#pass2", "Enter")

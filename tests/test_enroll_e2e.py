@@ -30,10 +30,10 @@ def test_quality_reasons_map_to_the_documented_hints():
     assert {hint for _, hint in ENROLL_HINTS} | {"one_person", "no_face", "ok"} == HINTS
 
 
-async def _enroll_terminal(env, analyzer, photo, rel=ENROLL):
+async def _enroll_terminal(env, analyzer, photo, rel=ENROLL, fps=15):
     _, token = await env.store.add_terminal(env.merchant.merchant_id, "enroll")
     term = await env.terminal(token)
-    await term.start_video(camera_frames(analyzer, photo(rel)))
+    await term.start_video(camera_frames(analyzer, photo(rel), fps=fps), fps=fps)
     return term
 
 
@@ -114,6 +114,30 @@ async def test_live_enrolment_then_the_new_account_pays(make_env, analyzer, phot
     assert approved["type"] == "approved", shop.events
     payment = await env.store.get_payment(approved["payment_id"])
     assert payment.account_id == "acct-live"
+
+
+async def test_an_enrolment_camera_is_capped_and_still_enrols(make_env, analyzer, photo):
+    """Right after the answer the server asks an enroll terminal for at most
+    ``enrollment.camera_fps`` (15) frames a second: a 30 fps camera that obeys sends every
+    second frame, and the capture still collects its templates from a live face."""
+    env = await make_env()
+    term = await _enroll_terminal(env, analyzer, photo, fps=30)
+    assert (await term.expect("camera", timeout=5))["max_fps"] == 15
+    await _capture(term)
+    sent, held = term.track.frames_sent, term.track.frames_held
+    assert sent >= 5 and abs(sent - held) <= 1, (sent, held)  # 15 of 30 a second
+    await term.send({"type": "enroll_passphrase", "passphrase": SECRET, "confirm": SECRET})
+    enrolled = await term.expect("enrolled", "declined")
+    assert enrolled == {"type": "enrolled", "account_id": "acct-live", "templates": 3}
+    assert [max_fps for _, max_fps in term.camera] == [15]
+
+
+async def test_no_enrolment_cap_is_asked_when_none_is_configured(make_env, analyzer, photo):
+    """``enrollment.camera_fps: null``: the camera keeps its rate, the server asks nothing."""
+    env = await make_env(enrollment={"camera_fps": None})
+    term = await _enroll_terminal(env, analyzer, photo, fps=30)
+    await _capture(term)
+    assert term.camera == [] and term.track.frames_held == 0
 
 
 async def test_print_attack_is_declined_spoof(make_env, analyzer, photo):

@@ -249,9 +249,9 @@ export class Terminal {
    * it CPU. Errs towards frames: anything but a positive number means full rate, a failure
    * (a browser without maxFramerate) only warns and leaves the video as it was, and a
    * request that came before the server answered the current peer connection is dropped
-   * (it was meant for the previous one; a new connection starts at full rate). A checkout's
-   * server caps the rate right after its answer: such a request waits for the answer to be
-   * applied. Resolves to whether every video sender now applies it; `maxFps` says what
+   * (it was meant for the previous one; a new connection starts at full rate). For checkout
+   * and enrolment the server caps the rate right after its answer: such a request waits for
+   * the answer to be applied. Resolves to whether every video sender now applies it; `maxFps` says what
    * they apply.
    */
   async setMaxFramerate(fps) {
