@@ -315,6 +315,12 @@ class FacePayConfig(_Strict):
             raise ConfigError(f"invalid configuration: {exc}") from exc
         return self.model_copy(update={"server": server})
 
+    def camera_cap(self, mode: str) -> float | None:
+        """The frame rate a ``mode`` terminal is asked for right after each answer (None:
+        nothing is asked; a gate's camera is paced by its session, ``gate.idle_camera``)."""
+        caps = {"checkout": self.checkout.camera_fps, "enroll": self.enrollment.camera_fps}
+        return caps.get(mode)
+
     def gate_pipeline(self) -> PipelineConfig:
         """The pipeline config a gate session runs with (gate evidence and face size)."""
         quality = self.pipeline.quality.model_copy(update={"min_face_px": self.gate.min_face_px})

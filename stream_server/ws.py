@@ -268,11 +268,7 @@ class TerminalConnection:
         answer = await self.ingest.start(offer.sdp, offer.sdp_type)
         await self.send({"type": "answer", "sdp": answer.sdp, "sdp_type": answer.type})
         mode = self.terminal.mode
-        caps = {
-            "checkout": self.config.checkout.camera_fps,
-            "enroll": self.config.enrollment.camera_fps,
-        }
-        if (cap := caps.get(mode)) is not None:  # after the answer: for this connection
+        if (cap := self.config.camera_cap(mode)) is not None:  # after the answer: for it
             await self.send({"type": "camera", "max_fps": cap})
         if mode == "gate":
             if isinstance(self.session, GateSession):

@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from pipeline.config import PipelineConfig
+from session.config import FacePayConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN_IN_PIPELINE = {"asyncio", "aiohttp", "aiortc", "redis", "av", "session", "stream_server"}
@@ -55,3 +56,18 @@ def test_config_is_immutable():
     cfg = PipelineConfig()
     with pytest.raises(ValidationError):
         cfg.match.threshold = 0.1  # type: ignore[misc]
+
+
+def test_camera_caps_by_terminal_mode():
+    """Checkout and enroll terminals are capped from their own sections (bounded, or null
+    for none); a gate's camera is paced by its session, never capped at the answer."""
+    assert {m: FacePayConfig().camera_cap(m) for m in ("checkout", "enroll", "gate")} == {
+        "checkout": 15.0,
+        "enroll": 15.0,
+        "gate": None,
+    }
+    cfg = FacePayConfig.model_validate({"checkout": {"camera_fps": None}, "enrollment": {}})
+    assert cfg.camera_cap("checkout") is None and cfg.camera_cap("enroll") == 15.0
+    for bad in (4.0, 61.0):
+        with pytest.raises(ValidationError):
+            FacePayConfig.model_validate({"enrollment": {"camera_fps": bad}})
