@@ -170,9 +170,6 @@ function onState(msg) {
 const handlers = {
   faces: onFaces,
   state: onState,
-  // The server asks for the frame rate its evidence needs (15 a second): more would only
-  // cost it CPU. A browser that cannot cap its sender keeps its rate.
-  camera: (msg) => terminal.setMaxFramerate(msg.max_fps).catch((err) => console.warn(err)),
   confirm: showConfirm,
   need_phone_digits(msg) {
     setState("phone");

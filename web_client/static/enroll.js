@@ -81,9 +81,6 @@ const handlers = {
       showResult(false, "Cancelled", "Nothing was stored.");
     }
   },
-  // The server's cap right after the answer (enrollment.camera_fps): 15 frames a second
-  // are all a capture needs.
-  camera: (msg) => terminal.setMaxFramerate(msg.max_fps).catch((err) => console.warn(err)),
   enrolled(msg) {
     setState("enrolled");
     showResult(true, "You're enrolled",

@@ -65,16 +65,10 @@ function showCamera() {
   document.body.dataset.camera = terminal.maxFps ? "idle" : "full";
 }
 
-/**
- * The server asks for fewer frames while the corridor is empty, and for the full rate as
- * soon as anything moves (a new video connection starts at full rate).
- */
-async function onCamera(msg) {
-  await terminal.setMaxFramerate(msg.max_fps).catch((err) => console.warn(err));
-  showCamera();
-}
-
-const handlers = { faces: onFaces, gate_open: onOpen, gate_deny: onDeny, camera: onCamera };
+// The server asks for fewer frames while the corridor is empty, and for the full rate as
+// soon as anything moves (a new video connection starts at full rate); the terminal has
+// applied the request by the time the page hears of it.
+const handlers = { faces: onFaces, gate_open: onOpen, gate_deny: onDeny, camera: showCamera };
 
 function fail(text) {
   setState("error");

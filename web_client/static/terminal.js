@@ -140,8 +140,8 @@ export class Terminal {
       return;
     }
     if (msg.type === "answer") {
-      // Kept so a request for this connection that follows the answer at once (a
-      // checkout's frame-rate cap) can wait for it: messages are handled concurrently.
+      // Kept so a request for this connection that follows the answer at once (the
+      // frame-rate cap) can wait for it: messages are handled concurrently.
       this.answering = this.pc.setRemoteDescription({
         type: msg.sdp_type || "answer",
         sdp: msg.sdp,
@@ -159,6 +159,12 @@ export class Terminal {
     if (msg.type === "error" && msg.code === "video_lost") {
       this.videoLost();
       return;
+    }
+    if (msg.type === "camera") {
+      // Every page obeys (a checkout's or an enrolment's cap right after the answer, an
+      // idle gate's lower rate): more frames would only cost the server CPU. Applied before
+      // the page hears of it, so the page can show what its sender does.
+      await this.setMaxFramerate(msg.max_fps).catch((err) => console.warn(err));
     }
     this.onEvent(msg);
   }
@@ -251,8 +257,8 @@ export class Terminal {
    * request that came before the server answered the current peer connection is dropped
    * (it was meant for the previous one; a new connection starts at full rate). For checkout
    * and enrolment the server caps the rate right after its answer: such a request waits for
-   * the answer to be applied. Resolves to whether every video sender now applies it; `maxFps` says what
-   * they apply.
+   * the answer to be applied. Resolves to whether every video sender now applies it;
+   * `maxFps` says what they apply.
    */
   async setMaxFramerate(fps) {
     const cap = typeof fps === "number" && Number.isFinite(fps) && fps > 0 ? fps : null;
