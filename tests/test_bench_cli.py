@@ -98,6 +98,33 @@ def test_bench_runs_real_terminals_and_reports_the_contract_keys(models_dir, dat
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_checkout_bench_camera_obeys_the_servers_cap(models_dir, data_dir):
+    """At ``--fps 30`` the server caps each checkout camera at ``checkout.camera_fps`` (15)
+    after each answer, and the bench's camera obeys as a browser's does: it leaves out every
+    second frame (one temporal layer), and the shopper still pays."""
+    out = _facepay(
+        "bench",
+        "--models-dir",
+        str(models_dir),
+        "--terminals",
+        "1",
+        "--fps",
+        "30",
+        "--duration",
+        "5",
+        str(data_dir / "faces/obama/obama3.jpg"),
+    )
+    sessions = out["sessions"]
+    assert sessions["lost"] == 0 and sessions["decided"] == sessions["started"] >= 1
+    assert out["outcomes"] == {"approved": sessions["started"]}
+    camera = out["camera"]
+    assert camera["camera_changes"] >= 1  # one cap per answer
+    sent, held = out["frames"]["sent"], camera["frames_held"]
+    # Capped from the answer on: half of the camera's frames, less the few before it.
+    assert 0.4 <= held / (sent + held) <= 0.5, (sent, held)
+    assert out["frames"]["received"] <= sent
+
+
 def test_bench_gate_mode_runs_concurrent_gates_and_judges_every_decision(
     models_dir, data_dir, tmp_path
 ):
