@@ -258,6 +258,33 @@ class GateConfig(_Strict):
     )
 
 
+class LoadPacingConfig(_Strict):
+    """A checkout camera's rate under overload (``session/camera_load.py``)."""
+
+    enabled: bool = True
+    #: Seconds of frames (at the rate asked for) between two looks at how many were
+    #: analysed: 15 frames at 15 fps, 5 at 5 fps (at least 4).
+    window_s: float = Field(1.0, ge=0.2, le=10.0)
+    #: Fewer analysed than this share of those received ...
+    lower_below: float = Field(0.35, gt=0.0, lt=1.0)
+    #: ... in this many windows in a row: ask for fewer frames.
+    lower_after: int = Field(2, ge=1, le=10)
+    #: This share or more analysed: ask for more again, up to ``checkout.camera_fps``.
+    raise_above: float = Field(0.8, gt=0.0, le=1.0)
+    #: A lowered rate is this many times the rate that was analysed.
+    headroom: float = Field(1.5, ge=1.0, le=4.0)
+    #: Each step back up multiplies the rate by this.
+    raise_step: float = Field(1.5, gt=1.0, le=4.0)
+    #: Never ask for less: a checkout's evidence still needs frames 0.3 s apart and more.
+    min_fps: float = Field(5.0, ge=2.0, le=30.0)
+
+    @model_validator(mode="after")
+    def _raise_above_lower(self) -> LoadPacingConfig:
+        if self.raise_above <= self.lower_below:
+            raise ValueError("raise_above must be above lower_below")
+        return self
+
+
 class CheckoutConfig(_Strict):
     """Checkout terminals (``checkout`` mode)."""
 
@@ -271,6 +298,9 @@ class CheckoutConfig(_Strict):
     #: the evidence thresholds and the bench were measured at. A terminal that ignores the
     #: request keeps its rate: that costs only CPU.
     camera_fps: float | None = Field(15.0, ge=5.0, le=60.0)
+    #: Fewer frames from a camera while the server cannot analyse what it sends (only with
+    #: a ``camera_fps`` to come back to).
+    load_pacing: LoadPacingConfig = LoadPacingConfig()
 
 
 class EnrollmentConfig(_Strict):

@@ -24,6 +24,7 @@ from pipeline.errors import (
     RateLimited,
     StoreUnavailable,
 )
+from session.camera_load import LoadPacer, pacer_for
 from session.checkout import CheckoutSession
 from session.enroll import EnrollRequest, EnrollSession
 from session.frames import FrameSlot
@@ -235,6 +236,7 @@ class TerminalConnection:
         metrics = self.metrics
         max_pixels = self.config.server.max_frame_pixels
         warned = False
+        pacer: LoadPacer | None = None  # set once the answer went out
 
         def on_frame(frame: Any, t: float) -> None:
             nonlocal warned
@@ -250,6 +252,8 @@ class TerminalConnection:
                 return
             self.frames.put(frame, t)
             metrics.frames_received.inc()
+            if pacer and (fps := pacer.update(self.frames.received, self.frames.taken)):
+                self._notify({"type": "camera", "max_fps": fps})  # fewer or more frames
 
         def on_closed() -> None:
             # The peer connection died on its own (ICE consent lost, DTLS failure, the
@@ -270,6 +274,7 @@ class TerminalConnection:
         mode = self.terminal.mode
         if (cap := self.config.camera_cap(mode)) is not None:  # after the answer: for it
             await self.send({"type": "camera", "max_fps": cap})
+        pacer = pacer_for(self.config, mode)
         if mode == "gate":
             if isinstance(self.session, GateSession):
                 self.session.camera_restarted()  # a new connection sends at full rate

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from stream_server import replay
+from stream_server.app import EXECUTOR
 from tests.e2e import PASSPHRASE, camera_frames, empty_frames
 
 ENROLL = "faces/obama/obama.jpg"
@@ -104,6 +106,30 @@ async def test_no_cap_is_asked_when_none_is_configured(make_env, analyzer, photo
     assert (await term.checkout("12.50", "o-1"))["state"] == "scanning"
     assert (await term.expect("confirm", "declined"))["type"] == "confirm", term.events
     assert term.camera == [] and term.track.frames_held == 0
+
+
+async def test_an_overloaded_server_asks_for_fewer_frames_then_more_again(make_env):
+    """While the workers are busy elsewhere, the frames a checkout camera sends are decoded
+    and dropped unanalysed: the server asks for fewer (``checkout.load_pacing``, down to
+    ``min_fps``), and back up to ``camera_fps`` in steps once it analyses them all again."""
+    env = await make_env()
+    term = await env.terminal()
+    await term.start_video(empty_frames(seconds=40))
+    assert (await term.expect("camera", timeout=5))["max_fps"] == 15
+    assert (await term.checkout("1.00", "o-load"))["state"] == "scanning"
+    await asyncio.sleep(1.0)  # frames flow and are analysed: nothing asked
+    assert [fps for _, fps in term.camera] == [15]
+    # Real load: both workers busy for 3.5 s (what 16 terminals on 2 cores look like), more
+    # than the two windows of a second in a row the pacer waits for.
+    loop = asyncio.get_running_loop()
+    busy = [loop.run_in_executor(env.app[EXECUTOR], time.sleep, 3.5) for _ in range(2)]
+    assert (await term.expect("camera", timeout=5))["max_fps"] == 5.0
+    await asyncio.gather(*busy)
+    steps = [(await term.expect("camera", timeout=10))["max_fps"] for _ in range(3)]
+    assert steps == [7.5, 11.2, 15.0], term.camera
+    assert term.track.frames_held > 0  # the camera obeyed
+    await term.send({"type": "cancel"})
+    assert (await term.until_end())["state"] == "cancelled"
 
 
 async def test_three_wrong_passphrases_lock_the_account(make_env, analyzer, photo):

@@ -1,0 +1,113 @@
+"""LoadPacer: a checkout camera's rate from how many of its frames the server analysed."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from session.camera_load import MIN_WINDOW_FRAMES, LoadPacer, pacer_for
+from session.config import FacePayConfig, LoadPacingConfig
+
+
+class Slot:
+    """A frame slot's running counts, fed window by window."""
+
+    def __init__(self, pacer: LoadPacer) -> None:
+        self.pacer, self.received, self.taken = pacer, 0, 0
+
+    def feed(self, counts: list[tuple[int, int]]) -> list[float | None]:
+        """Each window's (received, taken) added to the counts; the pacer's answers."""
+        answers = []
+        for got, took in counts:
+            self.received, self.taken = self.received + got, self.taken + took
+            answers.append(self.pacer.update(self.received, self.taken))
+        return answers
+
+
+def test_keeps_the_rate_while_the_analysis_keeps_up_or_nearly():
+    pacer = LoadPacer(LoadPacingConfig(), 15.0)
+    slot = Slot(pacer)
+    # All analysed, then 76 % (8 terminals on 2 cores), then 40 %: nothing to change.
+    assert slot.feed([(15, 15), (15, 11), (15, 6)]) == [None, None, None]
+    assert pacer.fps == 15.0
+
+
+def test_one_low_window_is_not_enough():
+    """At the target load single windows dip below a third; two in a row are needed."""
+    pacer = LoadPacer(LoadPacingConfig(), 15.0)
+    slot = Slot(pacer)
+    assert slot.feed([(15, 4), (15, 8), (15, 3), (15, 9)]) == [None] * 4
+    assert pacer.fps == 15.0
+
+
+def test_lowers_to_what_was_analysed_with_headroom_then_holds():
+    pacer = LoadPacer(LoadPacingConfig(), 15.0)
+    slot = Slot(pacer)
+    # 4 then 4 of 15 analysed (16 terminals): ask for 1.5 x 8/30 x 15 = 6 frames a second.
+    assert slot.feed([(15, 4), (15, 4)]) == [None, 6.0]
+    # At 6 a second (windows of 6 frames) half are analysed: between the thresholds, hold.
+    assert pacer.window_frames == 6
+    assert slot.feed([(6, 3), (6, 3)]) == [None, None]
+    assert pacer.fps == 6.0
+
+
+def test_never_below_the_floor_even_when_nothing_is_analysed():
+    pacer = LoadPacer(LoadPacingConfig(min_fps=5.0), 15.0)
+    slot = Slot(pacer)
+    assert slot.feed([(15, 0), (15, 0)]) == [None, 5.0]
+    assert slot.feed([(5, 0), (5, 0)]) == [None, None]  # already there: nothing new to ask
+
+
+def test_never_above_the_cap_even_with_a_higher_floor():
+    pacer = LoadPacer(LoadPacingConfig(min_fps=10.0), 8.0)
+    slot = Slot(pacer)
+    assert slot.feed([(8, 0), (8, 0)]) == [None, None]
+    assert pacer.fps == 8.0
+
+
+def test_raises_in_steps_of_a_second_each_back_to_the_cap_and_no_further():
+    pacer = LoadPacer(LoadPacingConfig(), 15.0)
+    slot = Slot(pacer)
+    assert slot.feed([(15, 0), (15, 0)]) == [None, 5.0]
+    # Windows of 5, 8 and 11 frames: about a second each at the rate asked for.
+    assert slot.feed([(5, 5), (8, 8), (11, 10), (15, 15)]) == [7.5, 11.2, 15.0, None]
+    assert pacer.fps == 15.0
+
+
+def test_waits_for_a_whole_window_of_received_frames():
+    """A checkout paused between shoppers receives nothing: a window spans checkouts, and a
+    few frames are no evidence of load."""
+    pacer = LoadPacer(LoadPacingConfig(window_s=1.0, lower_after=1), 15.0)
+    assert pacer.update(14, 0) is None
+    assert pacer.update(15, 0) == 5.0
+    assert pacer.window_frames == 5
+    # However short the window in seconds, never fewer than MIN_WINDOW_FRAMES frames.
+    short = LoadPacer(LoadPacingConfig(window_s=0.2, lower_after=1), 5.0)
+    assert short.window_frames == MIN_WINDOW_FRAMES
+    assert short.update(MIN_WINDOW_FRAMES - 1, 0) is None
+
+
+def test_only_checkout_cameras_with_a_cap_are_paced():
+    cfg = FacePayConfig()
+    assert isinstance(pacer_for(cfg, "checkout"), LoadPacer)
+    assert pacer_for(cfg, "enroll") is None and pacer_for(cfg, "gate") is None
+    off = FacePayConfig.model_validate({"checkout": {"load_pacing": {"enabled": False}}})
+    assert pacer_for(off, "checkout") is None
+    uncapped = FacePayConfig.model_validate({"checkout": {"camera_fps": None}})
+    assert pacer_for(uncapped, "checkout") is None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"lower_below": 0.8, "raise_above": 0.5},
+        {"lower_below": 0.0},
+        {"min_fps": 1.0},
+        {"window_s": 0.1},
+        {"lower_after": 0},
+        {"raise_step": 1.0},
+    ],
+)
+def test_bounds(bad):
+    with pytest.raises(ValidationError):
+        LoadPacingConfig.model_validate(bad)
