@@ -31,26 +31,33 @@ from session.config import FacePayConfig, LoadPacingConfig
 MIN_WINDOW_FRAMES = 4
 
 
-def pacer_for(config: FacePayConfig, mode: str) -> LoadPacer | None:
+def pacer_for(
+    config: FacePayConfig, mode: str, received: int = 0, taken: int = 0
+) -> LoadPacer | None:
     """A pacer for a new video connection of a ``mode`` terminal, or None: only checkout
-    cameras are paced (a gate's by its session), and only with a cap to come back to."""
+    cameras are paced (a gate's by its session), and only with a cap to come back to.
+    ``received`` and ``taken`` are the frame slot's counts now (it outlives connections)."""
     cap, pacing = config.camera_cap(mode), config.checkout.load_pacing
     if mode != "checkout" or cap is None or not pacing.enabled:
         return None
-    return LoadPacer(pacing, cap)
+    return LoadPacer(pacing, cap, received, taken)
 
 
 class LoadPacer:
     """The frame rate to ask of one camera, from how many of its frames were analysed."""
 
-    def __init__(self, config: LoadPacingConfig, full_fps: float) -> None:
+    def __init__(
+        self, config: LoadPacingConfig, full_fps: float, received: int = 0, taken: int = 0
+    ) -> None:
         self.cfg = config
         #: The rate asked for at the answer: the ceiling.
         self.full_fps = full_fps
         #: The rate asked for now.
         self.fps = full_fps
-        self._received = 0
-        self._taken = 0
+        # The slot's counts where the first window starts: an earlier connection's frames
+        # are no evidence of this one's load.
+        self._received = received
+        self._taken = taken
         # Frames received and analysed in the windows below ``lower_below`` in a row.
         self._low_windows = 0
         self._low_received = 0

@@ -274,7 +274,7 @@ class TerminalConnection:
         mode = self.terminal.mode
         if (cap := self.config.camera_cap(mode)) is not None:  # after the answer: for it
             await self.send({"type": "camera", "max_fps": cap})
-        pacer = pacer_for(self.config, mode)
+        pacer = pacer_for(self.config, mode, self.frames.received, self.frames.taken)
         if mode == "gate":
             if isinstance(self.session, GateSession):
                 self.session.camera_restarted()  # a new connection sends at full rate

@@ -87,6 +87,18 @@ def test_waits_for_a_whole_window_of_received_frames():
     assert short.update(MIN_WINDOW_FRAMES - 1, 0) is None
 
 
+def test_a_new_connection_starts_from_the_slots_counts_now():
+    """The frame slot outlives video connections: an earlier connection's frames (here 300
+    received, 30 analysed) are no evidence of the new one's load."""
+    pacer = pacer_for(FacePayConfig(), "checkout", received=300, taken=30)
+    assert pacer is not None
+    assert pacer.update(315, 45) is None and pacer.update(330, 60) is None
+    assert pacer.fps == 15.0
+    # From zero, the same counts would be two low windows in a row.
+    fresh = LoadPacer(LoadPacingConfig(), 15.0)
+    assert fresh.update(15, 0) is None and fresh.update(330, 60) == 5.0
+
+
 def test_only_checkout_cameras_with_a_cap_are_paced():
     cfg = FacePayConfig()
     assert isinstance(pacer_for(cfg, "checkout"), LoadPacer)
