@@ -19,11 +19,22 @@ seconds at the rate last asked for (at least :data:`MIN_WINDOW_FRAMES` frames re
   is back at 15 after about three seconds of scanning;
 - between the two it holds.
 
+A lowered rate would outlast the rush that caused it: a kiosk's camera pauses between
+shoppers, so a calm server sees a window of frames (a step back up) only once a shopper or
+two, and on an idle server a 5 fps camera confirms in 970 ms against 373 ms at 15 fps. So when
+a checkout starts scanning, a lowered camera is asked for the full rate again at once if the
+server as a whole is keeping up (:class:`CheckoutLoad`: ``raise_above`` or more of all its
+checkout cameras' frames analysed lately, or too few frames to tell); in a rush it is not.
+
 Only the rate of frames changes, never what a frame must show, so a wrong guess costs time
 or CPU, never a decision.
 """
 
 from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
 
 from session.config import FacePayConfig, LoadPacingConfig
 
@@ -32,30 +43,83 @@ MIN_WINDOW_FRAMES = 4
 
 
 def pacer_for(
-    config: FacePayConfig, mode: str, received: int = 0, taken: int = 0
+    config: FacePayConfig,
+    mode: str,
+    received: int = 0,
+    taken: int = 0,
+    load: CheckoutLoad | None = None,
 ) -> LoadPacer | None:
     """A pacer for a new video connection of a ``mode`` terminal, or None: only checkout
     cameras are paced (a gate's by its session), and only with a cap to come back to.
-    ``received`` and ``taken`` are the frame slot's counts now (it outlives connections)."""
+    ``received`` and ``taken`` are the frame slot's counts now (it outlives connections);
+    ``load`` is the server's, shared by all its checkout connections."""
     cap, pacing = config.camera_cap(mode), config.checkout.load_pacing
     if mode != "checkout" or cap is None or not pacing.enabled:
         return None
-    return LoadPacer(pacing, cap, received, taken)
+    return LoadPacer(pacing, cap, received, taken, load)
+
+
+class CheckoutLoad:
+    """The share of its checkout cameras' frames the whole server analysed lately.
+
+    Frames received and analysed are summed with weights that fall by e every ``window_s``
+    seconds, so the share is that of about the last window, and the sums are about the
+    frames of a window. One per server process: it is that process's CPU that is short.
+    """
+
+    def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self._clock = clock
+        self._t = clock()
+        self._received = 0.0
+        self._taken = 0.0
+
+    def _decay(self) -> None:
+        now = self._clock()
+        weight = math.exp(-max(0.0, now - self._t) / self.window_s)
+        self._received *= weight
+        self._taken *= weight
+        self._t = now
+
+    def add(self, received: int, taken: int) -> None:
+        """Frames received and taken for analysis by one camera since its last report."""
+        self._decay()
+        self._received += received
+        self._taken += taken
+
+    def share(self) -> float | None:
+        """The share analysed over about the last window; None with too few frames to tell
+        (no camera sends: nothing is short of CPU because of them)."""
+        self._decay()
+        if self._received < MIN_WINDOW_FRAMES:
+            return None
+        return min(1.0, self._taken / self._received)
 
 
 class LoadPacer:
     """The frame rate to ask of one camera, from how many of its frames were analysed."""
 
     def __init__(
-        self, config: LoadPacingConfig, full_fps: float, received: int = 0, taken: int = 0
+        self,
+        config: LoadPacingConfig,
+        full_fps: float,
+        received: int = 0,
+        taken: int = 0,
+        load: CheckoutLoad | None = None,
     ) -> None:
         self.cfg = config
         #: The rate asked for at the answer: the ceiling.
         self.full_fps = full_fps
         #: The rate asked for now.
         self.fps = full_fps
-        # The slot's counts where the first window starts: an earlier connection's frames
-        # are no evidence of this one's load.
+        self.load = load
+        # The slot's counts at the last update, for what ``load`` is told.
+        self._seen = (received, taken)
+        self._start_window(received, taken)
+
+    def _start_window(self, received: int, taken: int) -> None:
+        # The slot's counts where the window starts: an earlier connection's frames are no
+        # evidence of this one's load.
         self._received = received
         self._taken = taken
         # Frames received and analysed in the windows below ``lower_below`` in a row.
@@ -71,6 +135,9 @@ class LoadPacer:
     def update(self, received: int, taken: int) -> float | None:
         """The slot's running counts of frames received and taken for analysis; returns a
         new rate to ask for, or None to keep the current one."""
+        if self.load is not None:
+            self.load.add(received - self._seen[0], max(0, taken - self._seen[1]))
+            self._seen = (received, taken)
         got = received - self._received
         if got < self.window_frames:
             return None
@@ -97,3 +164,16 @@ class LoadPacer:
             return None
         self.fps = wanted
         return wanted
+
+    def new_scan(self, received: int, taken: int) -> float | None:
+        """A checkout starts scanning (frames wanted again after a pause): the full rate at
+        once if the camera was lowered and the server keeps up with its checkout cameras
+        now (``restart_full``), else None (keep the rate)."""
+        if not self.cfg.restart_full or self.fps >= self.full_fps:
+            return None
+        share = self.load.share() if self.load is not None else None
+        if share is not None and share < self.cfg.raise_above:
+            return None  # still a rush: the lowered rate is what the server can analyse
+        self._start_window(received, taken)
+        self.fps = self.full_fps
+        return self.fps

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from pipeline.analyzer import FaceAnalyzer
 from pipeline.models import ModelStore
+from session.camera_load import CheckoutLoad
 from session.config import FacePayConfig
 from session.crypto import PassphraseHasher, TemplateCipher
 from session.directory import Directory
@@ -43,6 +44,8 @@ CIPHER = web.AppKey("cipher", TemplateCipher)
 PEERS = web.AppKey("peers", set)  # RTCPeerConnection objects, closed on shutdown
 CONNECTIONS = web.AppKey("connections", set)  # open terminal connections
 MODELS_DIR = web.AppKey("models_dir", str)
+#: How much of its checkout cameras' frames this process analysed lately (load pacing).
+CHECKOUT_LOAD = web.AppKey("checkout_load", CheckoutLoad)
 #: Optional folder with the browser pages (default: the repository's web_client/).
 WEB_ROOT_DIR = web.AppKey("web_root_dir", str)
 
@@ -64,6 +67,7 @@ def create_app(
     app[FRAME_CONVERTER] = BgrConverter()
     app[PEERS] = set()
     app[CONNECTIONS] = set()
+    app[CHECKOUT_LOAD] = CheckoutLoad(config.checkout.load_pacing.window_s)
     app[MODELS_DIR] = str(models_dir) if models_dir is not None else ""
     if web_root is not None:
         app[WEB_ROOT_DIR] = str(web_root)

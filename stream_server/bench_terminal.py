@@ -138,6 +138,8 @@ class BenchTerminal:
                 kind = event["type"]
                 if kind == "confirm":
                     rec["confirm_ms"] = round((time.monotonic() - t0) * 1000, 1)
+                    # The rate the server asked of the camera then (load pacing), for --raw.
+                    rec["camera_max_fps"] = getattr(self.track, "max_fps", None)
                     self._video(sending=False)  # recognised: no more video this checkout
                     await ws.send_json(
                         {

@@ -33,6 +33,7 @@ from session.models import CheckoutRequest, Terminal, parse_amount
 from session.services import SessionServices
 from stream_server.app import (
     ANALYZER,
+    CHECKOUT_LOAD,
     CONFIG,
     CONNECTIONS,
     DIRECTORY,
@@ -255,26 +256,32 @@ class TerminalConnection:
             if pacer and (fps := pacer.update(self.frames.received, self.frames.taken)):
                 self._notify({"type": "camera", "max_fps": fps})  # fewer or more frames
 
+        def on_demand() -> None:
+            ingest.resume()  # a keyframe to restart decoding from
+            if pacer and (fps := pacer.new_scan(self.frames.received, self.frames.taken)):
+                self._notify({"type": "camera", "max_fps": fps})  # the rush is over
+
         def on_closed() -> None:
             # The peer connection died on its own (ICE consent lost, DTLS failure, the
             # terminal's side went away). Without video every session here would just time
             # out: say so, so the terminal can send a new offer.
             self._notify(error_event("video_lost", "the video connection ended; send a new offer"))
 
-        self.ingest = VideoIngest(
+        self.ingest = ingest = VideoIngest(
             on_frame=on_frame,
             peers=self.app[PEERS],
             on_closed=on_closed,
             wanted=lambda: self.frames.in_demand,
             on_skipped=metrics.frames_undecoded.inc,
         )
-        self.frames.on_demand = self.ingest.resume
+        self.frames.on_demand = on_demand
         answer = await self.ingest.start(offer.sdp, offer.sdp_type)
         await self.send({"type": "answer", "sdp": answer.sdp, "sdp_type": answer.type})
         mode = self.terminal.mode
         if (cap := self.config.camera_cap(mode)) is not None:  # after the answer: for it
             await self.send({"type": "camera", "max_fps": cap})
-        pacer = pacer_for(self.config, mode, self.frames.received, self.frames.taken)
+        counts = self.frames.received, self.frames.taken
+        pacer = pacer_for(self.config, mode, *counts, self.app[CHECKOUT_LOAD])
         if mode == "gate":
             if isinstance(self.session, GateSession):
                 self.session.camera_restarted()  # a new connection sends at full rate

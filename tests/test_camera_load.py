@@ -5,8 +5,18 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from session.camera_load import MIN_WINDOW_FRAMES, LoadPacer, pacer_for
+from session.camera_load import MIN_WINDOW_FRAMES, CheckoutLoad, LoadPacer, pacer_for
 from session.config import FacePayConfig, LoadPacingConfig
+
+
+class Clock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 class Slot:
@@ -109,6 +119,74 @@ def test_only_checkout_cameras_with_a_cap_are_paced():
     assert pacer_for(uncapped, "checkout") is None
 
 
+def test_the_servers_share_is_that_of_about_the_last_window():
+    clock = Clock()
+    load = CheckoutLoad(window_s=1.0, clock=clock)
+    assert load.share() is None  # no frames: nothing to tell
+    load.add(15, 15)
+    assert load.share() == pytest.approx(1.0)
+    clock.now += 1.0
+    load.add(30, 6)  # two cameras, a fifth of their frames analysed
+    # The older second weighs 1/e: (15/e + 6) / (15/e + 30).
+    assert load.share() == pytest.approx((15 / 2.718281828 + 6) / (15 / 2.718281828 + 30))
+    clock.now += 5.0  # five windows later the frames weigh e^-5: too few to tell
+    assert load.share() is None
+
+
+def _lowered(load: CheckoutLoad | None) -> tuple[LoadPacer, Slot]:
+    pacer = LoadPacer(LoadPacingConfig(), 15.0, load=load)
+    slot = Slot(pacer)
+    assert slot.feed([(15, 0), (15, 0)]) == [None, 5.0]  # a rush
+    return pacer, slot
+
+
+def test_a_new_checkout_starts_at_the_full_rate_once_the_rush_is_over():
+    """A lowered camera would otherwise step back up a window, about a shopper, at a time."""
+    clock = Clock()
+    load = CheckoutLoad(window_s=1.0, clock=clock)
+    pacer, slot = _lowered(load)
+    clock.now += 8.0  # the camera paused for the prompt; the rush's frames have faded
+    assert pacer.new_scan(slot.received, slot.taken) == 15.0
+    assert pacer.fps == 15.0 and pacer.window_frames == 15
+    # The windows start again from the slot's counts at the new scan.
+    assert slot.feed([(14, 0)]) == [None]
+    assert pacer.new_scan(slot.received, slot.taken) is None  # at the full rate already
+
+
+def test_a_new_checkout_keeps_the_lowered_rate_while_the_server_is_still_short():
+    clock = Clock()
+    load = CheckoutLoad(window_s=1.0, clock=clock)
+    pacer, slot = _lowered(load)
+    clock.now += 0.5
+    load.add(100, 50)  # the other cameras: half their frames analysed
+    assert pacer.new_scan(slot.received, slot.taken) is None
+    assert pacer.fps == 5.0
+    load.add(400, 380)  # now nearly all (at least raise_above)
+    assert pacer.new_scan(slot.received, slot.taken) == 15.0
+
+
+def test_the_restart_can_be_turned_off_and_needs_no_shared_load():
+    pacer = LoadPacer(LoadPacingConfig(restart_full=False), 15.0, load=CheckoutLoad(1.0))
+    slot = Slot(pacer)
+    assert slot.feed([(15, 0), (15, 0)]) == [None, 5.0]
+    assert pacer.new_scan(slot.received, slot.taken) is None and pacer.fps == 5.0
+    # Without a server-wide view there is no evidence of a rush: the full rate.
+    alone, slot = _lowered(None)
+    assert alone.new_scan(slot.received, slot.taken) == 15.0
+
+
+def test_each_camera_tells_the_server_what_it_received_and_analysed():
+    clock = Clock()
+    load = CheckoutLoad(window_s=1.0, clock=clock)
+    cfg = FacePayConfig()
+    a = pacer_for(cfg, "checkout", received=100, taken=90, load=load)
+    b = pacer_for(cfg, "checkout", load=load)
+    assert a is not None and b is not None
+    a.update(110, 92)  # since its start: 10 received, 2 analysed
+    b.update(10, 2)
+    assert load.share() == pytest.approx(0.2)
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -118,6 +196,7 @@ def test_only_checkout_cameras_with_a_cap_are_paced():
         {"window_s": 0.1},
         {"lower_after": 0},
         {"raise_step": 1.0},
+        {"restart_full": "sometimes"},
     ],
 )
 def test_bounds(bad):

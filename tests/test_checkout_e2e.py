@@ -124,10 +124,39 @@ async def test_an_overloaded_server_asks_for_fewer_frames_then_more_again(make_e
     loop = asyncio.get_running_loop()
     busy = [loop.run_in_executor(env.app[EXECUTOR], time.sleep, 3.5) for _ in range(2)]
     assert (await term.expect("camera", timeout=5))["max_fps"] == 5.0
+    # The next shopper steps up while the server is still short: the lowered rate holds.
+    await term.send({"type": "cancel"})
+    assert (await term.until_end())["state"] == "cancelled"
+    assert (await term.checkout("1.00", "o-load-2"))["state"] == "scanning"
     await asyncio.gather(*busy)
     steps = [(await term.expect("camera", timeout=10))["max_fps"] for _ in range(3)]
     assert steps == [7.5, 11.2, 15.0], term.camera
     assert term.track.frames_held > 0  # the camera obeyed
+    await term.send({"type": "cancel"})
+    assert (await term.until_end())["state"] == "cancelled"
+
+
+async def test_after_a_rush_the_next_checkout_starts_at_the_full_rate(make_env):
+    """A lowered camera is asked for ``camera_fps`` again as soon as a checkout starts on a
+    server that keeps up (``load_pacing.restart_full``), not a step per window: at 5 fps an
+    idle server confirms in about 970 ms against 370 ms at 15."""
+    env = await make_env()
+    term = await env.terminal()
+    await term.start_video(empty_frames(seconds=40))
+    assert (await term.expect("camera", timeout=5))["max_fps"] == 15
+    assert (await term.checkout("1.00", "o-rush"))["state"] == "scanning"
+    await asyncio.sleep(1.0)
+    loop = asyncio.get_running_loop()
+    busy = [loop.run_in_executor(env.app[EXECUTOR], time.sleep, 3.5) for _ in range(2)]
+    assert (await term.expect("camera", timeout=5))["max_fps"] == 5.0
+    await term.send({"type": "cancel"})  # the shopper walks away during the rush
+    assert (await term.until_end())["state"] == "cancelled"
+    await asyncio.gather(*busy)
+    await asyncio.sleep(3.0)  # calm: the rush's frames fade from the server's average
+    asked = len(term.camera)
+    assert (await term.checkout("1.00", "o-calm"))["state"] == "scanning"
+    assert (await term.expect("camera", timeout=2))["max_fps"] == 15.0, term.camera
+    assert len(term.camera) == asked + 1
     await term.send({"type": "cancel"})
     assert (await term.until_end())["state"] == "cancelled"
 
