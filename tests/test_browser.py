@@ -8,12 +8,13 @@ docs/screenshots/<page>-<state>.png (1024x600).
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import numpy as np
 import pytest
 
-from stream_server.app import CONNECTIONS
+from stream_server.app import CONNECTIONS, EXECUTOR
 from tests.browser import (
     SCREENSHOTS,
     StateShots,
@@ -345,6 +346,49 @@ async def test_checkout_camera_is_capped_right_after_the_answer(env, analyzer, t
         assert (await page.evaluate(SENDER_JS))["caps"] == [15]
         assert 0 < await _frames_sent_per_s(page) <= 17
         assert csp_violations(page) == []
+
+
+async def _caps_become(page, caps: list[Any], seconds: float = 5.0) -> None:
+    """Wait (bounded) until the page's video sender's maxFramerate is ``caps``."""
+    for _ in range(int(seconds * 10)):
+        if (await page.evaluate(SENDER_JS))["caps"] == caps:
+            return
+        await asyncio.sleep(0.1)
+    assert (await page.evaluate(SENDER_JS))["caps"] == caps
+
+
+async def test_checkout_camera_follows_load_pacing_mid_scan_and_after_a_rush(
+    env, analyzer, tmp_path
+):
+    """An overloaded server asks a scanning checkout's camera for fewer frames
+    (``checkout.load_pacing``): Chromium sends about 5 a second while the checkout goes on.
+    After the rush, the next sale starts at the full rate again (``restart_full``)."""
+    nobody = np.random.default_rng(1).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    camera = write_camera(analyzer, nobody, tmp_path / "cam.y4m", fps=30)
+    async with browser_page(tmp_path / "profile", camera) as page:
+        await page.add_init_script(script=PEERS_JS)
+        await page.goto(_url(env, f"/checkout#token={env.token}&amount=1.00&order=o-rush"))
+        await wait_state(page, "scanning")
+        await _caps_become(page, [15])
+        await asyncio.sleep(1.0)  # a started camera takes about a second to reach its rate
+        assert 10 < await _frames_sent_per_s(page) <= 17
+        # Real load: both workers busy for 3.5 s, as in tests/test_checkout_e2e.py.
+        loop = asyncio.get_running_loop()
+        busy = [loop.run_in_executor(env.app[EXECUTOR], time.sleep, 3.5) for _ in range(2)]
+        await _caps_become(page, [5])
+        assert await page.get_attribute("body", "data-state") == "scanning"
+        assert 0 < await _frames_sent_per_s(page, 1.0) <= 7
+        await page.click("#cancel-scan")
+        await wait_state(page, "cancelled")
+        await asyncio.gather(*busy)
+        await asyncio.sleep(3.0)  # calm again
+        await page.click("#new-sale")
+        await wait_state(page, "scanning")
+        await _caps_become(page, [15], seconds=2.0)  # not 7.5 first: no step per window
+        await asyncio.sleep(1.0)  # the resumed camera reaching its rate
+        assert 10 < await _frames_sent_per_s(page) <= 17
+        assert csp_violations(page) == []
+        assert page.console_errors == []
 
 
 async def test_bad_token_and_missing_token_say_so(env, tmp_path):
