@@ -328,6 +328,15 @@ async def test_gate_camera_lowers_and_restores_its_frame_rate(env, analyzer, pho
         assert page.console_errors == []
 
 
+async def _caps_become(page, caps: list[Any], seconds: float = 5.0) -> None:
+    """Wait (bounded) until the page's video sender's maxFramerate is ``caps``."""
+    for _ in range(int(seconds * 10)):
+        if (await page.evaluate(SENDER_JS))["caps"] == caps:
+            return
+        await asyncio.sleep(0.1)
+    assert (await page.evaluate(SENDER_JS))["caps"] == caps
+
+
 async def test_checkout_camera_is_capped_right_after_the_answer(env, analyzer, tmp_path):
     """A browser's camera sends 30 fps; a checkout needs about 15 (``checkout.camera_fps``),
     which the server asks for right after its answer. The page applies the cap although the
@@ -339,22 +348,9 @@ async def test_checkout_camera_is_capped_right_after_the_answer(env, analyzer, t
         await page.add_init_script(script=PEERS_JS)
         await page.goto(_url(env, f"/checkout#token={env.token}&amount=1.00&order=o-cap"))
         await wait_state(page, "scanning")
-        for _ in range(50):  # bounded wait (5 s)
-            if (await page.evaluate(SENDER_JS))["caps"] == [15]:
-                break
-            await asyncio.sleep(0.1)
-        assert (await page.evaluate(SENDER_JS))["caps"] == [15]
+        await _caps_become(page, [15])
         assert 0 < await _frames_sent_per_s(page) <= 17
         assert csp_violations(page) == []
-
-
-async def _caps_become(page, caps: list[Any], seconds: float = 5.0) -> None:
-    """Wait (bounded) until the page's video sender's maxFramerate is ``caps``."""
-    for _ in range(int(seconds * 10)):
-        if (await page.evaluate(SENDER_JS))["caps"] == caps:
-            return
-        await asyncio.sleep(0.1)
-    assert (await page.evaluate(SENDER_JS))["caps"] == caps
 
 
 async def test_checkout_camera_follows_load_pacing_mid_scan_and_after_a_rush(
