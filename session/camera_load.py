@@ -142,9 +142,9 @@ class LoadPacer:
         if got < self.window_frames:
             return None
         took = max(0, taken - self._taken)
-        self._received, self._taken = received, taken
         wanted = None
         if took < self.cfg.lower_below * got:
+            self._received, self._taken = received, taken
             self._low_windows += 1
             self._low_received += got
             self._low_taken += took
@@ -152,9 +152,9 @@ class LoadPacer:
                 share = self._low_taken / self._low_received
                 wanted = max(self.cfg.min_fps, self.cfg.headroom * share * self.fps)
                 wanted = min(wanted, self.full_fps)  # a floor above the cap: the cap
-                self._low_windows = self._low_received = self._low_taken = 0
+                self._start_window(received, taken)
         else:
-            self._low_windows = self._low_received = self._low_taken = 0
+            self._start_window(received, taken)
             if took >= self.cfg.raise_above * got and self.fps < self.full_fps:
                 wanted = min(self.full_fps, self.cfg.raise_step * self.fps)
         if wanted is None:
