@@ -35,11 +35,20 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 from session.config import FacePayConfig, LoadPacingConfig
 
 #: Fewer frames than this are no evidence of load, whatever the rate.
 MIN_WINDOW_FRAMES = 4
+
+
+def camera_event(max_fps: float | None) -> dict[str, Any]:
+    """The ``camera`` request (docs/protocol.md): at most ``max_fps`` frames a second, or
+    the camera's own rate again for None. A checkout's cap and load pacing, an enrolment's
+    cap and an idle gate all ask with it; the pages apply it as the sender's
+    ``maxFramerate``."""
+    return {"type": "camera", "max_fps": max_fps}
 
 
 def pacer_for(

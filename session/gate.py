@@ -29,6 +29,7 @@ from typing import Any
 from pipeline.errors import LimitExceeded, NotFound, StoreUnavailable
 from pipeline.motion import ViewChange
 from pipeline.stream import TrackReport
+from session.camera_load import camera_event
 from session.frames import FrameSlot
 from session.models import format_amount
 from session.services import SessionServices
@@ -121,13 +122,13 @@ class GateSession(VideoSession):
             self._quiet_since = None
             if self.camera_fps is not None:
                 self.camera_fps = None
-                await self._send({"type": "camera", "max_fps": None})
+                await self._send(camera_event(None))
             return
         if self._quiet_since is None:
             self._quiet_since = t
         if self.camera_fps is None and t - self._quiet_since >= cfg.after_s:
             self.camera_fps = cfg.fps
-            await self._send({"type": "camera", "max_fps": cfg.fps})
+            await self._send(camera_event(cfg.fps))
 
     def camera_restarted(self) -> None:
         """The terminal offered a new video connection, which starts at its full rate."""

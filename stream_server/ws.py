@@ -24,7 +24,7 @@ from pipeline.errors import (
     RateLimited,
     StoreUnavailable,
 )
-from session.camera_load import LoadPacer, pacer_for
+from session.camera_load import LoadPacer, camera_event, pacer_for
 from session.checkout import CheckoutSession
 from session.enroll import EnrollRequest, EnrollSession
 from session.frames import FrameSlot
@@ -254,12 +254,12 @@ class TerminalConnection:
             self.frames.put(frame, t)
             metrics.frames_received.inc()
             if pacer and (fps := pacer.update(self.frames.received, self.frames.taken)):
-                self._notify({"type": "camera", "max_fps": fps})  # fewer or more frames
+                self._notify(camera_event(fps))  # fewer or more frames
 
         def on_demand() -> None:
             ingest.resume()  # a keyframe to restart decoding from
             if pacer and (fps := pacer.new_scan(self.frames.received, self.frames.taken)):
-                self._notify({"type": "camera", "max_fps": fps})  # the rush is over
+                self._notify(camera_event(fps))  # the rush is over
 
         def on_closed() -> None:
             # The peer connection died on its own (ICE consent lost, DTLS failure, the
@@ -279,7 +279,7 @@ class TerminalConnection:
         await self.send({"type": "answer", "sdp": answer.sdp, "sdp_type": answer.type})
         mode = self.terminal.mode
         if (cap := self.config.camera_cap(mode)) is not None:  # after the answer: for it
-            await self.send({"type": "camera", "max_fps": cap})
+            await self.send(camera_event(cap))
         counts = self.frames.received, self.frames.taken
         pacer = pacer_for(self.config, mode, *counts, self.app[CHECKOUT_LOAD])
         if mode == "gate":
