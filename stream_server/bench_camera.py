@@ -5,7 +5,8 @@
 every frame in Python for every terminal would spend the 2-core machine's CPU on the
 *clients*. The packets are in temporal layers, so that a camera can lower its frame rate when
 the server asks (``{"type": "camera", "max_fps": N}``: a checkout's cap after each answer, an
-idle gate's lower rate) by leaving out the upper layers, as a browser's ``maxFramerate`` does.
+idle gate's lower rate) by leaving out frames of the upper layers, as a browser's
+``maxFramerate`` does.
 """
 
 from __future__ import annotations
@@ -109,6 +110,14 @@ class PacketTrack(MediaStreamTrack):
     Only ``layered`` packets (``encode_loop(..., layers=True)``) can be left out without
     breaking the frames after them; an unlayered track is a camera that cannot lower its
     rate and sends every frame whatever it is told.
+
+    A layered track sends the layers whose rate fits in ``max_fps`` in full and some of the
+    frames of the next layer up, so that it sends about ``max_fps`` frames a second (asked
+    for 11.2 at 15 fps: 7.5 of layers 0+1 and every other frame of layer 2), as a browser
+    would, and never less than its base layer. That works because no frame refers to one of
+    its own layer or above except layer 2's second frame of a period, which refers to the
+    layer 1 frame before it (checked by decoding, ``tests/test_bench_layers.py``): a layer 2
+    frame can be left out alone, and a layer 1 frame with the layer 2 frame after it.
     """
 
     kind = "video"
@@ -128,8 +137,10 @@ class PacketTrack(MediaStreamTrack):
         self.frames_held = 0
         self.keyframes_requested = 0
         self.max_fps: float | None = None
-        #: Highest temporal layer sent, and the one asked for (see :meth:`set_max_fps`).
-        self._top = self._wanted_top = len(TS_DECIMATORS) - 1
+        #: Layers sent in full and the share of the next layer's frames sent: now, and as
+        #: asked for (see :meth:`set_max_fps`); what is left of the next frame's share.
+        self._share = self._wanted = (len(TS_DECIMATORS), 0.0)
+        self._credit = 0.0
         self._sending = asyncio.Event()
         self._sending.set()
 
@@ -151,24 +162,28 @@ class PacketTrack(MediaStreamTrack):
         self._sending.set()
 
     def set_max_fps(self, max_fps: float | None) -> None:
-        """Send at most about ``max_fps`` frames a second (None: every frame).
+        """Send about ``max_fps`` frames a second (None: every frame).
 
-        A layered track sends the fewest temporal layers whose rate is at least ``max_fps``
-        (never fewer frames than asked: at 30 fps, 10 means layers 0+1, 15 frames a
-        second). Fewer layers take effect at once; more from the next base-layer frame or
-        keyframe, since an upper-layer frame may refer to one of its layer that was left
-        out. An unlayered track notes ``max_fps`` and sends every frame.
+        A layered track sends :func:`layer_share`'s layers and share of the next one (at 30
+        fps, 10 is layer 0 and a third of layer 1's frames; never fewer than layer 0's
+        frames). A lower rate takes effect at once; a higher one from the next base-layer
+        frame or keyframe, since an upper-layer frame may refer to one that was left out. An
+        unlayered track notes ``max_fps`` and sends every frame.
         """
         self.max_fps = max_fps
-        self._wanted_top = layers_for(max_fps, self.fps) - 1
-        self._top = min(self._top, self._wanted_top)
+        self._wanted = layer_share(max_fps, self.fps)
+        self._share = min(self._share, self._wanted)
 
     @property
     def sending_fps(self) -> float:
         """Frames sent a second at the current rate limit (``fps`` when unlimited)."""
         if not self.layered:
             return self.fps
-        return self.fps / TS_DECIMATORS[self._top]
+        full, extra = self._share
+        rates = [self.fps / d for d in TS_DECIMATORS]
+        if full == len(rates):
+            return self.fps
+        return rates[full - 1] + extra * (rates[full] - rates[full - 1])
 
     @property
     def started_at(self) -> float | None:
@@ -226,9 +241,18 @@ class PacketTrack(MediaStreamTrack):
             return self._packets[i]
         key = i in self._is_key
         if key or i % TS_PERIOD == 0:  # later frames refer to none before this one
-            self._top = self._wanted_top
-        if key or TS_LAYER_IDS[i % TS_PERIOD] <= self._top:
+            self._share = self._wanted
+        full, extra = self._share
+        layer = TS_LAYER_IDS[i % TS_PERIOD]
+        if key or layer < full:
             return self._packets[i]
+        if layer == full and extra > 0:
+            # Spread the share over the layer's frames: with layer 2 partial the layer 1
+            # frame its second frame refers to was sent; with layer 1 partial, no layer 2.
+            self._credit = min(1.0 + extra, self._credit + extra)
+            if self._credit >= 1.0 - 1e-9:
+                self._credit -= 1.0
+                return self._packets[i]
         self.frames_held += 1
         return None
 
@@ -245,15 +269,21 @@ class PacketTrack(MediaStreamTrack):
         return packet
 
 
-def layers_for(max_fps: float | None, fps: float) -> int:
-    """How many temporal layers (of :data:`TS_DECIMATORS`) a ``fps`` camera sends to keep
-    to ``max_fps``: the fewest whose rate is at least ``max_fps`` (all for None)."""
-    if max_fps is None:
-        return len(TS_DECIMATORS)
-    for n, decimator in enumerate(TS_DECIMATORS, 1):
-        if fps / decimator >= max_fps:
-            return n
-    return len(TS_DECIMATORS)
+def layer_share(max_fps: float | None, fps: float) -> tuple[int, float]:
+    """What a layered ``fps`` camera sends to keep to about ``max_fps`` frames a second:
+    how many temporal layers (of :data:`TS_DECIMATORS`) in full, and which share of the next
+    layer's frames. All layers for None or ``fps`` or more; at least layer 0, whose rate is
+    the lowest a layered camera can send."""
+    rates = [fps / d for d in TS_DECIMATORS]
+    if max_fps is None or max_fps >= fps:
+        return len(rates), 0.0
+    full = 1
+    while full < len(rates) and rates[full] <= max_fps:
+        full += 1
+    if full == len(rates):
+        return full, 0.0
+    extra = (max_fps - rates[full - 1]) / (rates[full] - rates[full - 1])
+    return full, min(1.0, max(0.0, extra))
 
 
 def send_video(pc: RTCPeerConnection, track: MediaStreamTrack) -> RTCRtpSender:

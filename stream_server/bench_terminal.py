@@ -20,9 +20,9 @@ you want to see.
 The server caps a checkout camera's rate right after each answer (``camera {max_fps}``,
 ``checkout.camera_fps``, 15), and every camera here obeys, as the web client does: a
 ``--live-encode`` one by skipping frames before the encoder, the pre-encoded one by leaving out
-temporal layers (so only by halves and quarters of ``--fps``, never below the cap: at
-``--fps 30`` a cap of 15 sends 15, one of 10 also 15). Requests and frames held back are
-counted in ``camera``.
+frames of its upper temporal layers (any rate down to a quarter of ``--fps``: at ``--fps
+30`` a cap of 15 sends 15, one of 10 sends 10, one of 5 the base layer's 7.5). Requests and
+frames held back are counted in ``camera``.
 
 Run as ``python -m stream_server.bench_terminal SPEC_JSON`` (the bench does this).
 """

@@ -22,7 +22,7 @@ from stream_server.bench_camera import (
     PacketTrack,
     encode_layered,
     encode_loop,
-    layers_for,
+    layer_share,
 )
 from stream_server.bench_gate import GateBenchTerminal
 from stream_server.bench_report import camera_totals
@@ -34,6 +34,7 @@ from tests.terminal import connect_ingest, wait_for
 
 FPS = 300.0  # the track's clock in these tests (fast); the encoding's is 15 fps
 HALF, QUARTER = FPS / 3, FPS / 6  # as 10 and 5 are at 30 fps
+MOST = 0.75 * FPS  # as 11.2 is at 15 fps: layers 0+1 and half of layer 2's frames
 
 
 def _scene(n: int) -> list[np.ndarray]:
@@ -133,19 +134,18 @@ async def test_a_layered_camera_sends_what_decodes_as_the_full_stream(
     assert track.frames_played == ticks[-1] + 1
     assert track.keyframes_requested == 1
     assert frames[frames.index(36) + 1] == 0  # the requested keyframe came next
-    # Each lowered rate sent only its layers (and keyframes), and did leave frames out.
-    for rate in (HALF, QUARTER):
+    # Each lowered rate sent only its layers (and keyframes), and did leave frames out:
+    # HALF is layer 0 and a third of layer 1's frames, QUARTER layer 0 alone.
+    for rate, layers in ((HALF, {0, 1}), (QUARTER, {0})):
         during = [i for i, phase in zip(frames, phases, strict=True) if phase == rate]
-        top = layers_for(rate, FPS) - 1
-        assert len(during) > 3 and all(TS_LAYER_IDS[i % 4] <= top for i in during)
-        assert {TS_LAYER_IDS[i % 4] for i in during} == set(range(top + 1))
+        assert len(during) > 3 and {TS_LAYER_IDS[i % 4] for i in during} == layers
     # What a receiver decodes is the full decode's picture, frame by frame.
     for (tick, i), image in zip(sent, _decode([layered[i] for _, i in sent]), strict=True):
         assert np.array_equal(image, full[i]), f"frame {i} of the loop at tick {tick}"
 
 
-@pytest.mark.parametrize("before", [None, HALF, QUARTER])
-@pytest.mark.parametrize("after", [None, HALF, QUARTER])
+@pytest.mark.parametrize("before", [None, MOST, HALF, QUARTER])
+@pytest.mark.parametrize("after", [None, MOST, HALF, QUARTER])
 def test_a_rate_change_at_any_frame_keeps_the_stream_decodable(
     layered: list[bytes], before: float | None, after: float | None
 ) -> None:
@@ -168,19 +168,38 @@ def test_a_rate_change_at_any_frame_keeps_the_stream_decodable(
             assert np.array_equal(image, full[i]), f"{before} -> {after} at {at}: frame {i}"
 
 
-def test_the_fewest_layers_that_give_at_least_the_rate_asked_for() -> None:
-    assert [layers_for(r, 30.0) for r in (None, 60, 30, 16, 15, 10, 7.6, 7.5, 5, 1)] == [
-        3, 3, 3, 3, 2, 2, 2, 1, 1, 1,
-    ]  # fmt: skip
-    assert layers_for(10, 15.0) == 3  # 7.5 is fewer than asked: all of 15
+def test_the_layers_and_the_share_of_the_next_that_give_the_rate_asked_for() -> None:
+    at_30 = [layer_share(r, 30.0) for r in (None, 60, 30, 22.5, 15, 10, 7.5, 5, 1)]
+    assert at_30 == [(3, 0), (3, 0), (3, 0), (2, 0.5), (2, 0), (1, 1 / 3), (1, 0), (1, 0), (1, 0)]
+    assert layer_share(11.25, 15.0) == (2, 0.5)  # load pacing's 1.5x of 7.5 at 15 fps
     track = PacketTrack(encode_loop(_scene(8), 15.0, layers=True), 30.0, layered=True)
     assert track.sending_fps == 30.0
     track.set_max_fps(10)
-    assert (track.max_fps, track.sending_fps) == (10, 15.0)  # lower: at once
+    assert (track.max_fps, track.sending_fps) == (10, 10.0)  # lower: at once
     track.set_max_fps(5)
-    assert track.sending_fps == 7.5
+    assert track.sending_fps == 7.5  # the base layer is the least a layered camera sends
     track.set_max_fps(None)
     assert track.sending_fps == 7.5  # higher: from the next base frame sent
+
+
+@pytest.mark.parametrize("rate", [0.9, MOST / FPS, 0.6, 0.5, 0.4, 1 / 3, 0.3, 0.25, 0.1])
+def test_a_layered_camera_sends_about_the_rate_asked_for_and_all_of_it_decodes(
+    layered: list[bytes], rate: float
+) -> None:
+    """Any rate, not only halves and quarters (a browser's ``maxFramerate`` is any number):
+    over two passes of the loop the camera sends the share of frames asked for, to within
+    a frame a period, and never fewer than the base layer's quarter; every frame sent
+    decodes to the picture a full decode gives."""
+    full = _decode(layered)
+    track = PacketTrack(layered, FPS, layered=True)
+    track.set_max_fps(rate * FPS)
+    ticks = 2 * len(layered)
+    sent = [t % len(layered) for t in range(ticks) if track.next_frame() is not None]
+    expected = max(rate, 0.25) * ticks  # keyframes are of layer 0: none extra
+    assert expected - 2 <= len(sent) <= expected + 2, (rate, len(sent))
+    assert abs(track.sending_fps - max(rate, 0.25) * FPS) < 1e-6
+    for i, image in zip(sent, _decode([layered[i] for i in sent]), strict=True):
+        assert np.array_equal(image, full[i]), f"frame {i} at {rate} of the frames"
 
 
 async def test_an_unlayered_camera_cannot_lower_its_rate_and_sends_every_frame() -> None:
@@ -198,7 +217,7 @@ def test_a_gate_terminal_follows_and_counts_the_servers_camera_messages() -> Non
     track = PacketTrack(encode_loop(_scene(8), 15.0, layers=True), 30.0, layered=True)
     gate = GateBenchTerminal({}, "token", 0, track, 0.0)
     gate._camera({"type": "camera", "max_fps": 10})
-    assert (track.max_fps, track.sending_fps) == (10.0, 15.0)
+    assert (track.max_fps, track.sending_fps) == (10.0, 10.0)
     gate._camera({"type": "camera", "max_fps": None})
     assert track.max_fps is None and gate.camera_changes == 2
     # A request it cannot make sense of keeps the full rate (never fewer frames).
@@ -230,8 +249,9 @@ def test_a_checkout_terminal_hears_the_servers_cap() -> None:
 async def test_a_lowered_rate_over_real_webrtc_decodes_clean(
     loopback_ice: None, client_pc: RTCPeerConnection
 ) -> None:
-    """At 30 fps over aiortc, lowered to 10 (15 sent) and then to 5 (7.5 sent): every
-    picture the server decodes is one of the loop's, exact to the pixel."""
+    """At 30 fps over aiortc, lowered to 10 (layer 0 and a third of layer 1) and then to 5
+    (7.5 sent: layer 0): every picture the server decodes is one of the loop's, exact to
+    the pixel."""
     packets = await asyncio.to_thread(encode_loop, _scene(48), 30.0, layers=True)
     full = [np.asarray(image) for image in _decode(packets)]
     track = PacketTrack(packets, 30.0, layered=True)
