@@ -8,7 +8,9 @@ docs/screenshots/<page>-<state>.png (1024x600).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -337,18 +339,26 @@ async def _caps_become(page, caps: list[Any], seconds: float = 5.0) -> None:
     assert (await page.evaluate(SENDER_JS))["caps"] == caps
 
 
+@contextlib.asynccontextmanager
+async def _capped_checkout(env, analyzer, tmp_path, seed: int, order: str) -> AsyncIterator[Any]:
+    """A checkout page scanning a blank 30 fps camera (random pixels from ``seed``), once
+    the server's cap of 15 is on its video sender."""
+    nobody = np.random.default_rng(seed).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    camera = write_camera(analyzer, nobody, tmp_path / "cam.y4m", fps=30)
+    async with browser_page(tmp_path / "profile", camera) as page:
+        await page.add_init_script(script=PEERS_JS)
+        await page.goto(_url(env, f"/checkout#token={env.token}&amount=1.00&order={order}"))
+        await wait_state(page, "scanning")
+        await _caps_become(page, [15])
+        yield page
+
+
 async def test_checkout_camera_is_capped_right_after_the_answer(env, analyzer, tmp_path):
     """A browser's camera sends 30 fps; a checkout needs about 15 (``checkout.camera_fps``),
     which the server asks for right after its answer. The page applies the cap although the
     request follows the answer at once (the page handles messages concurrently, and a cap
     set before the answer is applied would be dropped), and the video still flows."""
-    nobody = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
-    camera = write_camera(analyzer, nobody, tmp_path / "cam.y4m", fps=30)
-    async with browser_page(tmp_path / "profile", camera) as page:
-        await page.add_init_script(script=PEERS_JS)
-        await page.goto(_url(env, f"/checkout#token={env.token}&amount=1.00&order=o-cap"))
-        await wait_state(page, "scanning")
-        await _caps_become(page, [15])
+    async with _capped_checkout(env, analyzer, tmp_path, 0, "o-cap") as page:
         assert 0 < await _frames_sent_per_s(page) <= 17
         assert csp_violations(page) == []
 
@@ -359,13 +369,7 @@ async def test_checkout_camera_follows_load_pacing_mid_scan_and_after_a_rush(
     """An overloaded server asks a scanning checkout's camera for fewer frames
     (``checkout.load_pacing``): Chromium sends about 5 a second while the checkout goes on.
     After the rush, the next sale starts at the full rate again (``restart_full``)."""
-    nobody = np.random.default_rng(1).integers(0, 256, (480, 640, 3), dtype=np.uint8)
-    camera = write_camera(analyzer, nobody, tmp_path / "cam.y4m", fps=30)
-    async with browser_page(tmp_path / "profile", camera) as page:
-        await page.add_init_script(script=PEERS_JS)
-        await page.goto(_url(env, f"/checkout#token={env.token}&amount=1.00&order=o-rush"))
-        await wait_state(page, "scanning")
-        await _caps_become(page, [15])
+    async with _capped_checkout(env, analyzer, tmp_path, 1, "o-rush") as page:
         await asyncio.sleep(1.0)  # a started camera takes about a second to reach its rate
         assert 10 < await _frames_sent_per_s(page) <= 17
         # Real load: both workers busy for 3.5 s, as in tests/test_checkout_e2e.py.
