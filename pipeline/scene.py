@@ -18,7 +18,7 @@ byte-identical frames. ``render_scene`` yields ground truth (``ActorState``) wit
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -341,4 +341,20 @@ def _occlusion(drawn: list[tuple[str, Roi, np.ndarray, BoxT]], w: int, h: int) -
         out[name] = 0.0 if r is None else float(cover[r[1] : r[3], r[0] : r[2]].mean())
         part = cover[y0:y1, x0:x1]
         part += mask * (1 - part)
+    return out
+
+
+def reach_times(truth: Iterable[list[ActorState]], fps: float, px: float) -> dict[str, float]:
+    """Scene time of the first frame (of ``truth``, one list per frame at ``fps``) in which
+    each actor's face is shown with its box's shorter side at least ``px``: where a gate's
+    decision clock starts (``gate.min_face_px``). Actors whose face never gets there are
+    left out."""
+    out: dict[str, float] = {}
+    for index, states in enumerate(truth):
+        for state in states:
+            if state.name in out or state.box is None or not state.face_shown:
+                continue
+            x1, y1, x2, y2 = state.box
+            if min(x2 - x1, y2 - y1) >= px:
+                out[state.name] = index / fps
     return out

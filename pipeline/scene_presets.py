@@ -8,7 +8,7 @@ reproducible queues the gate tests, ``facepay scene`` and ``facepay bench-gate``
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,11 +19,13 @@ from pipeline.scene import (
     CORRIDOR,
     SCENE_FORMAT,
     Actor,
+    ActorState,
     BoxT,
     FaceBoxFn,
     Kind,
     LoadFn,
     SceneSpec,
+    reach_times,
     render_scene,
 )
 from pipeline.streamgen import write_video, write_y4m
@@ -62,19 +64,39 @@ def scene_from_json(obj: dict[str, Any]) -> SceneSpec:
         raise ValueError(f"bad scene: {exc}") from exc
 
 
-def write_scene(spec: SceneSpec, out_path: str | Path, load: LoadFn, face_box: FaceBoxFn
-                ) -> dict[str, Any]:  # fmt: skip
+def write_scene(
+    spec: SceneSpec,
+    out_path: str | Path,
+    load: LoadFn,
+    face_box: FaceBoxFn,
+    reach_px: float | None = None,
+) -> dict[str, Any]:
     """Render the scene to ``.avi`` (MJPG), ``.mp4`` or ``.y4m`` and save its spec beside it
-    (``out_path.with_suffix(".json")``). Returns {"video", "scene", "frames", "people"}."""
+    (``out_path.with_suffix(".json")``). Returns {"video", "scene", "frames", "people"}, and
+    with ``reach_px`` also "reach_s": :func:`~pipeline.scene.reach_times` at that size."""
     out = Path(out_path)
     suffix = out.suffix.lower()
     if suffix not in (".avi", ".mp4", ".y4m"):
         raise ValueError(f"unknown video extension {suffix!r}; use .avi, .mp4 or .y4m")
-    frames = (frame for frame, _ in render_scene(spec, load, face_box))
-    count = (write_y4m if suffix == ".y4m" else write_video)(frames, out, spec.fps)
+    truth: list[list[ActorState]] = []
+
+    def frames() -> Iterator[ImageArray]:
+        for frame, states in render_scene(spec, load, face_box):
+            truth.append(states)
+            yield frame
+
+    count = (write_y4m if suffix == ".y4m" else write_video)(frames(), out, spec.fps)
     scene = out.with_suffix(".json")
     scene.write_text(json.dumps(scene_to_json(spec), indent=2) + "\n", encoding="utf-8")
-    return {"video": str(out), "scene": str(scene), "frames": count, "people": len(spec.actors)}
+    written: dict[str, Any] = {
+        "video": str(out),
+        "scene": str(scene),
+        "frames": count,
+        "people": len(spec.actors),
+    }
+    if reach_px is not None:
+        written["reach_s"] = reach_times(truth, spec.fps, reach_px)
+    return written
 
 
 # --- presets ------------------------------------------------------------------------------

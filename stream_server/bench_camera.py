@@ -15,7 +15,7 @@ import asyncio
 import fractions
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import av
 import numpy as np
@@ -122,8 +122,16 @@ class PacketTrack(MediaStreamTrack):
 
     kind = "video"
 
-    def __init__(self, packets: list[bytes], fps: float, *, layered: bool = False) -> None:
+    def __init__(
+        self,
+        packets: list[bytes],
+        fps: float,
+        *,
+        layered: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__()
+        self._clock = clock  # when frames are played (:meth:`since_played`)
         self.fps = fps
         self.layered = layered
         self._packets = packets
@@ -136,6 +144,10 @@ class PacketTrack(MediaStreamTrack):
         #: Frames of the loop not sent because of :meth:`set_max_fps` (their time passed).
         self.frames_held = 0
         self.keyframes_requested = 0
+        #: Passes of the loop completed (back at its first frame, by playing or by seeking).
+        self.passes = 0
+        # When each frame of the current pass was played (sent or held back), by index.
+        self._played_at: list[float | None] = [None] * len(packets)
         self.max_fps: float | None = None
         #: Layers sent in full and the share of the next layer's frames sent: now, and as
         #: asked for (see :meth:`set_max_fps`); what is left of the next frame's share.
@@ -186,19 +198,17 @@ class PacketTrack(MediaStreamTrack):
         return rates[full - 1] + extra * (rates[full] - rates[full - 1])
 
     @property
-    def started_at(self) -> float | None:
-        """``time.monotonic()`` of the first frame sent (None before)."""
-        return self._t0
-
-    @property
-    def loop_frames(self) -> int:
-        """Frames in one pass of the loop."""
-        return len(self._packets)
-
-    @property
     def frames_played(self) -> int:
         """Frames of the loop the camera went through, sent or held back by the rate."""
         return self.frames_sent + self.frames_held
+
+    def since_played(self, index: int) -> float | None:
+        """Seconds since the first frame at or after ``index`` of the current pass was
+        played (sent or held back: the camera's clock), None if none has been yet. A
+        keyframe request skips frames, so the pass's position is read from the frames
+        played, not from the time since it started."""
+        played = [t for t in self._played_at[max(0, index) :] if t is not None]
+        return self._clock() - played[0] if played else None
 
     @property
     def paused(self) -> bool:
@@ -237,6 +247,10 @@ class PacketTrack(MediaStreamTrack):
         """
         i = self._i
         self._i = (i + 1) % len(self._packets)
+        if i == 0 and any(t is not None for t in self._played_at):
+            self.passes += 1
+            self._played_at = [None] * len(self._packets)
+        self._played_at[i] = self._clock()
         if not self.layered:
             return self._packets[i]
         key = i in self._is_key

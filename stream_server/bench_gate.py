@@ -14,8 +14,10 @@ CPU and model time per decision, their ratio, frames, memory), with ``decision_m
 gate's own clock: from the frame in which a face reached the gate's minimum size to the
 decision) in place of the time to ``confirm``, and the decisions judged from the ledger:
 ``wrong_opens`` (an open for anyone but a live enrolled walker, or a second open of one
-walker in one pass) and ``missed`` (a live enrolled walker without an open in a complete
-pass). A decision, for CPU per decision, is every gate decision the server counted
+walker in one pass), ``missed`` (a live enrolled walker without an open in a complete
+pass) and ``camera_to_open_ms`` (from the camera's frame in which a walker's face reached
+the gate's minimum size, by the scene's ground truth, to the open at the terminal). A
+decision, for CPU per decision, is every gate decision the server counted
 (``facepay_decisions_total{mode="gate"}``).
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, replace
@@ -56,12 +59,24 @@ class GateScene:
     people: int
     #: (actor name, kind "live"/"print", enrolment photo) of everyone enrolled.
     enrolled: tuple[tuple[str, str, str], ...]
+    #: Scene time at which each walker's face reached the gate's ``min_face_px``.
+    reach_s: tuple[tuple[str, float], ...] = ()
+
+    def reach_frames(self, fps: float) -> dict[str, int]:
+        """Each walker's :attr:`reach_s` as the index of the camera's frame at ``fps``."""
+        return {name: math.ceil(t * fps - 1e-6) for name, t in self.reach_s}
 
 
 def gate_scene(
-    source: str | None, people: int, models_dir: str | None, data_root: Path, work: Path
+    source: str | None,
+    people: int,
+    models_dir: str | None,
+    data_root: Path,
+    work: Path,
+    min_face_px: float,
 ) -> GateScene:
-    """Render the looped scene to ``work`` (from SOURCE's ``.json`` spec, or a preset).
+    """Render the looped scene to ``work`` (from SOURCE's ``.json`` spec, or a preset), with
+    the time each walker's face reaches ``min_face_px`` (the server's ``gate.min_face_px``).
 
     SOURCE is a scene video written by ``facepay scene`` with its spec beside it; the scene
     is rendered again from the spec, longer, because the corridor must be empty between
@@ -84,7 +99,8 @@ def gate_scene(
     else:
         spec = scene_from_json(json.loads(Path(source).with_suffix(".json").read_text()))
     enrolled = [a for a in spec.actors if a.enrolled and a.enroll_photo]
-    if not any(a.kind == "live" for a in enrolled):
+    live = [a for a in enrolled if a.kind == "live" and a.name]
+    if not live:
         raise ValueError("the scene has no enrolled live walker: nothing for a gate to open")
     last_exit = max(a.exit_s for a in spec.actors)
     walk = max(a.exit_s - a.enter_s for a in enrolled)
@@ -92,11 +108,12 @@ def gate_scene(
     period = round(max(spec.seconds, last_exit) + window, 2)
     analyzer = FaceAnalyzer.from_config(PipelineConfig(), ModelStore(models_dir))
     video = work / "gate-scene.avi"
-    write_scene(
+    written = write_scene(
         replace(spec, seconds=period),
         video,
         lambda rel: load_image(data_root / rel),
         largest_face_box(analyzer.detect),
+        reach_px=min_face_px,
     )
     return GateScene(
         video=video,
@@ -104,6 +121,7 @@ def gate_scene(
         window_s=window,
         people=len(spec.actors),
         enrolled=tuple((a.name, a.kind, str(a.enroll_photo)) for a in enrolled),
+        reach_s=tuple(sorted((a.name, written["reach_s"][a.name]) for a in live)),
     )
 
 
@@ -146,6 +164,7 @@ async def provision(
         form.add_field("image", path.read_bytes(), filename=path.name)
         await server.post(http, "/api/accounts", data=form)
         server.gate_accounts[account_id] = kind
+        server.gate_names[account_id] = name
     return tokens
 
 
@@ -153,7 +172,8 @@ class GateBenchTerminal(BenchTerminal):
     """One gate: streams the looped scene from ``delay_s`` on, reports every decision.
 
     Each ``gate_open`` / ``gate_deny`` becomes one JSON line on stdout with the pass of the
-    loop it belongs to (from the time since the camera's first frame). A gate whose video
+    loop it belongs to and the time since each walker's reach frame, both from the frames
+    the camera played (:meth:`PacketTrack.since_played`). A gate whose video
     connection dies offers a new one, as a gate controller would. The server's ``camera``
     messages (a lower frame rate while the corridor is empty, ``max_fps``; full rate again
     with None) go to the track as for every bench terminal (:meth:`BenchTerminal._camera`).
@@ -184,19 +204,24 @@ class GateBenchTerminal(BenchTerminal):
             self._report(event)
 
     def _report(self, event: dict[str, Any]) -> None:
-        # The pass from the camera's clock: a walker is decided while in view, and the
-        # empty corridor after the scene (at least the entry window) keeps a late event
-        # inside its own pass.
-        started = getattr(self.track, "started_at", None)
-        loop = getattr(self.track, "loop_frames", 0)  # the pass as sent, to the frame
-        period = loop / self.track.fps if loop else float(self.spec["period_s"])
+        # The pass the camera is playing: a walker is decided while in view, and the empty
+        # corridor after the scene (at least the entry window) keeps a late event inside
+        # its own pass. With the time since each walker's face reached the gate's minimum
+        # size in this pass (``reach_frames``), for ``camera_to_open_ms``.
+        track = self.track
+        since = {}
+        for index in self.spec.get("reach_frames", []):
+            seconds = track.since_played(int(index))
+            if seconds is not None:
+                since[str(index)] = round(seconds * 1000, 1)
         rec = {
             "terminal": self.index,
             "gate": "open" if event["type"] == "gate_open" else "deny",
             "reason": event.get("reason"),
             "decision_ms": float(event["decision_ms"]),
             "payment_id": event.get("payment_id"),
-            "pass": int((time.monotonic() - started) // period) if started else None,
+            "pass": track.passes,
+            "since_reach_ms": since,
         }
         print(json.dumps(rec), flush=True)
 
@@ -224,18 +249,29 @@ async def judge(
     records: list[dict[str, Any]],
     passes: dict[int, int],
     accounts: dict[str, str],
+    reach_frames: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Wrong opens and missed walkers, from the ledger (each open's payment).
+    """Wrong opens and missed walkers, from the ledger (each open's payment), and
+    ``camera_to_open_ms``: for each walker's first open in a pass, the time from the
+    camera's frame in which the walker's face reached the gate's minimum size to the open
+    at the terminal.
 
     ``passes``: complete passes per terminal; ``accounts``: account id -> kind of every
-    enrolled walker.
+    enrolled walker; ``reach_frames``: account id -> that frame's index in a pass.
     """
     live = {a for a, kind in accounts.items() if kind == "live"}
-    opens = []
+    opens: list[tuple[tuple[int, int], str]] = []
+    after: list[float] = []
     for rec in records:
         if rec["gate"] == "open":
             payment = await get(http, f"/api/payments/{rec['payment_id']}")
-            opens.append(((rec["terminal"], rec["pass"]), str(payment["account_id"])))
+            key, account = (rec["terminal"], rec["pass"]), str(payment["account_id"])
+            first = account in live and (key, account) not in opens
+            opens.append((key, account))
+            index = (reach_frames or {}).get(account)
+            since = rec.get("since_reach_ms", {}).get(str(index))
+            if first and since is not None:
+                after.append(float(since))
     wrong, opened = wrong_opens(opens, live)
     missed = sum(
         len(live - set(opened.get((terminal, p), [])))
@@ -243,7 +279,12 @@ async def judge(
         for p in range(count)
     )
     expected = len(live) * sum(passes.values())
-    return {"wrong_opens": wrong, "missed": missed, "expected_opens": expected}
+    return {
+        "wrong_opens": wrong,
+        "missed": missed,
+        "expected_opens": expected,
+        "camera_to_open_ms": latency(after),
+    }
 
 
 def gate_summary(

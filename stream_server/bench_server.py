@@ -41,6 +41,8 @@ class BenchServer:
         self.enrolled = False
         #: Gate bench: enrolled walkers, account id -> kind (bench_gate.provision).
         self.gate_accounts: dict[str, str] = {}
+        #: Their actor names in the scene, account id -> name.
+        self.gate_names: dict[str, str] = {}
         self.pid: int | None = None
         self.redis_url: str | None = args.redis_url
 

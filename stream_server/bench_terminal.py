@@ -271,8 +271,7 @@ async def run_process(spec: dict[str, Any]) -> None:
         if held is not None:
             line["frames_held"] = held  # left out at a capped rate
         if gate and isinstance(t.track, PacketTrack):
-            # Complete passes of the scene: frames held back by the rate limit took their time.
-            line["passes"] = t.track.frames_played // t.track.loop_frames
+            line["passes"] = t.track.passes  # complete passes of the scene
         if t.track is not None:  # a video terminal
             line["camera_changes"] = t.camera_changes
         print(json.dumps(line), flush=True)

@@ -31,6 +31,8 @@ from typing import Any
 
 import aiohttp
 
+from pipeline.errors import ConfigError
+from session.config import load_config
 from stream_server import bench_gate
 from stream_server.bench_report import camera_totals, pauses_video, plot, summary
 from stream_server.bench_server import THREAD_LOOK_S, BenchError, BenchServer, read_metrics
@@ -158,8 +160,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 say(f"facepay bench: photos not found in {_data_root(args)} (--data-dir)")
                 return EXIT_USAGE
             try:
+                # Where the gate's decision clock starts: the walkers' reach times use it.
+                min_face_px = load_config(args.config).gate.min_face_px
+            except ConfigError as exc:
+                say(f"facepay bench: {exc}")
+                return EXIT_USAGE
+            try:
                 scene = bench_gate.gate_scene(
-                    args.source, args.people, models_dir, _data_root(args), work
+                    args.source, args.people, models_dir, _data_root(args), work, min_face_px
                 )
             except (OSError, ValueError) as exc:
                 say(f"facepay bench: {exc} (a gate SOURCE is a scene video with its .json)")
@@ -292,6 +300,7 @@ async def _run(args: argparse.Namespace, server: BenchServer, n: int, job: _Job)
             }
             if gate is not None:  # gates start staggered over one pass of the scene
                 spec.update(mode="gate", period_s=gate.period_s, stagger_s=gate.period_s / n)
+                spec["reach_frames"] = sorted(set(gate.reach_frames(args.fps).values()))
             path = tmp / f"terminals-{p}.json"
             path.write_text(json.dumps(spec))
             procs.append(
@@ -348,8 +357,10 @@ async def _run(args: argparse.Namespace, server: BenchServer, n: int, job: _Job)
             errors.append({"stderr": err.decode()[-400:]})
     if gate is not None:
         async with aiohttp.ClientSession() as http:
+            frames = gate.reach_frames(args.fps)
+            reach = {a: frames[name] for a, name in server.gate_names.items() if name in frames}
             verdict = await bench_gate.judge(
-                http, server.get, records, bench_gate.passes_from(ends), server.gate_accounts
+                http, server.get, records, bench_gate.passes_from(ends), server.gate_accounts, reach
             )
         decisions = int(after["gate_decisions"] - before["gate_decisions"])
         counters = (before, after, cpu0, cpu1)

@@ -82,6 +82,7 @@ async def _bench(args: argparse.Namespace, data_root: Path) -> int:
     from pipeline.config import PipelineConfig
     from pipeline.image import load_image
     from pipeline.models import ModelStore
+    from pipeline.scene import reach_times, render_scene
     from pipeline.scene_presets import (
         largest_face_box,
         preset_scene,
@@ -106,16 +107,26 @@ async def _bench(args: argparse.Namespace, data_root: Path) -> int:
     from stream_server.webrtc import restrict_host_addresses
 
     work = Path(tempfile.mkdtemp(prefix="facepay-bench-gate-"))
+    config = FacePayConfig(server=ServerConfig(workers=2))
+    analyzer = FaceAnalyzer.from_config(PipelineConfig(), ModelStore(args.models_dir))
+    face_box = largest_face_box(analyzer.detect)
+
+    def load(rel: str) -> Any:
+        return load_image(data_root / rel)
+
+    px = config.gate.min_face_px
     if args.scene is None:
         spec = preset_scene(args.people)
-        analyzer = FaceAnalyzer.from_config(PipelineConfig(), ModelStore(args.models_dir))
         video = work / "scene.avi"
         say(f"bench-gate: rendering a {args.people}-person scene to {video}")
-        face_box = largest_face_box(analyzer.detect)
-        write_scene(spec, video, lambda rel: load_image(data_root / rel), face_box)
+        written = write_scene(spec, video, load, face_box, px)
+        reach = written["reach_s"]
     else:
         video = args.scene
         spec = scene_from_json(json.loads(video.with_suffix(".json").read_text()))
+        # Where each walker's decision clock starts, from the scene's own ground truth.
+        truth = (states for _, states in render_scene(spec, load, face_box))
+        reach = reach_times(truth, spec.fps, px)
 
     embedded = None
     redis_url = args.redis_url
@@ -123,7 +134,6 @@ async def _bench(args: argparse.Namespace, data_root: Path) -> int:
         embedded = EmbeddedRedis(work / "data")
         redis_url = embedded.start()
     restrict_host_addresses(["127.0.0.1"])
-    config = FacePayConfig(server=ServerConfig(workers=2))
     app = create_app(
         config,
         cipher=TemplateCipher(generate_key()),
@@ -170,7 +180,7 @@ async def _bench(args: argparse.Namespace, data_root: Path) -> int:
         events = replay.result()
         trace = [row for sess in sessions for row in getattr(sess, "trace", ())]
         cpu1 = os.times()
-        result = await _judge(spec, events, store, walkers)
+        result = await _judge(spec, events, store, walkers, reach)
         decisions = result["decisions"]
         cpu_s = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
         metrics = app[METRICS]
@@ -233,8 +243,16 @@ async def _replay(
 
 
 async def _judge(
-    spec: Any, events: list[dict[str, Any]], store: Any, walkers: dict[str, str]
+    spec: Any,
+    events: list[dict[str, Any]],
+    store: Any,
+    walkers: dict[str, str],
+    reach: dict[str, float],
 ) -> dict[str, Any]:
+    """The run's decisions judged by account (``walkers``: enrolled name -> kind), and
+    ``camera_to_open_ms``: from the scene time at which a live enrolled walker's face
+    reached the gate's minimum size (``reach``) to its open at the terminal (``t_ms``, the
+    replay's clock since its first frame, which is the scene's)."""
     from stream_server.bench_gate import wrong_opens
 
     opens = [e for e in events if e.get("type") == "gate_open"]
@@ -243,6 +261,11 @@ async def _judge(
     accounts = [(await store.get_payment(e["payment_id"])).account_id for e in opens]
     wrong, opened = wrong_opens(((0, a) for a in accounts), live_enrolled)  # one pass
     latencies = [float(e["decision_ms"]) for e in opens + denies]
+    first_opens: dict[str, float] = {}
+    for event, account in zip(opens, accounts, strict=True):
+        if account in live_enrolled and account in reach and account not in first_opens:
+            first_opens[account] = float(event["t_ms"]) - 1000 * reach[account]
+    after = list(first_opens.values())
     return {
         "people": len(spec.actors),
         "decisions": len(opens) + len(denies),
@@ -255,6 +278,11 @@ async def _judge(
             "p50": round(statistics.median(latencies), 1) if latencies else None,
             "p95": _percentile(latencies, 0.95),
             "max": round(max(latencies), 1) if latencies else None,
+        },
+        "camera_to_open_ms": {
+            "p50": round(statistics.median(after), 1) if after else None,
+            "p95": _percentile(after, 0.95),
+            "max": round(max(after), 1) if after else None,
         },
         "wrong_opens": wrong,
         "missed": sorted(live_enrolled - set(opened.get(0, []))),

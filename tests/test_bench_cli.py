@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.scene_presets import preset_scene
 from tests.e2e import REPO, SERVER_ENV_VARS
 
 DATA_ENV = "FACEPAY_TEST_DATA"
@@ -184,6 +185,12 @@ def test_bench_gate_mode_runs_concurrent_gates_and_judges_every_decision(
     assert {r["terminal"] for r in records} == {0, 1}
     assert all(r["pass"] is not None and r["decision_ms"] > 0 for r in records)
     assert all(r["payment_id"] for r in records if r["gate"] == "open")
+    # From the camera's frame in which a walker's face reached the gate's minimum size to
+    # the open at the terminal: after that frame, and while the walker is still in view.
+    after = out["camera_to_open_ms"]
+    walk_ms = 1000 * max(a.exit_s - a.enter_s for a in preset_scene(3).actors)
+    assert 0 < after["p50"] <= after["p95"] <= after["max"] < walk_ms
+    assert all(r["since_reach_ms"] for r in records if r["gate"] == "open")
 
 
 def test_bench_gate_renders_a_scene_and_reports_the_contract_keys(models_dir, data_dir):
@@ -199,11 +206,46 @@ def test_bench_gate_renders_a_scene_and_reports_the_contract_keys(models_dir, da
     assert out["wrong_opens"] == 0 and out["missed"] == []
     assert set(out["decision_ms"]) >= {"p50", "p95", "max"}
     assert out["cpu_ms_per_decision"] > 0
+    # The replay's clock is the scene's: the open comes after the walker's face reached the
+    # gate's minimum size and before the walker leaves.
+    walker = preset_scene(1).actors[0]
+    after = out["camera_to_open_ms"]
+    assert 0 < after["p50"] == after["max"] < 1000 * (walker.exit_s - walker.enter_s)
     # The rendered scene stays for reuse; the private Redis's data (the run's enrolments)
     # does not outlive the command.
     work = Path(out["scene"]).parent
     assert Path(out["scene"]).is_file() and not (work / "data").exists()
     shutil.rmtree(work)
+
+
+async def test_gate_judging_times_each_walkers_first_open_from_its_own_frame() -> None:
+    """``camera_to_open_ms`` takes, for each walker's first open in a pass, the time since
+    that walker's frame (``reach_frames``, by account); a second open, a stranger's open
+    and denies are not timed."""
+    from stream_server.bench_gate import judge
+
+    ledger = {"p1": "obama", "p2": "kit", "p3": "obama", "p4": "victim", "p5": "kit"}
+
+    async def get(http: object, path: str) -> dict[str, str]:
+        return {"account_id": ledger[path.rsplit("/", 1)[1]]}
+
+    def rec(terminal: int, n: int, gate: str, pid: str | None, since: dict[str, float]):
+        return {"terminal": terminal, "pass": n, "gate": gate, "payment_id": pid,
+                "decision_ms": 200.0, "since_reach_ms": since}  # fmt: skip
+
+    records = [
+        rec(0, 0, "open", "p1", {"43": 150.0}),
+        rec(0, 0, "open", "p2", {"43": 600.0, "52": 300.0}),
+        rec(0, 0, "open", "p3", {"43": 900.0, "52": 600.0}),  # obama again: wrong, untimed
+        rec(0, 0, "deny", None, {"43": 950.0, "52": 650.0}),
+        rec(0, 0, "open", "p4", {"43": 990.0, "52": 690.0}),  # a print's victim: untimed
+        rec(1, 0, "open", "p5", {"43": 640.0, "52": 340.0}),
+    ]
+    accounts = {"obama": "live", "kit": "live", "victim": "print"}
+    reach = {"obama": 43, "kit": 52}
+    verdict = await judge(None, get, records, {0: 1, 1: 1}, accounts, reach)
+    assert verdict["wrong_opens"] == 2 and verdict["missed"] == 1  # obama at gate 1
+    assert verdict["camera_to_open_ms"] == {"p50": 300.0, "p95": 340.0, "max": 340.0}
 
 
 def test_gate_judging_counts_a_strangers_open_and_a_second_open_in_one_pass() -> None:

@@ -10,6 +10,7 @@ what 5 is: a quarter). Nothing here asserts on timing.
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import av
@@ -211,6 +212,46 @@ async def test_an_unlayered_camera_cannot_lower_its_rate_and_sends_every_frame()
     track.stop()
     assert got == packets + packets[:5]
     assert track.frames_sent == 25 and track.frames_held == 0
+
+
+def test_a_keyframe_request_skips_frames_but_the_pass_and_its_clock_stay_exact(
+    layered: list[bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A gate's pass and the time since a walker's frame are read from the frames the
+    camera played: a keyframe request (the loop jumps to its next keyframe) moves neither,
+    where the time since the first frame, divided by the pass's length, would drift."""
+    now = [0.0]
+    track = PacketTrack(layered, FPS, layered=True, clock=lambda: now[0])
+    track.set_max_fps(HALF)  # frames held back by the rate are played all the same
+    gate = GateBenchTerminal({"reach_frames": [5, 12, 30]}, "token", 0, track, 0.0)
+
+    sent = []
+
+    def play(n: int) -> None:
+        for _ in range(n):
+            sent.append(track.next_frame())
+            now[0] += 1.0
+
+    assert track.since_played(0) is None  # nothing played yet
+    play(10)  # frames 0-9, at 0-9 s
+    track.request_keyframe()  # the next frame is the keyframe at 16: 10-15 are skipped
+    play(5)  # frames 16-20, at 10-14 s
+    assert track.passes == 0 and sum(p is not None for p in sent) + track.frames_held == 15
+    assert track.since_played(5) == 15.0 - 5.0
+    assert track.since_played(12) == track.since_played(16) == 15.0 - 10.0  # 12 skipped
+    assert track.since_played(30) is None  # not yet in this pass
+    gate._report({"type": "gate_open", "decision_ms": 210.0, "payment_id": "p_1"})
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["pass"] == 0 and rec["since_reach_ms"] == {"5": 10_000.0, "12": 5_000.0}
+    play(len(layered) - 21)  # frames 21-39: the first pass ends 6 frames early
+    assert track.passes == 0
+    play(1)  # frame 0 again
+    assert track.passes == 1 and track.since_played(5) is None and track.since_played(0) == 1.0
+    # The time since the camera's first frame says 34 of the loop's 40 frames, pass 0.
+    assert int(now[0] // len(layered)) == 0
+    gate._report({"type": "gate_deny", "reason": "unknown", "decision_ms": 180.0})
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["pass"] == 1 and rec["since_reach_ms"] == {}
 
 
 def test_a_gate_terminal_follows_and_counts_the_servers_camera_messages() -> None:

@@ -294,3 +294,22 @@ def test_cli_writes_video_and_scene(
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["frames"] == 150
     assert _cli(["scene", "--out", str(long), "--people", "1", "--seconds", "1", *common]) == 2
     assert _cli(["scene", "--out", str(out), "--data-dir", str(tmp_path)]) == 2
+
+
+def test_reach_times_is_the_first_shown_frame_whose_box_has_the_size() -> None:
+    """Where a gate's decision clock starts (``gate.min_face_px`` on the box's shorter
+    side): a turned-away head or a box only tall enough does not count; an actor who never
+    gets there is left out."""
+    from pipeline.scene import reach_times
+
+    def state(name: str, box: tuple[float, float, float, float] | None, shown: bool = True):
+        return ActorState(name, "live", box is not None, shown, box, 0.0)
+
+    truth = [
+        [state("a", (0, 0, 60, 90)), state("b", None), state("c", (0, 0, 40, 50))],
+        [state("a", (0, 0, 79.5, 110)), state("b", (0, 0, 90, 90), shown=False)],
+        [state("a", (10, 10, 90, 120)), state("b", (0, 0, 95, 95), shown=False)],
+        [state("a", (0, 0, 70, 100)), state("b", (5, 5, 85, 90))],
+    ]
+    assert reach_times(truth, 30.0, 80.0) == {"a": 2 / 30, "b": 3 / 30}
+    assert reach_times(truth, 30.0, 200.0) == {}
