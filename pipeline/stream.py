@@ -36,8 +36,9 @@ class TrackReport:
     verdict: Verdict
     is_new: bool
     first_seen: float
-    #: Time of the first frame in which this track's face reached ``ready_px`` (the gate's
-    #: decision clock starts there); None until it has.
+    #: Time of the first frame in which this track's face reached ``ready_px``, or of the
+    #: first frame skipped before it (the gate's decision clock starts there); None until
+    #: it has.
     ready_since: float | None = None
 
 
@@ -115,8 +116,14 @@ class StreamAnalyzer:
             plan[i] = (embed, live)
         return plan
 
-    def process(self, frame: ImageArray, t: float) -> list[TrackReport]:
-        """Analyse one frame taken at ``t`` seconds; returns a report per tracked face."""
+    def process(self, frame: ImageArray, t: float, since: float | None = None) -> list[TrackReport]:
+        """Analyse one frame taken at ``t`` seconds; returns a report per tracked face.
+
+        ``since``: when the first frame after the last one analysed was taken, if frames
+        were skipped in between. A face first seen at ``ready_px`` here may have been that
+        size in those frames already, so its ``ready_since`` is ``since``: under load the
+        decision clock errs long, never short.
+        """
         self.frames += 1
         # Nobody tracked: a view unchanged since it was last found empty needs no detector.
         idle = self.idle_check if not self.evidence else None
@@ -152,7 +159,7 @@ class StreamAnalyzer:
             if update.track_id not in self.ready_since and (
                 min(update.face.box.width, update.face.box.height) >= self.ready_px
             ):
-                self.ready_since[update.track_id] = t
+                self.ready_since[update.track_id] = t if since is None else min(since, t)
             reports.append(
                 TrackReport(
                     track_id=update.track_id,

@@ -247,7 +247,8 @@ class GateConfig(_Strict):
     #: frame once someone is. An empty corridor then gets a third of the looks at 30 fps.
     #: A walker's face enters small (~60 px) and needs ~0.5 s of walking to reach
     #: ``min_face_px``, when the decision clock starts, so 0.1 s between looks delays no
-    #: decision; a face that appears at full size waits at most one interval.
+    #: decision; a face that appears at full size waits at most one interval (counted in
+    #: ``decision_ms``).
     idle_scan_fps: float = Field(10.0, ge=1.0, le=120.0)
     #: ... and of those looks, the detector runs only on a view that has changed since it
     #: was last found empty, or once every ``max_still_s`` (``pipeline/motion.py``).

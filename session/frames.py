@@ -26,11 +26,17 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class TimedFrame(Generic[T]):
-    """A frame and the monotonic time (seconds) it arrived."""
+    """A frame and the monotonic time (seconds) it arrived.
+
+    ``since``: when the first frame not looked at before this one arrived (``t`` unless
+    frames were dropped since the last one taken). Something this frame shows may have been
+    in those dropped frames already: a gate starts its decision clock there.
+    """
 
     frame: T
     t: float
     index: int
+    since: float
 
 
 class FrameSlot(Generic[T]):
@@ -44,6 +50,8 @@ class FrameSlot(Generic[T]):
         self.dropped = 0
         self.taken = 0
         self._demand = 0
+        # Arrival of the first frame put since the last one taken (None: none since).
+        self._since: float | None = None
         #: Called (on the event loop) each time frames become wanted after a pause.
         self.on_demand: Callable[[], None] | None = None
         #: Called for each frame dropped unanalysed (the server's metric counts them).
@@ -56,7 +64,9 @@ class FrameSlot(Generic[T]):
         if self._item is not None:
             self._dropped()
         self.received += 1
-        self._item = TimedFrame(frame, t, self.received)
+        if self._since is None:
+            self._since = t
+        self._item = TimedFrame(frame, t, self.received, min(self._since, t))
         self._event.set()
 
     async def get(self, timeout: float | None = None) -> TimedFrame[T] | None:
@@ -70,6 +80,7 @@ class FrameSlot(Generic[T]):
         item, self._item = self._item, None
         if item is not None:
             self.taken += 1
+            self._since = None
         return item
 
     def drop_older(self, t: float) -> None:
@@ -86,6 +97,7 @@ class FrameSlot(Generic[T]):
     def clear(self) -> None:
         """Forget a waiting frame (e.g. when a new checkout starts); not counted as dropped."""
         self._item = None
+        self._since = None
 
     @property
     def in_demand(self) -> bool:

@@ -13,7 +13,8 @@ whose verdict becomes ``live`` or ``spoof`` is decided at once:
   (the track broke and re-formed) is not charged and not announced again.
 A track that leaves before its evidence is enough gets no decision: no guess, ever.
 ``decision_ms`` runs from the first frame in which the track's face reached the gate's
-minimum size to the decision.
+minimum size to the decision; from the first of the frames skipped before that one, if the
+session skipped any (newest frame wins), since the face may have been that size there.
 """
 
 from __future__ import annotations

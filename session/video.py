@@ -79,10 +79,13 @@ class VideoSession:
         """A ``faces`` event: the analysed frame's size and what the mode draws on it."""
         await self._send({"type": "faces", "width": size[0], "height": size[1], **drawn})
 
-    def _analyse(self, frame: Any, t: float) -> tuple[list[TrackReport], tuple[int, int]]:
+    def _analyse(
+        self, frame: Any, t: float, since: float
+    ) -> tuple[list[TrackReport], tuple[int, int]]:
         """Worker thread: convert the frame and run the pipeline on it."""
         image = self.svc.to_bgr(frame)
-        return self.stream.process(image, t), (int(image.shape[1]), int(image.shape[0]))
+        reports = self.stream.process(image, t, since=since)
+        return reports, (int(image.shape[1]), int(image.shape[0]))
 
     async def _analyse_next(
         self, timeout: float, analysis_timeout: float | None = None
@@ -105,7 +108,7 @@ class VideoSession:
         age_ms = (time.monotonic() - item.t) * 1000.0
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(self.svc.executor, self._analyse, item.frame, item.t)
+        job = loop.run_in_executor(self.svc.executor, self._analyse, item.frame, item.t, item.since)
         try:
             reports, size = await asyncio.wait_for(asyncio.shield(job), analysis_timeout)
         except TimeoutError:

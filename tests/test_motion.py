@@ -169,3 +169,26 @@ def test_the_stream_skips_the_detector_on_an_empty_corridor_and_finds_the_walker
         == {v.status for v in plain.verdicts().values()}
         == {"live"}
     )
+
+
+def test_frames_skipped_before_the_face_reached_the_size_start_the_decision_clock(analyzer, photo):
+    """A busy gate analyses every sixth frame: the face that is first seen at
+    ``ready_px`` may have been that size in the five frames it skipped, so the track's
+    ``ready_since`` (where ``decision_ms`` starts) is the first of them; later looks do not
+    move it. Without skipped frames it is the frame's own time."""
+    spec = dataclasses.replace(preset_scene(1), seconds=2.6)
+    frames = [f for f, _ in render_scene(spec, photo, largest_face_box(analyzer.detect))]
+    busy, every = StreamAnalyzer(analyzer), StreamAnalyzer(analyzer)
+    started: dict[str, tuple[int, float]] = {}
+    for index, frame in enumerate(frames):
+        t = index / spec.fps
+        for name, stream, since in (("every", every, None), ("busy", busy, (index - 5) / spec.fps)):
+            if name == "busy" and index % 6:
+                continue
+            for report in stream.process(frame, t, since=since):
+                if report.ready_since is not None:
+                    started.setdefault(name, (index, report.ready_since))
+                    assert report.ready_since == started[name][1]  # set once
+    first_busy, first_every = started["busy"][0], started["every"][0]
+    assert started["every"][1] == first_every / spec.fps
+    assert first_busy % 6 == 0 and started["busy"][1] == (first_busy - 5) / spec.fps
