@@ -86,6 +86,10 @@ def test_bench_runs_real_terminals_and_reports_the_contract_keys(models_dir, dat
     assert by_thread["video_decoders"] > 0 and by_thread["event_loop"] > 0
     assert by_thread["workers_own"] > 0
     assert abs(sum(by_thread.values()) - split["other"]) <= 0.5
+    without = out["overhead_ratio_without_argon2id_and_decoding"]
+    assert 1.0 <= without < out["overhead_ratio_without_argon2id"]
+    decoders_ms = (out["overhead_ratio_without_argon2id"] - without) * split["model"]
+    assert abs(decoders_ms - by_thread["video_decoders"]) <= 0.02 * split["model"] + 0.5
     assert out["peak_rss_mb"] > 0
     assert [row["terminals"] for row in out["sweep"]] == [1, 2]
     # The WebSocket-only terminals' checkouts were all cancelled cleanly.
