@@ -99,7 +99,7 @@ def gate_scene(
     else:
         spec = scene_from_json(json.loads(Path(source).with_suffix(".json").read_text()))
     enrolled = [a for a in spec.actors if a.enrolled and a.enroll_photo]
-    live = [a for a in enrolled if a.kind == "live" and a.name]
+    live = [a for a in enrolled if a.kind == "live"]
     if not live:
         raise ValueError("the scene has no enrolled live walker: nothing for a gate to open")
     last_exit = max(a.exit_s for a in spec.actors)
@@ -115,13 +115,16 @@ def gate_scene(
         largest_face_box(analyzer.detect),
         reach_px=min_face_px,
     )
+    reach = written["reach_s"]
     return GateScene(
         video=video,
         period_s=period,
         window_s=window,
         people=len(spec.actors),
         enrolled=tuple((a.name, a.kind, str(a.enroll_photo)) for a in enrolled),
-        reach_s=tuple(sorted((a.name, written["reach_s"][a.name]) for a in live)),
+        # A walker whose face never gets that big (a small scene, a large min_face_px) is
+        # judged as before but not timed.
+        reach_s=tuple(sorted((a.name, reach[a.name]) for a in live if a.name in reach)),
     )
 
 

@@ -293,3 +293,18 @@ def test_the_benchs_settings_go_on_top_of_the_users_config(tmp_path) -> None:
         timeout=120,
     )
     assert proc.returncode != 0 and "cannot read config" in proc.stderr, proc.stderr
+
+
+def test_a_gate_scene_knows_when_each_walker_can_be_timed(models_dir, data_dir, tmp_path):
+    """The looped scene's reach times, from its ground truth while it renders: the frame in
+    which the walker's face is ``min_face_px`` wide and tall; a size it never reaches
+    leaves the walker untimed, not the bench broken."""
+    from stream_server.bench_gate import gate_scene
+
+    walker = preset_scene(1).actors[0]
+    scene = gate_scene(None, 1, str(models_dir), data_dir, tmp_path, 80.0)
+    (name, reach), *rest = scene.reach_s
+    assert name == walker.name and not rest
+    assert walker.enter_s < reach < walker.exit_s and walker.face_at(reach) >= 80.0
+    assert scene.reach_frames(30.0) == {name: round(reach * 30.0)}
+    assert gate_scene(None, 1, str(models_dir), data_dir, tmp_path, 400.0).reach_s == ()
