@@ -197,11 +197,6 @@ class PacketTrack(MediaStreamTrack):
             return self.fps
         return rates[full - 1] + extra * (rates[full] - rates[full - 1])
 
-    @property
-    def frames_played(self) -> int:
-        """Frames of the loop the camera went through, sent or held back by the rate."""
-        return self.frames_sent + self.frames_held
-
     def since_played(self, index: int) -> float | None:
         """Seconds since the first frame at or after ``index`` of the current pass was
         played (sent or held back: the camera's clock), None if none has been yet. A
