@@ -94,7 +94,8 @@ def server_figures(
     argon2_s = after.get("argon2_s", 0.0) - before.get("argon2_s", 0.0)
     cpu_ms = cpu_s * 1000 / decided if decided else None
     model_ms = model_s * 1000 / decided if decided else None
-    decoders_s = _thread_cpu(before, after).get("video_decoders")
+    threads = _thread_cpu(before, after)
+    decoders_s = threads.get("video_decoders")
     return {
         "frames": {
             "sent": frames_sent,
@@ -124,9 +125,7 @@ def server_figures(
         ),
         # Where the rest goes: argon2id (a deliberate cost per payment) and everything else
         # (WebRTC receive and VP8 decode of every frame, pre/post-processing, the event loop).
-        "cpu_breakdown_ms_per_decision": _breakdown(
-            cpu_s, model_s, argon2_s, decided, _thread_cpu(before, after)
-        ),
+        "cpu_breakdown_ms_per_decision": _breakdown(cpu_s, model_s, argon2_s, decided, threads),
     }
 
 

@@ -269,6 +269,8 @@ async def _provision(
 async def _run(args: argparse.Namespace, server: BenchServer, n: int, job: _Job) -> dict[str, Any]:
     run = secrets.token_hex(3)
     gate = job.scene if isinstance(job, _GateJob) else None
+    # Each walker's frame in a pass where the gate's decision clock starts (camera_to_open_ms).
+    reach_frames = gate.reach_frames(args.fps) if gate is not None else {}
     async with aiohttp.ClientSession() as http:
         m = args.ws_terminals
         if gate is not None:
@@ -300,7 +302,7 @@ async def _run(args: argparse.Namespace, server: BenchServer, n: int, job: _Job)
             }
             if gate is not None:  # gates start staggered over one pass of the scene
                 spec.update(mode="gate", period_s=gate.period_s, stagger_s=gate.period_s / n)
-                spec["reach_frames"] = sorted(set(gate.reach_frames(args.fps).values()))
+                spec["reach_frames"] = sorted(set(reach_frames.values()))
             path = tmp / f"terminals-{p}.json"
             path.write_text(json.dumps(spec))
             procs.append(
@@ -357,8 +359,8 @@ async def _run(args: argparse.Namespace, server: BenchServer, n: int, job: _Job)
             errors.append({"stderr": err.decode()[-400:]})
     if gate is not None:
         async with aiohttp.ClientSession() as http:
-            frames = gate.reach_frames(args.fps)
-            reach = {a: frames[name] for a, name in server.gate_names.items() if name in frames}
+            names = server.gate_names.items()
+            reach = {a: reach_frames[name] for a, name in names if name in reach_frames}
             verdict = await bench_gate.judge(
                 http, server.get, records, bench_gate.passes_from(ends), server.gate_accounts, reach
             )

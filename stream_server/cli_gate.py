@@ -254,6 +254,7 @@ async def _judge(
     reached the gate's minimum size (``reach``) to its open at the terminal (``t_ms``, the
     replay's clock since its first frame, which is the scene's)."""
     from stream_server.bench_gate import wrong_opens
+    from stream_server.bench_report import latency
 
     opens = [e for e in events if e.get("type") == "gate_open"]
     denies = [e for e in events if e.get("type") == "gate_deny"]
@@ -265,7 +266,6 @@ async def _judge(
     for event, account in zip(opens, accounts, strict=True):
         if account in live_enrolled and account in reach and account not in first_opens:
             first_opens[account] = float(event["t_ms"]) - 1000 * reach[account]
-    after = list(first_opens.values())
     return {
         "people": len(spec.actors),
         "decisions": len(opens) + len(denies),
@@ -279,11 +279,8 @@ async def _judge(
             "p95": _percentile(latencies, 0.95),
             "max": round(max(latencies), 1) if latencies else None,
         },
-        "camera_to_open_ms": {
-            "p50": round(statistics.median(after), 1) if after else None,
-            "p95": _percentile(after, 0.95),
-            "max": round(max(after), 1) if after else None,
-        },
+        # As `facepay bench --mode gate` reports it (nearest-rank quantiles).
+        "camera_to_open_ms": latency(list(first_opens.values())),
         "wrong_opens": wrong,
         "missed": sorted(live_enrolled - set(opened.get(0, []))),
     }
