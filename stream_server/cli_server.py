@@ -25,8 +25,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
-
 from pipeline.errors import (
     ConfigError,
     ModelError,
@@ -37,6 +35,7 @@ from session.crypto import TemplateCipher, generate_key, parse_key
 from session.store import Store
 from stream_server.cli import EXIT_OK, EXIT_USAGE, emit, say
 from stream_server.embedded_redis import EmbeddedRedis, read_url_file
+from stream_server.redis_client import connect as connect_redis
 
 _T = TypeVar("_T")
 
@@ -153,7 +152,8 @@ async def with_store(
 ) -> _T:
     """Run ``work`` on a Store connected to ``url``; UsageError if Redis cannot be reached."""
     try:
-        client = aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
+        # The server's own client settings (redis_client: pooled connections are checked).
+        client = connect_redis(url, max_connections=2, socket_timeout=10)
     except ValueError as exc:
         raise UsageError(f"bad Redis URL {redact_url(url)}: {exc}") from None
     try:

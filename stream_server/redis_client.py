@@ -29,17 +29,19 @@ def _checked_connections() -> dict[str, Any]:
     return {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
 
 
-def connect(url: str, *, max_connections: int) -> aioredis.Redis:
+def connect(url: str, *, max_connections: int, socket_timeout: float = 5) -> aioredis.Redis:
     """A client on a bounded pool: callers wait up to 5 s for a free connection.
 
     Timeouts are short on purpose: a session declines ``unavailable`` when Redis is slow
-    rather than holding a shopper. The client owns the pool (``aclose()`` closes both).
+    rather than holding a shopper (the command line allows longer: an operator waits, and
+    an audit read or a key rotation reads more per command). The client owns the pool
+    (``aclose()`` closes both). ValueError for a URL that is not a Redis URL.
     """
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=5,
-        socket_timeout=5,
+        socket_timeout=socket_timeout,
         socket_connect_timeout=2,
         health_check_interval=10,
         **_checked_connections(),

@@ -209,6 +209,8 @@ def test_admin_without_redis_is_a_usage_error(tmp_path, capsys):
     assert code == 2 and "--redis-url" in err
     code, _, err = run(capsys, "admin", "merchant-add", "--redis-url", "redis://127.0.0.1:1", "S")
     assert code == 2 and "cannot reach Redis" in err
+    code, out, err = run(capsys, "admin", "merchant-add", "--redis-url", "http://127.0.0.1:1", "S")
+    assert code == 2 and "bad Redis URL" in err and out[0]["error"] == "usage"
 
 
 # --- enroll --------------------------------------------------------------------------------------
