@@ -14,7 +14,13 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
 
-from pipeline.errors import InvalidRequest, LimitExceeded, NotFound, PaymentConflict
+from pipeline.errors import (
+    AccountLocked,
+    InvalidRequest,
+    LimitExceeded,
+    NotFound,
+    PaymentConflict,
+)
 from session import _store_audit as _audit
 from session import _store_lua as h
 from session.config import RateLimitConfig
@@ -136,6 +142,7 @@ class StoreCore:
         ``limits.lockout_backoff`` times longer, up to ``limits.max_lockout_s``; and
         ``limits.passphrase_failures_per_account`` failures within its window lock for the
         longest time at once, however they were spread (session/config.py RateLimitConfig).
+        A failure while the account is already locked counts nothing and returns that lock.
         """
         if max_attempts < 1 or not lockout_s > 0 or not math.isfinite(lockout_s):
             raise InvalidRequest("max_attempts must be >= 1 and lockout_s > 0")
@@ -204,6 +211,7 @@ class StoreCore:
         payment_id: str | None = None,
     ) -> Payment:
         """Write one payment atomically (Lua): Conflict if the order is already paid,
+        AccountLocked if the account is locked, NotFound if it is erased or missing,
         LimitExceeded if the account's daily total would pass ``daily_limit``. Audit ``payment``.
 
         ``payment_id`` (new random id by default) is chosen before the script runs, so a call
@@ -220,6 +228,8 @@ class StoreCore:
             self._k("payid", pid),
             self._k("daily", account_id, day),
             self._k("audit"),
+            self._k("lock", account_id),
+            self._k("account", account_id),
         ]
         args: list[Any] = [
             pid,
@@ -238,6 +248,10 @@ class StoreCore:
         with h.unavailable("create_payment"):
             status, value = await self._pay_script(keys=keys, args=args)
         status, value = h.text(status), h.text(value)
+        if status == "locked":
+            raise AccountLocked("the account is locked", until=self._lock_end(value))
+        if status == "inactive":
+            raise NotFound("no such account")
         if status == "limit":
             raise LimitExceeded("daily limit reached for this account")
         if status == "exists" and value != pid:

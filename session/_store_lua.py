@@ -50,14 +50,24 @@ _PHONE = re.compile(r"\+?[0-9]{6,20}")
 _ORDER_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _CURRENCY = re.compile(r"[A-Z]{3}")
 
-# KEYS: 1 pay hash, 2 payid key, 3 daily key, 4 audit stream
+# KEYS: 1 pay hash, 2 payid key, 3 daily key, 4 audit stream, 5 account's lock, 6 account
 # ARGV: 1 payment_id, 2 merchant_id, 3 order_id, 4 account_id, 5 terminal_id, 6 amount,
 #       7 currency, 8 created, 9 daily_limit, 10 payid value, 11 daily ttl, 12 audit maxlen
-# Returns {"ok", pid} | {"exists", existing_pid} | {"limit", spent_today}.
+# Returns {"ok", pid} | {"exists", existing_pid} | {"locked", lock end} | {"inactive", ""}
+# | {"limit", spent_today}. The lock and the account are read here, in the same step as the
+# write, because a session reads them once, before a prompt that may stay open for half a
+# minute: a lockout or an erasure meanwhile (through any server) must still stop the payment.
 PAY_LUA = """
 local existing = redis.call('HGET', KEYS[1], 'payment_id')
 if existing then
   return {'exists', existing}
+end
+local lock = redis.call('GET', KEYS[5])
+if lock then
+  return {'locked', lock}
+end
+if redis.call('HGET', KEYS[6], 'status') ~= 'active' then
+  return {'inactive', ''}
 end
 local amount = tonumber(ARGV[6])
 local spent = tonumber(redis.call('GET', KEYS[3]) or '0')
@@ -82,8 +92,14 @@ return {'ok', ARGV[1]}
 # ARGV: 1 max_attempts, 2 lockout ms, 3 backoff factor, 4 max lockout ms, 5 lockout memory ms,
 #       6 failures per day, 7 day window ms, 8 now (epoch ms)
 # Returns {attempts left, lock ms (0: not locked)}. One script: the counters, the escalation
-# and the lock change together or not at all.
+# and the lock change together or not at all. A failure while the account is already locked
+# (a prompt opened before the lock) counts nothing and answers the lock's remaining time:
+# counting it would start a fresh counter under the lock, offering more guesses.
 FAIL_LUA = """
+local held = redis.call('PTTL', KEYS[2])
+if held > 0 then
+  return {0, held}
+end
 local n = redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local d = redis.call('INCR', KEYS[4])

@@ -16,6 +16,7 @@ import time
 from typing import Any, NoReturn
 
 from pipeline.errors import (
+    AccountLocked,
     Conflict,
     IllegalTransition,
     InvalidRequest,
@@ -68,6 +69,8 @@ class CheckoutSession(VideoSession):
         self._crowd_until = 0.0
         #: The distance hint last sent while scanning ("farther" or None), sent on change.
         self._distance_hint: str | None = None
+        #: A cancel arrived (it may wait in the inbox while the passphrase is checked).
+        self._cancel_asked = False
 
     # --- input from the terminal --------------------------------------------------------
     def deliver(self, message: dict[str, Any]) -> None:
@@ -82,6 +85,10 @@ class CheckoutSession(VideoSession):
             raise IllegalTransition(f"the checkout has ended ({self.machine.state})")
         if kind in expected and self.machine.state is not expected[kind]:
             raise IllegalTransition(f"{kind} is not expected while {self.machine.state}")
+        if kind == "cancel":
+            # Noted at once, not only queued: nothing reads the inbox while a correct
+            # passphrase goes on to the payment, and a cancel before approval must hold.
+            self._cancel_asked = True
         try:
             self.inbox.put_nowait(message)
         except asyncio.QueueFull as exc:
@@ -355,6 +362,10 @@ class CheckoutSession(VideoSession):
 
     async def _pay(self, account: Account) -> None:
         await self._check_stopped()  # last chance: a gone terminal is never charged
+        if self._cancel_asked:
+            # Cancelled while the passphrase was being checked: not approved yet, so the
+            # shopper's cancel wins (docs/protocol.md: cancel any time before approval).
+            await self._finish(S.CANCELLED, "cancelled")
         try:
             payment = await self.svc.store.create_payment(
                 merchant_id=self.req.merchant_id,
@@ -369,6 +380,13 @@ class CheckoutSession(VideoSession):
             await self._finish(S.DECLINED, "duplicate_order")
         except LimitExceeded:
             await self._finish(S.DECLINED, "limit")
+        except AccountLocked as exc:
+            # Locked by wrong passphrases at another prompt while this one was open.
+            until = {} if exc.until is None else {"locked_until": exc.until}
+            await self._finish(S.DECLINED, "locked", **until)
+        except NotFound:
+            # Erased while the prompt was open: as if never enrolled, as in _identify.
+            await self._finish(S.DECLINED, "no_match")
         self.payment_id = payment.payment_id
         self.machine.move(S.APPROVED, "paid")
         await self._send(

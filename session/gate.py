@@ -27,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.errors import LimitExceeded, NotFound, StoreUnavailable
+from pipeline.errors import AccountLocked, LimitExceeded, NotFound, StoreUnavailable
 from pipeline.motion import ViewChange
 from pipeline.stream import TrackReport
 from session.camera_load import camera_event
@@ -252,6 +252,15 @@ class GateSession(VideoSession):
         except LimitExceeded:
             await store.release_gate_entry(merchant, account.account_id)
             await self._deny(report, "limit", "Daily limit reached: please use the ticket gate")
+            return
+        except AccountLocked:
+            # Locked (at a checkout prompt, through any server) since the read above.
+            await store.release_gate_entry(merchant, account.account_id)
+            await self._deny(report, "locked", "Account locked: please use the ticket gate")
+            return
+        except NotFound:
+            await store.release_gate_entry(merchant, account.account_id)  # erased meanwhile
+            await self._deny(report, "unknown", "Not recognised: please use the ticket gate")
             return
         except StoreUnavailable:
             await store.release_gate_entry(merchant, account.account_id)

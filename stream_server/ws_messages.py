@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 from yarl import URL
 
 from stream_server.metrics import Metrics
@@ -40,7 +40,9 @@ class Offer(_Msg):
 
 class StartCheckout(_Msg):
     type: Literal["start_checkout"]
-    amount: Annotated[str | int | float, Field(union_mode="left_to_right")]
+    # Strict: lax mode would turn JSON true into 1 (an amount of 1.00) before parse_amount
+    # could refuse a boolean.
+    amount: Annotated[StrictStr | StrictInt | StrictFloat, Field(union_mode="left_to_right")]
     currency: str | None = Field(None, pattern=r"^[A-Z]{3}$")
     order_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")
 

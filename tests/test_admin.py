@@ -421,6 +421,12 @@ async def test_payment_lookups(client):
 
     store = client.app[STORE]
     merchant = await store.add_merchant("Shop")
+    passhash = PassphraseHasher(time_cost=1, memory_kib=1024).hash(PASSPHRASE)
+    template = np.zeros(128, np.float32)
+    template[0] = 1.0
+    await store.create_account(
+        "acct", "Ann", "+8613800001111", passhash, [template], {"source": "test"}
+    )
     payment = await store.create_payment(
         merchant_id=merchant.merchant_id,
         order_id="o1",

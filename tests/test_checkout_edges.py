@@ -218,6 +218,8 @@ async def test_garbage_gets_clear_errors_and_the_connection_stays(make_env):
         ('["a", "list"]', "unknown_type"),
         ('{"type": "start_checkout", "amount": "12.345", "order_id": "o"}', "invalid_request"),
         ('{"type": "start_checkout", "amount": "-1", "order_id": "o"}', "invalid_request"),
+        # true is not 1.00 (a lax parser would make it 1 before the amount check)
+        ('{"type": "start_checkout", "amount": true, "order_id": "o"}', "invalid_request"),
         ('{"type": "start_checkout", "amount": "1", "order_id": "bad id!"}', "invalid_request"),
         ('{"type": "passphrase", "prompt_id": "q", "passphrase": "x"}', "invalid_request"),
         ('{"type": "offer", "sdp": "v=0 garbage", "sdp_type": "offer"}', "bad_sdp"),

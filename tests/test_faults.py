@@ -434,6 +434,65 @@ async def test_stalled_executor_during_scanning_times_out_and_writes_nothing(
     assert await ledger(env.app[REDIS]) == []
 
 
+async def test_a_cancel_sent_while_the_passphrase_is_checked_charges_nothing(
+    make_env, analyzer, photo
+):
+    """The shopper types the right passphrase, then presses cancel before the answer comes
+    (a slow check, held here on the real executor): a cancel before approval holds."""
+    env = await make_env()
+    await env.enroll(ACCOUNT, "Barack Obama", "+12025550101", photo(ENROLL))
+    with Stall(env.app[EXECUTOR], hold_s=20.0) as stall:
+        term = await env.terminal()
+        await term.start_video(camera_frames(analyzer, photo(SHOPPER)))
+        confirm = await start(term, "o-c1")
+        assert confirm["type"] == "confirm", term.events
+        stall.on = True
+        await answer(term, confirm, PASSPHRASE)
+        await term.send({"type": "cancel"})
+        await term.send({"type": "ping"})
+        await term.expect("pong")  # the server has read the cancel: messages keep their order
+        stall.release.set()  # the check ends: right passphrase
+        end = await term.until_end()
+    assert end["state"] == "cancelled", term.events
+    assert "approved" not in term.types()
+    assert await ledger(env.app[REDIS]) == []
+    # The order can still be paid.
+    confirm = await start(term, "o-c1")
+    await answer(term, confirm, PASSPHRASE)
+    assert (await outcome(term))["type"] == "approved"
+
+
+async def test_a_lockout_reaches_prompts_opened_before_it(make_env, analyzer, photo):
+    """Two prompts for one face are open (two terminals); wrong answers elsewhere lock the
+    account. Neither open prompt may pay with the right passphrase, nor start a fresh count
+    of wrong guesses under the lock."""
+    env = await make_env()
+    await env.enroll(ACCOUNT, "Barack Obama", "+12025550101", photo(ENROLL))
+    terms, confirms = [], []
+    for i in range(2):
+        term = await env.terminal()
+        await term.start_video(camera_frames(analyzer, photo(SHOPPER), seed=i))
+        confirm = await start(term, f"o-l{i}")
+        assert confirm["type"] == "confirm", term.events
+        terms.append(term)
+        confirms.append(confirm)
+    until = None
+    for _ in range(10):  # a third prompt's wrong answers, through the store every server uses
+        _, until = await env.store.record_failure(ACCOUNT, 3, 60.0)
+        if until is not None:
+            break
+    assert until is not None
+    await answer(terms[0], confirms[0], PASSPHRASE)
+    await answer(terms[1], confirms[1], "wrong horse")
+    for term in terms:
+        end = await outcome(term)
+        assert end["type"] == "declined" and end["reason"] == "locked", term.events
+        assert end["locked_until"] == pytest.approx(until, abs=0.05)
+        assert "wrong_passphrase" not in term.types()
+    assert await ledger(env.app[REDIS]) == []
+    assert await env.app[REDIS].get(f"fp:fail:{ACCOUNT}") is None
+
+
 async def test_stalled_passphrase_check_declines_unavailable_then_pays_once(
     make_env, analyzer, photo
 ):

@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from pipeline.errors import (
+    AccountLocked,
     AuthError,
     Conflict,
     InvalidRequest,
@@ -444,6 +445,39 @@ async def test_account_with_lock_reads_both_as_get_account_and_locked_until(
         await db.account_with_lock("bob")
 
 
+async def test_a_locked_or_erased_account_is_never_charged(
+    db: Store, client: aioredis.Redis, passhash: str
+) -> None:
+    """A prompt reads the lock and the account once, then may stay open for half a minute:
+    a lockout (wrong answers at another prompt, through any server) or an erasure meanwhile
+    must still stop its payment, and a wrong answer there must not start a fresh counter
+    under the lock (three more guesses). The payment script checks both in its own step."""
+    await _enrol(db, passhash, "alice")
+    for _ in range(2):
+        assert (await db.record_failure("alice", 3, 60.0))[1] is None
+    left, until = await db.record_failure("alice", 3, 60.0)
+    assert left == 0 and until is not None
+    with pytest.raises(AccountLocked) as info:
+        await db.create_payment(**_pay())
+    assert info.value.until == pytest.approx(until, abs=0.01)
+    assert await db.find_payment("m_shop", "order-1") is None
+    assert not [k async for k in client.scan_iter("fp:daily:*")]
+    # A wrong answer at a prompt opened before the lock: the same lock, nothing counted.
+    left, again = await db.record_failure("alice", 3, 60.0)
+    assert left == 0 and again == pytest.approx(until, abs=0.05)
+    assert not await client.exists("fp:fail:alice")
+    assert await client.get("fp:failday:alice") == b"3"
+    assert await client.get("fp:lockouts:alice") == b"1"
+    await client.delete("fp:lock:alice")  # as if the lock ran out
+    assert (await db.create_payment(**_pay())).account_id == "alice"
+    await db.erase_account("alice")
+    with pytest.raises(NotFound):
+        await db.create_payment(**_pay(order_id="order-2"))
+    with pytest.raises(NotFound):  # never enrolled
+        await db.create_payment(**_pay(order_id="order-3", account_id="carol"))
+    assert [e["order_id"] for e in await db.read_audit() if e["event"] == "payment"] == ["order-1"]
+
+
 async def test_failure_counter_expires_and_clears(db: Store) -> None:
     assert await db.record_failure("alice", 3, 0.3) == (2, None)
     await asyncio.sleep(0.4)
@@ -456,6 +490,14 @@ async def test_failure_counter_expires_and_clears(db: Store) -> None:
 
 
 # --- payments ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def payers(db: Store, passhash: str) -> None:
+    """The accounts the payment tests charge: the payment script refuses any account that
+    is not active."""
+    await _enrol(db, passhash, "alice", seed=1)
+    await _enrol(db, passhash, "bob", seed=2)
 
 
 def _pay(**overrides: Any) -> dict[str, Any]:
@@ -472,6 +514,7 @@ def _pay(**overrides: Any) -> dict[str, Any]:
     return args
 
 
+@pytest.mark.usefixtures("payers")
 async def test_twenty_concurrent_payments_for_one_order_charge_once(
     db: Store, client: aioredis.Redis
 ) -> None:
@@ -495,6 +538,7 @@ async def test_twenty_concurrent_payments_for_one_order_charge_once(
     assert audit[0]["payment_id"] == winner.payment_id and audit[0]["amount"] == "1250"
 
 
+@pytest.mark.usefixtures("payers")
 async def test_a_retry_with_the_same_payment_id_succeeds(db: Store) -> None:
     first = await db.create_payment(**_pay(), payment_id="p_fixed")
     again = await db.create_payment(**_pay(), payment_id="p_fixed")
@@ -504,6 +548,7 @@ async def test_a_retry_with_the_same_payment_id_succeeds(db: Store) -> None:
     assert info.value.payment_id == "p_fixed"
 
 
+@pytest.mark.usefixtures("payers")
 async def test_payment_lookup(db: Store) -> None:
     p = await db.create_payment(**_pay())
     assert p.payment_id.startswith("p_") and p.status == "captured"
@@ -516,6 +561,7 @@ async def test_payment_lookup(db: Store) -> None:
         await db.get_payment("p_nope")
 
 
+@pytest.mark.usefixtures("payers")
 async def test_daily_limit(db: Store) -> None:
     await db.create_payment(**_pay(order_id="a", amount=600, daily_limit=1000))
     with pytest.raises(LimitExceeded):
