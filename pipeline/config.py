@@ -116,7 +116,8 @@ class SelectionConfig(_Strict):
     only where they still add evidence.
     """
 
-    #: A track stops being embedded once its window holds this many embeddings.
+    #: A track stops being embedded once its window holds this many embeddings, except in
+    #: frames whose liveness is scored (each score needs its frame's identity checked).
     max_embeddings: int = Field(3, ge=1, le=60)
     #: Once a track has ``evidence.min_frames`` liveness scores, score it every N frames.
     liveness_every: int = Field(2, ge=1, le=30)

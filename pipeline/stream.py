@@ -45,8 +45,18 @@ class TrackReport:
 class StreamAnalyzer:
     """Per-stream state: the tracker and one evidence accumulator per face track."""
 
-    def __init__(self, analyzer: FaceAnalyzer, config: PipelineConfig | None = None) -> None:
+    def __init__(
+        self,
+        analyzer: FaceAnalyzer,
+        config: PipelineConfig | None = None,
+        *,
+        keep_ended: bool = False,
+    ) -> None:
+        """``keep_ended``: keep the last verdict of every ended track for :meth:`verdicts`
+        (offline evaluation). A server's stream keeps none: a gate's runs for days, and a
+        verdict carries the face's embedding."""
         self.analyzer = analyzer
+        self.keep_ended = keep_ended
         self.config = config or analyzer.config
         tc = self.config.tracker
         self.tracker = Tracker(
@@ -110,9 +120,13 @@ class StreamAnalyzer:
                 plan[i] = (self.frames % sel.recheck_every == 0, False)
                 continue
             acc = self.evidence.get(track) if track is not None else None
-            embed = acc is None or acc.embeddings_count < sel.max_embeddings
             scored = 0 if acc is None else sum(1 for f in acc.frames if f.p_real is not None)
             live = scored < self.config.evidence.min_frames or self.frames % sel.liveness_every == 0
+            # A liveness score always comes with its frame's embedding: without one, the
+            # tracker cannot veto another face that steps into this track's box, and that
+            # face's liveness would complete this face's evidence (someone else's entry
+            # charged to this face). max_embeddings bounds only the frames scored for nothing.
+            embed = acc is None or acc.embeddings_count < sel.max_embeddings or live
             plan[i] = (embed, live)
         return plan
 
@@ -176,12 +190,12 @@ class StreamAnalyzer:
             self.first_seen.pop(track_id, None)
             self.ready_since.pop(track_id, None)
             self.decided.discard(track_id)
-            if acc is not None:
+            if acc is not None and self.keep_ended:
                 self.ended[track_id] = acc.verdict()
         return reports
 
     def verdicts(self) -> dict[int, Verdict]:
-        """Current verdict of every track seen so far (ended ones included)."""
+        """Current verdict of every track seen so far (ended ones with ``keep_ended``)."""
         out = dict(self.ended)
         out.update({tid: acc.verdict() for tid, acc in self.evidence.items()})
         return out

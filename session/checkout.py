@@ -123,6 +123,8 @@ class CheckoutSession(VideoSession):
             if not self.machine.finished:
                 with contextlib.suppress(_Ended):
                     await self._finish(S.DECLINED, "internal_error")
+        finally:
+            self._forget_faces()
         return self.machine.state
 
     async def _run(self) -> None:

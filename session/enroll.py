@@ -141,6 +141,7 @@ class EnrollSession(VideoSession):
                     await self._finish("declined", "internal_error")
         finally:
             self._templates = []
+            self._forget_faces()
         return self.state
 
     async def _run(self) -> None:

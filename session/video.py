@@ -60,6 +60,14 @@ class VideoSession:
         """The terminal is gone: from now on nothing may be charged or stored."""
         self._stopped = True
 
+    def _forget_faces(self) -> None:
+        """Drop what this session holds of the faces it saw (the tracks' embeddings and
+        scores) and any frame still waiting. Called when a checkout or an enrolment ends:
+        its connection keeps the finished session until the next one starts, and a kiosk
+        stays connected all day (docs/privacy.md)."""
+        self.stream = StreamAnalyzer(self.svc.analyzer, self.stream.config)
+        self.frames.clear()
+
     async def _send(self, event: dict[str, Any]) -> None:
         try:
             await self.emit(event)

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from stream_server import replay
-from stream_server.app import EXECUTOR
+from stream_server.app import CONNECTIONS, EXECUTOR
 from tests.e2e import PASSPHRASE, camera_frames, empty_frames
 
 ENROLL = "faces/obama/obama.jpg"
@@ -40,6 +40,10 @@ async def test_enrolled_shopper_pays_once(make_env, analyzer, photo):
     approved = await term.expect("approved", "declined")
     assert approved["type"] == "approved", term.events
     assert (await term.until_end())["state"] == "approved"
+    # The finished checkout keeps nothing of the shopper's face while the kiosk waits.
+    (conn,) = env.app[CONNECTIONS]
+    await asyncio.wait_for(conn.session_task, 5)
+    assert conn.session.stream.frames == 0 and conn.session.stream.evidence == {}
     assert len(await env.payments()) == 1
     payment = await env.store.get_payment(approved["payment_id"])
     assert payment.account_id == "acct-obama" and payment.amount == 1250

@@ -100,6 +100,10 @@ async def test_live_enrolment_then_the_new_account_pays(make_env, analyzer, phot
     assert enrolled == {"type": "enrolled", "account_id": "acct-live", "templates": 3}
     assert (await term.expect("state"))["state"] == "enrolled"
     assert all(SECRET not in str(e) for e in term.events)
+    # The connection stays open for the next enrolment; the finished one keeps nothing of
+    # the face it saw (its stream starts afresh).
+    await asyncio.wait_for(conn.session_task, 5)
+    assert conn.session.stream.frames == 0 and conn.session.stream.evidence == {}
     audit = await env.store.read_audit()
     consent = [e for e in audit if e.get("event") == "consent"]
     assert consent and all(e.get("terminal") for e in consent)

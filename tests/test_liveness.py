@@ -45,7 +45,7 @@ def test_single_frame_liveness_of_the_samples(analyzer, photo, rel, live):
 
 
 def _run_stream(analyzer, image, spec):
-    stream = StreamAnalyzer(analyzer)
+    stream = StreamAnalyzer(analyzer, keep_ended=True)
     for i, frame in enumerate(generate_frames(image, spec)):
         stream.process(frame, i / spec.fps)
     return stream.verdicts()
@@ -126,7 +126,7 @@ def test_a_face_too_close_for_liveness_adds_no_evidence_until_it_steps_back(anal
     rule_off = analyzer.config.model_copy(
         update={"quality": analyzer.config.quality.model_copy(update={"max_face_frac": 1.0})}
     )
-    judged = StreamAnalyzer(analyzer, rule_off)
+    judged = StreamAnalyzer(analyzer, rule_off, keep_ended=True)
     for i, frame in enumerate(close):
         judged.process(frame, i / 15)
     assert {v.status for v in judged.verdicts().values()} == {"spoof"}

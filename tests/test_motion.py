@@ -137,7 +137,7 @@ def test_every_face_the_detector_finds_changes_the_view(analyzer, photo, people,
 
 
 def _stream(analyzer: FaceAnalyzer, frames: list[np.ndarray], fps: float, idle: bool):
-    stream = StreamAnalyzer(analyzer)
+    stream = StreamAnalyzer(analyzer, keep_ended=True)
     if idle:
         stream.idle_check = ViewChange(CONFIG)
     first_face = None

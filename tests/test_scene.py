@@ -58,7 +58,7 @@ class Run:
 
 def _judge(spec: SceneSpec, analyzer: FaceAnalyzer, load: Callable[[str], np.ndarray]) -> Run:
     run = Run(spec)
-    stream = StreamAnalyzer(analyzer)
+    stream = StreamAnalyzer(analyzer, keep_ended=True)
     votes: dict[int, Counter[str | None]] = {}
     for index, (frame, states) in enumerate(
         render_scene(spec, load, largest_face_box(analyzer.detect))
