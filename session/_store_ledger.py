@@ -5,7 +5,6 @@ and the payment ledger. ``Store`` inherits these methods; code against ``Store``
 from __future__ import annotations
 
 import math
-import secrets
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -198,6 +197,12 @@ class StoreCore:
             raw = await self._r.hgetall(self._k("pay", merchant_id, order_id))
         return h.payment_from_hash(h.decode_hash(raw)) if raw else None
 
+    @staticmethod
+    def new_payment_id() -> str:
+        """A fresh payment id, for a caller that must know it before the write (to look
+        the payment up after a lost reply)."""
+        return h.new_id("p", 16)
+
     async def create_payment(
         self,
         *,
@@ -220,7 +225,7 @@ class StoreCore:
         ``payment_id`` attribute (and message) names the existing payment.
         """
         h.check_payment_args(order_id, amount, currency, daily_limit)
-        pid = payment_id or f"p_{secrets.token_urlsafe(16)}"
+        pid = payment_id or self.new_payment_id()
         now = time.time()
         day = datetime.fromtimestamp(now, UTC).strftime("%Y%m%d")
         keys = [

@@ -27,12 +27,18 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.errors import AccountLocked, LimitExceeded, NotFound, StoreUnavailable
+from pipeline.errors import (
+    AccountLocked,
+    FacePayError,
+    LimitExceeded,
+    NotFound,
+    StoreUnavailable,
+)
 from pipeline.motion import ViewChange
 from pipeline.stream import TrackReport
 from session.camera_load import camera_event
 from session.frames import FrameSlot
-from session.models import format_amount
+from session.models import Payment, format_amount
 from session.services import SessionServices
 from session.video import Emit, VideoSession
 
@@ -40,6 +46,12 @@ log = logging.getLogger(__name__)
 #: While the camera sends a lowered rate, an idle look is due this share of the idle
 #: interval after the last one (0.8: a frame up to 20 ms early at 10 a second is still seen).
 IDLE_JITTER = 0.8
+#: Why the ledger refused a fare, as the gate tells the walker.
+_REFUSALS: tuple[tuple[type[FacePayError], str, str], ...] = (
+    (LimitExceeded, "limit", "Daily limit reached: please use the ticket gate"),
+    (AccountLocked, "locked", "Account locked: please use the ticket gate"),
+    (NotFound, "unknown", "Not recognised: please use the ticket gate"),
+)
 
 
 @dataclass(frozen=True)
@@ -167,6 +179,21 @@ class GateSession(VideoSession):
         ]
         await self._send_faces(size, tracks=tracks)
 
+    async def _written_after_all(self, account_id: str, payment_id: str) -> Payment | None:
+        """After a fare's write failed with Redis unreachable: the payment if it was written
+        after all (only its reply was lost), else None. Only a payment known not to exist
+        releases the entry claim: with the claim gone a retry would charge again, so while
+        Redis cannot say, the claim stays until the entry window ends (a retry inside it is
+        a repeat, never a second fare)."""
+        store = self.svc.store
+        try:
+            return await store.get_payment(payment_id)
+        except NotFound:
+            await store.release_gate_entry(self.gate.merchant_id, account_id)
+        except StoreUnavailable:
+            log.warning("gate %s: fare %s unknown; entry kept", self.gate.terminal_id, payment_id)
+        return None
+
     def _decision_ms(self, report: TrackReport) -> float:
         start = report.ready_since if report.ready_since is not None else report.first_seen
         return round((time.monotonic() - start) * 1000.0, 1)
@@ -239,6 +266,7 @@ class GateSession(VideoSession):
             self.svc.observer.decision("gate", "repeat", "entry_window")
             return
         order_id = f"gate:{self.gate.terminal_id}:{secrets.token_hex(8)}"
+        payment_id = store.new_payment_id()  # chosen first: a lost reply can be looked up
         try:
             payment = await store.create_payment(
                 merchant_id=merchant,
@@ -248,23 +276,20 @@ class GateSession(VideoSession):
                 amount=fare,
                 currency=self.policy.currency,
                 daily_limit=self.policy.daily_limit,
+                payment_id=payment_id,
             )
-        except LimitExceeded:
+        except (LimitExceeded, AccountLocked, NotFound) as exc:
+            # Refused by the ledger (locked or erased since the read above, through any
+            # server): nothing was charged, so the person may try again.
             await store.release_gate_entry(merchant, account.account_id)
-            await self._deny(report, "limit", "Daily limit reached: please use the ticket gate")
-            return
-        except AccountLocked:
-            # Locked (at a checkout prompt, through any server) since the read above.
-            await store.release_gate_entry(merchant, account.account_id)
-            await self._deny(report, "locked", "Account locked: please use the ticket gate")
-            return
-        except NotFound:
-            await store.release_gate_entry(merchant, account.account_id)  # erased meanwhile
-            await self._deny(report, "unknown", "Not recognised: please use the ticket gate")
+            reason, text = next((r, t) for kind, r, t in _REFUSALS if isinstance(exc, kind))
+            await self._deny(report, reason, text)
             return
         except StoreUnavailable:
-            await store.release_gate_entry(merchant, account.account_id)
-            raise
+            written = await self._written_after_all(account.account_id, payment_id)
+            if written is None:
+                raise
+            payment = written  # charged after all: the person has paid, so open
         self.decisions[report.track_id] = "open"
         ms = self._decision_ms(report)
         await self._send(

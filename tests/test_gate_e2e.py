@@ -11,6 +11,7 @@ import itertools
 
 import pytest
 
+from pipeline.errors import StoreUnavailable
 from pipeline.scene import Actor, SceneSpec, render_scene
 from pipeline.scene_presets import largest_face_box, preset_scene, preset_turn_away
 from session.store import Store
@@ -92,6 +93,47 @@ async def test_a_person_passing_twice_in_the_window_pays_once(env, analyzer, pho
     assert opened == ["obama"], events
     assert len(await env.payments()) == 1
     assert "repeat" in session.decisions.values(), session.decisions
+
+
+@pytest.mark.parametrize("fault", ["reply_lost", "not_written", "lookup_fails"])
+async def test_a_fare_whose_write_fails_is_never_charged_twice(
+    env, analyzer, photo, monkeypatch, fault
+):
+    """Redis fails while a fare is written (the store raises ``StoreUnavailable``):
+
+    - ``reply_lost``: the payment was written, only its reply was lost. The gate finds it by
+      the id it chose first and opens: charged once, and the person passes;
+    - ``not_written``: nothing was written. It denies ``unavailable`` and releases the entry
+      claim, so the person may try again;
+    - ``lookup_fails``: Redis cannot say either way. It denies ``unavailable`` and keeps the
+      claim until the entry window ends: a retry is a repeat, never a second fare.
+    """
+    store = env.store
+    write = store.create_payment
+
+    async def failing(**payment):
+        if fault == "reply_lost":
+            await write(**payment)
+        raise StoreUnavailable("redis unavailable during create_payment (ConnectionError)")
+
+    async def unreachable(payment_id):
+        raise StoreUnavailable("redis unavailable during get_payment (ConnectionError)")
+
+    monkeypatch.setattr(store, "create_payment", failing)
+    if fault == "lookup_fails":
+        monkeypatch.setattr(store, "get_payment", unreachable)
+    events, opened, _, _ = await _run_gate(env, analyzer, photo, preset_scene(1))
+    monkeypatch.undo()
+    decided = [(e["type"], e.get("reason")) for e in events]
+    claimed_again = await store.claim_gate_entry(env.merchant.merchant_id, "obama", 60)
+    if fault == "reply_lost":
+        assert decided == [("gate_open", None)] and opened == ["obama"], events
+        assert len(await env.payments()) == 1
+        assert not claimed_again
+    else:
+        assert decided == [("gate_deny", "unavailable")], events
+        assert await env.payments() == []
+        assert claimed_again is (fault == "not_written")
 
 
 async def test_turning_away_before_enough_evidence_gets_no_decision(env, analyzer, photo):
