@@ -130,7 +130,11 @@ class TerminalConnection:
     async def _hello(self) -> bool:
         timeout = self.config.policy.hello_timeout_s
         try:
-            msg = await self.ws.receive(timeout=timeout)
+            # One deadline for the whole hello: receive(timeout=) restarts its timer after
+            # every WebSocket ping it answers, so a client pinging without a hello would
+            # hold a connection slot (server.max_sessions) for ever.
+            async with asyncio.timeout(timeout):
+                msg = await self.ws.receive()
         except TimeoutError:
             await self.ws.close(code=CLOSE_UNAUTHENTICATED, message=b"hello timeout")
             return False

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import time
 
 import cv2
 import numpy as np
@@ -143,6 +145,14 @@ async def test_wrong_missing_or_late_token_is_refused_4401(make_env):
     assert (await first_not_hello.next())["code"] == 4401
     silent = await env.terminal(hello=False)
     assert (await silent.next(timeout=5))["code"] == 4401
+    # WebSocket pings (answered by the server) do not stretch the hello's deadline.
+    pinging = await env.terminal(hello=False)
+    started = time.monotonic()
+    while pinging.close_code is None and time.monotonic() - started < 6:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await pinging.ws.ping()
+        await asyncio.sleep(0.3)
+    assert pinging.close_code == 4401 and time.monotonic() - started < 3
 
 
 async def test_terminal_cannot_charge_for_another_merchant(make_env, analyzer, photo):
