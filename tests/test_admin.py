@@ -266,8 +266,14 @@ async def test_an_owed_purge_is_finished_by_the_next_server(
         (["obama/obama.jpg", "group/two_people.jpg"], "bad_quality", "several_faces"),
         ([b"blank"], "bad_quality", "no_face"),
         ([b"corrupt"], "bad_image", None),
+        # one consent, one person: a second person's photo is not stored under it
+        (
+            ["obama/obama.jpg", "obama/obama2.jpg", "biden/biden.jpg"],
+            "bad_quality",
+            "different_person",
+        ),
     ],
-    ids=["group", "second-photo-group", "blank", "corrupt"],
+    ids=["group", "second-photo-group", "blank", "corrupt", "another-person"],
 )
 async def test_enrol_refuses_unusable_photos(client, data_dir, images, error, reason):
     blobs = []
