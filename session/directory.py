@@ -23,6 +23,9 @@ from session.store import Store
 
 log = logging.getLogger(__name__)
 
+#: A change made during a load: (subject id, (templates, phone_last4)) added, or None removed.
+_Change = tuple[str, tuple[list[FloatArray], str] | None]
+
 
 class Directory:
     """Gallery of enrolled subjects with the match policy applied."""
@@ -32,31 +35,55 @@ class Directory:
         self.gallery = Gallery(dim=dim, config=match)
         self._rebuilder: threading.Thread | None = None
         self.rechecks = 0  # index matches searched again, deeper (see identify)
+        # One journal per load in progress: the adds and removals made while the store is
+        # read, replayed onto the fresh gallery just before it replaces the current one.
+        self._journals: list[list[_Change]] = []
 
     async def load(self, store: Store) -> int:
         """Replace the index with every subject in the store; returns how many.
 
         A big gallery gets its ANN index built (in an executor thread) before it replaces
-        the current one, so the first searches after a restart are already fast.
+        the current one, so the first searches after a restart are already fast. The current
+        gallery keeps serving meanwhile, and ``add``/``remove`` keep working on it: a
+        reload at a million subjects takes a minute, and an erasure must not wait for it.
+        Those changes are also replayed onto the fresh gallery before the swap, since the
+        store may have been read before or after each of them; without the replay an
+        erasure during the load could come back with the swap.
         """
-        fresh = Gallery(dim=self.gallery.dim, config=self.match)
-        count = 0
-        async for subject_id, templates, last4 in store.iter_subjects():
-            fresh.add_many(subject_id, templates, tags={"phone_last4": last4})
-            count += 1
-        if fresh.index_stale():
-            await asyncio.get_running_loop().run_in_executor(None, fresh.rebuild_index)
-        self.gallery = fresh
+        journal: list[_Change] = []
+        self._journals.append(journal)
+        try:
+            fresh = Gallery(dim=self.gallery.dim, config=self.match)
+            count = 0
+            async for subject_id, templates, last4 in store.iter_subjects():
+                fresh.add_many(subject_id, templates, tags={"phone_last4": last4})
+                count += 1
+            if fresh.index_stale():
+                await asyncio.get_running_loop().run_in_executor(None, fresh.rebuild_index)
+            # No await from here to the swap: nothing can slip between replay and swap.
+            for subject_id, added in journal:
+                if added is None:
+                    fresh.remove(subject_id)
+                elif subject_id not in fresh:
+                    fresh.add_many(subject_id, added[0], tags={"phone_last4": added[1]})
+            self.gallery = fresh
+        finally:
+            self._journals.remove(journal)
+        self._maybe_rebuild()
         return count
 
     def add(self, subject_id: str, templates: list[FloatArray], phone_last4: str) -> None:
         """Index a newly enrolled subject (searchable as soon as this returns)."""
         self.gallery.add_many(subject_id, templates, tags={"phone_last4": phone_last4})
+        for journal in self._journals:
+            journal.append((subject_id, (templates, phone_last4)))
         self._maybe_rebuild()
 
     def remove(self, subject_id: str) -> None:
         """Drop an erased subject (never returned by a search once this returns)."""
         self.gallery.remove(subject_id)
+        for journal in self._journals:
+            journal.append((subject_id, None))
         self._maybe_rebuild()
 
     def identify(self, probe: FloatArray, phone_last4: str | None = None) -> Decision:

@@ -94,10 +94,8 @@ def create_app(
     async def models_ctx(app: web.Application) -> AsyncIterator[None]:
         store = ModelStore(models_dir, intra_op_threads=1, clock=app[METRICS].model_clock)
         app[ANALYZER] = FaceAnalyzer.from_config(config.pipeline, store)
-        directory = Directory(config.pipeline.match)
-        count = await directory.load(app[STORE])
-        log.info("directory loaded: %s enrolled subjects", count)
-        app[DIRECTORY] = directory
+        # Empty until the sync context subscribes to fp:events and loads it (sync.py).
+        app[DIRECTORY] = Directory(config.pipeline.match)
         yield
 
     async def peers_ctx(app: web.Application) -> AsyncIterator[None]:

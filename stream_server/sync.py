@@ -4,10 +4,12 @@ The store publishes ``enrolled:{sid}`` and ``erased:{sid}`` on the Redis channel
 ``fp:events`` after each commit (the CLI, the admin API of any instance, an enrolment
 terminal). A background task subscribed to it adds or drops the subject here, normally within
 milliseconds. Pub/sub keeps no history, so whenever the subscription had to be re-made (Redis
-restarted, network cut) the directory is reloaded from the store to catch what was missed.
+restarted, network cut) the directory is reloaded from the store to catch what was missed;
+events keep being applied during that reload (``Directory.load`` replays them onto the
+reloaded gallery).
 
-The directory is loaded at start-up just before the subscription is made; an enrolment
-committed in those few milliseconds is picked up at the next reload (or restart).
+At start-up the subscription is made (and confirmed) first and the directory loaded after
+it, so nothing committed during the load is missed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from pipeline.errors import FacePayError, NotFound, StoreUnavailable
@@ -31,8 +35,8 @@ log = logging.getLogger(__name__)
 CHANNEL = "fp:events"
 INITIAL_BACKOFF_S = 0.25
 MAX_BACKOFF_S = 10.0
-#: Start-up waits at most this long for the first subscription (Redis may be down).
-READY_TIMEOUT_S = 2.0
+#: How long Redis has to confirm a subscription before start-up gives up.
+SUBSCRIBE_TIMEOUT_S = 10.0
 
 _SYNC = web.AppKey("directory_sync", object)
 
@@ -70,34 +74,88 @@ async def apply_event(store: Store, directory: Directory, data: bytes | str) -> 
     return "added"
 
 
-async def run_sync(
-    app: web.Application, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None
-) -> None:
-    """Subscribe to ``fp:events`` and apply every message, reconnecting with back-off.
+async def _subscribe(redis: Redis) -> PubSub:
+    """A pub/sub connection on ``fp:events``, returned once Redis has confirmed it.
 
+    Waiting for the confirmation is what makes "subscribe, then load" safe: every event
+    published after it reaches this connection, so a load started after it misses nothing.
+    """
+    pubsub = redis.pubsub()
+    try:
+        await pubsub.subscribe(CHANNEL)
+        async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is not None and message["type"] == "subscribe":
+                    return pubsub
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(pubsub.aclose(), 1.0)
+        raise
+
+
+async def load_subscribed(app: web.Application) -> PubSub:
+    """Start-up: subscribe to ``fp:events``, then load the directory; the live subscription.
+
+    In that order, an enrolment or erasure committed during the load (a minute at a million
+    subjects) waits on the subscription and is applied once the loop reads it, before this
+    server answers anyone. StoreUnavailable when Redis cannot be reached: the server does
+    not start without its directory.
+    """
+    store, directory = app[STORE], app[DIRECTORY]
+    try:
+        pubsub = await _subscribe(app[REDIS])
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise StoreUnavailable(f"cannot subscribe to {CHANNEL}: {exc}") from exc
+    try:
+        count = await directory.load(store)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(pubsub.aclose(), 1.0)
+        raise
+    log.info("directory loaded: %s enrolled subjects", count)
+    return pubsub
+
+
+async def run_sync(
+    app: web.Application, stop: asyncio.Event | None = None, pubsub: PubSub | None = None
+) -> None:
+    """Apply every ``fp:events`` message to the directory, reconnecting with back-off.
+
+    ``pubsub`` is the subscription the start-up load was made under (``load_subscribed``);
+    without one the first subscription loads the directory too. Whenever the subscription
+    had to be re-made, the directory is reloaded in a task of its own while events keep
+    being applied, so an erasure takes effect at once rather than after the reload.
     Runs until cancelled or until ``stop`` is set (checked at least once a second).
     """
     store, directory, redis = app[STORE], app[DIRECTORY], app[REDIS]
     stop = stop or asyncio.Event()
     backoff = INITIAL_BACKOFF_S
-    resync = False  # the directory was loaded at start-up; reload only after a gap
+    resync = pubsub is None
+    reload: asyncio.Task[int] | None = None
     while not stop.is_set():
-        pubsub = redis.pubsub()
         try:
-            await pubsub.subscribe(CHANNEL)
+            if pubsub is None:
+                pubsub = redis.pubsub()
+                await pubsub.subscribe(CHANNEL)
             while not stop.is_set():
+                if reload is not None and reload.done():
+                    # A failed reload raises here: reconnect, and reload again after that.
+                    log.warning("directory sync: reloaded %s subjects", reload.result())
+                    reload = None
                 message = await pubsub.get_message(timeout=1.0)
                 if message is None:
                     continue
                 if message["type"] == "subscribe":
                     # The first confirmation, or redis-py re-subscribing after a reconnect.
                     if resync:
-                        count = await directory.load(store)
-                        log.warning("directory sync: reconnected, reloaded %s subjects", count)
+                        if reload is not None:
+                            _drop(reload)
+                        reload = asyncio.create_task(
+                            directory.load(store), name="facepay-directory-reload"
+                        )
                     resync = True
                     backoff = INITIAL_BACKOFF_S
-                    if ready is not None:
-                        ready.set()
                 elif message["type"] == "message":
                     await apply_event(store, directory, message["data"])
         except (RedisError, OSError, FacePayError) as exc:
@@ -109,11 +167,26 @@ async def run_sync(
             resync = True
             log.exception("directory sync failed; retrying in %.1f s", backoff)
         finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(pubsub.aclose(), 1.0)
+            if pubsub is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(pubsub.aclose(), 1.0)
+                pubsub = None
+            if reload is not None and (stop.is_set() or reload.done()):
+                _drop(reload)
+                reload = None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), backoff)
         backoff = min(backoff * 2, MAX_BACKOFF_S)
+    if reload is not None:
+        _drop(reload)
+
+
+def _drop(task: asyncio.Task[int]) -> None:
+    """Cancel a reload, or collect the failure of one that ended (it is reloaded again)."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled() and task.exception() is not None:
+        log.warning("directory sync: reload failed: %s", task.exception())
 
 
 def setup(app: web.Application) -> None:
@@ -123,12 +196,9 @@ def setup(app: web.Application) -> None:
     app[_SYNC] = True
 
     async def sync_ctx(app: web.Application) -> AsyncIterator[None]:
-        ready, stop = asyncio.Event(), asyncio.Event()
-        task = asyncio.create_task(run_sync(app, ready, stop), name="facepay-directory-sync")
-        try:
-            await asyncio.wait_for(ready.wait(), READY_TIMEOUT_S)
-        except TimeoutError:
-            log.warning("directory sync: not subscribed yet; it keeps trying in the background")
+        pubsub = await load_subscribed(app)
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_sync(app, stop, pubsub), name="facepay-directory-sync")
         yield
         await stop_background(task, stop)
 
