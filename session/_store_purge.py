@@ -23,7 +23,7 @@ import time
 from typing import Literal
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from session import _store_lua as h
 
@@ -34,6 +34,8 @@ _Job = tuple[str, tuple[str, ...], str]
 _AOF: _Job = ("aof_rewrite", ("BGREWRITEAOF",), "aof_rewrite_in_progress")
 _SNAPSHOT: _Job = ("snapshot", ("BGSAVE", "SCHEDULE"), "rdb_bgsave_in_progress")
 _POLL_S = 0.05
+#: Words in the replies of a Redis that will never run the command (lower case).
+_REFUSED_FOR_GOOD = ("unknown command", "noperm", "not allowed", "disabled")
 #: ``done := max(done, ARGV[1])``: purges may finish out of order, the mark only moves up.
 _MARK_DONE_LUA = """
 if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
@@ -60,10 +62,12 @@ async def purge_history(r: Redis, wait_s: float) -> tuple[tuple[str, ...], bool]
     and clear SLOWLOG; return the names of what was started and whether the purge finished.
 
     Waits at most ``wait_s`` in all for running jobs of the same kind. A command this Redis
-    refuses (a managed service may disable CONFIG or BGSAVE) is left out and logged; asking
-    again would not help, so the purge still counts as finished. A job still blocked after
-    ``wait_s`` is left out too, and the purge did not finish. Redis errors other than
-    refusals propagate.
+    refuses for good (a managed service may disable or rename BGSAVE, an ACL may forbid it)
+    is left out and logged; asking again would not help, so the purge still counts as
+    finished. A job that could not start this time (Redis could not fork, or could not open
+    a new AOF file: out of memory, disk full) or is still blocked after ``wait_s`` is left
+    out too, and the purge did not finish: it stays owed and is asked again later. Lost
+    connections propagate.
     """
     deadline = time.monotonic() + wait_s
     settings: dict[str, str] = {}
@@ -83,7 +87,7 @@ async def purge_history(r: Redis, wait_s: float) -> tuple[tuple[str, ...], bool]
         outcome = await _start(r, command, busy, deadline)
         if outcome == "started":
             done.append(name)
-        finished = finished and outcome != "busy"
+        finished = finished and outcome in ("started", "refused")
     try:
         await r.execute_command("SLOWLOG", "RESET")
         done.append("slowlog")
@@ -92,17 +96,35 @@ async def purge_history(r: Redis, wait_s: float) -> tuple[tuple[str, ...], bool]
     return tuple(done), finished
 
 
+def refused_for_good(exc: ResponseError) -> bool:
+    """Whether Redis will refuse this command every time: an ACL denies it (NOPERM), or the
+    command is disabled or renamed away ("unknown command", as managed services answer).
+    Anything else, such as BGSAVE's bare ``ERR`` when the fork failed, may pass next time."""
+    if isinstance(exc, NoPermissionError):
+        return True
+    text = str(exc).lower()
+    return any(marker in text for marker in _REFUSED_FOR_GOOD)
+
+
 async def _start(
     r: Redis, command: tuple[str, ...], busy: str, deadline: float
-) -> Literal["started", "refused", "busy"]:
+) -> Literal["started", "refused", "failed", "busy"]:
     while True:
         try:
             await r.execute_command(*command)
             return "started"
         except ResponseError as exc:
-            if "already in progress" not in str(exc):
+            if refused_for_good(exc):
                 log.warning("purge after erasure: Redis refused %s: %s", command[0], exc)
                 return "refused"
+            if "already in progress" not in str(exc):
+                # Not running, so nothing to wait for: a later retry asks again.
+                log.warning(
+                    "purge after erasure: %s failed (%s); the purge is retried later",
+                    command[0],
+                    exc,
+                )
+                return "failed"
         # A job of the same kind runs from a copy taken before the erasure: wait for it.
         while int((await r.info("persistence")).get(busy, 0)):
             if time.monotonic() > deadline:

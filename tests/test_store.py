@@ -905,6 +905,41 @@ async def test_purge_history_leaves_out_what_redis_refuses(
         await client.acl_deluser("limited")
 
 
+async def test_a_rewrite_redis_could_not_start_leaves_the_purge_owed(
+    db: Store,
+    client: aioredis.Redis,
+    redis_server: Any,
+    caplog: pytest.LogCaptureFixture,
+    passhash: str,
+) -> None:
+    """BGREWRITEAOF answers an error when Redis cannot start the rewrite (fork failed, no new
+    AOF file could be opened: memory or disk trouble). That is not a refusal for good: the
+    erased data is still in the file, so the purge stays owed and the retry starts it."""
+    await _enrol(db, passhash, "carol")
+    await aof_settled(client)
+    await db.erase_account("carol")
+    # A real failure of the real command: a file where Redis's AOF folder should be, so it
+    # cannot open the rewrite's new increment file (ENOTDIR). Redis keeps appending to the
+    # file it has open, which moves with the folder set aside.
+    folder = redis_server.workdir / "appendonlydir"
+    aside = folder.with_name("appendonlydir.aside")
+    folder.rename(aside)
+    try:
+        folder.write_bytes(b"")
+        with caplog.at_level(logging.WARNING, logger="session._store_purge"):
+            assert await db.purge_history() == ("slowlog",)
+        assert "BGREWRITEAOF failed" in caplog.text and "retried later" in caplog.text
+        assert await db.purge_owed()  # counted as a refusal, this would have been dropped
+    finally:
+        folder.unlink(missing_ok=True)
+        aside.rename(folder)
+    assert b"Alice Liddell" in aof_bytes(redis_server.workdir)
+    assert await db.purge_history(exclusive=True) == ("aof_rewrite", "slowlog")
+    assert not await db.purge_owed()
+    await aof_settled(client)
+    assert b"Alice Liddell" not in aof_bytes(redis_server.workdir)
+
+
 # --- Redis going away ----------------------------------------------------------------------------
 
 
