@@ -15,6 +15,7 @@ from redis.commands.core import AsyncScript
 
 from pipeline.errors import (
     AccountLocked,
+    AuthError,
     InvalidRequest,
     LimitExceeded,
     NotFound,
@@ -32,6 +33,8 @@ class StoreCore:
     _r: Redis
     _p: str
     _pay_script: AsyncScript
+    #: The pub/sub channel of enrolments, erasures and revocations (stream_server.sync).
+    events_channel: str
     _fail_script: AsyncScript
     #: Lockout back-off and per-account failure budget (Store takes it from the config).
     limits: RateLimitConfig = RateLimitConfig()
@@ -216,7 +219,8 @@ class StoreCore:
         payment_id: str | None = None,
     ) -> Payment:
         """Write one payment atomically (Lua): Conflict if the order is already paid,
-        AccountLocked if the account is locked, NotFound if it is erased or missing,
+        AuthError if the terminal is revoked (or unknown), AccountLocked if the account is
+        locked, NotFound if it is erased or missing,
         LimitExceeded if the account's daily total would pass ``daily_limit``. Audit ``payment``.
 
         ``payment_id`` (new random id by default) is chosen before the script runs, so a call
@@ -235,6 +239,7 @@ class StoreCore:
             self._k("audit"),
             self._k("lock", account_id),
             self._k("account", account_id),
+            self._k("terminal", terminal_id),
         ]
         args: list[Any] = [
             pid,
@@ -253,6 +258,8 @@ class StoreCore:
         with h.unavailable("create_payment"):
             status, value = await self._pay_script(keys=keys, args=args)
         status, value = h.text(status), h.text(value)
+        if status == "revoked":
+            raise AuthError("terminal revoked")
         if status == "locked":
             raise AccountLocked("the account is locked", until=self._lock_end(value))
         if status == "inactive":

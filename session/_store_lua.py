@@ -50,17 +50,22 @@ _PHONE = re.compile(r"\+?[0-9]{6,20}")
 _ORDER_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _CURRENCY = re.compile(r"[A-Z]{3}")
 
-# KEYS: 1 pay hash, 2 payid key, 3 daily key, 4 audit stream, 5 account's lock, 6 account
+# KEYS: 1 pay hash, 2 payid key, 3 daily key, 4 audit stream, 5 account's lock, 6 account,
+#       7 terminal
 # ARGV: 1 payment_id, 2 merchant_id, 3 order_id, 4 account_id, 5 terminal_id, 6 amount,
 #       7 currency, 8 created, 9 daily_limit, 10 payid value, 11 daily ttl, 12 audit maxlen
-# Returns {"ok", pid} | {"exists", existing_pid} | {"locked", lock end} | {"inactive", ""}
-# | {"limit", spent_today}. The lock and the account are read here, in the same step as the
-# write, because a session reads them once, before a prompt that may stay open for half a
-# minute: a lockout or an erasure meanwhile (through any server) must still stop the payment.
+# Returns {"ok", pid} | {"exists", existing_pid} | {"revoked", ""} | {"locked", lock end}
+# | {"inactive", ""} | {"limit", spent_today}. The terminal, the lock and the account are
+# read here, in the same step as the write, because a session reads them once (the terminal
+# at its hello, the account before a prompt that may stay open for half a minute): a
+# revocation, a lockout or an erasure meanwhile (through any server) must still stop it.
 PAY_LUA = """
 local existing = redis.call('HGET', KEYS[1], 'payment_id')
 if existing then
   return {'exists', existing}
+end
+if redis.call('HGET', KEYS[7], 'status') ~= 'active' then
+  return {'revoked', ''}
 end
 local lock = redis.call('GET', KEYS[5])
 if lock then

@@ -85,7 +85,8 @@ class StoreTerminals(StoreKeys):
         return self._terminal(terminal_id, raw)
 
     async def revoke_terminal(self, terminal_id: str, *, operator: str | None = None) -> None:
-        """Revoke a terminal: its token stops working at once. NotFound if unknown."""
+        """Revoke a terminal: its token stops working at once, and ``revoked:{id}`` on the
+        events channel tells every server to close its sockets. NotFound if unknown."""
         with h.unavailable("revoke_terminal"):
             key = self._k("terminal", terminal_id)
             digest = await self._r.hget(key, "token_sha256")
@@ -100,6 +101,8 @@ class StoreTerminals(StoreKeys):
                     {"terminal_id": terminal_id, **h.by_operator(operator)},
                 )
                 self._queue_audit(pipe, entry)
+                # Every server closes the terminal's open sockets (stream_server.revocation).
+                pipe.publish(self.events_channel, f"revoked:{terminal_id}")
                 await pipe.execute()
 
     async def authenticate_terminal(self, token: str) -> Terminal:

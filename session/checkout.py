@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from pipeline.errors import (
     AccountLocked,
+    AuthError,
     Conflict,
     IllegalTransition,
     InvalidRequest,
@@ -389,6 +390,9 @@ class CheckoutSession(VideoSession):
         except NotFound:
             # Erased while the prompt was open: as if never enrolled, as in _identify.
             await self._finish(S.DECLINED, "no_match")
+        except AuthError:
+            # This terminal was revoked after its hello (through any server).
+            await self._finish(S.DECLINED, "terminal_revoked")
         self.payment_id = payment.payment_id
         self.machine.move(S.APPROVED, "paid")
         await self._send(

@@ -29,6 +29,7 @@ from typing import Any
 
 from pipeline.errors import (
     AccountLocked,
+    AuthError,
     FacePayError,
     LimitExceeded,
     NotFound,
@@ -51,6 +52,8 @@ _REFUSALS: tuple[tuple[type[FacePayError], str, str], ...] = (
     (LimitExceeded, "limit", "Daily limit reached: please use the ticket gate"),
     (AccountLocked, "locked", "Account locked: please use the ticket gate"),
     (NotFound, "unknown", "Not recognised: please use the ticket gate"),
+    # The gate's own terminal was revoked (its socket is being closed): charge nobody.
+    (AuthError, "revoked", "Gate out of service: please use the ticket gate"),
 )
 
 
@@ -278,7 +281,7 @@ class GateSession(VideoSession):
                 daily_limit=self.policy.daily_limit,
                 payment_id=payment_id,
             )
-        except (LimitExceeded, AccountLocked, NotFound) as exc:
+        except (LimitExceeded, AccountLocked, NotFound, AuthError) as exc:
             # Refused by the ledger (locked or erased since the read above, through any
             # server): nothing was charged, so the person may try again.
             await store.release_gate_entry(merchant, account.account_id)

@@ -44,7 +44,8 @@ from stream_server.admin_bodies import (
     account_form,
     json_body,
 )
-from stream_server.app import ANALYZER, CONFIG, CONNECTIONS, DIRECTORY, EXECUTOR, HASHER, STORE
+from stream_server.app import ANALYZER, CONFIG, DIRECTORY, EXECUTOR, HASHER, STORE
+from stream_server.revocation import close_revoked
 
 log = logging.getLogger(__name__)
 
@@ -221,16 +222,12 @@ async def rotate_terminal(request: web.Request) -> web.StreamResponse:
 async def revoke_terminal(request: web.Request) -> web.StreamResponse:
     """``DELETE /api/terminals/{terminal_id}`` -> 200 {terminal_id, status: "revoked"}.
 
-    The token stops working and this instance closes the terminal's open sockets (4401).
+    The token stops working, and the terminal's open sockets are closed (4401): here before
+    this answer, on the other servers when ``fp:events`` tells them (revocation.py).
     """
-    from stream_server.ws_messages import CLOSE_UNAUTHENTICATED
-
     terminal_id = request.match_info["terminal_id"]
     await request.app[STORE].revoke_terminal(terminal_id, operator=request[OPERATOR])
-    connections = request.app[CONNECTIONS]
-    for conn in list(connections):
-        if conn.terminal is not None and conn.terminal.terminal_id == terminal_id:
-            await conn.ws.close(code=CLOSE_UNAUTHENTICATED, message=b"terminal revoked")
+    await asyncio.gather(*close_revoked(request.app, terminal_id), return_exceptions=True)
     return web.json_response({"terminal_id": terminal_id, "status": "revoked"})
 
 

@@ -43,6 +43,8 @@ FRAME_CONVERTER = web.AppKey("frame_converter", BgrConverter)
 CIPHER = web.AppKey("cipher", TemplateCipher)
 PEERS = web.AppKey("peers", set)  # RTCPeerConnection objects, closed on shutdown
 CONNECTIONS = web.AppKey("connections", set)  # open terminal connections
+#: Terminals revoked while this server ran (stream_server.revocation).
+REVOKED_TERMINALS = web.AppKey("revoked_terminals", set)
 MODELS_DIR = web.AppKey("models_dir", str)
 #: How much of its checkout cameras' frames this process analysed lately (load pacing).
 CHECKOUT_LOAD = web.AppKey("checkout_load", CheckoutLoad)
@@ -67,6 +69,7 @@ def create_app(
     app[FRAME_CONVERTER] = BgrConverter()
     app[PEERS] = set()
     app[CONNECTIONS] = set()
+    app[REVOKED_TERMINALS] = set()
     app[CHECKOUT_LOAD] = CheckoutLoad(config.checkout.load_pacing.window_s)
     app[MODELS_DIR] = str(models_dir) if models_dir is not None else ""
     if web_root is not None:

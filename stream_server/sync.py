@@ -3,7 +3,10 @@
 The store publishes ``enrolled:{sid}`` and ``erased:{sid}`` on the Redis channel
 ``fp:events`` after each commit (the CLI, the admin API of any instance, an enrolment
 terminal). A background task subscribed to it adds or drops the subject here, normally within
-milliseconds. Pub/sub keeps no history, so whenever the subscription had to be re-made (Redis
+milliseconds; ``revoked:{terminal_id}`` closes that terminal's sockets here
+(stream_server.revocation).
+
+Pub/sub keeps no history, so whenever the subscription had to be re-made (Redis
 restarted, network cut) the directory is reloaded from the store to catch what was missed;
 events keep being applied during that reload (``Directory.load`` replays them onto the
 reloaded gallery).
@@ -17,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 from redis.asyncio import Redis
@@ -29,6 +32,7 @@ from session.directory import Directory
 from session.store import Store
 from stream_server.app import DIRECTORY, REDIS, STORE
 from stream_server.background import stop_background
+from stream_server.revocation import close_revoked
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +45,16 @@ SUBSCRIBE_TIMEOUT_S = 10.0
 _SYNC = web.AppKey("directory_sync", object)
 
 
-async def apply_event(store: Store, directory: Directory, data: bytes | str) -> str:
+async def apply_event(
+    store: Store,
+    directory: Directory,
+    data: bytes | str,
+    on_revoked: Callable[[str], object] | None = None,
+) -> str:
     """Apply one ``fp:events`` message to ``directory``; returns what was done.
+
+    ``revoked:{terminal_id}`` is passed to ``on_revoked`` (which closes the terminal's
+    sockets on this server, stream_server.revocation).
 
     StoreUnavailable propagates (the caller reconnects); other domain errors (a subject that
     cannot be decrypted with this instance's key, say) are logged and skipped.
@@ -55,6 +67,10 @@ async def apply_event(store: Store, directory: Directory, data: bytes | str) -> 
     if kind == "erased":
         directory.remove(subject_id)
         return "removed"
+    if kind == "revoked":
+        if on_revoked is not None:
+            on_revoked(subject_id)  # a terminal id here
+        return "revoked"
     if kind != "enrolled":
         log.debug("directory sync: ignoring event %s", text[:80])
         return "ignored"
@@ -129,6 +145,10 @@ async def run_sync(
     Runs until cancelled or until ``stop`` is set (checked at least once a second).
     """
     store, directory, redis = app[STORE], app[DIRECTORY], app[REDIS]
+
+    def on_revoked(terminal_id: str) -> None:
+        close_revoked(app, terminal_id)  # not awaited: a slow client's close blocks nothing
+
     stop = stop or asyncio.Event()
     backoff = INITIAL_BACKOFF_S
     resync = pubsub is None
@@ -157,7 +177,7 @@ async def run_sync(
                     resync = True
                     backoff = INITIAL_BACKOFF_S
                 elif message["type"] == "message":
-                    await apply_event(store, directory, message["data"])
+                    await apply_event(store, directory, message["data"], on_revoked)
         except (RedisError, OSError, FacePayError) as exc:
             resync = True
             log.warning(

@@ -43,8 +43,10 @@ from stream_server.app import (
     LIMITER,
     METRICS,
     PEERS,
+    REVOKED_TERMINALS,
     STORE,
 )
+from stream_server.revocation import revoked_close
 from stream_server.ws_messages import (
     CLOSE_TOO_MANY,
     CLOSE_TRY_LATER,
@@ -85,6 +87,7 @@ class TerminalConnection:
         self.session_task: asyncio.Task[Any] | None = None
         self._send_lock = asyncio.Lock()
         self._notes: set[asyncio.Task[None]] = set()  # keeps _notify's tasks referenced
+        self._revoked: asyncio.Task[bool] | None = None  # the 4401 close, once revoked
 
     async def send(self, event: dict[str, Any]) -> None:
         """Send one event (serialised: aiohttp must not interleave writes)."""
@@ -92,6 +95,14 @@ class TerminalConnection:
             raise ConnectionError("terminal disconnected")
         async with self._send_lock:
             await self.ws.send_json(event)
+
+    def revoke(self) -> asyncio.Task[bool]:
+        """The terminal was revoked: stop its session now and close the socket (4401)."""
+        if self._revoked is None:
+            if self.session is not None:
+                self.session.stop()
+            self._revoked = revoked_close(self.ws)
+        return self._revoked
 
     # --- connection life cycle ------------------------------------------------------------
     async def run(self) -> None:
@@ -152,6 +163,9 @@ class TerminalConnection:
             await self.ws.close(code=CLOSE_TRY_LATER, message=b"store unavailable")
             return False
         tid = self.terminal.terminal_id
+        if tid in self.app[REVOKED_TERMINALS]:  # revoked since its token was read
+            await self.ws.close(code=CLOSE_UNAUTHENTICATED, message=b"unauthenticated")
+            return False
         same = sum(
             1
             for c in self.app[CONNECTIONS]
@@ -174,6 +188,8 @@ class TerminalConnection:
 
     # --- messages -----------------------------------------------------------------------
     async def _on_text(self, data: str) -> None:
+        if self._revoked is not None:
+            return  # closing: nothing more from a revoked terminal
         if len(data.encode()) > self.config.server.max_message_bytes:
             await self.send(error_event("too_large", "message is larger than the server accepts"))
             return

@@ -438,11 +438,12 @@ async def test_payment_lookups(client):
     await store.create_account(
         "acct", "Ann", "+8613800001111", passhash, [template], {"source": "test"}
     )
+    till, _ = await store.add_terminal(merchant.merchant_id, "checkout")
     payment = await store.create_payment(
         merchant_id=merchant.merchant_id,
         order_id="o1",
         account_id="acct",
-        terminal_id="t_1",
+        terminal_id=till.terminal_id,
         amount=1250,
         currency="CNY",
         daily_limit=100_00,

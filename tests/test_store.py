@@ -45,6 +45,17 @@ def db(client: aioredis.Redis) -> Store:
     return Store(client, TemplateCipher(generate_key()))
 
 
+@pytest.fixture
+async def till(client: aioredis.Redis) -> str:
+    """The terminal ``_pay`` pays from (t_till of shop m_shop): an active terminal record, as
+    add_terminal writes it; the payment script refuses a revoked or unknown terminal."""
+    await client.hset(
+        "fp:terminal:t_till",
+        mapping={"merchant_id": "m_shop", "mode": "checkout", "status": "active"},
+    )
+    return "t_till"
+
+
 @pytest.fixture(scope="module")
 def passhash() -> str:
     return PassphraseHasher(time_cost=1, memory_kib=64).hash(PASSPHRASE)
@@ -289,11 +300,12 @@ async def test_nothing_at_rest_leaks_templates_passphrase_or_the_face_person_joi
     aid = "alice.liddell@example"
     sid, templates = await _enrol(db, passhash, aid, seed=5)
     m = await db.add_merchant("Shop")
+    till, _ = await db.add_terminal(m.merchant_id, "checkout")
     await db.create_payment(
         merchant_id=m.merchant_id,
         order_id="o-1",
         account_id=aid,
-        terminal_id="t_x",
+        terminal_id=till.terminal_id,
         amount=500,
         currency="CNY",
         daily_limit=10_000,
@@ -446,7 +458,7 @@ async def test_account_with_lock_reads_both_as_get_account_and_locked_until(
 
 
 async def test_a_locked_or_erased_account_is_never_charged(
-    db: Store, client: aioredis.Redis, passhash: str
+    db: Store, client: aioredis.Redis, passhash: str, till: str
 ) -> None:
     """A prompt reads the lock and the account once, then may stay open for half a minute:
     a lockout (wrong answers at another prompt, through any server) or an erasure meanwhile
@@ -475,6 +487,30 @@ async def test_a_locked_or_erased_account_is_never_charged(
         await db.create_payment(**_pay(order_id="order-2"))
     with pytest.raises(NotFound):  # never enrolled
         await db.create_payment(**_pay(order_id="order-3", account_id="carol"))
+    assert [e["order_id"] for e in await db.read_audit() if e["event"] == "payment"] == ["order-1"]
+
+
+async def test_a_revoked_or_unknown_terminal_is_never_charged(
+    db: Store, client: aioredis.Redis, passhash: str
+) -> None:
+    """A session reads its terminal once, at the hello: a revocation since (through any
+    server, its socket not closed yet) must still stop the payment, in the script's step."""
+    await _enrol(db, passhash, "alice")
+    shop = await db.add_merchant("Shop")
+    till, _ = await db.add_terminal(shop.merchant_id, "checkout")
+    pay = _pay(merchant_id=shop.merchant_id, terminal_id=till.terminal_id)
+    paid = await db.create_payment(**pay, payment_id="p_before")
+    await db.revoke_terminal(till.terminal_id)
+    with pytest.raises(AuthError):
+        await db.create_payment(**{**pay, "order_id": "order-2"})
+    with pytest.raises(AuthError):  # a terminal id that was never added
+        await db.create_payment(**{**pay, "order_id": "order-3", "terminal_id": "t_forged"})
+    assert await db.find_payment(shop.merchant_id, "order-2") is None
+    assert await client.get(next(iter([k async for k in client.scan_iter("fp:daily:*")]))) == (
+        str(paid.amount).encode()
+    )
+    # A retry of the payment written before the revocation still finds it (a lost reply).
+    assert await db.create_payment(**pay, payment_id="p_before") == paid
     assert [e["order_id"] for e in await db.read_audit() if e["event"] == "payment"] == ["order-1"]
 
 
@@ -516,7 +552,7 @@ def _pay(**overrides: Any) -> dict[str, Any]:
 
 @pytest.mark.usefixtures("payers")
 async def test_twenty_concurrent_payments_for_one_order_charge_once(
-    db: Store, client: aioredis.Redis
+    db: Store, client: aioredis.Redis, till: str
 ) -> None:
     results = await asyncio.gather(
         *(db.create_payment(**_pay()) for _ in range(20)), return_exceptions=True
@@ -539,7 +575,7 @@ async def test_twenty_concurrent_payments_for_one_order_charge_once(
 
 
 @pytest.mark.usefixtures("payers")
-async def test_a_retry_with_the_same_payment_id_succeeds(db: Store) -> None:
+async def test_a_retry_with_the_same_payment_id_succeeds(db: Store, till: str) -> None:
     first = await db.create_payment(**_pay(), payment_id="p_fixed")
     again = await db.create_payment(**_pay(), payment_id="p_fixed")
     assert again == first and first.payment_id == "p_fixed"
@@ -549,7 +585,7 @@ async def test_a_retry_with_the_same_payment_id_succeeds(db: Store) -> None:
 
 
 @pytest.mark.usefixtures("payers")
-async def test_payment_lookup(db: Store) -> None:
+async def test_payment_lookup(db: Store, till: str) -> None:
     p = await db.create_payment(**_pay())
     assert p.payment_id.startswith("p_") and p.status == "captured"
     assert p.amount == 1250 and p.currency == "CNY" and p.order_id == "order-1"
@@ -562,7 +598,7 @@ async def test_payment_lookup(db: Store) -> None:
 
 
 @pytest.mark.usefixtures("payers")
-async def test_daily_limit(db: Store) -> None:
+async def test_daily_limit(db: Store, till: str) -> None:
     await db.create_payment(**_pay(order_id="a", amount=600, daily_limit=1000))
     with pytest.raises(LimitExceeded):
         await db.create_payment(**_pay(order_id="b", amount=500, daily_limit=1000))
@@ -944,7 +980,7 @@ async def test_a_rewrite_redis_could_not_start_leaves_the_purge_owed(
 
 
 async def test_redis_down_is_store_unavailable_and_the_client_recovers(
-    db: Store, redis_server: Any, passhash: str
+    db: Store, redis_server: Any, passhash: str, till: str
 ) -> None:
     sid, _ = await _enrol(db, passhash, "alice")
     await db.create_payment(**_pay())  # loads the Lua script into the server's cache

@@ -1,0 +1,122 @@
+"""Revoking a terminal (docs/api.md, stream_server/revocation.py), real Redis and servers.
+
+A revoked terminal (a stolen gate or kiosk token, say) must stop everywhere at once:
+- its open socket on *another* server is closed too (``revoked:{id}`` on ``fp:events``);
+- a hello whose token check raced the revocation is refused, not served;
+- a prompt still open when the revocation lands (its socket not closed yet: the event lost
+  with a cut subscription) pays nothing: the payment script refuses the terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+
+from session.config import FacePayConfig
+from session.crypto import TemplateCipher, generate_key
+from session.store import Store
+from stream_server.app import STORE, create_app
+from tests.e2e import ADMIN_TOKEN, PASSPHRASE, camera_frames
+from tests.terminal import TestTerminal
+
+ENROLL = "faces/obama/obama.jpg"
+SHOPPER = "faces/obama/obama3.jpg"
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+pytestmark = pytest.mark.usefixtures("loopback_ice")
+
+
+async def _servers(aiohttp_server: Any, redis_url: str, models_dir: Any, n: int) -> list[Any]:
+    """``n`` servers on one Redis with one template key and admin token, as in production."""
+    config = FacePayConfig.model_validate({"server": {"admin_token": ADMIN_TOKEN, "workers": 1}})
+    cipher = TemplateCipher(generate_key())
+    return [
+        await aiohttp_server(
+            create_app(config, cipher=cipher, redis_url=redis_url, models_dir=models_dir)
+        )
+        for _ in range(n)
+    ]
+
+
+async def _revoke(server: Any, terminal_id: str) -> None:
+    url = server.make_url(f"/api/terminals/{terminal_id}")
+    async with aiohttp.ClientSession(headers=AUTH) as http, http.delete(url) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+async def test_revoking_through_one_server_closes_the_socket_on_another(
+    aiohttp_server, redis_url, models_dir
+):
+    a, b = await _servers(aiohttp_server, redis_url, models_dir, 2)
+    store: Store = a.app[STORE]
+    merchant = await store.add_merchant("Metro")
+    gate, token = await store.add_terminal(merchant.merchant_id, "gate")
+    term = TestTerminal(str(b.make_url("/ws")), token)
+    await term.connect()
+    try:
+        await _revoke(a, gate.terminal_id)
+        # Closed by B when the event reaches it (milliseconds); before this change B kept
+        # serving the socket until the terminal itself reconnected.
+        assert (await term.expect("_closed", timeout=2))["code"] == 4401
+    finally:
+        await term.close()
+    again = TestTerminal(str(b.make_url("/ws")), token)
+    await again.connect(hello=False)
+    try:
+        await again.send({"type": "hello", "token": token})
+        assert (await again.next())["code"] == 4401
+    finally:
+        await again.close()
+
+
+async def test_a_hello_racing_the_revocation_is_refused(
+    aiohttp_server, redis_url, models_dir, monkeypatch
+):
+    (server,) = await _servers(aiohttp_server, redis_url, models_dir, 1)
+    store: Store = server.app[STORE]
+    merchant = await store.add_merchant("Shop")
+    till, token = await store.add_terminal(merchant.merchant_id, "checkout")
+    checked, release = asyncio.Event(), asyncio.Event()
+    real = Store.authenticate_terminal
+
+    async def slow_reply(self: Store, token: str) -> Any:
+        terminal = await real(self, token)  # reads "active"
+        checked.set()
+        await release.wait()  # the reply still on its way while the revocation commits
+        return terminal
+
+    monkeypatch.setattr(Store, "authenticate_terminal", slow_reply)
+    term = TestTerminal(str(server.make_url("/ws")), token)
+    await term.connect(hello=False)
+    try:
+        await term.send({"type": "hello", "token": token})
+        await asyncio.wait_for(checked.wait(), 10)
+        await _revoke(server, till.terminal_id)  # finds no socket of the terminal yet
+        release.set()
+        assert (await term.next(timeout=5))["code"] == 4401, term.events
+    finally:
+        await term.close()
+
+
+async def test_a_prompt_open_when_the_terminal_is_revoked_pays_nothing(make_env, analyzer, photo):
+    env = await make_env()
+    await env.enroll("acct-obama", "Barack Obama", "+12025550101", photo(ENROLL))
+    till = await env.store.authenticate_terminal(env.token)
+    term = await env.terminal()
+    await term.start_video(camera_frames(analyzer, photo(SHOPPER)))
+    await term.checkout("9.90", "o-revoked")
+    confirm = await term.expect("confirm")
+    # Revoked in Redis with no event to any server (as when the revocation's pub/sub message
+    # is lost to a cut subscription): this socket stays open, and only the payment itself
+    # can stop the charge.
+    await env.app[STORE]._r.hset(f"fp:terminal:{till.terminal_id}", "status", "revoked")
+    await term.send(
+        {"type": "passphrase", "prompt_id": confirm["prompt_id"], "passphrase": PASSPHRASE}
+    )
+    end = await term.expect("approved", "declined", timeout=30)
+    assert (end["type"], end.get("reason")) == ("declined", "terminal_revoked"), term.events
+    assert await env.payments() == []
+    assert await env.store.find_payment(env.merchant.merchant_id, "o-revoked") is None
