@@ -69,9 +69,15 @@ class QualityError(FacePayError):
 
 
 class StoreUnavailable(FacePayError):
-    """Redis cannot be reached or failed mid-operation; nothing was committed."""
+    """Redis cannot be reached or failed mid-operation.
+
+    A single command (such as the payment script) may still have run when only its reply
+    was lost; ``unsent`` is True only when it certainly never reached Redis (no connection
+    could be made), so a caller may say "nothing was written" only then.
+    """
 
     code = "unavailable"
+    unsent: bool = False
 
 
 class NotFound(FacePayError):

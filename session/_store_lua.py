@@ -12,7 +12,9 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline.errors import InvalidRequest, NotFound, StoreUnavailable
 from session.models import Account, Payment
@@ -155,7 +157,21 @@ def unavailable(what: str) -> Iterator[None]:
     try:
         yield
     except (RedisError, OSError) as exc:
-        raise StoreUnavailable(f"redis unavailable during {what} ({type(exc).__name__})") from exc
+        err = StoreUnavailable(f"redis unavailable during {what} ({type(exc).__name__})")
+        err.unsent = _while_connecting(exc)
+        raise err from exc
+
+
+def _while_connecting(exc: BaseException) -> bool:
+    """Whether redis-py failed to make a connection, so the command was never sent.
+
+    redis-py says so only in its messages ("Error 111 connecting to host:port",
+    "Timeout connecting to server"). That is safe only because the server's pool does not
+    retry (stream_server.redis_client): with retries, a first attempt could have run the
+    command before a reconnect failed. A message that changes reads as "maybe sent": the
+    caller then says it cannot tell, which is true, never that nothing was written.
+    """
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError)) and "connecting" in str(exc)
 
 
 def new_id(kind: str, nbytes: int = 16) -> str:

@@ -29,7 +29,7 @@ from pipeline.gallery import Decision
 from pipeline.stream import TrackReport
 from pipeline.types import FloatArray
 from session.frames import FrameSlot
-from session.models import Account, CheckoutRequest, format_amount
+from session.models import Account, CheckoutRequest, Payment, format_amount
 from session.services import SessionServices
 from session.states import CheckoutMachine, CheckoutState
 from session.video import Emit, VideoSession, nearest
@@ -312,7 +312,10 @@ class CheckoutSession(VideoSession):
         if self._first_frame_t is not None:
             self.svc.observer.confirm_latency(time.monotonic() - self._first_frame_t)
         await self._send_state(S.AWAITING_PASSPHRASE)
-        stored_hash = await self.svc.store.passphrase_hash(account.account_id)
+        try:
+            stored_hash = await self.svc.store.passphrase_hash(account.account_id)
+        except NotFound:  # erased since recognition: as if never enrolled
+            await self._finish(S.DECLINED, "no_match")
         loop = asyncio.get_running_loop()
         while True:
             msg = await self._next_message(deadline, "passphrase")
@@ -369,6 +372,7 @@ class CheckoutSession(VideoSession):
             # Cancelled while the passphrase was being checked: not approved yet, so the
             # shopper's cancel wins (docs/protocol.md: cancel any time before approval).
             await self._finish(S.CANCELLED, "cancelled")
+        payment_id = self.svc.store.new_payment_id()  # chosen first: a lost reply is looked up
         try:
             payment = await self.svc.store.create_payment(
                 merchant_id=self.req.merchant_id,
@@ -378,7 +382,12 @@ class CheckoutSession(VideoSession):
                 amount=self.req.amount,
                 currency=self.req.currency,
                 daily_limit=self.policy.daily_limit,
+                payment_id=payment_id,
             )
+        except StoreUnavailable as exc:
+            if exc.unsent:  # never reached Redis: certainly nothing was written
+                await self._finish(S.DECLINED, "unavailable")
+            payment = await self._written_after_all(payment_id)
         except Conflict:
             await self._finish(S.DECLINED, "duplicate_order")
         except LimitExceeded:
@@ -415,6 +424,19 @@ class CheckoutSession(VideoSession):
                 }
             )
         self.svc.observer.decision("checkout", "approved", "paid")
+
+    async def _written_after_all(self, payment_id: str) -> Payment:
+        """After the payment's write failed with Redis unreachable: the payment if it was
+        written after all (only its reply was lost: approve, the shopper has paid). Declines
+        ``unavailable``, which promises nothing was charged, only when Redis says so; when it
+        cannot say, ``payment_unknown``: the till asks again with the same order id."""
+        try:
+            return await self.svc.store.get_payment(payment_id)
+        except NotFound:
+            await self._finish(S.DECLINED, "unavailable")
+        except StoreUnavailable:
+            log.warning("checkout %s: payment %s unknown", self.session_id, payment_id)
+            await self._finish(S.DECLINED, "payment_unknown", order_id=self.req.order_id)
 
 
 class _CancelRequested(Exception):

@@ -268,6 +268,11 @@ class GateSession(VideoSession):
             self.admitted_repeat += 1
             self.svc.observer.decision("gate", "repeat", "entry_window")
             return
+        if self._stopped:
+            # The gate went away while the account was read and the entry claimed (a cancel
+            # can be swallowed by redis-py): nobody to open for, so nobody is charged.
+            await store.release_gate_entry(merchant, account.account_id)
+            return
         order_id = f"gate:{self.gate.terminal_id}:{secrets.token_hex(8)}"
         payment_id = store.new_payment_id()  # chosen first: a lost reply can be looked up
         try:

@@ -15,6 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 try:  # older redis-py has no maintenance notifications and always checks
     from redis.maint_notifications import MaintNotificationsConfig
@@ -44,6 +46,10 @@ def connect(url: str, *, max_connections: int, socket_timeout: float = 5) -> aio
         socket_timeout=socket_timeout,
         socket_connect_timeout=2,
         health_check_interval=10,
+        # No retries: a command either ran once or failed, and a failure while connecting
+        # proves it never ran (session._store_lua: the checkout tells "nothing charged"
+        # only then). The health check above already replaces a connection Redis closed.
+        retry=Retry(NoBackoff(), 0),
         **_checked_connections(),
     )
     return aioredis.Redis.from_pool(pool)

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
+from pipeline.errors import StoreUnavailable
 from stream_server.app import CONNECTIONS
 from tests.e2e import PASSPHRASE, camera_frames, empty_frames
 
@@ -217,6 +218,88 @@ async def test_redis_down_mid_session_declines_then_recovers(
         assert end["code"] == "unavailable", term.events
     assert end["type"] == "approved" and end["order_id"] == "o-down", term.events
     assert len(await env.payments()) == 1
+
+
+@pytest.mark.parametrize("fault", ["reply_lost", "not_written", "lookup_fails"])
+async def test_a_payment_whose_write_fails_is_answered_truthfully(
+    make_env, analyzer, photo, monkeypatch, fault
+):
+    """Redis fails while the payment is written (the store raises ``StoreUnavailable``):
+
+    - ``reply_lost``: written, only the reply was lost. The checkout finds the payment by the
+      id it chose first and approves it: the shopper has paid, and the till is told so;
+    - ``not_written``: nothing was written: ``declined unavailable`` (nothing charged);
+    - ``lookup_fails``: written, and Redis cannot say so either: ``declined payment_unknown``
+      naming the order, never ``unavailable`` (which would tell the till nothing was
+      charged, and a second payment would charge twice). The same order asked again is
+      declined ``duplicate_order`` naming the payment.
+    """
+    env = await make_env()
+    await env.enroll("acct-obama", "Barack Obama", "+12025550101", photo(ENROLL))
+    store = env.store
+    write = store.create_payment
+
+    async def failing(**payment):
+        if fault != "not_written":
+            await write(**payment)
+        raise StoreUnavailable("redis unavailable during create_payment (ConnectionError)")
+
+    async def unreachable(payment_id):
+        raise StoreUnavailable("redis unavailable during get_payment (ConnectionError)")
+
+    monkeypatch.setattr(store, "create_payment", failing)
+    if fault == "lookup_fails":
+        monkeypatch.setattr(store, "get_payment", unreachable)
+    term = await env.terminal()
+    await term.start_video(camera_frames(analyzer, photo(SHOPPER)))
+    await term.checkout("6.60", "o-lost")
+    confirm = await term.expect("confirm")
+    await term.send(
+        {"type": "passphrase", "prompt_id": confirm["prompt_id"], "passphrase": PASSPHRASE}
+    )
+    end = await term.expect("approved", "declined", timeout=30)
+    monkeypatch.undo()
+    paid = await store.find_payment(env.merchant.merchant_id, "o-lost")
+    if fault == "reply_lost":
+        assert end["type"] == "approved" and end["payment_id"] == paid.payment_id, term.events
+    elif fault == "not_written":
+        assert (end["type"], end["reason"]) == ("declined", "unavailable"), term.events
+        assert paid is None
+    else:
+        assert (end["type"], end["reason"], end["order_id"]) == (
+            "declined",
+            "payment_unknown",
+            "o-lost",
+        ), term.events
+        assert paid is not None
+        await term.checkout("6.60", "o-lost")
+        again = await term.expect("declined", timeout=30)
+        assert (again["reason"], again["payment_id"]) == ("duplicate_order", paid.payment_id)
+    assert len(await env.payments()) == (0 if fault == "not_written" else 1)
+
+
+async def test_an_erasure_as_the_prompt_opens_declines_no_match(
+    make_env, analyzer, photo, monkeypatch
+):
+    """Erased between recognition and the prompt's passphrase read: declined ``no_match``,
+    as if never enrolled (it was ``internal_error`` with a logged traceback)."""
+    env = await make_env()
+    await env.enroll("acct-obama", "Barack Obama", "+12025550101", photo(ENROLL))
+    store = env.store
+    read = store.passphrase_hash
+
+    async def erased_first(account_id):
+        await store.erase_account(account_id)  # another server, right then
+        return await read(account_id)
+
+    monkeypatch.setattr(store, "passphrase_hash", erased_first)
+    term = await env.terminal()
+    await term.start_video(camera_frames(analyzer, photo(SHOPPER)))
+    await term.checkout("3.30", "o-erased")
+    await term.expect("confirm")
+    end = await term.expect("approved", "declined", timeout=30)
+    assert (end["type"], end["reason"]) == ("declined", "no_match"), term.events
+    assert await env.payments() == []
 
 
 async def test_garbage_gets_clear_errors_and_the_connection_stays(make_env):

@@ -136,6 +136,33 @@ async def test_a_fare_whose_write_fails_is_never_charged_twice(
         assert claimed_again is (fault == "not_written")
 
 
+async def test_a_gate_that_went_away_during_its_entry_claim_charges_nobody(
+    env, analyzer, photo, monkeypatch
+):
+    """The gate's socket closes while the entry is being claimed, and its task's cancel is
+    swallowed (redis-py on Python 3.11 can): the session's stop flag must still keep the
+    fare from being written, and the claim is given back for the person's next gate."""
+    store = env.store
+    claim = store.claim_gate_entry
+    stopped = []
+
+    async def claim_then_gone(*args, **kwargs):
+        granted = await claim(*args, **kwargs)
+        for conn in env.app[CONNECTIONS]:
+            if conn.session is not None and conn.terminal.mode == "gate":
+                conn.session.stop()  # the stop flag alone: the task itself runs on
+                stopped.append(conn.session)
+        return granted
+
+    monkeypatch.setattr(store, "claim_gate_entry", claim_then_gone)
+    events, opened, _, _ = await _run_gate(env, analyzer, photo, preset_scene(1))
+    monkeypatch.undo()
+    assert stopped, "the gate never claimed an entry"
+    assert opened == [] and not [e for e in events if e["type"] == "gate_open"], events
+    assert await env.payments() == []
+    assert await store.claim_gate_entry(env.merchant.merchant_id, "obama", 60)  # released
+
+
 async def test_turning_away_before_enough_evidence_gets_no_decision(env, analyzer, photo):
     events, opened, _, _ = await _run_gate(env, analyzer, photo, preset_turn_away())
     assert events == [] and opened == []

@@ -1000,6 +1000,9 @@ async def test_redis_down_is_store_unavailable_and_the_client_recovers(
             with pytest.raises(StoreUnavailable) as info:
                 await call
             assert info.value.__cause__ is not None
+            # No connection could be made: the command certainly never ran (a checkout may
+            # then say "nothing was charged"; a lost reply could not).
+            assert info.value.unsent, info.value.__cause__
         with pytest.raises(StoreUnavailable):
             async for _ in db.iter_subjects():
                 pass

@@ -16,6 +16,10 @@ const DECLINE_REASONS = {
   session_timeout: "We did not see a face in time. Nothing was charged.",
   prompt_expired: "The passphrase was not entered in time. Nothing was charged.",
   cancelled: "The payment was cancelled. Nothing was charged.",
+  terminal_revoked: "This till is out of service. Nothing was charged.",
+  payment_unknown:
+    "We could not confirm whether this payment went through. Do not pay again: " +
+    "the cashier can check the order.",
 };
 
 const STATUS = {
