@@ -35,7 +35,8 @@ _AOF: _Job = ("aof_rewrite", ("BGREWRITEAOF",), "aof_rewrite_in_progress")
 _SNAPSHOT: _Job = ("snapshot", ("BGSAVE", "SCHEDULE"), "rdb_bgsave_in_progress")
 _POLL_S = 0.05
 #: Words in the replies of a Redis that will never run the command (lower case).
-_REFUSED_FOR_GOOD = ("unknown command", "noperm", "not allowed", "disabled")
+#: Not "not allowed" or "disabled": they also appear in passing errors (OOM, MISCONF).
+_REFUSED_FOR_GOOD = ("unknown command", "noperm")
 #: ``done := max(done, ARGV[1])``: purges may finish out of order, the mark only moves up.
 _MARK_DONE_LUA = """
 if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
@@ -75,6 +76,9 @@ async def purge_history(r: Redis, wait_s: float) -> tuple[tuple[str, ...], bool]
         raw = await r.config_get("appendonly", "save")
         settings = {h.text(k): h.text(v) for k, v in raw.items()}
     except ResponseError as exc:
+        if not refused_for_good(exc):  # BUSY (a long script), LOADING...: ask again later
+            log.warning("purge after erasure: cannot read the Redis config now: %s", exc)
+            return (), False
         log.warning("purge after erasure: cannot read the Redis config: %s", exc)
     jobs: list[_Job] = []
     if settings.get("appendonly") == "yes":
@@ -102,8 +106,8 @@ def refused_for_good(exc: ResponseError) -> bool:
     Anything else, such as BGSAVE's bare ``ERR`` when the fork failed, may pass next time."""
     if isinstance(exc, NoPermissionError):
         return True
-    text = str(exc).lower()
-    return any(marker in text for marker in _REFUSED_FOR_GOOD)
+    text = str(exc).lower().removeprefix("err ")
+    return text.startswith(_REFUSED_FOR_GOOD)
 
 
 async def _start(

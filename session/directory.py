@@ -38,6 +38,7 @@ class Directory:
         # One journal per load in progress: the adds and removals made while the store is
         # read, replayed onto the fresh gallery just before it replaces the current one.
         self._journals: list[list[_Change]] = []
+        self._loads = 0  # loads started: only the newest may swap its gallery in
 
     async def load(self, store: Store) -> int:
         """Replace the index with every subject in the store; returns how many.
@@ -48,18 +49,29 @@ class Directory:
         reload at a million subjects takes a minute, and an erasure must not wait for it.
         Those changes are also replayed onto the fresh gallery before the swap, since the
         store may have been read before or after each of them; without the replay an
-        erasure during the load could come back with the swap.
+        erasure during the load could come back with the swap. A load overtaken by a later
+        one (a reconnect during a reload whose cancel got lost) swaps nothing: its copy of
+        the store is older. A subject whose stored templates are unusable is skipped.
         """
         journal: list[_Change] = []
         self._journals.append(journal)
+        self._loads += 1
+        number = self._loads
         try:
             fresh = Gallery(dim=self.gallery.dim, config=self.match)
             count = 0
             async for subject_id, templates, last4 in store.iter_subjects():
-                fresh.add_many(subject_id, templates, tags={"phone_last4": last4})
+                try:
+                    fresh.add_many(subject_id, templates, tags={"phone_last4": last4})
+                except ValueError as exc:
+                    log.warning("skipping subject %s: unusable templates (%s)", subject_id, exc)
+                    continue
                 count += 1
             if fresh.index_stale():
                 await asyncio.get_running_loop().run_in_executor(None, fresh.rebuild_index)
+            if number != self._loads:
+                log.info("directory load overtaken by a later one; its result is dropped")
+                return count
             # No await from here to the swap: nothing can slip between replay and swap.
             for subject_id, added in journal:
                 if added is None:

@@ -10,7 +10,10 @@ every server (itself again, harmlessly) when the event arrives. Three gaps are c
   no await between, so either the hello sees the id or the close sees the connection;
 - the few milliseconds (or, with Redis' pub/sub cut, the seconds) before a socket is
   closed: the payment script itself refuses a revoked terminal (``session._store_lua``);
-- messages the terminal sends while its socket closes: they are ignored.
+- messages the terminal sends while its socket closes: they are ignored;
+- a revocation whose event this server missed (its subscription was down: pub/sub keeps no
+  history): when the subscription is made again, the status of every terminal connected
+  here is read back from Redis (``close_revoked_meanwhile``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from typing import Any
 
 from aiohttp import web
 
-from stream_server.app import CONNECTIONS, REVOKED_TERMINALS
+from pipeline.errors import NotFound
+from stream_server.app import CONNECTIONS, REVOKED_TERMINALS, STORE
 from stream_server.ws_messages import CLOSE_UNAUTHENTICATED
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,26 @@ def close_revoked(app: web.Application, terminal_id: str) -> list[asyncio.Task[A
     if tasks:
         log.info("terminal %s revoked: closing %d socket(s)", terminal_id, len(tasks))
     return tasks
+
+
+async def close_revoked_meanwhile(app: web.Application) -> int:
+    """After a gap in ``fp:events``: close the sockets of every terminal connected here that
+    is no longer active in Redis (revoked, or gone); returns how many terminals.
+
+    StoreUnavailable propagates (the caller retries after reconnecting).
+    """
+    connections: set[Any] = app[CONNECTIONS]
+    connected = sorted({c.terminal.terminal_id for c in connections if c.terminal is not None})
+    closed = 0
+    for terminal_id in connected:
+        try:
+            active = (await app[STORE].get_terminal(terminal_id)).status == "active"
+        except NotFound:
+            active = False
+        if not active:
+            close_revoked(app, terminal_id)
+            closed += 1
+    return closed
 
 
 def revoked_close(ws: web.WebSocketResponse) -> asyncio.Task[bool]:

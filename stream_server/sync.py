@@ -32,7 +32,7 @@ from session.directory import Directory
 from session.store import Store
 from stream_server.app import DIRECTORY, REDIS, STORE
 from stream_server.background import stop_background
-from stream_server.revocation import close_revoked
+from stream_server.revocation import close_revoked, close_revoked_meanwhile
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ INITIAL_BACKOFF_S = 0.25
 MAX_BACKOFF_S = 10.0
 #: How long Redis has to confirm a subscription before start-up gives up.
 SUBSCRIBE_TIMEOUT_S = 10.0
+#: At most this long at start-up applying what was committed during the load.
+DRAIN_S = 2.0
 
 _SYNC = web.AppKey("directory_sync", object)
 
@@ -123,14 +125,38 @@ async def load_subscribed(app: web.Application) -> PubSub:
         pubsub = await _subscribe(app[REDIS])
     except (RedisError, OSError, TimeoutError) as exc:
         raise StoreUnavailable(f"cannot subscribe to {CHANNEL}: {exc}") from exc
+    applied = 0
     try:
         count = await directory.load(store)
+        # What was committed during the load waits on the subscription: apply it before
+        # this server answers anyone (bounded: a busy Redis may never fall silent; the
+        # rest is applied by run_sync, milliseconds later).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DRAIN_S):
+                while (message := await pubsub.get_message(timeout=0)) is not None:
+                    if message["type"] == "message":
+                        await apply_event(store, directory, message["data"], _closer(app))
+                        applied += 1
     except BaseException:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(pubsub.aclose(), 1.0)
         raise
-    log.info("directory loaded: %s enrolled subjects", count)
+    log.info("directory loaded: %s enrolled subjects, %s changes since", count, applied)
     return pubsub
+
+
+def _closer(app: web.Application) -> Callable[[str], None]:
+    def on_revoked(terminal_id: str) -> None:
+        close_revoked(app, terminal_id)  # not awaited: a slow client's close blocks nothing
+
+    return on_revoked
+
+
+async def _catch_up(app: web.Application) -> int:
+    """After a gap in the subscription: close sockets of terminals revoked meanwhile, then
+    reload the directory; returns how many subjects it holds."""
+    await close_revoked_meanwhile(app)
+    return await app[DIRECTORY].load(app[STORE])
 
 
 async def run_sync(
@@ -145,67 +171,70 @@ async def run_sync(
     Runs until cancelled or until ``stop`` is set (checked at least once a second).
     """
     store, directory, redis = app[STORE], app[DIRECTORY], app[REDIS]
-
-    def on_revoked(terminal_id: str) -> None:
-        close_revoked(app, terminal_id)  # not awaited: a slow client's close blocks nothing
-
+    on_revoked = _closer(app)
     stop = stop or asyncio.Event()
     backoff = INITIAL_BACKOFF_S
-    resync = pubsub is None
+    # Every confirmation on a handed-over subscription follows a gap: load_subscribed read
+    # the first one, and redis-py re-subscribes (and confirms again) after a reconnect.
+    resync = True
     reload: asyncio.Task[int] | None = None
-    while not stop.is_set():
-        try:
-            if pubsub is None:
-                pubsub = redis.pubsub()
-                await pubsub.subscribe(CHANNEL)
-            while not stop.is_set():
-                if reload is not None and reload.done():
-                    # A failed reload raises here: reconnect, and reload again after that.
-                    log.warning("directory sync: reloaded %s subjects", reload.result())
-                    reload = None
-                message = await pubsub.get_message(timeout=1.0)
-                if message is None:
-                    continue
-                if message["type"] == "subscribe":
-                    # The first confirmation, or redis-py re-subscribing after a reconnect.
-                    if resync:
+    try:
+        while not stop.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = redis.pubsub()
+                    await pubsub.subscribe(CHANNEL)
+                while not stop.is_set():
+                    if reload is not None and reload.done():
+                        # A failed reload raises here: reconnect, and reload after that.
+                        log.warning("directory sync: reloaded %s subjects", reload.result())
+                        reload = None
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe" and resync:
                         if reload is not None:
-                            _drop(reload)
+                            await _drop(reload)
                         reload = asyncio.create_task(
-                            directory.load(store), name="facepay-directory-reload"
+                            _catch_up(app), name="facepay-directory-reload"
                         )
-                    resync = True
-                    backoff = INITIAL_BACKOFF_S
-                elif message["type"] == "message":
-                    await apply_event(store, directory, message["data"], on_revoked)
-        except (RedisError, OSError, FacePayError) as exc:
-            resync = True
-            log.warning(
-                "directory sync: %s (%s); retrying in %.1f s", type(exc).__name__, exc, backoff
-            )
-        except Exception:
-            resync = True
-            log.exception("directory sync failed; retrying in %.1f s", backoff)
-        finally:
-            if pubsub is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(pubsub.aclose(), 1.0)
-                pubsub = None
-            if reload is not None and (stop.is_set() or reload.done()):
-                _drop(reload)
-                reload = None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), backoff)
-        backoff = min(backoff * 2, MAX_BACKOFF_S)
-    if reload is not None:
-        _drop(reload)
+                        backoff = INITIAL_BACKOFF_S
+                    elif message["type"] == "message":
+                        await apply_event(store, directory, message["data"], on_revoked)
+            except (RedisError, OSError, FacePayError) as exc:
+                log.warning(
+                    "directory sync: %s (%s); retrying in %.1f s",
+                    type(exc).__name__,
+                    exc,
+                    backoff,
+                )
+            except Exception:
+                log.exception("directory sync failed; retrying in %.1f s", backoff)
+            finally:
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(pubsub.aclose(), 1.0)
+                    pubsub = None
+                if reload is not None and reload.done():
+                    await _drop(reload)
+                    reload = None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+    finally:
+        if reload is not None:
+            await _drop(reload)
 
 
-def _drop(task: asyncio.Task[int]) -> None:
-    """Cancel a reload, or collect the failure of one that ended (it is reloaded again)."""
+async def _drop(task: asyncio.Task[int]) -> None:
+    """Cancel a reload and wait (briefly) for it to end, or collect the failure of one that
+    ended. A cancel lost inside redis-py leaves it running, but Directory.load lets only
+    the newest load swap its gallery in, so an overtaken one can do no harm."""
     if not task.done():
         task.cancel()
-    elif not task.cancelled() and task.exception() is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait({task}, timeout=1.0)
+    if task.done() and not task.cancelled() and task.exception() is not None:
         log.warning("directory sync: reload failed: %s", task.exception())
 
 

@@ -107,16 +107,20 @@ class TerminalConnection:
     # --- connection life cycle ------------------------------------------------------------
     async def run(self) -> None:
         """Authenticate, then serve messages until the terminal goes away."""
-        if not await self._hello():
-            return
-        async for msg in self.ws:
-            if msg.type == WSMsgType.TEXT:
-                await self._on_text(msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                await self.send(error_event("invalid_request", "binary messages are not accepted"))
-            elif msg.type == WSMsgType.ERROR:
-                log.info("terminal websocket error: %s", self.ws.exception())
-                break
+        try:
+            if not await self._hello():
+                return
+            async for msg in self.ws:
+                if msg.type == WSMsgType.TEXT:
+                    await self._on_text(msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    refused = error_event("invalid_request", "binary messages are not accepted")
+                    await self.send(refused)
+                elif msg.type == WSMsgType.ERROR:
+                    log.info("terminal websocket error: %s", self.ws.exception())
+                    break
+        except ConnectionError:
+            pass  # the socket closed under a send (a revocation, the terminal leaving)
 
     async def close(self) -> None:
         """Cancel the session (no charge), close video; called when the socket ends."""
@@ -345,9 +349,7 @@ class TerminalConnection:
         await self._limit("enrolments_per_terminal", self.terminal.terminal_id)
         await self._limit("enrolments_per_account", msg.account_id)
         self.frames.clear()  # nothing from before consent is kept
-        self.session = session
-        self.metrics.sessions.labels("enroll").inc()
-        self.session_task = asyncio.create_task(session.run())
+        self._begin(session, "enroll")
 
     def _services(self) -> SessionServices:
         app = self.app
@@ -368,9 +370,7 @@ class TerminalConnection:
         if self.session_task is not None and not self.session_task.done():
             return
         gate = GateTerminal(self.terminal.merchant_id, self.terminal.terminal_id)
-        self.session = GateSession(self._services(), gate, self.frames, self.send)
-        self.metrics.sessions.labels("gate").inc()
-        self.session_task = asyncio.create_task(self.session.run())
+        self._begin(GateSession(self._services(), gate, self.frames, self.send), "gate")
 
     async def _start_checkout(self, msg: StartCheckout) -> None:
         assert self.terminal is not None
@@ -398,9 +398,17 @@ class TerminalConnection:
             currency=currency,
         )
         self.frames.clear()  # frames from before this checkout are not evidence for it
-        self.session = CheckoutSession(services, request, self.frames, self.send)
-        self.metrics.sessions.labels("checkout").inc()
-        self.session_task = asyncio.create_task(self.session.run())
+        self._begin(CheckoutSession(services, request, self.frames, self.send), "checkout")
+
+    def _begin(self, session: CheckoutSession | GateSession | EnrollSession, kind: str) -> None:
+        """Run ``session`` as this connection's session, unless the terminal was revoked
+        while the start was being checked (rate limits are awaited: the close may be on its
+        way, and a session started now would outlive it until the socket ends)."""
+        if self._revoked is not None:
+            return
+        self.session = session
+        self.metrics.sessions.labels(kind).inc()
+        self.session_task = asyncio.create_task(session.run())
 
 
 async def ws_handler(request: web.Request) -> web.StreamResponse:

@@ -14,11 +14,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
 from session.config import FacePayConfig
 from session.crypto import TemplateCipher, generate_key
 from session.store import Store
-from stream_server.app import STORE, create_app
+from stream_server.app import CIPHER, STORE, create_app
 from tests.e2e import ADMIN_TOKEN, PASSPHRASE, camera_frames
 from tests.terminal import TestTerminal
 
@@ -120,3 +121,26 @@ async def test_a_prompt_open_when_the_terminal_is_revoked_pays_nothing(make_env,
     assert (end["type"], end.get("reason")) == ("declined", "terminal_revoked"), term.events
     assert await env.payments() == []
     assert await env.store.find_payment(env.merchant.merchant_id, "o-revoked") is None
+
+
+async def test_a_revocation_missed_during_a_subscription_gap_still_closes_the_socket(
+    aiohttp_server, redis_url, models_dir
+):
+    """Pub/sub keeps no history: a revocation published while this server's subscription is
+    down never reaches it. When the subscription is made again the server reads back the
+    status of every terminal connected to it."""
+    (server,) = await _servers(aiohttp_server, redis_url, models_dir, 1)
+    store: Store = server.app[STORE]
+    merchant = await store.add_merchant("Enrolment desk")
+    desk, token = await store.add_terminal(merchant.merchant_id, "enroll")
+    term = TestTerminal(str(server.make_url("/ws")), token)
+    await term.connect()
+    admin = aioredis.from_url(redis_url)
+    try:
+        assert await admin.client_kill_filter(_type="pubsub") >= 1  # the gap starts
+        # Revoked through another process (the CLI, another server): the event is lost here.
+        await Store(admin, server.app[CIPHER]).revoke_terminal(desk.terminal_id)
+        assert (await term.expect("_closed", timeout=5))["code"] == 4401
+    finally:
+        await admin.aclose()
+        await term.close()

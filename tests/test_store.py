@@ -976,6 +976,27 @@ async def test_a_rewrite_redis_could_not_start_leaves_the_purge_owed(
     assert b"Alice Liddell" not in aof_bytes(redis_server.workdir)
 
 
+@pytest.mark.parametrize(
+    ("reply", "for_good"),
+    [
+        ("unknown command 'BGSAVE', with args beginning with: ", True),  # renamed away
+        ("NOPERM User limited has no permissions to run the 'bgsave' command", True),
+        ("Can't execute an AOF background rewriting. Please check the server logs", False),
+        ("", False),  # BGSAVE's bare ERR when the fork failed
+        ("command not allowed when used memory > 'maxmemory'.", False),  # OOM: passes
+        ("BUSY Redis is busy running a script.", False),
+    ],
+)
+def test_only_refusals_for_good_are_taken_as_final(reply: str, for_good: bool) -> None:
+    """Redis 7's own replies: a purge step refused for good counts as done (asking again
+    would be refused again); any other error leaves the purge owed for the retry."""
+    from redis.exceptions import ResponseError
+
+    from session._store_purge import refused_for_good
+
+    assert refused_for_good(ResponseError(reply)) is for_good
+
+
 # --- Redis going away ----------------------------------------------------------------------------
 
 
