@@ -104,6 +104,13 @@ class Conflict(FacePayError):
     code = "conflict"
 
 
+class AlreadyEnrolled(Conflict):
+    """This face is already enrolled with a phone ending in the same four digits: a checkout
+    could never tell the two accounts apart."""
+
+    code = "already_enrolled"
+
+
 class PaymentConflict(Conflict):
     """Conflict raised when an order is already paid; ``payment_id`` names that payment.
 

@@ -18,11 +18,18 @@ import time
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from pipeline.errors import Conflict, IllegalTransition, InvalidRequest, StoreUnavailable
+from pipeline.errors import (
+    AlreadyEnrolled,
+    Conflict,
+    IllegalTransition,
+    InvalidRequest,
+    StoreUnavailable,
+)
 from pipeline.stream import TrackReport
 from pipeline.types import FloatArray
 from session import _store_lua as _store_rules
 from session.crypto import check_passphrase
+from session.enrollment import refuse_duplicate
 from session.frames import FrameSlot
 from session.services import SessionServices
 from session.video import Emit, VideoSession, nearest
@@ -283,6 +290,7 @@ class EnrollSession(VideoSession):
             "time": repr(self.consent_time),
         }
         try:
+            await refuse_duplicate(self.svc.directory, self.svc.executor, templates, self.req.phone)
             account, subject = await self.svc.store.create_account(
                 self.req.account_id,
                 self.req.name,
@@ -291,6 +299,8 @@ class EnrollSession(VideoSession):
                 templates,
                 consent,
             )
+        except AlreadyEnrolled:
+            await self._finish("declined", "already_enrolled")
         except Conflict:
             await self._finish("declined", "conflict")
         if subject not in self.svc.directory.gallery:

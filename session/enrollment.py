@@ -22,7 +22,7 @@ from concurrent.futures import Executor
 import numpy as np
 
 from pipeline.analyzer import FaceAnalyzer
-from pipeline.errors import QualityError
+from pipeline.errors import AlreadyEnrolled, QualityError
 from pipeline.types import FloatArray, ImageArray
 from session import _store_lua as _store_rules
 from session.crypto import PassphraseHasher, check_passphrase
@@ -103,6 +103,29 @@ async def templates_from_images(
     return templates
 
 
+async def refuse_duplicate(
+    directory: Directory, executor: Executor, templates: Sequence[FloatArray], phone: str
+) -> None:
+    """AlreadyEnrolled when a checkout could never tell this face from an enrolled one.
+
+    A checkout that finds look-alikes asks for the last four digits of the phone and then
+    searches only the subjects whose phone ends with them. A face that scores at the match
+    threshold or above against such a subject would leave both accounts declined
+    ``ambiguous`` at every checkout and denied at every gate: typically the same person
+    enrolling again under a new account id. Refused before anything is written.
+    Look-alikes with other digits (twins) may enrol: a checkout tells them apart by the
+    digits, and a gate, which cannot ask, sends both to the ticket gate.
+    """
+    last4 = "".join(c for c in phone if c.isdigit())[-4:]
+    loop = asyncio.get_running_loop()
+    for template in templates:
+        decision = await loop.run_in_executor(executor, directory.identify, template, last4)
+        if decision.status != "no_match":
+            raise AlreadyEnrolled(
+                "this face is already enrolled with a phone ending in the same four digits"
+            )
+
+
 async def enroll_from_images(
     *,
     store: Store,
@@ -120,12 +143,14 @@ async def enroll_from_images(
     """Create an account from photos; returns (account, number of templates).
 
     Raises InvalidRequest (fields or passphrase rules), ImageQualityError (a photo refused,
-    with reasons), Conflict (account id taken) or StoreUnavailable. The new subject is added to this
+    with reasons), AlreadyEnrolled (see ``refuse_duplicate``), Conflict (account id taken)
+    or StoreUnavailable. The new subject is added to this
     process's directory at once; other instances learn of it through ``fp:events``.
     """
     check_passphrase(passphrase)
     check_account_fields(account_id, name, phone)
     templates = await templates_from_images(analyzer, executor, images)
+    await refuse_duplicate(directory, executor, templates, phone)
     loop = asyncio.get_running_loop()
     passhash = await loop.run_in_executor(executor, hasher.hash, passphrase)
     account, subject_id = await store.create_account(

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
+from pipeline.errors import NotFound
 from session.config import FacePayConfig
 from session.crypto import PassphraseHasher, TemplateCipher, generate_key
 from session.store import Store
@@ -200,6 +201,29 @@ async def test_enrol_from_photo_then_erase(client, data_dir, redis_url):
 
     resp = await client.delete("/api/accounts/alice", headers=AUTH)
     assert resp.status == 404
+
+
+async def test_the_same_face_is_not_enrolled_twice_with_the_same_phone_digits(client, data_dir):
+    """A second account for an enrolled face, with a phone ending in the same four digits,
+    would leave both declined ``ambiguous`` at every checkout (the phone digits are all a
+    checkout narrows by): refused, nothing written. Other digits (twins) may enrol."""
+    first = _enrol_form([_jpeg(data_dir, "obama/obama.jpg")])
+    assert (await client.post("/api/accounts", data=first, headers=AUTH)).status == 201
+    again = _enrol_form(
+        [_jpeg(data_dir, "obama/obama3.jpg")], account_id="alice2", phone="+86 139 0000 1234"
+    )
+    resp = await client.post("/api/accounts", data=again, headers=AUTH)
+    assert resp.status == 409, await resp.text()
+    assert (await resp.json())["error"] == "already_enrolled"
+    with pytest.raises(NotFound):
+        await client.app[STORE].get_account("alice2")
+    other = _enrol_form(
+        [_jpeg(data_dir, "obama/obama3.jpg")], account_id="alice3", phone="+8613800005678"
+    )
+    assert (await client.post("/api/accounts", data=other, headers=AUTH)).status == 201
+    # Someone else with the same digits is not a duplicate.
+    stranger = _enrol_form([_jpeg(data_dir, "biden/biden.jpg")], account_id="joe")
+    assert (await client.post("/api/accounts", data=stranger, headers=AUTH)).status == 201
 
 
 async def test_erasure_without_the_purge_when_it_is_turned_off(

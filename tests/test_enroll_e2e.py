@@ -168,6 +168,19 @@ async def test_taken_account_id_is_declined_conflict(make_env, analyzer, photo):
     assert len(await _accounts(env)) == 1
 
 
+async def test_an_enrolled_face_is_declined_already_enrolled(make_env, analyzer, photo):
+    """The same person again, under a new account id and a phone with the same last four
+    digits: no checkout could tell the two accounts apart, so nothing is written."""
+    env = await make_env()
+    await env.enroll("acct-first", "Barack Obama", "+1 202 555 0101", photo(SHOPPER))
+    term = await _enroll_terminal(env, analyzer, photo)
+    await _capture(term)
+    await term.send({"type": "enroll_passphrase", "passphrase": SECRET, "confirm": SECRET})
+    declined = await term.expect("declined", "enrolled")
+    assert declined == {"type": "declined", "reason": "already_enrolled"}, term.events
+    assert len(await _accounts(env)) == 1
+
+
 async def test_cancel_while_capturing(make_env, analyzer, photo):
     env = await make_env()
     term = await _enroll_terminal(env, analyzer, photo)

@@ -20,6 +20,7 @@ const DECLINES = {
   spoof: "Please show your real face, not a photo or screen.",
   timeout: "We could not capture your face in time. Please try again.",
   conflict: "That account id is already taken. Choose another.",
+  already_enrolled: "You are already enrolled with this phone number.",
   unavailable: "The service is unavailable right now. Nothing was stored.",
 };
 
