@@ -16,6 +16,7 @@ from redis.commands.core import AsyncScript
 from pipeline.errors import (
     AccountLocked,
     AuthError,
+    Conflict,
     InvalidRequest,
     LimitExceeded,
     NotFound,
@@ -36,6 +37,7 @@ class StoreCore:
     #: The pub/sub channel of enrolments, erasures and revocations (stream_server.sync).
     events_channel: str
     _fail_script: AsyncScript
+    _void_script: AsyncScript
     #: Lockout back-off and per-account failure budget (Store takes it from the config).
     limits: RateLimitConfig = RateLimitConfig()
     #: About how many records the audit stream keeps (Redis trims whole nodes, so a few
@@ -47,6 +49,7 @@ class StoreCore:
         self._p = prefix
         self._pay_script = redis.register_script(h.PAY_LUA)
         self._fail_script = redis.register_script(h.FAIL_LUA)
+        self._void_script = redis.register_script(h.VOID_LUA)
 
     def _k(self, *parts: str) -> str:
         """A key under this store's prefix: ``_k("pay", mid, order)`` -> ``fp:pay:mid:order``."""
@@ -240,6 +243,7 @@ class StoreCore:
             self._k("lock", account_id),
             self._k("account", account_id),
             self._k("terminal", terminal_id),
+            self._k("voided", pid),
         ]
         args: list[Any] = [
             pid,
@@ -258,6 +262,8 @@ class StoreCore:
         with h.unavailable("create_payment"):
             status, value = await self._pay_script(keys=keys, args=args)
         status, value = h.text(status), h.text(value)
+        if status == "void":
+            raise Conflict(f"payment id {pid} was voided after a lost reply")
         if status == "revoked":
             raise AuthError("terminal revoked")
         if status == "locked":
@@ -284,6 +290,20 @@ class StoreCore:
             )
         # "exists" with our own id: a retried call whose first attempt committed.
         return await self.get_payment(pid)
+
+    async def payment_or_void(self, payment_id: str) -> Payment | None:
+        """After a payment's write failed with its outcome unknown: the payment if it was
+        written, else None, and then it never will be (the id is marked void in the same
+        step, so a write with this id still on its way is refused). StoreUnavailable if
+        Redis cannot say."""
+        with h.unavailable("payment_or_void"):
+            ref = await self._void_script(
+                keys=[self._k("payid", payment_id), self._k("voided", payment_id)],
+                args=[h.VOID_TTL_S],
+            )
+        if ref is None:
+            return None
+        return await self.get_payment(payment_id)
 
     async def get_payment(self, payment_id: str) -> Payment:
         """A payment by id, or NotFound."""

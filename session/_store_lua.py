@@ -53,10 +53,11 @@ _ORDER_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _CURRENCY = re.compile(r"[A-Z]{3}")
 
 # KEYS: 1 pay hash, 2 payid key, 3 daily key, 4 audit stream, 5 account's lock, 6 account,
-#       7 terminal
+#       7 terminal, 8 the payment id's void mark (VOID_LUA)
 # ARGV: 1 payment_id, 2 merchant_id, 3 order_id, 4 account_id, 5 terminal_id, 6 amount,
 #       7 currency, 8 created, 9 daily_limit, 10 payid value, 11 daily ttl, 12 audit maxlen
-# Returns {"ok", pid} | {"exists", existing_pid} | {"revoked", ""} | {"locked", lock end}
+# Returns {"ok", pid} | {"exists", existing_pid} | {"void", ""} | {"revoked", ""}
+# | {"locked", lock end}
 # | {"inactive", ""} | {"limit", spent_today}. The terminal, the lock and the account are
 # read here, in the same step as the write, because a session reads them once (the terminal
 # at its hello, the account before a prompt that may stay open for half a minute): a
@@ -65,6 +66,9 @@ PAY_LUA = """
 local existing = redis.call('HGET', KEYS[1], 'payment_id')
 if existing then
   return {'exists', existing}
+end
+if redis.call('EXISTS', KEYS[8]) == 1 then
+  return {'void', ''}
 end
 if redis.call('HGET', KEYS[7], 'status') ~= 'active' then
   return {'revoked', ''}
@@ -93,6 +97,23 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[12], '*',
   'order_id', ARGV[3], 'account_id', ARGV[4], 'terminal_id', ARGV[5], 'amount', ARGV[6])
 return {'ok', ARGV[1]}
 """
+
+
+# KEYS: 1 payid key, 2 the payment id's void mark. ARGV: 1 mark ttl (s)
+# Returns the payid value (the payment was written) or false, after marking the id void: a
+# payment script still on its way with this id (its packets delayed past the client's
+# timeout, then delivered) refuses to write. Without the mark, "not found" would not prove
+# that nothing will be charged.
+VOID_LUA = """
+local ref = redis.call('GET', KEYS[1])
+if ref then
+  return ref
+end
+redis.call('SET', KEYS[2], '1', 'EX', tonumber(ARGV[1]))
+return false
+"""
+#: Far longer than TCP keeps retransmitting a closed connection's data (minutes).
+VOID_TTL_S = 86_400
 
 
 # KEYS: 1 failure counter, 2 lock, 3 lockouts so far, 4 failures today
@@ -163,15 +184,22 @@ def unavailable(what: str) -> Iterator[None]:
 
 
 def _while_connecting(exc: BaseException) -> bool:
-    """Whether redis-py failed to make a connection, so the command was never sent.
+    """Whether redis-py failed before sending: no connection could be made, or none came
+    free in the pool. The command then certainly never ran.
 
     redis-py says so only in its messages ("Error 111 connecting to host:port",
-    "Timeout connecting to server"). That is safe only because the server's pool does not
-    retry (stream_server.redis_client): with retries, a first attempt could have run the
-    command before a reconnect failed. A message that changes reads as "maybe sent": the
-    caller then says it cannot tell, which is true, never that nothing was written.
+    "Timeout connecting to server", "No connection available."). That is safe only because
+    the server's pool does not retry (stream_server.redis_client): with retries, a first
+    attempt could have run the command before a reconnect failed. A message that changes
+    reads as "maybe sent": the caller then says it cannot tell, which is true, never that
+    nothing was written.
     """
-    return isinstance(exc, (RedisConnectionError, RedisTimeoutError)) and "connecting" in str(exc)
+    if not isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+        return False
+    text = str(exc)
+    return (text.startswith("Error ") and " connecting to " in text) or text.startswith(
+        ("Timeout connecting to server", "No connection available")
+    )
 
 
 def new_id(kind: str, nbytes: int = 16) -> str:

@@ -431,12 +431,13 @@ class CheckoutSession(VideoSession):
         ``unavailable``, which promises nothing was charged, only when Redis says so; when it
         cannot say, ``payment_unknown``: the till asks again with the same order id."""
         try:
-            return await self.svc.store.get_payment(payment_id)
-        except NotFound:
-            await self._finish(S.DECLINED, "unavailable")
+            payment = await self.svc.store.payment_or_void(payment_id)
         except StoreUnavailable:
             log.warning("checkout %s: payment %s unknown", self.session_id, payment_id)
             await self._finish(S.DECLINED, "payment_unknown", order_id=self.req.order_id)
+        if payment is None:  # not written, and voided: it never will be
+            await self._finish(S.DECLINED, "unavailable")
+        return payment
 
 
 class _CancelRequested(Exception):

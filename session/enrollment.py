@@ -143,7 +143,8 @@ async def enroll_from_images(
     """Create an account from photos; returns (account, number of templates).
 
     Raises InvalidRequest (fields or passphrase rules), ImageQualityError (a photo refused,
-    with reasons), AlreadyEnrolled (see ``refuse_duplicate``), Conflict (account id taken)
+    with reasons), AlreadyEnrolled (see ``refuse_duplicate``; checked against ``directory``,
+    which the command line passes empty: it loads no gallery), Conflict (account id taken)
     or StoreUnavailable. The new subject is added to this
     process's directory at once; other instances learn of it through ``fp:events``.
     """

@@ -190,12 +190,13 @@ class GateSession(VideoSession):
         a repeat, never a second fare)."""
         store = self.svc.store
         try:
-            return await store.get_payment(payment_id)
-        except NotFound:
-            await store.release_gate_entry(self.gate.merchant_id, account_id)
+            payment = await store.payment_or_void(payment_id)
         except StoreUnavailable:
             log.warning("gate %s: fare %s unknown; entry kept", self.gate.terminal_id, payment_id)
-        return None
+            return None
+        if payment is None:  # not written, and voided: it never will be
+            await store.release_gate_entry(self.gate.merchant_id, account_id)
+        return payment
 
     def _decision_ms(self, report: TrackReport) -> float:
         start = report.ready_since if report.ready_since is not None else report.first_seen

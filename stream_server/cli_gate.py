@@ -164,7 +164,7 @@ async def _bench(args: argparse.Namespace, data_root: Path) -> int:
                 executor=app[EXECUTOR],
                 account_id=actor.name,
                 name=actor.name.replace("_", " ").title(),
-                phone="+8613800000000",
+                phone=f"+86138000001{len(walkers):02d}",  # one each: distinct people
                 passphrase="bench-gate-passphrase",
                 images=[load_image(data_root / actor.enroll_photo)],
                 consent={"method": "bench"},

@@ -46,9 +46,10 @@ def connect(url: str, *, max_connections: int, socket_timeout: float = 5) -> aio
         socket_timeout=socket_timeout,
         socket_connect_timeout=2,
         health_check_interval=10,
-        # No retries: a command either ran once or failed, and a failure while connecting
-        # proves it never ran (session._store_lua: the checkout tells "nothing charged"
-        # only then). The health check above already replaces a connection Redis closed.
+        # No retries (also against a URL's retry_on_timeout): a command either ran once or
+        # failed, and a failure while connecting proves it never ran (session._store_lua:
+        # the checkout says "nothing charged" only then). A pooled connection that Redis
+        # closed is replaced before use by the check described above.
         retry=Retry(NoBackoff(), 0),
         **_checked_connections(),
     )

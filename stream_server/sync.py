@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
@@ -128,21 +129,37 @@ async def load_subscribed(app: web.Application) -> PubSub:
     applied = 0
     try:
         count = await directory.load(store)
-        # What was committed during the load waits on the subscription: apply it before
-        # this server answers anyone (bounded: a busy Redis may never fall silent; the
-        # rest is applied by run_sync, milliseconds later).
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(DRAIN_S):
-                while (message := await pubsub.get_message(timeout=0)) is not None:
-                    if message["type"] == "message":
-                        await apply_event(store, directory, message["data"], _closer(app))
-                        applied += 1
+        applied = await _drain(app, pubsub)
     except BaseException:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(pubsub.aclose(), 1.0)
         raise
     log.info("directory loaded: %s enrolled subjects, %s changes since", count, applied)
     return pubsub
+
+
+async def _drain(app: web.Application, pubsub: PubSub) -> int:
+    """Apply what was committed during the start-up load (it waits on the subscription)
+    before this server answers anyone; returns how many events.
+
+    Bounded by a deadline checked between events, never by cancelling one half-applied: a
+    busy Redis may never fall silent, and the rest is applied by run_sync milliseconds
+    later. A subscription cut meanwhile ends the drain too: redis-py re-subscribes, and
+    run_sync catches up (reload) when it sees the new confirmation.
+    """
+    store, directory, on_revoked = app[STORE], app[DIRECTORY], _closer(app)
+    end, applied = time.monotonic() + DRAIN_S, 0
+    try:
+        while time.monotonic() < end:
+            message = await pubsub.get_message(timeout=0)
+            if message is None:
+                break
+            if message["type"] == "message":
+                await apply_event(store, directory, message["data"], on_revoked)
+                applied += 1
+    except (RedisError, OSError, StoreUnavailable) as exc:
+        log.warning("directory sync: subscription cut after the load (%s); catching up", exc)
+    return applied
 
 
 def _closer(app: web.Application) -> Callable[[str], None]:

@@ -245,11 +245,11 @@ async def test_a_payment_whose_write_fails_is_answered_truthfully(
         raise StoreUnavailable("redis unavailable during create_payment (ConnectionError)")
 
     async def unreachable(payment_id):
-        raise StoreUnavailable("redis unavailable during get_payment (ConnectionError)")
+        raise StoreUnavailable("redis unavailable during payment_or_void (ConnectionError)")
 
     monkeypatch.setattr(store, "create_payment", failing)
     if fault == "lookup_fails":
-        monkeypatch.setattr(store, "get_payment", unreachable)
+        monkeypatch.setattr(store, "payment_or_void", unreachable)
     term = await env.terminal()
     await term.start_video(camera_frames(analyzer, photo(SHOPPER)))
     await term.checkout("6.60", "o-lost")

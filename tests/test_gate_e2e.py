@@ -117,11 +117,11 @@ async def test_a_fare_whose_write_fails_is_never_charged_twice(
         raise StoreUnavailable("redis unavailable during create_payment (ConnectionError)")
 
     async def unreachable(payment_id):
-        raise StoreUnavailable("redis unavailable during get_payment (ConnectionError)")
+        raise StoreUnavailable("redis unavailable during payment_or_void (ConnectionError)")
 
     monkeypatch.setattr(store, "create_payment", failing)
     if fault == "lookup_fails":
-        monkeypatch.setattr(store, "get_payment", unreachable)
+        monkeypatch.setattr(store, "payment_or_void", unreachable)
     events, opened, _, _ = await _run_gate(env, analyzer, photo, preset_scene(1))
     monkeypatch.undo()
     decided = [(e["type"], e.get("reason")) for e in events]

@@ -514,6 +514,28 @@ async def test_a_revoked_or_unknown_terminal_is_never_charged(
     assert [e["order_id"] for e in await db.read_audit() if e["event"] == "payment"] == ["order-1"]
 
 
+async def test_a_lookup_after_a_lost_reply_fences_off_a_late_write(
+    db: Store, client: aioredis.Redis, passhash: str, till: str
+) -> None:
+    """A payment script whose packets were delayed past the client's timeout can still reach
+    Redis after the lookup that found nothing. The lookup marks the id void in the same step,
+    so "not found" stays true: the late script writes nothing."""
+    await _enrol(db, passhash, "alice")
+    written = await db.create_payment(**_pay(), payment_id="p_written")
+    assert await db.payment_or_void("p_written") == written  # found: not voided
+    assert not await client.exists("fp:voided:p_written")
+    assert await db.payment_or_void("p_late") is None  # not written: voided
+    assert 0 < await client.ttl("fp:voided:p_late") <= 86_400
+    with pytest.raises(Conflict):  # the late script
+        await db.create_payment(**_pay(order_id="order-late"), payment_id="p_late")
+    assert await db.find_payment("m_shop", "order-late") is None
+    assert not await client.exists("fp:payid:p_late")
+    assert [e["order_id"] for e in await db.read_audit() if e["event"] == "payment"] == ["order-1"]
+    # The order itself is not burnt: a fresh attempt (a new id) pays it.
+    retry = await db.create_payment(**_pay(order_id="order-late"))
+    assert retry.order_id == "order-late" and retry.payment_id != "p_late"
+
+
 async def test_failure_counter_expires_and_clears(db: Store) -> None:
     assert await db.record_failure("alice", 3, 0.3) == (2, None)
     await asyncio.sleep(0.4)
