@@ -191,9 +191,6 @@ async def run_sync(
     on_revoked = _closer(app)
     stop = stop or asyncio.Event()
     backoff = INITIAL_BACKOFF_S
-    # Every confirmation on a handed-over subscription follows a gap: load_subscribed read
-    # the first one, and redis-py re-subscribes (and confirms again) after a reconnect.
-    resync = True
     reload: asyncio.Task[int] | None = None
     try:
         while not stop.is_set():
@@ -209,7 +206,10 @@ async def run_sync(
                     message = await pubsub.get_message(timeout=1.0)
                     if message is None:
                         continue
-                    if message["type"] == "subscribe" and resync:
+                    if message["type"] == "subscribe":
+                        # Every confirmation seen here follows a gap: load_subscribed read
+                        # the first one, and redis-py re-subscribes after a reconnect; a
+                        # subscription made here is a new one. Catch up on what was missed.
                         if reload is not None:
                             await _drop(reload)
                         reload = asyncio.create_task(
