@@ -4,7 +4,9 @@
 - ``Monitor``: Redis ``MONITOR`` (what Redis executed) and ``pending_at_redis`` (what a
   process sent to a frozen Redis that it has not read yet);
 - ``DropProxy``: a TCP relay that fails like a terminal's network;
-- ``Stall``: holds an executor's jobs (a slow or stuck worker pool).
+- ``Stall``: holds an executor's jobs (a slow or stuck worker pool);
+- ``fail_payment_writes``: a payment write that fails with Redis unreachable (after
+  writing, or not) and, optionally, a lookup that cannot answer either.
 """
 
 from __future__ import annotations
@@ -226,3 +228,24 @@ class Stall:
     def __exit__(self, *exc: object) -> None:
         self.release.set()
         del self.pool.submit
+
+
+def fail_payment_writes(monkeypatch: Any, store: Any, *, written: bool, lookup_fails: bool) -> None:
+    """Make ``store.create_payment`` raise StoreUnavailable, after the real write when
+    ``written`` (only the reply was lost), and ``store.payment_or_void`` too when
+    ``lookup_fails`` (Redis cannot say either way). Undone by ``monkeypatch.undo()``."""
+    from pipeline.errors import StoreUnavailable
+
+    write = store.create_payment
+
+    async def failing(**payment: Any) -> Any:
+        if written:
+            await write(**payment)
+        raise StoreUnavailable("redis unavailable during create_payment (ConnectionError)")
+
+    async def unreachable(payment_id: str) -> Any:
+        raise StoreUnavailable("redis unavailable during payment_or_void (ConnectionError)")
+
+    monkeypatch.setattr(store, "create_payment", failing)
+    if lookup_fails:
+        monkeypatch.setattr(store, "payment_or_void", unreachable)

@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.errors import StoreUnavailable
 from stream_server.app import CONNECTIONS
 from tests.e2e import PASSPHRASE, camera_frames, empty_frames
+from tests.faultkit import fail_payment_writes
 
 ENROLL = "faces/obama/obama.jpg"
 SHOPPER = "faces/obama/obama3.jpg"
@@ -237,19 +237,8 @@ async def test_a_payment_whose_write_fails_is_answered_truthfully(
     env = await make_env()
     await env.enroll("acct-obama", "Barack Obama", "+12025550101", photo(ENROLL))
     store = env.store
-    write = store.create_payment
-
-    async def failing(**payment):
-        if fault != "not_written":
-            await write(**payment)
-        raise StoreUnavailable("redis unavailable during create_payment (ConnectionError)")
-
-    async def unreachable(payment_id):
-        raise StoreUnavailable("redis unavailable during payment_or_void (ConnectionError)")
-
-    monkeypatch.setattr(store, "create_payment", failing)
-    if fault == "lookup_fails":
-        monkeypatch.setattr(store, "payment_or_void", unreachable)
+    written, lookup_fails = fault != "not_written", fault == "lookup_fails"
+    fail_payment_writes(monkeypatch, store, written=written, lookup_fails=lookup_fails)
     term = await env.terminal()
     await term.start_video(camera_frames(analyzer, photo(SHOPPER)))
     await term.checkout("6.60", "o-lost")

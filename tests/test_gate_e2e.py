@@ -11,11 +11,11 @@ import itertools
 
 import pytest
 
-from pipeline.errors import StoreUnavailable
 from pipeline.scene import Actor, SceneSpec, render_scene
 from pipeline.scene_presets import largest_face_box, preset_scene, preset_turn_away
 from session.store import Store
 from stream_server.app import CONNECTIONS, METRICS
+from tests.faultkit import fail_payment_writes
 
 pytestmark = pytest.mark.usefixtures("loopback_ice")
 
@@ -109,19 +109,8 @@ async def test_a_fare_whose_write_fails_is_never_charged_twice(
       claim until the entry window ends: a retry is a repeat, never a second fare.
     """
     store = env.store
-    write = store.create_payment
-
-    async def failing(**payment):
-        if fault == "reply_lost":
-            await write(**payment)
-        raise StoreUnavailable("redis unavailable during create_payment (ConnectionError)")
-
-    async def unreachable(payment_id):
-        raise StoreUnavailable("redis unavailable during payment_or_void (ConnectionError)")
-
-    monkeypatch.setattr(store, "create_payment", failing)
-    if fault == "lookup_fails":
-        monkeypatch.setattr(store, "payment_or_void", unreachable)
+    written, lookup_fails = fault == "reply_lost", fault == "lookup_fails"
+    fail_payment_writes(monkeypatch, store, written=written, lookup_fails=lookup_fails)
     events, opened, _, _ = await _run_gate(env, analyzer, photo, preset_scene(1))
     monkeypatch.undo()
     decided = [(e["type"], e.get("reason")) for e in events]
