@@ -23,6 +23,7 @@ from pipeline.errors import (
     Conflict,
     IllegalTransition,
     InvalidRequest,
+    NotFound,
     StoreUnavailable,
 )
 from pipeline.stream import TrackReport
@@ -152,6 +153,12 @@ class EnrollSession(VideoSession):
         return self.state
 
     async def _run(self) -> None:
+        try:  # a taken id would fail at the write: find out before any face is captured
+            await self.svc.store.get_account(self.req.account_id)
+        except NotFound:
+            pass
+        else:
+            await self._finish("declined", "conflict")
         await self.svc.store.audit(
             "consent",
             method="live",

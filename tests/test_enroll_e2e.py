@@ -156,15 +156,32 @@ async def test_print_attack_is_declined_spoof(make_env, analyzer, photo):
     assert await _accounts(env) == []
 
 
-async def test_taken_account_id_is_declined_conflict(make_env, analyzer, photo):
+async def test_taken_account_id_is_declined_conflict_before_any_capture(make_env, analyzer, photo):
+    """A taken account id would fail at the write: it is declined before the camera is used
+    or a consent recorded, so no face is captured for an enrolment that cannot succeed."""
     env = await make_env()
     await env.enroll("acct-live", "Someone Else", "+1 202 555 0199", photo(SHOPPER))
     term = await _enroll_terminal(env, analyzer, photo)
+    await term.send({"type": "start_enroll", "consent": True, **FIELDS})
+    declined = await term.expect("declined", "state")
+    assert declined == {"type": "declined", "reason": "conflict"}, term.events
+    assert (await term.expect("state"))["state"] == "declined"
+    assert "capturing" not in [e.get("state") for e in term.events]
+    consents = [e for e in await env.store.read_audit() if e["event"] == "consent"]
+    assert [c.get("method") for c in consents] == ["test"]  # only the first enrolment's
+    assert len(await _accounts(env)) == 1
+
+
+async def test_an_id_taken_during_capture_is_still_declined_conflict(make_env, analyzer, photo):
+    """Free when the enrolment starts, taken by someone else while the face is captured:
+    the write itself refuses it (one transaction), nothing of the second is stored."""
+    env = await make_env()
+    term = await _enroll_terminal(env, analyzer, photo)
     await _capture(term)
+    await env.enroll("acct-live", "Someone Else", "+1 202 555 0199", photo(SHOPPER))
     await term.send({"type": "enroll_passphrase", "passphrase": SECRET, "confirm": SECRET})
     declined = await term.expect("declined", "enrolled")
-    assert declined == {"type": "declined", "reason": "conflict"}
-    assert (await term.expect("state"))["state"] == "declined"
+    assert declined == {"type": "declined", "reason": "conflict"}, term.events
     assert len(await _accounts(env)) == 1
 
 
