@@ -16,20 +16,17 @@ import time
 from typing import Any, NoReturn
 
 from pipeline.errors import (
-    AccountLocked,
-    AuthError,
-    Conflict,
     IllegalTransition,
     InvalidRequest,
-    LimitExceeded,
     NotFound,
     StoreUnavailable,
 )
 from pipeline.gallery import Decision
 from pipeline.stream import TrackReport
 from pipeline.types import FloatArray
+from session.checkout_ledger import Refused, write_payment
 from session.frames import FrameSlot
-from session.models import Account, CheckoutRequest, Payment, format_amount
+from session.models import Account, CheckoutRequest, format_amount
 from session.services import SessionServices
 from session.states import CheckoutMachine, CheckoutState
 from session.video import Emit, VideoSession, nearest
@@ -372,36 +369,12 @@ class CheckoutSession(VideoSession):
             # Cancelled while the passphrase was being checked: not approved yet, so the
             # shopper's cancel wins (docs/protocol.md: cancel any time before approval).
             await self._finish(S.CANCELLED, "cancelled")
-        payment_id = self.svc.store.new_payment_id()  # chosen first: a lost reply is looked up
         try:
-            payment = await self.svc.store.create_payment(
-                merchant_id=self.req.merchant_id,
-                order_id=self.req.order_id,
-                account_id=account.account_id,
-                terminal_id=self.req.terminal_id,
-                amount=self.req.amount,
-                currency=self.req.currency,
-                daily_limit=self.policy.daily_limit,
-                payment_id=payment_id,
+            payment = await write_payment(
+                self.svc.store, self.req, account.account_id, self.policy.daily_limit
             )
-        except StoreUnavailable as exc:
-            if exc.unsent:  # never reached Redis: certainly nothing was written
-                await self._finish(S.DECLINED, "unavailable")
-            payment = await self._written_after_all(payment_id)
-        except Conflict:
-            await self._finish(S.DECLINED, "duplicate_order")
-        except LimitExceeded:
-            await self._finish(S.DECLINED, "limit")
-        except AccountLocked as exc:
-            # Locked by wrong passphrases at another prompt while this one was open.
-            until = {} if exc.until is None else {"locked_until": exc.until}
-            await self._finish(S.DECLINED, "locked", **until)
-        except NotFound:
-            # Erased while the prompt was open: as if never enrolled, as in _identify.
-            await self._finish(S.DECLINED, "no_match")
-        except AuthError:
-            # This terminal was revoked after its hello (through any server).
-            await self._finish(S.DECLINED, "terminal_revoked")
+        except Refused as refused:
+            await self._finish(S.DECLINED, refused.reason, **refused.extra)
         self.payment_id = payment.payment_id
         self.machine.move(S.APPROVED, "paid")
         await self._send(
@@ -424,20 +397,6 @@ class CheckoutSession(VideoSession):
                 }
             )
         self.svc.observer.decision("checkout", "approved", "paid")
-
-    async def _written_after_all(self, payment_id: str) -> Payment:
-        """After the payment's write failed with Redis unreachable: the payment if it was
-        written after all (only its reply was lost: approve, the shopper has paid). Declines
-        ``unavailable``, which promises nothing was charged, only when Redis says so; when it
-        cannot say, ``payment_unknown``: the till asks again with the same order id."""
-        try:
-            payment = await self.svc.store.payment_or_void(payment_id)
-        except StoreUnavailable:
-            log.warning("checkout %s: payment %s unknown", self.session_id, payment_id)
-            await self._finish(S.DECLINED, "payment_unknown", order_id=self.req.order_id)
-        if payment is None:  # not written, and voided: it never will be
-            await self._finish(S.DECLINED, "unavailable")
-        return payment
 
 
 class _CancelRequested(Exception):

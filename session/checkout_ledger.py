@@ -1,0 +1,90 @@
+"""The checkout's payment write, and the decline each refusal or failure stands for.
+
+Kept apart from the session's state machine: this is the one step that moves money, and
+what it may tell the till after a failure (docs/faults.md) is the subtle part.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pipeline.errors import (
+    AccountLocked,
+    AuthError,
+    Conflict,
+    LimitExceeded,
+    NotFound,
+    StoreUnavailable,
+)
+from session.models import CheckoutRequest, Payment
+from session.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Refused(Exception):
+    """The payment was not taken: decline with ``reason`` (and the ``extra`` event fields)."""
+
+    def __init__(self, reason: str, **extra: Any) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.extra = extra
+
+
+async def write_payment(
+    store: Store, req: CheckoutRequest, account_id: str, daily_limit: int
+) -> Payment:
+    """Write the checkout's payment; Refused with the decline reason when it was not taken.
+
+    The ledger script checks the order, the terminal, the account's lock and status and the
+    daily limit in the same step as the write: a prompt stays open for up to half a minute,
+    and a revocation, lockout or erasure meanwhile (through any server) must still stop it.
+    The payment id is chosen first, so a write whose reply was lost can be looked up.
+    """
+    payment_id = store.new_payment_id()
+    try:
+        return await store.create_payment(
+            merchant_id=req.merchant_id,
+            order_id=req.order_id,
+            account_id=account_id,
+            terminal_id=req.terminal_id,
+            amount=req.amount,
+            currency=req.currency,
+            daily_limit=daily_limit,
+            payment_id=payment_id,
+        )
+    except StoreUnavailable as exc:
+        if exc.unsent:  # never reached Redis: certainly nothing was written
+            raise Refused("unavailable") from exc
+        return await _written_after_all(store, req, payment_id)
+    except Conflict as exc:
+        raise Refused("duplicate_order") from exc
+    except LimitExceeded as exc:
+        raise Refused("limit") from exc
+    except AccountLocked as exc:
+        # Locked by wrong passphrases at another prompt while this one was open.
+        until = {} if exc.until is None else {"locked_until": exc.until}
+        raise Refused("locked", **until) from exc
+    except NotFound as exc:
+        # Erased while the prompt was open: as if never enrolled.
+        raise Refused("no_match") from exc
+    except AuthError as exc:
+        # This terminal was revoked after its hello (through any server).
+        raise Refused("terminal_revoked") from exc
+
+
+async def _written_after_all(store: Store, req: CheckoutRequest, payment_id: str) -> Payment:
+    """After the write failed with Redis unreachable: the payment if it was written after all
+    (only its reply was lost: approve, the shopper has paid). ``unavailable``, which
+    promises nothing was charged, only when Redis says so (and the id is voided, so a write
+    still on its way cannot charge later); when it cannot say, ``payment_unknown``: the
+    till asks again with the same order id."""
+    try:
+        payment = await store.payment_or_void(payment_id)
+    except StoreUnavailable as exc:
+        log.warning("checkout payment %s for order %s unknown", payment_id, req.order_id)
+        raise Refused("payment_unknown", order_id=req.order_id) from exc
+    if payment is None:  # not written, and voided: it never will be
+        raise Refused("unavailable")
+    return payment
