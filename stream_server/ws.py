@@ -11,18 +11,15 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 from typing import Any
 
 from aiohttp import WSMsgType, web
 from pydantic import ValidationError
 
 from pipeline.errors import (
-    AuthError,
     FacePayError,
     InvalidRequest,
     RateLimited,
-    StoreUnavailable,
 )
 from session.camera_load import LoadPacer, camera_event, pacer_for
 from session.checkout import CheckoutSession
@@ -43,18 +40,14 @@ from stream_server.app import (
     LIMITER,
     METRICS,
     PEERS,
-    REVOKED_TERMINALS,
     STORE,
 )
 from stream_server.revocation import revoked_close
+from stream_server.ws_hello import hello
 from stream_server.ws_messages import (
-    CLOSE_TOO_MANY,
-    CLOSE_TRY_LATER,
-    CLOSE_UNAUTHENTICATED,
     MESSAGES,
     TRANSPORT_MAX_BYTES,
     EnrollPassphrase,
-    Hello,
     MetricsObserver,
     Offer,
     Passphrase,
@@ -108,7 +101,7 @@ class TerminalConnection:
     async def run(self) -> None:
         """Authenticate, then serve messages until the terminal goes away."""
         try:
-            if not await self._hello():
+            if not await hello(self):
                 return
             async for msg in self.ws:
                 if msg.type == WSMsgType.TEXT:
@@ -141,54 +134,6 @@ class TerminalConnection:
                     task.result()
         if self.ingest is not None:
             await self.ingest.close()
-
-    async def _hello(self) -> bool:
-        timeout = self.config.policy.hello_timeout_s
-        try:
-            # One deadline for the whole hello: receive(timeout=) restarts its timer after
-            # every WebSocket ping it answers, so a client pinging without a hello would
-            # hold a connection slot (server.max_sessions) for ever.
-            async with asyncio.timeout(timeout):
-                msg = await self.ws.receive()
-        except TimeoutError:
-            await self.ws.close(code=CLOSE_UNAUTHENTICATED, message=b"hello timeout")
-            return False
-        if msg.type != WSMsgType.TEXT:
-            await self.ws.close(code=CLOSE_UNAUTHENTICATED, message=b"hello required")
-            return False
-        try:
-            hello = Hello.model_validate(json.loads(msg.data))
-            self.terminal = await self.app[STORE].authenticate_terminal(hello.token)
-        except (ValueError, RecursionError, ValidationError, AuthError):
-            # RecursionError: JSON nested deeper than the parser goes is not a hello either.
-            await self.ws.close(code=CLOSE_UNAUTHENTICATED, message=b"unauthenticated")
-            return False
-        except StoreUnavailable:
-            await self.ws.close(code=CLOSE_TRY_LATER, message=b"store unavailable")
-            return False
-        tid = self.terminal.terminal_id
-        if tid in self.app[REVOKED_TERMINALS]:  # revoked since its token was read
-            await self.ws.close(code=CLOSE_UNAUTHENTICATED, message=b"unauthenticated")
-            return False
-        same = sum(
-            1
-            for c in self.app[CONNECTIONS]
-            if c.terminal is not None and c.terminal.terminal_id == tid
-        )
-        if same > self.config.limits.connections_per_terminal:
-            log.warning("terminal %s: %d connections open; refused", tid, same)
-            await self.ws.close(code=CLOSE_TOO_MANY, message=b"too many connections")
-            return False
-        await self.send(
-            {
-                "type": "hello",
-                "terminal_id": self.terminal.terminal_id,
-                "merchant_id": self.terminal.merchant_id,
-                "mode": self.terminal.mode,
-                "server_time": time.time(),
-            }
-        )
-        return True
 
     # --- messages -----------------------------------------------------------------------
     async def _on_text(self, data: str) -> None:
