@@ -55,6 +55,7 @@ _REFUSALS: tuple[tuple[type[FacePayError], str, str], ...] = (
     # The gate's own terminal was revoked (its socket is being closed): charge nobody.
     (AuthError, "revoked", "Gate out of service: please use the ticket gate"),
 )
+_REFUSED = tuple(kind for kind, _, _ in _REFUSALS)
 
 
 @dataclass(frozen=True)
@@ -287,7 +288,7 @@ class GateSession(VideoSession):
                 daily_limit=self.policy.daily_limit,
                 payment_id=payment_id,
             )
-        except (LimitExceeded, AccountLocked, NotFound, AuthError) as exc:
+        except _REFUSED as exc:
             # Refused by the ledger (locked or erased since the read above, through any
             # server): nothing was charged, so the person may try again.
             await store.release_gate_entry(merchant, account.account_id)

@@ -3,7 +3,7 @@
 ``Store.revoke_terminal`` stops the token in Redis at once and publishes
 ``revoked:{terminal_id}`` on ``fp:events`` in the same transaction. Each server then closes
 that terminal's sockets (4401): the one that took ``DELETE /api/terminals/{id}`` directly,
-every server (itself again, harmlessly) when the event arrives. Three gaps are closed too:
+every server (itself again, harmlessly) when the event arrives. Four gaps are closed too:
 
 - a hello whose token check read "active" just before the revocation committed: the
   revoked id is remembered here and the hello checks it right after its token check, with
@@ -31,6 +31,16 @@ from stream_server.ws_messages import CLOSE_UNAUTHENTICATED
 log = logging.getLogger(__name__)
 
 
+def terminal_connections(app: web.Application, terminal_id: str) -> list[Any]:
+    """This server's connections that authenticated as ``terminal_id``."""
+    connections: set[Any] = app[CONNECTIONS]
+    return [
+        conn
+        for conn in list(connections)
+        if conn.terminal is not None and conn.terminal.terminal_id == terminal_id
+    ]
+
+
 def close_revoked(app: web.Application, terminal_id: str) -> list[asyncio.Task[Any]]:
     """Remember ``terminal_id`` as revoked and start closing this server's sockets of it.
 
@@ -39,12 +49,7 @@ def close_revoked(app: web.Application, terminal_id: str) -> list[asyncio.Task[A
     directory sync does not, so that erasures never wait on a slow client's close).
     """
     app[REVOKED_TERMINALS].add(terminal_id)
-    connections: set[Any] = app[CONNECTIONS]
-    tasks = [
-        conn.revoke()
-        for conn in list(connections)
-        if conn.terminal is not None and conn.terminal.terminal_id == terminal_id
-    ]
+    tasks = [conn.revoke() for conn in terminal_connections(app, terminal_id)]
     if tasks:
         log.info("terminal %s revoked: closing %d socket(s)", terminal_id, len(tasks))
     return tasks

@@ -12,7 +12,8 @@ from aiohttp import WSMsgType
 from pydantic import ValidationError
 
 from pipeline.errors import AuthError, StoreUnavailable
-from stream_server.app import CONNECTIONS, REVOKED_TERMINALS, STORE
+from stream_server.app import REVOKED_TERMINALS, STORE
+from stream_server.revocation import terminal_connections
 from stream_server.ws_messages import (
     CLOSE_TOO_MANY,
     CLOSE_TRY_LATER,
@@ -60,9 +61,7 @@ async def hello(conn: TerminalConnection) -> bool:
     if tid in conn.app[REVOKED_TERMINALS]:  # revoked since its token was read
         await conn.ws.close(code=CLOSE_UNAUTHENTICATED, message=b"unauthenticated")
         return False
-    same = sum(
-        1 for c in conn.app[CONNECTIONS] if c.terminal is not None and c.terminal.terminal_id == tid
-    )
+    same = len(terminal_connections(conn.app, tid))
     if same > conn.config.limits.connections_per_terminal:
         log.warning("terminal %s: %d connections open; refused", tid, same)
         await conn.ws.close(code=CLOSE_TOO_MANY, message=b"too many connections")
