@@ -13,10 +13,12 @@ After every fault the same invariants are checked on the Redis itself:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -417,14 +419,23 @@ async def test_terminal_network_drop_during_the_prompt(make_shop):
 # --- a slow executor (in-process server: the executor is swapped for a stalling one) ----------
 
 
+@contextlib.asynccontextmanager
+async def stalled_shop(
+    env: Any, analyzer: Any, photo: Any, hold_s: float
+) -> AsyncIterator[tuple[TestTerminal, Stall]]:
+    """The shopper enrolled and in front of a terminal whose server's executor can stall."""
+    await env.enroll(ACCOUNT, "Barack Obama", "+12025550101", photo(ENROLL))
+    with Stall(env.app[EXECUTOR], hold_s=hold_s) as stall:
+        term = await env.terminal()
+        await term.start_video(camera_frames(analyzer, photo(SHOPPER)))
+        yield term, stall
+
+
 async def test_stalled_executor_during_scanning_times_out_and_writes_nothing(
     make_env, analyzer, photo
 ):
     env = await make_env(session_timeout_s=3.0)
-    await env.enroll(ACCOUNT, "Barack Obama", "+12025550101", photo(ENROLL))
-    with Stall(env.app[EXECUTOR], hold_s=60.0) as stall:
-        term = await env.terminal()
-        await term.start_video(camera_frames(analyzer, photo(SHOPPER)))
+    async with stalled_shop(env, analyzer, photo, hold_s=60.0) as (term, stall):
         stall.on = True
         await term.send({"type": "start_checkout", "amount": "6.60", "order_id": "o-x1"})
         # Bounded by the session's own timeout, not by the stalled jobs (60 s).
@@ -440,10 +451,7 @@ async def test_a_cancel_sent_while_the_passphrase_is_checked_charges_nothing(
     """The shopper types the right passphrase, then presses cancel before the answer comes
     (a slow check, held here on the real executor): a cancel before approval holds."""
     env = await make_env()
-    await env.enroll(ACCOUNT, "Barack Obama", "+12025550101", photo(ENROLL))
-    with Stall(env.app[EXECUTOR], hold_s=20.0) as stall:
-        term = await env.terminal()
-        await term.start_video(camera_frames(analyzer, photo(SHOPPER)))
+    async with stalled_shop(env, analyzer, photo, hold_s=20.0) as (term, stall):
         confirm = await start(term, "o-c1")
         assert confirm["type"] == "confirm", term.events
         stall.on = True
@@ -497,10 +505,7 @@ async def test_stalled_passphrase_check_declines_unavailable_then_pays_once(
     make_env, analyzer, photo
 ):
     env = await make_env(prompt_expiry_s=3.0)
-    await env.enroll(ACCOUNT, "Barack Obama", "+12025550101", photo(ENROLL))
-    with Stall(env.app[EXECUTOR], hold_s=60.0) as stall:
-        term = await env.terminal()
-        await term.start_video(camera_frames(analyzer, photo(SHOPPER)))
+    async with stalled_shop(env, analyzer, photo, hold_s=60.0) as (term, stall):
         confirm = await start(term, "o-x2")
         assert confirm["type"] == "confirm", term.events
         stall.on = True
