@@ -25,6 +25,7 @@ from pipeline.gallery import Decision
 from pipeline.stream import TrackReport
 from pipeline.types import FloatArray
 from session.checkout_ledger import Refused, write_payment
+from session.crypto import WrongAnswers
 from session.frames import FrameSlot
 from session.models import Account, CheckoutRequest, format_amount
 from session.services import SessionServices
@@ -314,6 +315,7 @@ class CheckoutSession(VideoSession):
         except NotFound:  # erased since recognition: as if never enrolled
             await self._finish(S.DECLINED, "no_match")
         loop = asyncio.get_running_loop()
+        wrong, left = WrongAnswers(), self.policy.passphrase_attempts
         while True:
             msg = await self._next_message(deadline, "passphrase")
             if msg.get("prompt_id") != prompt_id:
@@ -326,14 +328,20 @@ class CheckoutSession(VideoSession):
                 )
                 continue
             passphrase = str(msg.get("passphrase", ""))
+            if passphrase in wrong:  # the same wrong answer again: counted once
+                del passphrase, msg
+                await self._repeat_answer(account, left)
+                continue
             check = loop.run_in_executor(
                 self.svc.executor, self.svc.hasher.verify, stored_hash, passphrase
             )
-            del passphrase, msg  # keep the secret's lifetime short
             ok = await self._verified(check, expires_in)
             await self._check_stopped()
             if ok:
+                del passphrase, msg  # keep the secret's lifetime short
                 break
+            wrong.add(passphrase)
+            del passphrase, msg
             left, locked_until = await self.svc.store.record_failure(
                 account.account_id, self.policy.passphrase_attempts, self.policy.lockout_s
             )
@@ -345,6 +353,14 @@ class CheckoutSession(VideoSession):
             await self._send({"type": "wrong_passphrase", "attempts_left": left})
         await self.svc.store.clear_failures(account.account_id)
         await self._pay(account)
+
+    async def _repeat_answer(self, account: Account, left: int) -> None:
+        """Answer a wrong passphrase given again at this prompt: not checked, not counted,
+        but a lock set meanwhile (another prompt, any server) still ends the prompt."""
+        locked_until = await self.svc.store.locked_until(account.account_id)
+        if locked_until is not None:
+            await self._finish(S.DECLINED, "locked", locked_until=locked_until)
+        await self._send({"type": "wrong_passphrase", "attempts_left": left})
 
     async def _verified(self, check: asyncio.Future[bool], bound_s: float) -> bool:
         """The passphrase check's result; declines ``unavailable`` if it takes over ``bound_s``.

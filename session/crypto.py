@@ -240,6 +240,31 @@ class PassphraseHasher:
             return True
 
 
+class WrongAnswers:
+    """The wrong answers already counted at one passphrase prompt, as keyed digests.
+
+    A double press of Pay, or a terminal resending after a hiccup, delivers the same answer
+    again. Counting it again would lock an account after one typo, and it tells a guesser
+    nothing new, so the prompt answers it without another argon2id check and without
+    counting. Only an HMAC under a key that lives as long as the prompt is kept, never the
+    passphrase: the digests are useless once the prompt is gone.
+    """
+
+    def __init__(self) -> None:
+        self._key = os.urandom(32)
+        self._seen: set[bytes] = set()
+
+    def _digest(self, passphrase: str) -> bytes:
+        return hmac.new(self._key, passphrase.encode("utf-8", "surrogatepass"), "sha256").digest()
+
+    def add(self, passphrase: str) -> None:
+        """Remember ``passphrase`` as a counted wrong answer."""
+        self._seen.add(self._digest(passphrase))
+
+    def __contains__(self, passphrase: object) -> bool:
+        return isinstance(passphrase, str) and self._digest(passphrase) in self._seen
+
+
 def check_passphrase(passphrase: str) -> None:
     """InvalidRequest unless 6-128 characters with no control characters."""
     if not isinstance(passphrase, str):

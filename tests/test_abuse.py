@@ -270,7 +270,7 @@ async def test_passphrase_answers_are_limited_per_terminal(make_server, analyzer
     assert confirm["type"] == "confirm", term.events
     answer = {"type": "passphrase", "prompt_id": confirm["prompt_id"]}
     for left in (9, 8):
-        await term.send({**answer, "passphrase": "wrong guess"})
+        await term.send({**answer, "passphrase": f"wrong guess {left}"})
         assert (await term.expect("wrong_passphrase"))["attempts_left"] == left
     await term.send({**answer, "passphrase": PASSPHRASE})  # even the right one: over budget
     error = await term.expect("error", "approved")

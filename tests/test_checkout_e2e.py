@@ -8,7 +8,7 @@ import time
 import pytest
 
 from stream_server import replay
-from stream_server.app import CONNECTIONS, EXECUTOR
+from stream_server.app import CONNECTIONS, EXECUTOR, REDIS
 from tests.e2e import PASSPHRASE, camera_frames, empty_frames
 
 ENROLL = "faces/obama/obama.jpg"
@@ -170,14 +170,14 @@ async def test_three_wrong_passphrases_lock_the_account(make_env, analyzer, phot
     await env.enroll("acct-obama", "Barack Obama", "+1 202 555 0101", photo(ENROLL))
     term = await _shopper_session(env, analyzer, photo)
     confirm = await term.expect("confirm")
-    for left in (2, 1):
+    for left, guess in ((2, "wrong-guess-1"), (1, "wrong-guess-2")):
         await term.send(
-            {"type": "passphrase", "prompt_id": confirm["prompt_id"], "passphrase": "wrong-guess"}
+            {"type": "passphrase", "prompt_id": confirm["prompt_id"], "passphrase": guess}
         )
         wrong = await term.expect("wrong_passphrase")
         assert wrong["attempts_left"] == left
     await term.send(
-        {"type": "passphrase", "prompt_id": confirm["prompt_id"], "passphrase": "wrong-guess"}
+        {"type": "passphrase", "prompt_id": confirm["prompt_id"], "passphrase": "wrong-guess-3"}
     )
     declined = await term.expect("declined")
     assert declined["reason"] == "locked"
@@ -188,6 +188,50 @@ async def test_three_wrong_passphrases_lock_the_account(make_env, analyzer, phot
     assert again == {**again, "type": "declined", "reason": "locked"}
     # Even the right passphrase cannot be tried: no prompt is ever sent.
     assert "confirm" not in term.types()[term.types().index("declined") :]
+
+
+async def test_the_same_wrong_passphrase_sent_again_counts_once(make_env, analyzer, photo):
+    """A double press of Pay (or a resend) delivers one typo several times: it costs one
+    attempt, not three, and the right passphrase still pays."""
+    env = await make_env()
+    await env.enroll("acct-obama", "Barack Obama", "+1 202 555 0101", photo(ENROLL))
+    term = await _shopper_session(env, analyzer, photo)
+    confirm = await term.expect("confirm")
+    answer = {"type": "passphrase", "prompt_id": confirm["prompt_id"]}
+    for _ in range(3):  # sent back to back, before the first answer comes
+        await term.send({**answer, "passphrase": "correct horse battery stapel"})
+    for _ in range(3):
+        wrong = await term.expect("wrong_passphrase")
+        assert wrong["attempts_left"] == 2, term.events
+    assert await env.app[REDIS].get("fp:fail:acct-obama") == b"1"
+    # A different wrong answer is counted: a guesser gets no extra tries from repeats.
+    await term.send({**answer, "passphrase": "another-guess"})
+    assert (await term.expect("wrong_passphrase"))["attempts_left"] == 1
+    await term.send({**answer, "passphrase": PASSPHRASE})
+    assert (await term.expect("approved", "declined"))["type"] == "approved", term.events
+    assert len(await env.payments()) == 1
+    assert await env.app[REDIS].get("fp:fail:acct-obama") is None
+
+
+async def test_a_repeated_wrong_passphrase_still_meets_a_lock_set_meanwhile(
+    make_env, analyzer, photo
+):
+    """A repeat is answered without a check, but not past a lock another prompt set."""
+    env = await make_env()
+    await env.enroll("acct-obama", "Barack Obama", "+1 202 555 0101", photo(ENROLL))
+    term = await _shopper_session(env, analyzer, photo)
+    confirm = await term.expect("confirm")
+    answer = {"type": "passphrase", "prompt_id": confirm["prompt_id"], "passphrase": "guess-1"}
+    await term.send(answer)
+    assert (await term.expect("wrong_passphrase"))["attempts_left"] == 2
+    until = None
+    while until is None:  # wrong answers at another prompt, through the shared store
+        _, until = await env.store.record_failure("acct-obama", 3, 60.0)
+    await term.send(answer)
+    declined = await term.expect("declined", "wrong_passphrase")
+    assert declined["type"] == "declined" and declined["reason"] == "locked", term.events
+    assert declined["locked_until"] == pytest.approx(until, abs=0.05)
+    assert await env.payments() == []
 
 
 async def test_unknown_face_is_declined_no_match(make_env, analyzer, photo):

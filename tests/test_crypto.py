@@ -13,6 +13,7 @@ from session.crypto import (
     AuditSealKey,
     PassphraseHasher,
     TemplateCipher,
+    WrongAnswers,
     check_passphrase,
     generate_key,
     parse_key,
@@ -247,3 +248,14 @@ def test_the_audit_seal_key_travels_alone_and_opens_nothing() -> None:
     for bad in ("audit:", "audit:zz", "audit:" + "00" * 31):
         with pytest.raises(ConfigError):
             AuditSealKey.parse(bad)
+
+
+def test_wrong_answers_remember_digests_of_one_prompt_only():
+    first, second = WrongAnswers(), WrongAnswers()
+    first.add("correct horse 41")
+    assert "correct horse 41" in first
+    assert "correct horse 42" not in first  # near misses are new answers
+    assert "Correct horse 41" not in first
+    assert "correct horse 41" not in second  # another prompt counts it again
+    assert 41 not in first
+    assert not any(b"correct horse 41" in d for d in first._seen)  # digests, not text
