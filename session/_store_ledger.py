@@ -166,10 +166,10 @@ class StoreCore:
             now_ms,
         ]
         with h.unavailable("record_failure"):
-            left, lock_ms = await self._fail_script(keys=keys, args=args)
+            left, lock_ms, stored = await self._fail_script(keys=keys, args=args)
         if int(lock_ms) == 0:
             return int(left), None
-        return 0, (now_ms + int(lock_ms)) / 1000.0
+        return 0, float(h.text(stored))
 
     async def clear_failures(self, account_id: str) -> None:
         """Reset the wrong-passphrase counter after a correct one."""

@@ -119,14 +119,16 @@ VOID_TTL_S = 86_400
 # KEYS: 1 failure counter, 2 lock, 3 lockouts so far, 4 failures today
 # ARGV: 1 max_attempts, 2 lockout ms, 3 backoff factor, 4 max lockout ms, 5 lockout memory ms,
 #       6 failures per day, 7 day window ms, 8 now (epoch ms)
-# Returns {attempts left, lock ms (0: not locked)}. One script: the counters, the escalation
-# and the lock change together or not at all. A failure while the account is already locked
-# (a prompt opened before the lock) counts nothing and answers the lock's remaining time:
-# counting it would start a fresh counter under the lock, offering more guesses.
+# Returns {attempts left, lock ms (0: not locked), the lock's stored end or false}. One
+# script: the counters, the escalation and the lock change together or not at all. A failure
+# while the account is already locked (a prompt opened before the lock) counts nothing and
+# answers the lock as stored, the same end a payment refused by that lock reports: counting
+# it would start a fresh counter under the lock, offering more guesses, and an end computed
+# from this server's clock would tell a wrong guess from a right one.
 FAIL_LUA = """
 local held = redis.call('PTTL', KEYS[2])
 if held > 0 then
-  return {0, held}
+  return {0, held, redis.call('GET', KEYS[2])}
 end
 local n = redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -136,7 +138,7 @@ if d == 1 or redis.call('PTTL', KEYS[4]) < 0 then
 end
 local over_day = d >= tonumber(ARGV[6])
 if n < tonumber(ARGV[1]) and not over_day then
-  return {tonumber(ARGV[1]) - n, 0}
+  return {tonumber(ARGV[1]) - n, 0, false}
 end
 local k = redis.call('INCR', KEYS[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[5])
@@ -145,9 +147,10 @@ if over_day or ms > tonumber(ARGV[4]) then
   ms = tonumber(ARGV[4])
 end
 ms = math.floor(ms)
-redis.call('SET', KEYS[2], string.format('%.3f', (tonumber(ARGV[8]) + ms) / 1000), 'PX', ms)
+local stored = string.format('%.3f', (tonumber(ARGV[8]) + ms) / 1000)
+redis.call('SET', KEYS[2], stored, 'PX', ms)
 redis.call('DEL', KEYS[1])
-return {0, ms}
+return {0, ms, stored}
 """
 
 

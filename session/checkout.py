@@ -328,9 +328,14 @@ class CheckoutSession(VideoSession):
                 )
                 continue
             passphrase = str(msg.get("passphrase", ""))
-            if passphrase in wrong:  # the same wrong answer again: counted once
+            # A lock set since the prompt opened (wrong answers at another prompt, any
+            # server) ends it before any check: a checked answer would be one more guess.
+            locked_until = await self.svc.store.locked_until(account.account_id)
+            if locked_until is not None:
+                await self._finish(S.DECLINED, "locked", locked_until=locked_until)
+            if passphrase in wrong:  # the same wrong answer again: not checked, counted once
                 del passphrase, msg
-                await self._repeat_answer(account, left)
+                await self._send({"type": "wrong_passphrase", "attempts_left": left})
                 continue
             check = loop.run_in_executor(
                 self.svc.executor, self.svc.hasher.verify, stored_hash, passphrase
@@ -353,14 +358,6 @@ class CheckoutSession(VideoSession):
             await self._send({"type": "wrong_passphrase", "attempts_left": left})
         await self.svc.store.clear_failures(account.account_id)
         await self._pay(account)
-
-    async def _repeat_answer(self, account: Account, left: int) -> None:
-        """Answer a wrong passphrase given again at this prompt: not checked, not counted,
-        but a lock set meanwhile (another prompt, any server) still ends the prompt."""
-        locked_until = await self.svc.store.locked_until(account.account_id)
-        if locked_until is not None:
-            await self._finish(S.DECLINED, "locked", locked_until=locked_until)
-        await self._send({"type": "wrong_passphrase", "attempts_left": left})
 
     async def _verified(self, check: asyncio.Future[bool], bound_s: float) -> bool:
         """The passphrase check's result; declines ``unavailable`` if it takes over ``bound_s``.

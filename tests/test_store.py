@@ -428,6 +428,22 @@ async def test_enrolment_audit_records_consent_without_biometrics(db: Store, pas
 # --- lockout -------------------------------------------------------------------------------------
 
 
+async def test_a_failure_under_a_lock_answers_the_lock_as_stored(
+    db: Store, client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every server reports a lock's end as Redis holds it, whatever its own clock says: a
+    wrong answer under the lock and a refused payment must be told the same end, or the
+    difference would say whether a guess at a prompt left open was right."""
+    for _ in range(3):
+        _, until = await db.record_failure("alice", 3, 60.0)
+    stored = float((await client.get("fp:lock:alice")).decode())
+    assert until == stored
+    skewed = time.time() + 0.007  # another server, 7 ms ahead
+    monkeypatch.setattr(time, "time", lambda: skewed)
+    assert await db.record_failure("alice", 3, 60.0) == (0, stored)
+    assert await db.locked_until("alice") == stored
+
+
 async def test_lockout_counts_locks_and_expires(db: Store, client: aioredis.Redis) -> None:
     assert await db.locked_until("alice") is None
     assert await db.record_failure("alice", 3, 1.0) == (2, None)
