@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
@@ -78,7 +78,8 @@ class EvidenceConfig(_Strict):
     """How much video a verdict needs, and how frame scores are fused."""
 
     min_frames: int = Field(5, ge=2, le=300)
-    min_span_s: float = Field(0.3, ge=0.0, le=30.0)
+    #: At least 0.1 s: frames a few milliseconds apart are one moment, not video.
+    min_span_s: float = Field(0.3, ge=0.1, le=30.0)
     window_s: float = Field(3.0, ge=0.3, le=60.0)
     max_frames: int = Field(60, ge=2, le=1000)
     #: Fraction of the lowest single-frame liveness scores ignored by the fusion: a genuine
@@ -98,6 +99,15 @@ class EvidenceConfig(_Strict):
     use_rigidity: bool = False
     rigidity_min_frames: int = Field(10, ge=4, le=300)
 
+    @model_validator(mode="after")
+    def _fits_the_window(self) -> EvidenceConfig:
+        # A window that can never hold the frames a verdict needs would leave every face
+        # undecided (spoof_min_frames: a non-fast spoof could never be called).
+        needed = max(self.min_frames, self.spoof_min_frames or 0, self.spoof_fast_frames)
+        if needed > self.max_frames:
+            raise ValueError(f"max_frames ({self.max_frames}) is below the {needed} frames needed")
+        return self
+
 
 class TrackerConfig(_Strict):
     """Face tracking across frames (see ``pipeline.tracker.Tracker``)."""
@@ -105,8 +115,25 @@ class TrackerConfig(_Strict):
     iou_threshold: float = Field(0.3, ge=0.05, le=0.95)
     max_missed: int = Field(15, ge=1, le=300)
     max_age_s: float = Field(1.0, ge=0.1, le=30.0)
-    embedding_threshold: float = Field(0.3, ge=-1.0, le=0.9)
+    #: A detection whose embedding is below this cosine to a track's mean never joins it,
+    #: whatever the boxes say. Most pairs of different people score below 0.3 (NUAA
+    #: impostor pairs: median 0.11, p95 0.35; LFW's equal-error point is ~0.24), while one
+    #: face's own frames can dip far lower than frontal webcam frames suggest (NUAA: min
+    #: 0.77 to their person's mean): the 5-person scene's print, turning as it is held up,
+    #: fell to 0.54 offline and below 0.4 over WebRTC, so 0.4 or 0.5 split its track and
+    #: it was denied twice (tests/test_gate_e2e.py). A look-alike above the veto who
+    #: alternates their own face with a victim's print in one box does not blend the two
+    #: identities either: a verdict's identity comes only from frames scored live
+    #: (pipeline/evidence.py; tests/test_stream_identity.py). At least 0.3: below it
+    #: unrelated faces would share tracks.
+    embedding_threshold: float = Field(0.3, ge=0.3, le=0.9)
     relink_threshold: float = Field(0.6, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _relink_above_veto(self) -> TrackerConfig:
+        if self.relink_threshold < self.embedding_threshold:
+            raise ValueError("relink_threshold must be at least embedding_threshold")
+        return self
 
 
 class SelectionConfig(_Strict):
@@ -157,8 +184,10 @@ class ChangeConfig(_Strict):
 class MatchConfig(_Strict):
     """1:N acceptance: above threshold AND ahead of the second-best subject by margin."""
 
-    threshold: float = Field(0.45, ge=0.2, le=0.95)
-    margin: float = Field(0.08, ge=0.0, le=0.5)
+    #: Floors: 0.35 is well above LFW's equal-error point (~0.24), and a margin of 0 would
+    #: pick one of two identical twins instead of declining ``ambiguous``.
+    threshold: float = Field(0.45, ge=0.35, le=0.95)
+    margin: float = Field(0.08, ge=0.02, le=0.5)
     top_k: int = Field(5, ge=2, le=100)
     # Big galleries (docs/gallery.md). Exact search of 50k templates costs ~2 ms; above that
     # a faiss IVF index proposes candidates, re-scored exactly, so decisions see exact cosines.

@@ -47,6 +47,9 @@ def decide(matches: Sequence[Match], threshold: float, margin: float) -> Decisio
         raise ValueError(f"margin must be >= 0, got {margin}")
     if not matches:
         return Decision("no_match", None, -1.0, -1.0, "no candidates")
+    if not all(math.isfinite(m.score) for m in matches):
+        # NaN compares False with both bounds below and would read as a match.
+        raise ValueError("match scores must be finite")
     ranked = sorted(matches, key=lambda m: m.score, reverse=True)
     best = ranked[0]
     second = next((m.score for m in ranked[1:] if m.subject_id != best.subject_id), -1.0)

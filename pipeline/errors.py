@@ -20,7 +20,7 @@ class ImageError(FacePayError):
 
 
 class ModelError(FacePayError):
-    """A model file is missing, altered, or cannot be loaded."""
+    """A model file is missing, altered or cannot be loaded, or a model gave unusable output."""
 
     code = "model_error"
 

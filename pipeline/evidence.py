@@ -17,7 +17,14 @@ passing), prints and screens occasionally score high on one frame, so the verdic
   residual, in eye distances, is reported in every decided verdict (``nonrigidity``; one
   least-squares solve over the window's frames, so undecided verdicts, computed on every
   analysed frame, leave it out).
-The embedding is the quality-weighted mean of the frames' embeddings, re-normalised.
+The embedding is the quality-weighted mean of the embeddings of the frames that were
+themselves scored live, re-normalised: a frame whose own score says photo or screen may show
+someone else, and must not pull the track's identity towards them (a look-alike alternating
+their own face with a victim's print in one box).
+A borderline track (its fused score below the threshold once it had ``min_frames`` scores,
+but not yet ``spoof_min_frames`` to call it a spoof) needs ``spoof_min_frames`` scores for a
+live verdict as well: otherwise a verdict recomputed on every frame gives a moderately low
+spoof many chances to cross the threshold once, and live is final.
 """
 
 from __future__ import annotations
@@ -124,10 +131,16 @@ class EvidenceAccumulator:
         self.too_close: deque[tuple[float, float]] = deque(maxlen=config.max_frames)
         self.rejected: dict[str, int] = {}
         self.seen = 0
+        #: Set once the fused score was below the threshold at a decision point (see
+        #: the module docstring); a live verdict then needs ``spoof_min_frames`` scores.
+        self.doubted = False
 
     def add(self, t: float, analysis: FaceAnalysis) -> bool:
         """Add one frame's analysis; returns whether it counted (quality passed)."""
         self.seen += 1
+        if analysis.p_real is not None and not 0.0 <= analysis.p_real <= 1.0:
+            # NaN compares False with every threshold and would read as live.
+            raise ValueError(f"liveness score must be in [0, 1], got {analysis.p_real}")
         if not analysis.quality.ok:
             for reason in analysis.quality.reasons:
                 self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -145,7 +158,18 @@ class EvidenceAccumulator:
             )
         )
         self._slide(t)
+        self._note_doubt()
         return True
+
+    def _note_doubt(self) -> None:
+        cfg = self.config
+        if self.doubted or (cfg.spoof_min_frames or cfg.min_frames) <= cfg.min_frames:
+            return
+        scored = [f for f in self.frames if f.p_real is not None]
+        if len(scored) < cfg.min_frames or scored[-1].t - scored[0].t < cfg.min_span_s:
+            return
+        fused = self.fused_liveness()
+        self.doubted = fused is not None and fused < self.liveness_threshold
 
     def _slide(self, t: float) -> None:
         # The window slides: old evidence about a face that has since changed must not count.
@@ -165,8 +189,15 @@ class EvidenceAccumulator:
         return trimmed_mean(scores, self.config.trim_low) if scores.size else None
 
     def mean_embedding(self) -> FloatArray | None:
-        """Quality-weighted mean of the window's embeddings, L2-normalised."""
-        pairs = [(f.embedding, f.weight) for f in self.frames if f.embedding is not None]
+        """Quality-weighted mean of the embeddings of the window's frames scored live
+        (``p_real`` at or above the threshold), L2-normalised; None without any."""
+        pairs = [
+            (f.embedding, f.weight)
+            for f in self.frames
+            if f.embedding is not None
+            and f.p_real is not None
+            and f.p_real >= self.liveness_threshold
+        ]
         if not pairs:
             return None
         stacked = np.stack([e for e, _ in pairs])
@@ -224,10 +255,13 @@ class EvidenceAccumulator:
         if span < cfg.min_span_s:
             return make("undecided", "need_longer_video")
         assert fused is not None  # scored is non-empty here
+        needed = cfg.spoof_min_frames or cfg.min_frames
         if fused < self.liveness_threshold:
-            if len(scored) < (cfg.spoof_min_frames or cfg.min_frames):
+            if len(scored) < needed:
                 return make("undecided", "need_more_frames")
             return make("spoof", "liveness_low")
+        if self.doubted and len(scored) < needed:
+            return make("undecided", "need_more_frames")
         if cfg.use_rigidity and len(self.frames) >= cfg.rigidity_min_frames:
             nonrigid, motion = rigid()
             if (
@@ -237,6 +271,6 @@ class EvidenceAccumulator:
                 and nonrigid < _RIGID_PLANE_RESIDUAL
             ):
                 return make("spoof", "rigid_plane")
-        if self.embeddings_count == 0:
+        if self.mean_embedding() is None:
             return make("undecided", "no_embedding")
         return make("live")

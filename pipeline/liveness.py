@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from pipeline.detector import InferenceSession
+from pipeline.errors import ModelError
 from pipeline.types import Box, Face, FloatArray, ImageArray
 
 LIVENESS_INPUT = 80
@@ -71,6 +72,8 @@ def liveness_crop(image: ImageArray, box: Box, scale: float) -> ImageArray:
 
 
 def _softmax(logits: FloatArray) -> FloatArray:
+    if not np.all(np.isfinite(logits)):
+        raise ModelError("liveness model gave non-finite logits")
     shifted = logits - np.max(logits)
     exp = np.exp(shifted)
     return (exp / exp.sum()).astype(np.float32)
@@ -105,4 +108,7 @@ class MiniFASNetFusion:
     def liveness(self, frame: ImageArray, face: Face) -> float:
         """Fused probability that the face is a live person in front of the camera."""
         probs = np.mean([m.probabilities(frame, face) for m in self.models], axis=0)
-        return float(probs[REAL_CLASS])
+        p_real = float(probs[REAL_CLASS])
+        if not 0.0 <= p_real <= 1.0:  # NaN or inf logits: a model fault, never a score
+            raise ModelError(f"liveness model output is not a probability: {p_real}")
+        return p_real

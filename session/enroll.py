@@ -239,6 +239,11 @@ class EnrollSession(VideoSession):
         analysis = main.analysis
         if not analysis.quality.ok or analysis.embedding is None:
             return
+        # Only frames scored live themselves: one that scores as a photo may show someone
+        # else in the same box (as for a checkout's identity, pipeline/evidence.py).
+        threshold = self.svc.config.pipeline.liveness.threshold
+        if analysis.p_real is None or analysis.p_real < threshold:
+            return
         if len(self._templates) >= self.cfg.templates or t - self._last_take < self.cfg.min_gap_s:
             return
         self._templates.append(analysis.embedding)

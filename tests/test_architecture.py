@@ -45,6 +45,13 @@ def test_config_refuses_unknown_keys():
         {"match": {"margin": 0.9}},
         {"evidence": {"min_frames": 1}},
         {"detector": {"name": "haar"}},
+        # Values that would quietly turn a check off (each refused since 2026-11-25):
+        {"match": {"margin": 0.0}},  # one of two identical twins picked, not ambiguous
+        {"match": {"threshold": 0.2}},  # below LFW's equal-error point
+        {"evidence": {"min_span_s": 0.0}},  # two frames of one moment as "video"
+        {"evidence": {"spoof_min_frames": 300, "max_frames": 60}},  # spoof never callable
+        {"tracker": {"embedding_threshold": -1.0}},  # any two faces share a track
+        {"tracker": {"embedding_threshold": 0.7, "relink_threshold": 0.6}},
     ],
 )
 def test_config_refuses_out_of_bounds_values(bad):

@@ -228,3 +228,42 @@ def test_too_close_scores_leave_the_window_like_any_evidence():
         acc.add(i / 15, _too_close(0.01))
     acc.add(5.0, _too_close(0.01))  # the first three are over 1 s old by now
     assert len(acc.too_close) == 1 and acc.verdict().status == "undecided"
+
+
+def test_a_borderline_track_needs_the_spoof_frame_count_to_become_live():
+    """A verdict is recomputed on every frame: a moderately low spoof must not get many
+    chances to cross the threshold once before it has the frames a spoof verdict needs."""
+    cfg = EvidenceConfig(min_frames=4, min_span_s=0.1, spoof_fast_frames=3, spoof_min_frames=8)
+    acc = EvidenceAccumulator(cfg, 0.5)
+    _feed(acc, [0.45, 0.3, 0.4, 0.45])  # below the threshold at the first decision point
+    assert acc.verdict().reasons == ("need_more_frames",) and acc.doubted
+    _feed(acc, [0.9, 0.9], start=4)  # fused 0.57: over the threshold after 6 frames
+    assert acc.fused_liveness() >= 0.5
+    assert acc.verdict().reasons == ("need_more_frames",)
+    _feed(acc, [0.9, 0.9], start=6)  # 8 frames: live if it still holds
+    assert acc.verdict().status == "live"
+    clear = EvidenceAccumulator(cfg, 0.5)
+    _feed(clear, [0.95, 0.97, 0.96, 0.98])  # a clearly live face is not held up
+    assert clear.verdict().status == "live" and not clear.doubted
+
+
+def test_the_identity_comes_only_from_frames_scored_live():
+    """A look-alike alternating their own face with a victim's print in one box: the print's
+    frames (scored as a photo) must not pull the verdict's identity towards the victim."""
+    attacker, victim = _unit(1), _unit(2)
+    acc = EvidenceAccumulator(EvidenceConfig(), 0.5)
+    for i in range(10):
+        own = i % 2 == 0
+        acc.add(i / 30, _analysis(0.99 if own else 0.3, attacker if own else victim))
+    verdict = acc.verdict()
+    assert verdict.status == "live"  # trimmed fusion forgives the dips ...
+    assert float(verdict.embedding @ attacker) == pytest.approx(1.0, abs=1e-5)  # ... not who
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.1, 1.5])
+def test_a_liveness_score_that_is_not_a_probability_is_refused(bad):
+    acc = EvidenceAccumulator(EvidenceConfig(), 0.5)
+    _feed(acc, [0.2, 0.1, 0.2])
+    with pytest.raises(ValueError):
+        acc.add(1.0, _analysis(bad, _unit(9)))
+    assert len(acc.frames) == 3

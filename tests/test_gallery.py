@@ -157,6 +157,8 @@ def test_bad_arguments_raise() -> None:
         decide([], threshold=float("nan"), margin=0.1)
     with pytest.raises(ValueError):
         decide([], threshold=0.5, margin=-0.1)
+    with pytest.raises(ValueError):  # NaN passes no comparison, so it would read as a match
+        decide([Match("a", float("nan"))], threshold=0.45, margin=0.08)
 
 
 def test_empty_gallery_gives_no_match() -> None:

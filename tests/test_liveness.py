@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from pipeline.liveness import crop_box, liveness_crop, square_box
+from pipeline.errors import ModelError
+from pipeline.liveness import LivenessModel, MiniFASNetFusion, crop_box, liveness_crop, square_box
 from pipeline.stream import StreamAnalyzer
 from pipeline.streamgen import StreamSpec, generate_frames
-from pipeline.types import Box
+from pipeline.types import Box, Face
 
 
 def test_crop_box_shifts_inside_the_frame_instead_of_clipping():
@@ -25,6 +27,32 @@ def test_square_box_keeps_centre_and_uses_the_longer_side():
     sq = square_box(Box(10, 20, 40, 60))
     assert sq.width == pytest.approx(40) and sq.height == pytest.approx(40)
     assert sq.center == pytest.approx((25, 40))
+
+
+class _Logits:
+    """An inference session that answers fixed logits (a unit test of the fusion alone)."""
+
+    def __init__(self, logits):
+        self.logits = np.array([logits], np.float32)
+
+    def get_inputs(self):
+        return [type("Input", (), {"name": "input"})()]
+
+    def run(self, output_names, feed):
+        return [self.logits]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_liveness_model_giving_no_number_is_a_model_fault_not_a_score(bad):
+    image = np.zeros((480, 640, 3), np.uint8)
+    face = Face(
+        Box(200, 150, 300, 270), ((230, 190), (270, 190), (250, 215), (235, 240), (265, 240)), 0.9
+    )
+    good = LivenessModel(_Logits([0.0, 4.0, 0.0]), 2.7)
+    assert MiniFASNetFusion([good]).liveness(image, face) > 0.9
+    broken = LivenessModel(_Logits([0.0, bad, 0.0]), 4.0)
+    with pytest.raises(ModelError):
+        MiniFASNetFusion([good, broken]).liveness(image, face)
 
 
 def test_liveness_crop_is_80x80(photo, analyzer):

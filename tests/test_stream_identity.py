@@ -103,3 +103,42 @@ def test_a_servers_stream_keeps_nothing_of_a_track_that_ended():
         kept[keep] = stream.verdicts()
     assert kept[False] == {}
     assert [v.status for v in kept[True].values()] == ["live"]
+
+
+def _at_cosine(base: np.ndarray, cos: float, seed: int) -> np.ndarray:
+    """A unit vector at exactly ``cos`` to ``base``."""
+    other = _unit(seed)
+    other = other - (other @ base) * base
+    other /= np.linalg.norm(other)
+    return (cos * base + np.sqrt(1 - cos**2) * other).astype(np.float32)
+
+
+@pytest.mark.parametrize("mode", CONFIGS)
+@pytest.mark.parametrize("veto", [None, 0.5])  # the default (the lowest allowed), a stricter one
+@pytest.mark.parametrize("cos", [0.32, 0.45])
+def test_a_look_alike_alternating_with_a_victims_print_is_never_the_victim(mode, veto, cos):
+    """A live look-alike (``cos`` to the victim) and a print of the victim take turns in one
+    box. Neither the tracker (it keeps the two apart at its default veto) nor the evidence
+    (only frames scored live give the identity) may let the print's frames pull a live
+    verdict towards the victim: a gate would charge the victim with no passphrase."""
+    config = CONFIGS[mode]
+    if veto is not None:
+        tracker = config.tracker.model_copy(update={"embedding_threshold": veto})
+        config = config.model_copy(update={"tracker": tracker})
+    victim = _unit(7)
+    attacker = _at_cosine(victim, cos, seed=8)
+
+    class Blend(Scripted):
+        boxes: ClassVar = {"a": Scripted.boxes["x"], "v": Scripted.boxes["x"]}
+        embeddings: ClassVar = {"a": attacker, "v": victim}
+
+    models = Blend(config, who="a", p_real={"a": 0.99, "v": 0.02})
+    stream = StreamAnalyzer(models, config)  # type: ignore[arg-type]
+    lives = []
+    for i in range(60):
+        models.who = "a" if i % 3 != 1 else "v"  # a, v, a, a, v, a, ...
+        for report in stream.process(FRAME, i / 30):
+            if report.verdict.status == "live":
+                lives.append(float(report.verdict.embedding @ victim))
+    assert lives, "the attacker's own live face was never decided"
+    assert max(lives) <= cos + 1e-4  # never closer to the victim than the attacker is
