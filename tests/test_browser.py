@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,7 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stream_server.app import CONNECTIONS, EXECUTOR
+from pipeline.errors import NotFound
+from stream_server.app import CONFIG, CONNECTIONS, EXECUTOR, LIMITER
 from tests.browser import (
     SCREENSHOTS,
     StateShots,
@@ -28,6 +31,7 @@ from tests.browser import (
     write_camera,
 )
 from tests.e2e import PASSPHRASE
+from tests.faultkit import fail_payment_writes
 
 ENROLL = "faces/obama/obama.jpg"
 SHOPPER = "faces/obama/obama3.jpg"  # another photo of the enrolled person
@@ -467,3 +471,233 @@ async def test_enrolment_with_consent_then_the_new_account_pays(env, analyzer, p
         await wait_state(page, "approved")
     payments = await env.payments()
     assert len(payments) == 1
+
+
+def _record_sent(page) -> list[dict[str, Any]]:
+    """Every JSON message the page sends on its WebSockets, in order (filled as they go)."""
+    sent: list[dict[str, Any]] = []
+
+    def on_frame(payload: str | bytes) -> None:
+        with contextlib.suppress(ValueError):
+            sent.append(json.loads(payload))
+
+    page.on("websocket", lambda ws: ws.on("framesent", on_frame))
+    return sent
+
+
+def _sent(sent: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [m for m in sent if m.get("type") == kind]
+
+
+async def test_pay_pay_enter_sends_one_passphrase_and_clears_the_field(
+    env, analyzer, photo, tmp_path
+):
+    """Pay, Pay and Enter in one go send the answer once; the field is emptied and locked
+    at once (the passphrase does not stay in the page) and unlocked by the reply."""
+    await env.enroll("acct-obama", "Barack Obama", "+1 202 555 0101", photo(ENROLL))
+    camera = write_camera(analyzer, photo(SHOPPER), tmp_path / "cam.y4m")
+    async with browser_page(tmp_path / "profile", camera) as page:
+        sent = _record_sent(page)
+        await page.goto(_url(env, f"/checkout#token={env.token}&amount=3.00&order=o-twice"))
+        await wait_state(page, "confirm")
+        await page.fill("#passphrase", "not-the-passphrase")
+        # Both clicks and the Enter (a submit) before the server can answer.
+        after = await page.evaluate(
+            """() => {
+              const pay = document.getElementById("pay");
+              pay.click();
+              pay.click();
+              document.getElementById("screen-confirm").requestSubmit();
+              const field = document.getElementById("passphrase");
+              return { value: field.value, locked: field.disabled && pay.disabled };
+            }"""
+        )
+        assert after == {"value": "", "locked": True}
+        await page.wait_for_selector('#wrong:has-text("2 attempt(s) left")')
+        assert len(_sent(sent, "passphrase")) == 1, sent
+        # The reply unlocked the field: the right passphrase pays.
+        assert await page.is_enabled("#passphrase") and await page.is_enabled("#pay")
+        await page.fill("#passphrase", PASSPHRASE)
+        await page.press("#passphrase", "Enter")
+        await wait_state(page, "approved")
+        assert await page.input_value("#passphrase") == ""
+        assert len(_sent(sent, "passphrase")) == 2, sent
+        assert csp_violations(page) == []
+    assert len(await env.payments()) == 1
+
+
+async def test_payment_unknown_checks_again_with_the_same_order(
+    env, analyzer, photo, tmp_path, monkeypatch
+):
+    """Redis fails while the payment is written and cannot say whether it was: the page
+    says the status is unknown (not declined) and "Check again" asks with the SAME order,
+    which the server answers "already paid" (nothing charged twice)."""
+    await env.enroll("acct-obama", "Barack Obama", "+1 202 555 0101", photo(ENROLL))
+    fail_payment_writes(monkeypatch, env.store, written=True, lookup_fails=True)
+    camera = write_camera(analyzer, photo(SHOPPER), tmp_path / "cam.y4m")
+    async with browser_page(tmp_path / "profile", camera) as page:
+        sent = _record_sent(page)
+        shots = StateShots(page, "checkout")
+        await page.goto(_url(env, f"/checkout#token={env.token}&amount=6.60&order=o-unk"))
+        await wait_state(page, "confirm")
+        await page.fill("#passphrase", PASSPHRASE)
+        await page.press("#passphrase", "Enter")
+        await wait_state(page, "payment_unknown")
+        await shots.shot("payment_unknown")
+        assert await page.text_content("#result-title") == "Payment status unknown"
+        assert "declined" not in (await page.text_content("#screen-result")).lower()
+        assert await page.is_visible("#retry")
+        assert await page.text_content("#retry") == "Check again"
+        assert await page.get_attribute("#new-sale", "class") != "primary"
+        monkeypatch.undo()  # Redis answers again
+        await page.click("#retry")
+        await wait_state(page, "already_paid")
+        await shots.shot("already_paid")
+        paid = await env.store.find_payment(env.merchant.merchant_id, "o-unk")
+        assert paid is not None
+        assert await page.text_content("#result-title") == "This order is already paid"
+        detail = await page.text_content("#result-detail")
+        assert paid.payment_id in detail and "Nothing more was charged" in detail
+        starts = _sent(sent, "start_checkout")
+        assert [(m["order_id"], m["amount"]) for m in starts] == [("o-unk", "6.60")] * 2
+        assert await page.text_content("#order") == "o-unk"
+        assert csp_violations(page) == []
+    assert len(await env.payments()) == 1
+
+
+async def test_a_refused_start_offers_retry_after_the_wait_with_the_same_order(
+    make_env, analyzer, tmp_path
+):
+    """One checkout start per 4 s: the next sale is refused (rate_limited). The page shows
+    it with a Retry button, disabled with a countdown until ``retry_after_s``, that starts
+    the same order again."""
+    env = await make_env(limits={"session_starts_per_terminal": {"count": 1, "window_s": 4}})
+    nobody = np.random.default_rng(2).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    camera = write_camera(analyzer, nobody, tmp_path / "cam.y4m")
+    async with browser_page(tmp_path / "profile", camera) as page:
+        sent = _record_sent(page)
+        shots = StateShots(page, "checkout")
+        await page.goto(_url(env, f"/checkout#token={env.token}&amount=2.00&order=o-r1"))
+        await wait_state(page, "scanning")
+        await page.click("#cancel-scan")
+        await wait_state(page, "cancelled")
+        await page.click("#new-sale")
+        await wait_state(page, "refused")
+        await shots.shot("refused")
+        assert await page.is_visible("#retry")
+        assert await page.is_disabled("#retry")
+        assert re.fullmatch(r"Retry \([1-4] s\)", await page.text_content("#retry"))
+        assert "Too many payments" in await page.text_content("#result-detail")
+        refused = _sent(sent, "start_checkout")[-1]["order_id"]
+        assert refused != "o-r1" and await page.text_content("#order") == refused
+        await page.wait_for_selector("#retry:enabled", timeout=8_000)
+        assert await page.text_content("#retry") == "Retry"
+        await page.click("#retry")
+        await wait_state(page, "scanning")
+        orders = [m["order_id"] for m in _sent(sent, "start_checkout")]
+        assert orders == ["o-r1", refused, refused], orders
+        await page.click("#cancel-scan")
+        await wait_state(page, "cancelled")
+        assert csp_violations(page) == []
+
+
+async def test_an_amount_the_server_would_refuse_is_refused_by_the_page(env, tmp_path):
+    async with browser_page(tmp_path / "profile", None) as page:
+        sockets: list[Any] = []
+        page.on("websocket", lambda ws: sockets.append(ws))
+        for amount in ("0", "0.00", "1.234", "12345678901234"):
+            await page.goto(_url(env, f"/checkout#token={env.token}&amount={amount}&order=o-a"))
+            await page.reload()  # a fragment-only change does not reload the page
+            await wait_state(page, "error")
+            detail = await page.text_content("#error-detail")
+            assert "more than 0 with at most two decimals" in detail, (amount, detail)
+        assert sockets == []  # never connected, nothing sent
+        assert csp_violations(page) == []
+
+
+# Injected by the tests (never shipped in the page): every camera stream the page opened.
+STREAMS_JS = """
+(() => {
+  const streams = (window.__fpStreams = []);
+  const md = navigator.mediaDevices;
+  const open = md.getUserMedia.bind(md);
+  md.getUserMedia = async (c) => { const s = await open(c); streams.push(s); return s; };
+})();
+"""
+
+# [every track's readyState] per stream the page opened, and whether the preview shows one.
+CAMERA_JS = """
+() => ({
+  streams: window.__fpStreams.map((s) => s.getTracks().map((t) => t.readyState)),
+  preview: document.getElementById("preview").srcObject !== null,
+})
+"""
+
+
+async def test_enrolment_refused_phone_or_start_returns_to_details_camera_off(
+    make_env, analyzer, photo, tmp_path
+):
+    """A phone the server would refuse is refused by the page before the camera is asked
+    for; a start the server refuses (a rate limit) turns the camera off and goes back to
+    the details with the reason."""
+    env = await make_env(limits={"enrolments_per_account": {"count": 1, "window_s": 3600}})
+    _, token = await env.store.add_terminal(env.merchant.merchant_id, "enroll")
+    limit = env.app[CONFIG].limits.enrolments_per_account
+    await env.app[LIMITER].hit("enrolments_per_account", "acct-busy", limit)  # used up
+    camera = write_camera(analyzer, photo(ENROLL), tmp_path / "enrol.y4m")
+    async with browser_page(tmp_path / "profile", camera) as page:
+        await page.add_init_script(script=STREAMS_JS)
+        sent = _record_sent(page)
+        await page.goto(_url(env, f"/enroll#token={token}"))
+        await page.click("#agree")
+        await wait_state(page, "details")
+        await page.fill("#account", "acct-busy")
+        await page.fill("#name", "Barack Obama")
+        await page.fill("#phone", "call me")
+        await page.press("#phone", "Enter")
+        await page.wait_for_selector("#details-error:not([hidden])")
+        assert "phone number" in await page.text_content("#details-error")
+        assert await page.get_attribute("body", "data-state") == "details"
+        assert await page.evaluate(CAMERA_JS) == {"streams": [], "preview": False}
+        assert sent == []
+        # A good phone, but the server refuses the start: back to the details, camera off.
+        await page.fill("#phone", "+1 (202) 555-0101")
+        await page.press("#phone", "Enter")
+        await wait_seen(page, "connecting")
+        await page.wait_for_selector('#details-error:has-text("Too many enrolments")')
+        await wait_state(page, "details")
+        assert _sent(sent, "start_enroll")[0]["phone"] == "+1 (202) 555-0101"
+        camera_now = await page.evaluate(CAMERA_JS)
+        assert camera_now["streams"] and not camera_now["preview"], camera_now
+        assert all(s == ["ended"] for s in camera_now["streams"]), camera_now
+        assert not _sent(sent, "cancel")  # nothing ran on the server to cancel
+        assert csp_violations(page) == []
+    with pytest.raises(NotFound):
+        await env.store.get_account("acct-busy")
+
+
+async def test_cancel_on_the_enrolment_passphrase_screen_creates_no_account(
+    make_env, analyzer, photo, tmp_path
+):
+    env = await make_env()
+    _, token = await env.store.add_terminal(env.merchant.merchant_id, "enroll")
+    camera = write_camera(analyzer, photo(ENROLL), tmp_path / "enrol.y4m")
+    async with browser_page(tmp_path / "profile", camera) as page:
+        sent = _record_sent(page)
+        await page.goto(_url(env, f"/enroll#token={token}"))
+        await page.click("#agree")
+        await page.fill("#account", "acct-cancel")
+        await page.fill("#name", "Barack Obama")
+        await page.fill("#phone", "+1 202 555 0101")
+        await page.press("#phone", "Enter")
+        await wait_state(page, "passphrase")
+        await page.fill("#pass1", PASSPHRASE)  # half typed, then the person changes their mind
+        await page.click("#cancel-pass")
+        await wait_state(page, "cancelled")
+        assert "Nothing was stored" in await page.text_content("#result-detail")
+        assert await page.input_value("#pass1") == ""
+        assert len(_sent(sent, "cancel")) == 1 and not _sent(sent, "enroll_passphrase")
+        assert csp_violations(page) == []
+    with pytest.raises(NotFound):
+        await env.store.get_account("acct-cancel")
+    assert await env.payments() == []

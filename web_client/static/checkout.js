@@ -18,8 +18,15 @@ const DECLINE_REASONS = {
   cancelled: "The payment was cancelled. Nothing was charged.",
   terminal_revoked: "This till is out of service. Nothing was charged.",
   payment_unknown:
-    "We could not confirm whether this payment went through. Do not pay again: " +
-    "the cashier can check the order.",
+    "We could not confirm whether this payment went through. Do not take another " +
+    "payment for this order: check again (the same order cannot be charged twice).",
+};
+
+// Why the server refused to start a checkout (an "error" before it was scanning).
+const REFUSALS = {
+  rate_limited: "Too many payments were started on this till. Please wait a moment.",
+  unavailable: "The payment service is unavailable right now.",
+  busy: "A payment is already running on this till.",
 };
 
 const STATUS = {
@@ -36,9 +43,13 @@ const clearLater = staleClearer(canvas);
 let order = fragment.order || newOrderId();
 const amount = fragment.amount || "";
 let promptId = null;
+let answerSent = false; // the passphrase for this prompt went out; no second one until told
 let countdownTimer = null;
+let retryTimer = null;
 let sessionOpen = false; // a start_checkout is running on the server
+let starting = false; // a start_checkout was sent and its checkout is not scanning yet
 let started = false; // the first checkout was sent
+let uncertainOrder = null; // the order whose payment the server could not confirm
 let resumeAfterReconnect = false;
 
 function newOrderId() {
@@ -54,6 +65,7 @@ function showStatus(state, text) {
 }
 
 function fail(text) {
+  clearPassphrase();
   setState("error");
   showScreen("screen-error");
   setText("error-detail", text);
@@ -72,13 +84,28 @@ async function sendVideo(on) {
   return ok;
 }
 
+/** Empty the passphrase field: a typed passphrase never stays in the page. */
+function clearPassphrase() {
+  document.getElementById("passphrase").value = "";
+}
+
+/** Lock (after an answer went out) or unlock the passphrase field, the keypad and Pay. */
+function lockPassphrase(locked) {
+  answerSent = locked;
+  const controls = document.querySelectorAll("#passphrase, #pay, #keypad button");
+  for (const el of controls) el.disabled = locked;
+}
+
 function startCheckout() {
+  clearInterval(retryTimer);
+  clearPassphrase();
   setText("order", order);
   setText("amount", amount);
   document.getElementById("offer").hidden = true;
   document.getElementById("hint").hidden = true;
   if (terminal.send({ type: "start_checkout", amount, order_id: order })) {
     sessionOpen = true;
+    starting = true;
     showStatus("connecting", "Starting…");
   }
 }
@@ -87,6 +114,8 @@ function showConfirm(msg) {
   // The shopper has been recognised: the server looks at no more video in this checkout.
   sendVideo(false);
   promptId = msg.prompt_id;
+  starting = false;
+  lockPassphrase(false);
   setState("confirm");
   showScreen("screen-confirm");
   setText("confirm-amount", `${msg.amount} ${msg.currency || ""}`.trim());
@@ -110,17 +139,54 @@ function startCountdown(seconds) {
   countdownTimer = setInterval(tick, 250);
 }
 
-function showResult(ok, title, detail) {
+/**
+ * The end of a checkout. `look`: "ok", "bad" or "warn" (neither paid nor declined).
+ * `again`: {label, waitS} offers a button that runs the SAME order again (after `waitS`
+ * seconds when given); "New sale" then stays available but is no longer the main action.
+ */
+function showResult(look, title, detail, again = null) {
   clearInterval(countdownTimer);
+  clearInterval(retryTimer);
+  clearPassphrase();
   promptId = null;
   sessionOpen = false;
+  starting = false;
   sendVideo(false);
   showScreen("screen-result");
   const el = document.getElementById("result-title");
   el.textContent = title;
-  el.className = "result " + (ok ? "ok" : "bad");
+  el.className = "result " + look;
   setText("result-detail", detail);
-  document.getElementById("new-sale").focus();
+  const retry = document.getElementById("retry");
+  const newSale = document.getElementById("new-sale");
+  retry.hidden = !again;
+  newSale.className = again ? "" : "primary";
+  if (!again) {
+    newSale.focus();
+    return;
+  }
+  const deadline = Date.now() + (Number(again.waitS) || 0) * 1000;
+  const tick = () => {
+    const left = Math.max(0, Math.ceil((deadline - Date.now()) / 1000));
+    retry.disabled = left > 0;
+    retry.textContent = left > 0 ? `${again.label} (${left} s)` : again.label;
+    if (left === 0) {
+      clearInterval(retryTimer);
+      retry.focus();
+    }
+  };
+  tick();
+  if (retry.disabled) retryTimer = setInterval(tick, 250);
+}
+
+/** The server refused to start this order's checkout: nothing ran, nothing was charged. */
+function showRefused(msg) {
+  setState("refused");
+  const why = REFUSALS[msg.code] || `The server refused this payment: ${msg.message || msg.code}`;
+  showResult("bad", "Payment not started", `${why} Nothing was charged.`, {
+    label: "Retry",
+    waitS: msg.retry_after_s,
+  });
 }
 
 function reasonText(reason) {
@@ -152,6 +218,7 @@ function onState(msg) {
       // The server looks from now on: restart the camera. Its encoder begins with a
       // keyframe, which the server can decode at once (one sent before the checkout began
       // would have been discarded, and the server would ask for another).
+      starting = false;
       sendVideo(true);
       showStatus("scanning");
       showHint(msg.hint);
@@ -163,7 +230,7 @@ function onState(msg) {
     case "cancelled":
     case "timeout":
       setState(msg.state);
-      showResult(false, msg.state === "timeout" ? "Timed out" : "Cancelled",
+      showResult("bad", msg.state === "timeout" ? "Timed out" : "Cancelled",
         reasonText(msg.reason || msg.state));
       break;
     default:
@@ -187,18 +254,38 @@ const handlers = {
     const wrong = document.getElementById("wrong");
     wrong.textContent = `Wrong passphrase. ${msg.attempts_left} attempt(s) left.`;
     wrong.hidden = false;
+    lockPassphrase(false);
     const input = document.getElementById("passphrase");
     input.value = "";
     input.focus();
   },
   approved(msg) {
     setState("approved");
-    showResult(true, "Payment approved",
+    showResult("ok", "Payment approved",
       `${msg.amount} ${msg.currency || ""} paid by ${msg.account}. Thank you!`);
   },
   declined(msg) {
+    // "unavailable" on checking again says only that this check charged nothing: whether
+    // the first payment went through is still unknown.
+    const stillUnknown = msg.reason === "unavailable" && order === uncertainOrder;
+    if (msg.reason === "payment_unknown" || stillUnknown) {
+      // Maybe paid, maybe not: never a new order. Asking again with the same order id
+      // answers "already paid" (duplicate_order) or runs it, and cannot charge twice.
+      uncertainOrder = order;
+      setState("payment_unknown");
+      showResult("warn", "Payment status unknown", reasonText("payment_unknown"),
+        { label: "Check again" });
+      return;
+    }
+    if (msg.reason === "duplicate_order") {
+      setState("already_paid");
+      const which = msg.payment_id ? ` (payment ${msg.payment_id})` : "";
+      showResult("ok", "This order is already paid",
+        `Order ${order} was paid earlier${which}. Nothing more was charged.`);
+      return;
+    }
     setState("declined");
-    showResult(false, "Payment declined", reasonText(msg.reason));
+    showResult("bad", "Payment declined", reasonText(msg.reason));
   },
   merchant_offer(msg) {
     // Only shown after approval: the offer belongs to the receipt, not the decision.
@@ -208,6 +295,19 @@ const handlers = {
     offer.hidden = false;
   },
   error(msg) {
+    if (starting && msg.code !== "frame_too_large") {
+      showRefused(msg); // the start itself was refused (rate limit, store down, bad request)
+      return;
+    }
+    if (promptId && document.body.dataset.state === "confirm") {
+      // The answer was not taken (e.g. it could not be counted): the shopper may try again.
+      const wrong = document.getElementById("wrong");
+      wrong.textContent = `Not checked: ${msg.message || msg.code}. Please try again.`;
+      wrong.hidden = false;
+      lockPassphrase(false);
+      document.getElementById("passphrase").focus();
+      return;
+    }
     setText("conn", `Server said: ${msg.message || msg.code}`);
   },
 };
@@ -237,6 +337,8 @@ const terminal = new Terminal({
     if (!ok && document.body.dataset.state !== "error") {
       if (sessionOpen) resumeAfterReconnect = true;
       sessionOpen = false;
+      starting = false;
+      clearPassphrase();
       clearInterval(countdownTimer);
       showStatus("connecting", text);
     }
@@ -248,8 +350,12 @@ function wireUi() {
   document.getElementById("screen-confirm").addEventListener("submit", (ev) => {
     ev.preventDefault(); // Enter in the field submits here too
     const input = document.getElementById("passphrase");
-    if (!promptId || !input.value) return;
-    terminal.send({ type: "passphrase", prompt_id: promptId, passphrase: input.value });
+    // One answer per try: a second Pay or Enter before the server replied sends nothing.
+    if (!promptId || answerSent || !input.value) return;
+    const sent = terminal.send({ type: "passphrase", prompt_id: promptId, passphrase: input.value });
+    input.value = ""; // the passphrase does not stay in the page
+    if (!sent) return;
+    lockPassphrase(true); // until wrong_passphrase, an error or a new prompt
     setText("wrong", "Checking…");
     document.getElementById("wrong").hidden = false;
   });
@@ -276,6 +382,8 @@ function wireUi() {
     order = newOrderId();
     startCheckout();
   });
+  // "Retry" / "Check again": the same order id and amount, never a new order.
+  document.getElementById("retry").addEventListener("click", () => startCheckout());
 }
 
 function main() {
@@ -286,8 +394,12 @@ function main() {
     fail("No terminal token. Open this page as /checkout#token=…&amount=12.50&order=O1.");
     return;
   }
-  if (!/^\d+(\.\d{1,2})?$/.test(amount)) {
-    fail("No valid amount. Add &amount=12.50 to the link.");
+  // The server's rule: at most 13 digits and two decimals, more than zero.
+  if (!/^[0-9]{1,13}(\.[0-9]{1,2})?$/.test(amount) || !(Number(amount) > 0)) {
+    fail(
+      `No valid amount (${amount || "none"}): it must be more than 0 with at most two ` +
+        "decimals. Add &amount=12.50 to the link.",
+    );
     return;
   }
   showStatus("connecting", "Starting the camera…");

@@ -31,8 +31,53 @@ const clearLater = staleClearer(canvas);
 let terminal = null;
 let details = null;
 let finished = false;
+let starting = false; // start_enroll was sent and the server has not started capturing yet
+let inSession = false; // the server runs an enrolment for this page (capturing or later)
+
+// Why the server refused to start an enrolment (an "error" before "capturing").
+const REFUSALS = {
+  rate_limited: "Too many enrolments were started here. Please try again later.",
+  unavailable: "The service is unavailable right now. Please try again later.",
+  busy: "An enrolment is already running on this terminal.",
+};
+
+// The server's phone rule (session/_store_lua.py): spaces, dashes, dots and brackets are
+// ignored, then 6 to 20 digits with an optional leading +.
+const PHONE = /^\+?[0-9]{6,20}$/;
+
+function phoneValid(phone) {
+  return PHONE.test(phone.replace(/[\s\-().]/g, ""));
+}
+
+/** Empty both passphrase fields: a typed passphrase never stays in the page. */
+function clearPassphrases() {
+  document.getElementById("pass1").value = "";
+  document.getElementById("pass2").value = "";
+}
+
+/** Turn the camera off and drop the connection (no server session is running). */
+function stopTerminal() {
+  if (terminal) terminal.stop();
+  terminal = null;
+  starting = false;
+  inSession = false;
+  clearOverlay(canvas);
+  setText("conn", "Camera off");
+}
+
+/** Back to the details screen (camera off), saying why. */
+function backToDetails(text) {
+  stopTerminal();
+  setState("details");
+  showScreen("screen-details");
+  const err = document.getElementById("details-error");
+  err.textContent = text;
+  err.hidden = !text;
+  document.getElementById("start").focus();
+}
 
 function fail(text) {
+  clearPassphrases();
   setState("error");
   showScreen("screen-error");
   setText("error-detail", text);
@@ -41,6 +86,9 @@ function fail(text) {
 
 function showResult(ok, title, detail) {
   finished = true;
+  starting = false;
+  inSession = false;
+  clearPassphrases();
   showScreen("screen-result");
   const el = document.getElementById("result-title");
   el.textContent = title;
@@ -66,6 +114,8 @@ const handlers = {
   },
   state(msg) {
     if (msg.state === "capturing") {
+      starting = false;
+      inSession = true;
       setState("capturing");
       showScreen("screen-capture");
       setText("hint", HINTS.look_at_camera);
@@ -76,6 +126,8 @@ const handlers = {
       setText("conn", "Connected · camera off");
       setState("passphrase");
       showScreen("screen-passphrase");
+      clearPassphrases();
+      document.getElementById("finish").disabled = false;
       document.getElementById("pass1").focus();
     } else if (msg.state === "cancelled") {
       setState("cancelled");
@@ -93,11 +145,19 @@ const handlers = {
     showResult(false, "Enrolment declined", DECLINES[msg.reason] || `Reason: ${msg.reason}`);
   },
   error(msg) {
+    if (starting && msg.code !== "frame_too_large") {
+      // The start was refused (details, rate limit, store down): no session runs, so the
+      // camera goes off and the person can correct the details or try later.
+      const why = REFUSALS[msg.code] || `The server refused these details: ${msg.message || msg.code}`;
+      backToDetails(`${why} Nothing was captured or stored.`);
+      return;
+    }
     // On the passphrase screen an invalid_request means "try again", not the end.
     if (document.body.dataset.state === "passphrase") {
       const err = document.getElementById("pass-error");
       err.textContent = "The server refused this passphrase: " + (msg.message || msg.code);
       err.hidden = false;
+      document.getElementById("finish").disabled = false;
     } else {
       setText("conn", `Server said: ${msg.message || msg.code}`);
     }
@@ -108,25 +168,51 @@ function startCapture() {
   setState("connecting");
   showScreen("screen-capture");
   setText("hint", "Starting the camera…");
-  terminal = new Terminal({
+  document.getElementById("progress").value = 0;
+  // Callbacks of a terminal that was stopped (a refused start, a cancel) are ignored.
+  const t = new Terminal({
     token: fragment.token,
     video,
-    onEvent: (msg) => (handlers[msg.type] || (() => {}))(msg),
+    onEvent: (msg) => {
+      if (t === terminal) (handlers[msg.type] || (() => {}))(msg);
+    },
     onReady: () => {
+      if (t !== terminal) return;
       // Consent travels with the request and is recorded in the server's audit log.
-      terminal.send({ type: "start_enroll", consent: true, ...details });
+      if (t.send({ type: "start_enroll", consent: true, ...details })) starting = true;
     },
     onStatus: (text, ok) => {
+      if (t !== terminal) return;
       setText("conn", text);
       if (!ok && !finished) {
+        // The server ends an enrolment whose socket dropped; a reconnect starts afresh.
+        starting = false;
+        inSession = false;
+        clearPassphrases();
         setState("connecting");
         showScreen("screen-capture");
         setText("hint", text);
       }
     },
-    onFatal: fail,
+    onFatal: (text) => {
+      if (t === terminal) fail(text);
+    },
   });
-  terminal.start();
+  terminal = t;
+  t.start();
+}
+
+/** Cancel: the server's enrolment if one runs (it answers "cancelled"), else locally. */
+function cancel() {
+  if (terminal && inSession && terminal.send({ type: "cancel" })) return;
+  // Nothing runs on the server (not started, refused, or the socket is down): closing the
+  // connection ends anything it might have begun, and nothing is stored.
+  if (document.body.dataset.state === "passphrase") {
+    setState("cancelled");
+    showResult(false, "Cancelled", "Nothing was stored.");
+  } else {
+    backToDetails("Cancelled. Nothing was captured or stored.");
+  }
 }
 
 function wireUi() {
@@ -146,6 +232,16 @@ function wireUi() {
       name: document.getElementById("name").value.trim(),
       phone: document.getElementById("phone").value.trim(),
     };
+    const err = document.getElementById("details-error");
+    if (!phoneValid(details.phone)) {
+      // Checked before the camera is asked for: the server would refuse it anyway.
+      err.textContent = "Please enter a phone number: 6 to 20 digits, optionally with a " +
+        "leading + (spaces and dashes are fine).";
+      err.hidden = false;
+      document.getElementById("phone").focus();
+      return;
+    }
+    err.hidden = true;
     startCapture();
   });
   document.getElementById("screen-passphrase").addEventListener("submit", (ev) => {
@@ -159,11 +255,13 @@ function wireUi() {
       return;
     }
     err.hidden = true;
-    terminal.send({ type: "enroll_passphrase", passphrase: pass1, confirm: pass2 });
+    const sent = terminal.send({ type: "enroll_passphrase", passphrase: pass1, confirm: pass2 });
+    clearPassphrases(); // the passphrase does not stay in the page
+    if (sent) document.getElementById("finish").disabled = true; // until the server answers
   });
-  document.getElementById("cancel").addEventListener("click", () => {
-    if (terminal) terminal.send({ type: "cancel" });
-  });
+  for (const id of ["cancel", "cancel-pass"]) {
+    document.getElementById(id).addEventListener("click", cancel);
+  }
   document.getElementById("again").addEventListener("click", () => window.location.reload());
 }
 

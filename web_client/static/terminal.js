@@ -105,8 +105,16 @@ export class Terminal {
         audio: false,
       });
     } catch (err) {
+      if (this.stopped) return false; // stopped while asking: nothing to report
       this.stop();
       this.onFatal(cameraMessage(err));
+      return false;
+    }
+    if (this.stopped) {
+      // stop() came while the browser was opening the camera: turn it straight off again
+      // (the preview element may already show another terminal's camera: left alone).
+      for (const t of this.stream.getTracks()) t.stop();
+      this.stream = null;
       return false;
     }
     this.video.srcObject = this.stream;
