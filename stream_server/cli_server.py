@@ -148,16 +148,21 @@ def client_redis_url(args: argparse.Namespace) -> str:
 
 
 async def with_store(
-    url: str, cipher: TemplateCipher, work: Callable[[Store], Awaitable[_T]]
+    url: str,
+    cipher: TemplateCipher,
+    work: Callable[[Store], Awaitable[_T]],
+    audit_maxlen: int | None = None,
 ) -> _T:
-    """Run ``work`` on a Store connected to ``url``; UsageError if Redis cannot be reached."""
+    """Run ``work`` on a Store connected to ``url``; UsageError if Redis cannot be reached.
+    ``audit_maxlen``: the audit stream's cap (``server.audit_max_records``), for commands
+    that have the configuration: it is what they trim to, and what audit-verify checks."""
     try:
         # The server's own client settings (redis_client: pooled connections are checked).
         client = connect_redis(url, max_connections=2, socket_timeout=10)
     except ValueError as exc:
         raise UsageError(f"bad Redis URL {redact_url(url)}: {exc}") from None
     try:
-        store = Store(client, cipher)
+        store = Store(client, cipher, audit_maxlen=audit_maxlen)
         if not await store.ping():
             raise UsageError(f"cannot reach Redis at {redact_url(url)}")
         return await work(store)

@@ -418,6 +418,36 @@ def test_audit_verify_command(redis_url, capsys, monkeypatch, tmp_path) -> None:
     assert code == 1 and len(out[0]["broken"]) == 1 and "do not match" in err
 
 
+def test_audit_verify_fails_on_a_deletion_dressed_up_as_a_trim(
+    redis_url, capsys, monkeypatch
+) -> None:
+    """A sealed record removed by rewriting the stream, with XSETID restoring the counters
+    so that it looks trimmed, fails the check: the stream is far below its cap."""
+    key = generate_key()
+    ids = asyncio.run(_audit_writes(redis_url, key, sealed=[5, 3]))
+
+    async def rewrite_without(record_id: bytes) -> None:
+        client = aioredis.from_url(redis_url)
+        try:
+            rows = await client.xrange("fp:audit")
+            added = (await client.xinfo_stream("fp:audit"))["entries-added"]
+            await client.delete("fp:audit")
+            for rid, fields in rows:
+                if rid != record_id:
+                    await client.xadd("fp:audit", fields, id=rid)
+            await client.execute_command(
+                "XSETID", "fp:audit", rows[-1][0], "ENTRIESADDED", added, "MAXDELETEDID", "0-0"
+            )
+        finally:
+            await client.aclose()
+
+    asyncio.run(rewrite_without(ids[1]))
+    monkeypatch.setenv("FACEPAY_TEMPLATE_KEY", key.hex())
+    code, out, err = run(capsys, "admin", "audit-verify", "--redis-url", redis_url)
+    assert code == 1 and "do not match" in err
+    assert len(out[0]["broken"]) == 1 and out[0]["not_checkable"] == 0
+
+
 def test_audit_verify_checks_a_shipped_copy_without_redis(
     redis_url, capsys, monkeypatch, tmp_path
 ) -> None:
