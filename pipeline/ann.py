@@ -18,7 +18,7 @@ Threading: faiss searches may run concurrently with each other but not with ``ad
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import faiss
 import numpy as np
@@ -94,11 +94,38 @@ class IvfIndex:
         self._index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
 
     def remove(self, ids: IdArray) -> int:
-        """Remove template ids (absent ones are ignored); returns how many were removed."""
-        if len(ids) == 0:
-            return 0
-        selector = faiss.IDSelectorArray(np.ascontiguousarray(ids, dtype=np.int64))
-        return int(self._index.remove_ids(selector))
+        """Remove template ids (absent ones are ignored); returns how many were removed.
+
+        Their codes are zeroed, not only unlisted: faiss removes an entry by moving its
+        list's last entry into its slot and shrinking the list, which leaves the last slot's
+        code in memory past the list's end (an SQ8 code is the template to 8 bits, enough
+        to match a face). So before each removal the entry's own code and that last slot
+        are zeroed, and the moved code is put back after.
+        """
+        ivf = faiss.extract_index_ivf(self._index)
+        lists: Any = ivf.invlists  # the faiss stubs lack most of InvertedLists
+        direct = ivf.direct_map
+        zeros = np.zeros(lists.code_size, dtype=np.uint8)  # kept alive: faiss reads it
+        zero = faiss.swig_ptr(zeros)
+        removed = 0
+        for tid in np.unique(np.asarray(ids, dtype=np.int64)).tolist():
+            try:
+                at = direct.get(tid)
+            except RuntimeError:  # not in the index
+                continue
+            list_no, offset = at >> 32, at & 0xFFFFFFFF  # faiss' lo_listno / lo_offset
+            last = lists.list_size(list_no) - 1
+            lists.update_entry(list_no, offset, tid, zero)
+            if offset < last:
+                moved_id = lists.get_single_id(list_no, last)
+                ptr = lists.get_single_code(list_no, last)
+                moved = faiss.rev_swig_ptr(ptr, lists.code_size).copy()
+                lists.release_codes(list_no, ptr)
+                lists.update_entry(list_no, last, moved_id, zero)
+            removed += int(self._index.remove_ids(faiss.IDSelectorArray(np.array([tid]))))
+            if offset < last:  # faiss moved (moved_id, zeros) into ``offset``
+                lists.update_entry(list_no, offset, moved_id, faiss.swig_ptr(moved))
+        return removed
 
     def search(self, probe: FloatArray, pool: int, nprobe: int) -> IdArray:
         """Ids of up to ``pool`` templates with the highest approximate inner product."""

@@ -164,6 +164,9 @@ class Gallery:
             self._tid_of_row[holes] = self._tid_of_row[fillers]
             self._row_by_tid[self._tid_of_row[holes]] = holes
             self._row_by_tid[tids] = -1  # the tombstone the ANN re-rank checks
+            # Past the new end lie removed templates and copies of rows just moved down: zero
+            # them, or an erased subject's decrypted templates stay until an add overwrites them.
+            self._vectors[kept:n], self._owner[kept:n], self._tid_of_row[kept:n] = 0, 0, 0
             self._count = kept
             if self._ann is not None:
                 self._ann.remove(tids)
@@ -386,6 +389,7 @@ class Gallery:
         capacity = 2 * len(self._vectors)
         vectors = np.zeros((capacity, self.dim), dtype=np.float32)
         vectors[: self._count] = self._vectors[: self._count]
+        self._vectors.fill(0.0)  # freed memory is not cleared: no stray copy of the templates
         self._vectors = vectors
         self._owner = _resized(self._owner, capacity)
         self._tid_of_row = _resized(self._tid_of_row, capacity)

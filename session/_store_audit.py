@@ -70,6 +70,8 @@ class StreamLosses:
     oldest: tuple[int, int] | None
     #: The last id ever added.
     last: tuple[int, int]
+    #: How many records the stream holds now.
+    length: int = 0
 
 
 async def stream_losses(r: Redis, key: str) -> StreamLosses | None:
@@ -86,6 +88,7 @@ async def stream_losses(r: Redis, key: str) -> StreamLosses | None:
         gone=int(info.get("entries-added", 0)) > int(info.get("length", 0)),
         oldest=h.stream_id(h.text(first[0])) if first else None,
         last=h.stream_id(h.text(info.get("last-generated-id", "0-0"))),
+        length=int(info.get("length", 0)),
     )
 
 
@@ -217,15 +220,39 @@ async def read_all(r: Redis, stream: str) -> list[Record]:
 
 
 async def verify(
-    r: Redis, stream: str, keys: Sequence[AuditSealKey], now: float | None = None
+    r: Redis,
+    stream: str,
+    keys: Sequence[AuditSealKey],
+    *,
+    maxlen: int,
+    now: float | None = None,
 ) -> AuditCheck:
     """Recompute every seal the stream still holds (reads the whole stream, in pages), each
-    with the one of ``keys`` (the current template key's, then retired ones) it names."""
+    with the one of ``keys`` (the current template key's, then retired ones) it names.
+    ``maxlen``: the stream's cap (``server.audit_max_records``), which decides whether
+    records missing from its head can have been trimmed (:func:`trimmed_by_cap`)."""
     rows = await read_all(r, stream)
     loss = await stream_losses(r, stream) if rows else None
-    if loss is None or not loss.gone:
+    if loss is None or not trimmed_by_cap(loss, maxlen):
         return check_chain(rows, keys, head_missing=False, now=now)
     return check_chain(rows, keys, head_missing=True, deleted_upto=loss.deleted_upto, now=now)
+
+
+def trimmed_by_cap(loss: StreamLosses, maxlen: int) -> bool:
+    """Whether the records missing from a stream can have been trimmed by its cap.
+
+    Every writer trims approximately (``XADD MAXLEN ~ maxlen``): Redis then drops whole
+    nodes from the head, and only while the records left still number at least ``maxlen``
+    ("never less", as XADD's documentation puts it; a scratch run over caps of 1 to 1,000
+    and records of 5 to 2,000 bytes never saw fewer). So a stream the cap has trimmed holds
+    at least ``maxlen`` records, and keeps that many: it only grows afterwards, save for
+    XDEL, which Redis records apart (``deleted_upto``). No slack of a node is needed,
+    because approximate trimming leaves more than the cap, never less. A shorter stream
+    that lost records lost them another way (XDEL, XTRIM, or a history rewritten under
+    the same ids with XSETID forging the counters to look trimmed): none of its seals is
+    excused. A cap raised since the trim makes the old trimmed head look broken until the
+    stream reaches the new cap (security.md says what to do)."""
+    return loss.gone and loss.length >= maxlen
 
 
 def check_chain(
@@ -241,7 +268,9 @@ def check_chain(
     older than the first row may exist (trimmed by the cap, or a copy that starts at a
     cursor), so a seal that reaches before it cannot be checked, unless a record was
     deleted (XDEL) in its range or after it (``deleted_upto``, the newest deleted id): then
-    its missing records may have been deleted rather than trimmed, and it must match."""
+    its missing records may have been deleted rather than trimmed, and it must match.
+    Without ``head_missing`` nothing older can have gone, so every seal must match and the
+    oldest (other than a restart seal) must start the chain."""
     data = [rec for rec in rows if rec[1].get("event") != SEAL_EVENT]
     ids = [h.stream_id(rid) for rid, _ in data]
     check = AuditCheck()
@@ -255,9 +284,10 @@ def check_chain(
             check.restarts.append(seal_id)
             linked = s.get("prev") == ""
         elif previous is None:
-            # The oldest seal kept: the records before it went with the seal that covered
-            # them (the cap trims from the start), or else that seal was deleted.
-            linked = after == (0, 0) or not ids or after < ids[0]
+            # The oldest seal kept starts the chain, unless the head went: then the records
+            # before it went with the seal that covered them (the cap trims from the start),
+            # or else that seal was deleted.
+            linked = after == (0, 0) or (head_missing and (not ids or after < ids[0]))
         else:
             linked = s.get("prev") == previous.get("mac") and s.get("after") == previous.get("upto")
         key = _named_key(s, keys)

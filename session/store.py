@@ -389,7 +389,8 @@ class Store(StoreTerminals):
 
     async def verify_audit(self, retired: Sequence[AuditSealKey] = ()) -> _audit.AuditCheck:
         """Recompute the audit stream's seals with this store's template key and, for seals
-        made before a key rotation, the ``retired`` audit keys."""
+        made before a key rotation, the ``retired`` audit keys. ``audit_maxlen`` decides
+        whether records gone from the head can have been trimmed (_store_audit.trimmed_by_cap)."""
         with h.unavailable("verify_audit"):
             keys = [self._cipher.audit, *retired]
-            return await _audit.verify(self._r, self._k("audit"), keys)
+            return await _audit.verify(self._r, self._k("audit"), keys, maxlen=self.audit_maxlen)

@@ -231,7 +231,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Recompute the audit stream's seals with the template key; print what was found.
 
     Exit 0 when every seal checks out; 1 when one does not match (records were changed,
-    removed or inserted after it was made), when the chain was restarted (its state in Redis
+    removed or inserted after it was made; a seal whose records left the head counts as not
+    checkable only while the stream holds ``server.audit_max_records`` records, enough for
+    the cap to have trimmed them), when the chain was restarted (its state in Redis
     was reset or altered), when a seal's key was not given, or when records have stayed
     unsealed longer than ``--max-unsealed-age`` (no server sealing, or seals removed).
     """
@@ -243,17 +245,20 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     if args.compare and args.file is None:
         raise UsageError("--compare needs --file COPY")
     report: dict[str, Any] = {}
+    # The cap the servers trim to: a seal over records gone from the head is excused as
+    # trimmed only while the stream is long enough for the cap to have trimmed it.
+    cap = config.server.audit_max_records
     if args.file is not None:
         rows = _read_copy(args.file)
         check = check_copy(rows, [cipher.audit, *retired])
         if args.compare:
             live = asyncio.run(
-                with_store(client_redis_url(args), cipher, lambda s: s.audit_records())
+                with_store(client_redis_url(args), cipher, lambda s: s.audit_records(), cap)
             )
             report["diverged"], report["diverged_ids"] = diverged(rows, live)
     else:
         check = asyncio.run(
-            with_store(client_redis_url(args), cipher, lambda s: s.verify_audit(retired))
+            with_store(client_redis_url(args), cipher, lambda s: s.verify_audit(retired), cap)
         )
     emit(dataclasses.asdict(check) | report)
     problems = []
@@ -360,7 +365,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         return account.account_id, count
 
     try:
-        account_id, count = asyncio.run(with_store(url, cipher, work))
+        account_id, count = asyncio.run(
+            with_store(url, cipher, work, config.server.audit_max_records)
+        )
     except QualityError as exc:
         body: dict[str, Any] = {
             "error": exc.code,

@@ -74,6 +74,7 @@ def cmd_rotate_template_key(args: argparse.Namespace) -> int:
                 url,
                 TemplateCipher(old_key),
                 lambda s: s.rekey_templates(new_cipher, operator=operator),
+                config.server.audit_max_records,
             )
         )
     except InvalidRequest as exc:

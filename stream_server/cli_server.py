@@ -17,13 +17,13 @@ import argparse
 import asyncio
 import contextlib
 import os
-import re
 import secrets
 import signal
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from pipeline.errors import (
     ConfigError,
@@ -60,8 +60,37 @@ def _env_flag(name: str) -> bool:
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (for printing)."""
-    return re.sub(r"(?<=:)[^:@/]*(?=@)", "***", url, count=1) if "@" in url else url
+    """The URL with its passwords replaced by ``***``, for printing.
+
+    Read the way redis-py reads it (``urllib.parse``): the password is everything after the
+    first ``:`` of the userinfo, which ends at the *last* ``@`` of the host part, so it may
+    hold ``:`` and ``@`` itself; and a query field ``password=`` is a password too (as is any
+    field whose name holds "pass", such as ``ssl_password``). The user name is kept. A URL
+    with nothing to mask comes back unchanged; one that cannot be read, or that has an
+    ``@`` outside its host part (a password with a raw ``/``, ``?`` or ``#`` in it, which
+    would spill into the path or query), is masked whole rather than half-printed.
+    """
+    try:
+        parts = urlsplit(url)
+        if "@" in parts.path + parts.query + parts.fragment:
+            raise ValueError("an @ outside the host part")
+        netloc, query = parts.netloc, parts.query
+        if "@" in netloc:
+            userinfo, _, host = netloc.rpartition("@")
+            user, colon, _ = userinfo.partition(":")
+            netloc = f"{user}{':***' if colon else ''}@{host}"
+        if query:
+            fields = [f.partition("=") for f in query.split("&")]
+            query = "&".join(
+                f"{name}=***" if "pass" in unquote_plus(name).lower() else name + eq + value
+                for name, eq, value in fields
+            )
+        if (netloc, query) == (parts.netloc, parts.query):
+            return url
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
+    except Exception:  # it helps print an error: it must never become one itself
+        scheme, sep, _ = str(url).partition("://")
+        return f"{scheme}://***" if sep and scheme.isalnum() and len(scheme) <= 10 else "***"
 
 
 def _write_secret(path: Path, text: str) -> None:
@@ -148,16 +177,21 @@ def client_redis_url(args: argparse.Namespace) -> str:
 
 
 async def with_store(
-    url: str, cipher: TemplateCipher, work: Callable[[Store], Awaitable[_T]]
+    url: str,
+    cipher: TemplateCipher,
+    work: Callable[[Store], Awaitable[_T]],
+    audit_maxlen: int | None = None,
 ) -> _T:
-    """Run ``work`` on a Store connected to ``url``; UsageError if Redis cannot be reached."""
+    """Run ``work`` on a Store connected to ``url``; UsageError if Redis cannot be reached.
+    ``audit_maxlen``: the audit stream's cap (``server.audit_max_records``), for commands
+    that have the configuration: it is what they trim to, and what audit-verify checks."""
     try:
         # The server's own client settings (redis_client: pooled connections are checked).
         client = connect_redis(url, max_connections=2, socket_timeout=10)
     except ValueError as exc:
         raise UsageError(f"bad Redis URL {redact_url(url)}: {exc}") from None
     try:
-        store = Store(client, cipher)
+        store = Store(client, cipher, audit_maxlen=audit_maxlen)
         if not await store.ping():
             raise UsageError(f"cannot reach Redis at {redact_url(url)}")
         return await work(store)

@@ -374,3 +374,48 @@ def test_bench_gallery_command(capsys: pytest.CaptureFixture[str]) -> None:
     for bad in (["--size", "100"], ["--nprobe", "0"], ["--queries", "0"]):
         assert cli.main(["bench-gallery", *bad]) == 2
         assert json.loads(capsys.readouterr().out)["error"] == "usage"
+
+
+def test_removed_codes_do_not_stay_in_the_index_memory() -> None:
+    """faiss unlists an entry by moving its list's last entry into its slot and shrinking
+    the list, which keeps what lay past the new end: an erased template's code (SQ8, the
+    template to 8 bits) must not be left there, nor a stale copy of one moved earlier."""
+    import faiss
+
+    rng = np.random.default_rng(3)
+    vecs = rng.standard_normal((2_000, 128)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    index = IvfIndex.train(vecs, 16)
+    index.add(vecs, np.arange(len(vecs), dtype=np.int64))
+    lists = faiss.extract_index_ivf(index._index).invlists
+    size = lists.code_size
+    list_no = max(range(index.nlist), key=lists.list_size)
+    n = lists.list_size(list_no)
+
+    def stored(count: int) -> np.ndarray:
+        # The list's storage up to its former length: shrinking keeps that much allocated.
+        ptr = lists.get_codes(list_no)
+        codes = faiss.rev_swig_ptr(ptr, count * size).copy().reshape(count, size)
+        lists.release_codes(list_no, ptr)
+        return codes
+
+    ptr = lists.get_ids(list_no)
+    ids = faiss.rev_swig_ptr(ptr, n).copy()
+    lists.release_ids(list_no, ptr)
+    before = stored(n)
+    code_of = {int(t): before[i] for i, t in enumerate(ids)}
+    # The last entry; the first (the last one moves into its slot); then that moved one.
+    gone = [int(ids[-1]), int(ids[0]), int(ids[-2])]
+    for tid in gone:
+        assert index.remove(np.array([tid], dtype=np.int64)) == 1
+    assert index.remove(np.array(gone, dtype=np.int64)) == 0  # absent ids are ignored
+    after = stored(n)
+    for tid in gone:
+        assert not (after == code_of[tid]).all(axis=1).any()
+    assert lists.list_size(list_no) == n - 3
+    for row in range(n - 3):  # the entries kept still hold their own codes
+        np.testing.assert_array_equal(after[row], code_of[int(lists.get_single_id(list_no, row))])
+    for tid in gone:
+        assert tid not in index.search(vecs[tid], pool=50, nprobe=16).tolist()
+    kept = int(ids[1])
+    assert index.search(vecs[kept], pool=1, nprobe=16).tolist() == [kept]

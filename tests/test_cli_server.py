@@ -24,7 +24,7 @@ from session.models import Terminal
 from session.store import Store
 from stream_server import embedded_redis
 from stream_server.cli import main
-from stream_server.cli_server import UsageError, event_loop_factory
+from stream_server.cli_server import UsageError, event_loop_factory, redact_url
 from tests.e2e import REPO, SERVER_ENV_VARS, spawn_serve
 
 
@@ -343,6 +343,32 @@ async def _rewrite_history(redis_url: str, key: bytes, changed_id: str) -> None:
         await client.aclose()
 
 
+@pytest.mark.parametrize(
+    ("url", "hidden"),
+    [
+        ("redis://user:pa:ss@h", ["pa:ss", "ss@"]),  # the password runs to the last @
+        ("redis://:p@ss@h", ["p@ss", "ss@"]),
+        ("redis://h/0?password=topsecret", ["topsecret"]),  # redis-py's password too
+        ("redis://:secret@127.0.0.1:6379/0", ["secret"]),
+        ("rediss://u:pw1@h:6380/1?ssl_password=pw2&password=pw3&db=2", ["pw1", "pw2", "pw3"]),
+        ("redis://:p/ss@h", ["p/ss", "ss@"]),  # spills into the path: masked whole
+        ("redis://:pw[@h", ["pw"]),  # urllib cannot read it: masked whole, no exception
+    ],
+)
+def test_redact_url_hides_every_password(url: str, hidden: list[str]) -> None:
+    """`serve` prints the Redis URL at every start, and errors name it: no password shows,
+    however it is written, and the rest stays readable where it can be."""
+    shown = redact_url(url)
+    assert "***" in shown and not any(secret in shown for secret in hidden)
+    if "user:" in url:
+        assert shown == "redis://user:***@h"  # the user name stays
+
+
+def test_redact_url_leaves_a_url_without_a_password_unchanged() -> None:
+    for url in ("redis://127.0.0.1:6379/0", "redis://u@h:1/2?db=3", "unix:///tmp/r.sock?db=0"):
+        assert redact_url(url) == url
+
+
 async def _audit_writes(
     redis_url: str, key: bytes, sealed: tuple[int, ...] | list[int] = (), tail: int = 0
 ) -> list[bytes]:
@@ -416,6 +442,36 @@ def test_audit_verify_command(redis_url, capsys, monkeypatch, tmp_path) -> None:
     asyncio.run(delete(first))
     code, out, err = run(capsys, *argv)
     assert code == 1 and len(out[0]["broken"]) == 1 and "do not match" in err
+
+
+def test_audit_verify_fails_on_a_deletion_dressed_up_as_a_trim(
+    redis_url, capsys, monkeypatch
+) -> None:
+    """A sealed record removed by rewriting the stream, with XSETID restoring the counters
+    so that it looks trimmed, fails the check: the stream is far below its cap."""
+    key = generate_key()
+    ids = asyncio.run(_audit_writes(redis_url, key, sealed=[5, 3]))
+
+    async def rewrite_without(record_id: bytes) -> None:
+        client = aioredis.from_url(redis_url)
+        try:
+            rows = await client.xrange("fp:audit")
+            added = (await client.xinfo_stream("fp:audit"))["entries-added"]
+            await client.delete("fp:audit")
+            for rid, fields in rows:
+                if rid != record_id:
+                    await client.xadd("fp:audit", fields, id=rid)
+            await client.execute_command(
+                "XSETID", "fp:audit", rows[-1][0], "ENTRIESADDED", added, "MAXDELETEDID", "0-0"
+            )
+        finally:
+            await client.aclose()
+
+    asyncio.run(rewrite_without(ids[1]))
+    monkeypatch.setenv("FACEPAY_TEMPLATE_KEY", key.hex())
+    code, out, err = run(capsys, "admin", "audit-verify", "--redis-url", redis_url)
+    assert code == 1 and "do not match" in err
+    assert len(out[0]["broken"]) == 1 and out[0]["not_checkable"] == 0
 
 
 def test_audit_verify_checks_a_shipped_copy_without_redis(

@@ -275,3 +275,35 @@ def test_add_many_is_all_or_nothing() -> None:
     assert len(gallery) == 3 and gallery.tags("a") == {"phone_last4": "1234"}
     assert gallery.search(good[1], k=1)[0].score == pytest.approx(1.0, abs=1e-6)
     assert gallery.remove("a") == 3 and len(gallery) == 0
+
+
+def _holds(rows: np.ndarray, templates: np.ndarray) -> bool:
+    """Whether any row of ``rows`` is (to float precision) one of ``templates``."""
+    return bool(np.any(np.abs(rows @ templates.T - 1.0) < 1e-5))
+
+
+def test_removed_templates_do_not_stay_in_memory() -> None:
+    """Erasure drops a subject's decrypted templates from memory, not only from the search:
+    the rows a removal frees, past the new end, are zeroed with their bookkeeping."""
+    rng = np.random.default_rng(10)
+    first, second, third = _unit(rng, 3), _unit(rng, 2), _unit(rng, 2)
+    gallery = Gallery(dim=DIM)
+    gallery.add_many("a", first)
+    gallery.add_many("b", second)
+    assert gallery.remove("b") == 2  # the last subject: nothing moves
+    end = len(gallery)
+    assert end == 3 and not _holds(gallery._vectors, second)
+    assert not gallery._vectors[end:].any()
+    assert not gallery._owner[end:].any() and not gallery._tid_of_row[end:].any()
+    # The first subject, while another remains: the other's rows move down over its own.
+    gallery.add_many("c", third)
+    assert gallery.remove("a") == 3
+    end = len(gallery)
+    assert end == 2 and not _holds(gallery._vectors, first) and not _holds(gallery._vectors, second)
+    assert not gallery._vectors[end:].any()
+    assert not gallery._owner[end:].any() and not gallery._tid_of_row[end:].any()
+    assert [m.subject_id for m in gallery.search(third[1], k=5)] == ["c"]
+    # Growing the matrix leaves no copy in the one it replaces.
+    old = gallery._vectors
+    gallery.add_many("d", _unit(rng, len(old)))
+    assert gallery._vectors is not old and not old.any()

@@ -810,6 +810,48 @@ async def test_audit_seals_over_a_trimmed_stream(client: aioredis.Redis) -> None
     assert last_seal.decode() in broken and len(broken) <= 2
 
 
+async def test_audit_seals_catch_a_deletion_dressed_up_as_a_trim(
+    db: Store, client: aioredis.Redis
+) -> None:
+    """Someone with Redis access rewrites the stream without a sealed record and forges its
+    counters (XSETID) so that it looks trimmed: far below its cap it cannot have been, so
+    the seal is broken, not excused as not checkable."""
+    for batch, count in enumerate((5, 3)):
+        for i in range(count):
+            await db.audit("login", account_id=f"d{batch}{i}")
+        assert await db.seal_audit() == count
+    rows = await client.xrange("fp:audit")
+    info = await client.xinfo_stream("fp:audit")
+    gone = rows[2][0]  # the third of the first seal's five records
+    await client.delete("fp:audit")
+    for rid, fields in rows:
+        if rid != gone:
+            await client.xadd("fp:audit", fields, id=rid)
+    await client.execute_command(
+        "XSETID", "fp:audit", rows[-1][0], "ENTRIESADDED", info["entries-added"],
+        "MAXDELETEDID", "0-0",
+    )  # fmt: skip
+    forged = await client.xinfo_stream("fp:audit")
+    assert forged["entries-added"] > forged["length"]  # it looks trimmed, and not deleted
+    assert forged["max-deleted-entry-id"] in (b"0-0", "0-0")
+    first_seal = next(rid for rid, f in rows if f[b"event"] == b"audit_sealed").decode()
+    check = await db.verify_audit()
+    assert check.broken == [first_seal] and check.not_checkable == 0 and check.verified == 1
+    # Only a stream the cap can have trimmed (at least audit_maxlen records) is excused.
+    capped = Store(client, db._cipher, audit_maxlen=len(rows) - 1)
+    assert (await capped.verify_audit()).not_checkable == 1
+    # The first seal dropped with all its records, the counters made to look trimmed or
+    # untouched: the oldest seal kept no longer starts the chain.
+    second = [(rid, f) for rid, f in rows if rid > rows[5][0]]
+    for added in (info["entries-added"], len(second)):
+        await client.delete("fp:audit")
+        for rid, fields in second:
+            await client.xadd("fp:audit", fields, id=rid)
+        await client.execute_command("XSETID", "fp:audit", rows[-1][0], "ENTRIESADDED", added)
+        check = await db.verify_audit()
+        assert check.broken == [second[-1][0].decode()] and check.verified == 0
+
+
 async def test_audit_seals_across_a_template_key_rotation(
     db: Store, client: aioredis.Redis
 ) -> None:
