@@ -201,6 +201,10 @@ def validate_offer(offer_sdp: str, offer_type: str) -> None:
         )
 
 
+def _always() -> bool:
+    return True
+
+
 class VideoIngest:
     """Receive one terminal's video over WebRTC and pass each decoded frame to ``on_frame``.
 
@@ -213,7 +217,10 @@ class VideoIngest:
 
     With ``wanted``, the video is decoded only while ``wanted()`` is true
     (:mod:`stream_server.decode_gate`); call :meth:`resume` when it turns true so the camera
-    sends a keyframe to restart from. ``on_skipped`` is called for every frame not decoded.
+    sends a keyframe to restart from. ``on_skipped`` is called for every frame not decoded
+    because it was not wanted. With ``max_frame_pixels``, VP8 frames larger than that are
+    dropped before decoding, and ``on_oversized`` is called for each. Whatever the options,
+    the decoder is never given more than a short backlog (``decode_gate.MAX_BACKLOG``).
     """
 
     def __init__(
@@ -223,12 +230,16 @@ class VideoIngest:
         on_closed: Callable[[], None] | None = None,
         wanted: Callable[[], bool] | None = None,
         on_skipped: Callable[[], None] | None = None,
+        max_frame_pixels: int | None = None,
+        on_oversized: Callable[[], None] | None = None,
     ) -> None:
         self._on_frame = on_frame
         self._peers = peers
         self._on_closed = on_closed
-        self._wanted = wanted
+        self._wanted = wanted if wanted is not None else _always
         self._on_skipped = on_skipped
+        self._max_frame_pixels = max_frame_pixels
+        self._on_oversized = on_oversized
         self._gate: decode_gate.DecodeGate | None = None
         self._pc: RTCPeerConnection | None = None
         self._consumer: asyncio.Task[None] | None = None
@@ -293,8 +304,14 @@ class VideoIngest:
         receiver = next((r for r in receivers if r.track is track), None)
         if receiver is not None:
             jitter.install(receiver)  # frames leave at their last packet, not a frame later
-            if self._wanted is not None:
-                self._gate = decode_gate.install(receiver, self._wanted, self._on_skipped)
+            # Always: besides skipping unwanted frames, the gate bounds what the decoder gets.
+            self._gate = decode_gate.install(
+                receiver,
+                self._wanted,
+                self._on_skipped,
+                max_pixels=self._max_frame_pixels,
+                on_oversized=self._on_oversized,
+            )
         self._consumer = asyncio.ensure_future(self._consume(track))
 
     async def _consume(self, track: MediaStreamTrack) -> None:
@@ -353,6 +370,10 @@ class VideoIngest:
         pc = self._pc
         if pc is None:
             return
+        if self._gate is not None:
+            # pc.close() joins the decoder thread on the event loop once it has decoded all
+            # that is queued: leave it nothing queued.
+            self._gate.close()
         try:
             async with asyncio.timeout(5.0):
                 await pc.close()
