@@ -13,15 +13,37 @@ inter frame whose reference it skipped (libvpx would draw it from a stale pictur
 keyframe arrives, the request is repeated every ``retry_s``; a sender that never sends one
 gives the session no frames, and the session times out: the gate fails closed.
 
+Standing there, the gate also bounds what a hostile or broken sender can make the decoder
+do, since aiortc's decoder input queue has no bound and the decoder knows no size limit:
+
+- A VP8 keyframe declaring more than ``max_pixels`` (``server.max_frame_pixels``) is dropped
+  before the decoder sees it, and so is every inter frame after it (they are predicted from
+  it) until a keyframe of an acceptable size comes; a keyframe is asked for meanwhile. libvpx
+  would otherwise allocate and decode the picture first (one 8192x8192 keyframe: seconds of a
+  decoder thread) and the size would be checked only after. An inter frame cannot change the
+  size, so checking keyframes is enough. Other codecs are not parsed; their decoded frames
+  are still checked against the limit after decoding (``stream_server/ws.py``).
+- While the decoder already has :data:`MAX_BACKLOG` frames waiting, a new frame is dropped
+  and the decoder restarts from a requested keyframe: a decoder that cannot keep up would
+  otherwise queue frames without end (memory), and stopping the receiver joins its thread on
+  the event loop only after it has decoded everything queued.
+- :meth:`DecodeGate.close` empties the queue and drops what comes after, so that closing the
+  connection never waits for a backlog to be decoded.
+
 aiortc has no public hook for this: :func:`install` wraps ``put`` on the receiver's decoder
-queue (``RTCRtpReceiver.__decoder_queue``, aiortc 1.16). If that attribute is missing (another
-aiortc), it logs a warning and leaves the receiver decoding everything, as before.
+queue (``RTCRtpReceiver.__decoder_queue``, aiortc 1.16) and reads its length and empties it
+through the same object (``qsize``, ``get_nowait``: a :class:`queue.Queue`, thread-safe). What
+the gate gets is one whole encoded frame: aiortc strips each packet's VP8 payload descriptor
+(``depayload``) and the jitter buffer joins a frame's packets, so the frame starts with the
+VP8 frame tag, as the decoder reads it. If the attribute is missing (another aiortc),
+:func:`install` logs a warning and leaves the receiver decoding everything, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +54,12 @@ log = logging.getLogger(__name__)
 
 #: Ask again for a keyframe this often while waiting for one.
 RETRY_S = 0.3
+#: Encoded frames the decoder may have waiting; a frame arriving beyond them is dropped. A
+#: decoder keeping up has none waiting (a 640x480 frame decodes in ~1.2 ms, they come every
+#: 67 ms); two waiting means it is 130 ms behind, and each further frame only adds to it.
+MAX_BACKLOG = 2
+#: VP8 key frame start code (RFC 6386 9.1), after the 3-byte frame tag.
+_VP8_START_CODE = b"\x9d\x01\x2a"
 
 
 def is_keyframe(codec_name: str, data: bytes) -> bool:
@@ -56,8 +84,27 @@ def is_keyframe(codec_name: str, data: bytes) -> bool:
     return True
 
 
+def vp8_keyframe_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height a VP8 key frame declares; None if ``data`` is no well-formed key frame.
+
+    RFC 6386 9.1: a 3-byte frame tag (bit 0 is 0 for a key frame), the start code
+    ``9d 01 2a``, then width and height as 16-bit little-endian numbers whose low 14 bits
+    are the size and top 2 bits an upscaling hint, which does not change the decoded size.
+    """
+    if len(data) < 10 or data[0] & 0x01 or data[3:6] != _VP8_START_CODE:
+        return None
+    width = int.from_bytes(data[6:8], "little") & 0x3FFF
+    height = int.from_bytes(data[8:10], "little") & 0x3FFF
+    return width, height
+
+
 class DecodeGate:
-    """Passes encoded frames to the decoder only while ``wanted()``, restarting on keyframes."""
+    """Passes encoded frames to the decoder only while ``wanted()``, restarting on keyframes.
+
+    It also withholds VP8 keyframes over ``max_pixels`` and the frames predicted from them
+    (``on_oversized`` is called for each), and frames beyond a decoder backlog of
+    :data:`MAX_BACKLOG` in ``decoder_queue`` (see the module's docstring).
+    """
 
     def __init__(
         self,
@@ -65,36 +112,99 @@ class DecodeGate:
         wanted: Callable[[], bool],
         on_skipped: Callable[[], None] | None = None,
         retry_s: float = RETRY_S,
+        *,
+        max_pixels: int | None = None,
+        on_oversized: Callable[[], None] | None = None,
+        decoder_queue: queue.Queue[Any] | None = None,
     ) -> None:
         self._receiver = receiver
         self._wanted = wanted
         self._on_skipped = on_skipped
         self._retry_s = retry_s
+        self._max_pixels = max_pixels
+        self._on_oversized = on_oversized
+        self._queue = decoder_queue
         self._need_key = True  # the decoder has seen nothing it could predict from
+        # Why frames are withheld until the next keyframe: "skipped" (nobody wanted them, or
+        # the start), "oversized" (the last keyframe was too large) or "overrun" (backlog).
+        self._reason = "skipped"
+        self._closed = False
         self._asked_at = -1e9
         self._tasks: set[asyncio.Task[None]] = set()
-        #: Encoded frames passed to the decoder / discarded undecoded.
+        #: Encoded frames passed to the decoder / discarded undecoded because nobody wanted
+        #: them / discarded as too large (keyframes over ``max_pixels`` and the frames after
+        #: them) / discarded because the decoder was behind (and the frames after them).
         self.passed = 0
         self.skipped = 0
+        self.oversized = 0
+        self.overrun = 0
 
     def put(self, item: Any, put: Callable[[Any], None]) -> None:
         """Replacement for the decoder queue's ``put`` (runs on the event loop)."""
         if item is None:  # the receiver stopping its decoder thread
             put(item)
             return
+        if self._closed:
+            return  # closing: give the decoder nothing its thread would have to finish first
         codec, frame = item
         if not self._wanted():
-            self._need_key = True
-            self._skip()
+            self._withhold("skipped")
             return
-        if self._need_key:
-            if not is_keyframe(codec.name, frame.data):
-                self._skip()
-                self.request_keyframe(force=False)
-                return
-            self._need_key = False
+        keyframe = is_keyframe(codec.name, frame.data)
+        if keyframe and not self._fits(codec.name, frame.data):
+            self._withhold("oversized")
+            self.request_keyframe(force=False)  # a camera that shrank its picture sends one
+            return
+        if self._need_key and not keyframe:
+            self._withhold(self._reason)
+            self.request_keyframe(force=False)
+            return
+        if self._queue is not None and self._queue.qsize() >= MAX_BACKLOG:
+            self._withhold("overrun")
+            self.request_keyframe(force=False)
+            return
+        self._need_key = False
         self.passed += 1
         put(item)
+
+    def close(self) -> None:
+        """Drop every frame still waiting for the decoder, and every frame from now on.
+
+        Call it before the peer connection closes: stopping the receiver joins the decoder
+        thread on the event loop, and the thread first decodes whatever is queued.
+        """
+        self._closed = True
+        if self._queue is None:
+            return
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is None:  # the receiver is already stopping its thread: leave it the stop
+                self._queue.put(None)
+                return
+
+    def _fits(self, codec_name: str, data: bytes) -> bool:
+        """Whether a keyframe may be decoded: a VP8 one must declare at most ``max_pixels``."""
+        if self._max_pixels is None or codec_name.upper() != "VP8":
+            return True
+        size = vp8_keyframe_size(data)
+        # A key frame without a valid header would only fail in libvpx: refuse it here.
+        return size is not None and size[0] * size[1] <= self._max_pixels
+
+    def _withhold(self, reason: str) -> None:
+        """Discard a frame; the decoder restarts at the next acceptable keyframe."""
+        self._need_key = True
+        self._reason = reason
+        if reason == "oversized":
+            self.oversized += 1
+            if self._on_oversized is not None:
+                self._on_oversized()
+        elif reason == "overrun":
+            self.overrun += 1
+        else:
+            self._skip()
 
     def resume(self) -> None:
         """Frames are wanted again: if any were skipped, ask for a keyframe now."""
@@ -122,18 +232,28 @@ def install(
     receiver: RTCRtpReceiver,
     wanted: Callable[[], bool],
     on_skipped: Callable[[], None] | None = None,
+    *,
+    max_pixels: int | None = None,
+    on_oversized: Callable[[], None] | None = None,
 ) -> DecodeGate | None:
     """Put a :class:`DecodeGate` in front of ``receiver``'s decoder; None if this aiortc has no
     decoder queue to wrap (then everything is decoded, as without a gate)."""
-    queue = getattr(receiver, "_RTCRtpReceiver__decoder_queue", None)
-    if queue is None or not callable(getattr(queue, "put", None)):
+    decoder_queue = getattr(receiver, "_RTCRtpReceiver__decoder_queue", None)
+    if not isinstance(decoder_queue, queue.Queue):
         log.warning("aiortc's receiver has no decoder queue here: decoding every frame")
         return None
-    gate = DecodeGate(receiver, wanted, on_skipped)
-    original = queue.put
+    gate = DecodeGate(
+        receiver,
+        wanted,
+        on_skipped,
+        max_pixels=max_pixels,
+        on_oversized=on_oversized,
+        decoder_queue=decoder_queue,
+    )
+    original = decoder_queue.put
 
     def put(item: Any, block: bool = True, timeout: float | None = None) -> None:
         gate.put(item, lambda it: original(it, block, timeout))
 
-    queue.put = put
+    decoder_queue.put = put  # type: ignore[method-assign]
     return gate

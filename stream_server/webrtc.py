@@ -40,6 +40,10 @@ BITRATE_FMTP = "x-google-start-bitrate=1500;x-google-min-bitrate=750;x-google-ma
 _AUX_CODECS = {"rtx", "red", "ulpfec", "flexfec-03"}
 #: Longest offer we parse (a browser's offer is a few KiB).
 MAX_SDP_BYTES = 64 * 1024
+#: Most ICE candidates an offer may carry: the server checks connectivity to every one (STUN
+#: requests to addresses the offer chooses). A kiosk has a few interfaces; browsers offer a
+#: host candidate per interface and protocol, and terminals use no STUN or TURN server.
+MAX_REMOTE_CANDIDATES = 16
 
 FrameCallback = Callable[[av.VideoFrame, float], None]
 
@@ -47,7 +51,7 @@ _original_get_host_addresses = aioice.ice.get_host_addresses
 
 
 class BadSdp(InvalidRequest):
-    """An offer that cannot be parsed, is not an offer, or carries no video."""
+    """An offer that cannot be parsed, is not an offer, or is not one video m-line."""
 
     code = "bad_sdp"
 
@@ -167,7 +171,13 @@ def add_bitrate_hints(sdp: str, fmtp: str = BITRATE_FMTP) -> str:
 
 
 def validate_offer(offer_sdp: str, offer_type: str) -> None:
-    """Refuse what is not a parseable offer with a video m-line (raise :class:`BadSdp`)."""
+    """Refuse what is not a parseable offer of exactly one video m-line (raise :class:`BadSdp`).
+
+    One m-line, because aiortc gives every m-line a receiver and a decoder thread, and a
+    track the server does not read (a second video, an audio track) fills aiortc's unbounded
+    track queue with decoded frames: memory without end. Terminals send one video track.
+    At most :data:`MAX_REMOTE_CANDIDATES` ICE candidates, since each is checked over STUN.
+    """
     if offer_type != "offer":
         raise BadSdp(f"bad_sdp: expected an SDP of type 'offer', got {offer_type!r}")
     if not isinstance(offer_sdp, str) or not offer_sdp.strip():
@@ -180,6 +190,19 @@ def validate_offer(offer_sdp: str, offer_type: str) -> None:
         raise BadSdp(f"bad_sdp: the offer cannot be parsed ({type(exc).__name__})") from exc
     if not any(m.kind == "video" for m in parsed.media):
         raise BadSdp("bad_sdp: the offer has no video m-line")
+    if len(parsed.media) != 1:
+        kinds = ", ".join(m.kind for m in parsed.media)
+        raise BadSdp(f"bad_sdp: the offer has {len(parsed.media)} m-lines ({kinds}), not one video")
+    # Counted as aiortc parsed them: the candidates it would check (those of media sections).
+    candidates = sum(len(m.ice_candidates) for m in parsed.media)
+    if candidates > MAX_REMOTE_CANDIDATES:
+        raise BadSdp(
+            f"bad_sdp: the offer has {candidates} ICE candidates, more than {MAX_REMOTE_CANDIDATES}"
+        )
+
+
+def _always() -> bool:
+    return True
 
 
 class VideoIngest:
@@ -194,7 +217,10 @@ class VideoIngest:
 
     With ``wanted``, the video is decoded only while ``wanted()`` is true
     (:mod:`stream_server.decode_gate`); call :meth:`resume` when it turns true so the camera
-    sends a keyframe to restart from. ``on_skipped`` is called for every frame not decoded.
+    sends a keyframe to restart from. ``on_skipped`` is called for every frame not decoded
+    because it was not wanted. With ``max_frame_pixels``, VP8 frames larger than that are
+    dropped before decoding, and ``on_oversized`` is called for each. Whatever the options,
+    the decoder is never given more than a short backlog (``decode_gate.MAX_BACKLOG``).
     """
 
     def __init__(
@@ -204,12 +230,16 @@ class VideoIngest:
         on_closed: Callable[[], None] | None = None,
         wanted: Callable[[], bool] | None = None,
         on_skipped: Callable[[], None] | None = None,
+        max_frame_pixels: int | None = None,
+        on_oversized: Callable[[], None] | None = None,
     ) -> None:
         self._on_frame = on_frame
         self._peers = peers
         self._on_closed = on_closed
-        self._wanted = wanted
+        self._wanted = wanted if wanted is not None else _always
         self._on_skipped = on_skipped
+        self._max_frame_pixels = max_frame_pixels
+        self._on_oversized = on_oversized
         self._gate: decode_gate.DecodeGate | None = None
         self._pc: RTCPeerConnection | None = None
         self._consumer: asyncio.Task[None] | None = None
@@ -267,15 +297,21 @@ class VideoIngest:
         if track.kind != "video":
             log.debug("ignoring %s track", track.kind)
             return
-        if self._consumer is not None:
+        if self._consumer is not None:  # validate_offer allows one m-line: cannot happen
             log.warning("second video track ignored; one per connection")
             return
         receivers = self._pc.getReceivers() if self._pc is not None else []
         receiver = next((r for r in receivers if r.track is track), None)
         if receiver is not None:
             jitter.install(receiver)  # frames leave at their last packet, not a frame later
-            if self._wanted is not None:
-                self._gate = decode_gate.install(receiver, self._wanted, self._on_skipped)
+            # Always: besides skipping unwanted frames, the gate bounds what the decoder gets.
+            self._gate = decode_gate.install(
+                receiver,
+                self._wanted,
+                self._on_skipped,
+                max_pixels=self._max_frame_pixels,
+                on_oversized=self._on_oversized,
+            )
         self._consumer = asyncio.ensure_future(self._consume(track))
 
     async def _consume(self, track: MediaStreamTrack) -> None:
@@ -334,6 +370,10 @@ class VideoIngest:
         pc = self._pc
         if pc is None:
             return
+        if self._gate is not None:
+            # pc.close() joins the decoder thread on the event loop once it has decoded all
+            # that is queued: leave it nothing queued.
+            self._gate.close()
         try:
             async with asyncio.timeout(5.0):
                 await pc.close()

@@ -208,17 +208,20 @@ class TerminalConnection:
         warned = False
         pacer: LoadPacer | None = None  # set once the answer went out
 
-        def on_frame(frame: Any, t: float) -> None:
+        def too_large() -> None:
+            # Analysing it would cost a worker seconds; a camera needs no more than HD.
             nonlocal warned
+            metrics.frames_dropped.inc()
+            if not warned:
+                warned = True
+                message = f"video frames above {max_pixels} pixels are dropped"
+                self._notify(error_event("frame_too_large", message))
+
+        def on_frame(frame: Any, t: float) -> None:
             if not self._wants_frames():
                 return  # an enroll terminal keeps nothing before consent
             if frame.width * frame.height > max_pixels:
-                # Analysing it would cost a worker seconds; a camera needs no more than HD.
-                metrics.frames_dropped.inc()
-                if not warned:
-                    warned = True
-                    message = f"video frames above {max_pixels} pixels are dropped"
-                    self._notify(error_event("frame_too_large", message))
+                too_large()  # VP8 is dropped before decoding; this catches other codecs
                 return
             self.frames.put(frame, t)
             metrics.frames_received.inc()
@@ -242,6 +245,8 @@ class TerminalConnection:
             on_closed=on_closed,
             wanted=lambda: self.frames.in_demand,
             on_skipped=metrics.frames_undecoded.inc,
+            max_frame_pixels=max_pixels,
+            on_oversized=too_large,
         )
         self.frames.on_demand = on_demand
         answer = await self.ingest.start(offer.sdp, offer.sdp_type)
