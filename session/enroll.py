@@ -23,14 +23,13 @@ from pipeline.errors import (
     Conflict,
     IllegalTransition,
     InvalidRequest,
-    NotFound,
     StoreUnavailable,
 )
 from pipeline.stream import TrackReport
 from pipeline.types import FloatArray
 from session import _store_lua as _store_rules
 from session.crypto import check_passphrase
-from session.enrollment import refuse_duplicate
+from session.enrollment import refuse_duplicate, refuse_taken_id
 from session.frames import FrameSlot
 from session.services import SessionServices
 from session.video import Emit, VideoSession, nearest
@@ -154,10 +153,8 @@ class EnrollSession(VideoSession):
 
     async def _run(self) -> None:
         try:  # a taken id would fail at the write: find out before any face is captured
-            await self.svc.store.get_account(self.req.account_id)
-        except NotFound:
-            pass
-        else:
+            await refuse_taken_id(self.svc.store, self.req.account_id)
+        except Conflict:
             await self._finish("declined", "conflict")
         await self.svc.store.audit(
             "consent",

@@ -22,7 +22,7 @@ from concurrent.futures import Executor
 import numpy as np
 
 from pipeline.analyzer import FaceAnalyzer
-from pipeline.errors import AlreadyEnrolled, QualityError
+from pipeline.errors import AlreadyEnrolled, Conflict, NotFound, QualityError
 from pipeline.types import FloatArray, ImageArray
 from session import _store_lua as _store_rules
 from session.crypto import PassphraseHasher, check_passphrase
@@ -126,6 +126,21 @@ async def refuse_duplicate(
             )
 
 
+async def refuse_taken_id(store: Store, account_id: str) -> None:
+    """Conflict if ``account_id`` belongs to an account, before any face is looked at.
+
+    Otherwise a taken id would make the face checks an oracle: ``already_enrolled`` against
+    ``conflict`` would say, for any photo and four guessed digits, whether that person is
+    enrolled with a phone ending in them, with nothing written. (An id taken between this
+    check and the write is still refused by the write.)
+    """
+    try:
+        await store.get_account(account_id)
+    except NotFound:
+        return
+    raise Conflict("account id already taken")
+
+
 async def enroll_from_images(
     *,
     store: Store,
@@ -150,6 +165,7 @@ async def enroll_from_images(
     """
     check_passphrase(passphrase)
     check_account_fields(account_id, name, phone)
+    await refuse_taken_id(store, account_id)
     templates = await templates_from_images(analyzer, executor, images)
     await refuse_duplicate(directory, executor, templates, phone)
     loop = asyncio.get_running_loop()

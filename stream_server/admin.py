@@ -22,6 +22,7 @@ from aiohttp import web
 
 from pipeline.errors import (
     AccountLocked,
+    AlreadyEnrolled,
     AuthError,
     Conflict,
     FacePayError,
@@ -37,7 +38,9 @@ from pipeline.errors import (
 from pipeline.image import decode_image
 from pipeline.types import ImageArray
 from session.enrollment import ImageQualityError, enroll_from_images
+from session.models import Account
 from stream_server.admin_bodies import (
+    AccountForm,
     MerchantIn,
     PayloadTooLarge,
     TerminalIn,
@@ -242,7 +245,29 @@ async def add_account(request: web.Request) -> web.StreamResponse:
             images.append(await loop.run_in_executor(app[EXECUTOR], decode_image, blob))
         except ImageError as exc:
             raise UploadedImageError(index, str(exc)) from None
-    account, count = await enroll_from_images(
+    try:
+        account, count = await _enroll(app, form, images, request[OPERATOR])
+    except AlreadyEnrolled:
+        # Each refusal tells the caller something about an enrolled person (that face, those
+        # digits): it is on the record under the operator's name, like every admin change.
+        await app[STORE].audit(
+            "enroll_refused",
+            reason="already_enrolled",
+            account_id=form.account_id,
+            operator=request[OPERATOR],
+        )
+        raise
+    return web.json_response(
+        {"account_id": account.account_id, "templates": count, "name": account.masked_name},
+        status=201,
+    )
+
+
+async def _enroll(
+    app: web.Application, form: AccountForm, images: list[ImageArray], operator: str
+) -> tuple[Account, int]:
+    """``enroll_from_images`` with this app's services, consent given by ``operator``."""
+    return await enroll_from_images(
         store=app[STORE],
         directory=app[DIRECTORY],
         analyzer=app[ANALYZER],
@@ -256,12 +281,8 @@ async def add_account(request: web.Request) -> web.StreamResponse:
         consent={
             "source": "admin_api",
             "given_at": f"{time.time():.3f}",
-            "operator": request[OPERATOR],
+            "operator": operator,
         },
-    )
-    return web.json_response(
-        {"account_id": account.account_id, "templates": count, "name": account.masked_name},
-        status=201,
     )
 
 

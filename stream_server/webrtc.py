@@ -41,9 +41,11 @@ _AUX_CODECS = {"rtx", "red", "ulpfec", "flexfec-03"}
 #: Longest offer we parse (a browser's offer is a few KiB).
 MAX_SDP_BYTES = 64 * 1024
 #: Most ICE candidates an offer may carry: the server checks connectivity to every one (STUN
-#: requests to addresses the offer chooses). A kiosk has a few interfaces; browsers offer a
-#: host candidate per interface and protocol, and terminals use no STUN or TURN server.
-MAX_REMOTE_CANDIDATES = 16
+#: requests to addresses the offer chooses). Browsers offer a host candidate per interface,
+#: address family and protocol (a laptop with VPN and container bridges can list 20 or
+#: more), and terminals use no STUN or TURN server. 48 keeps those while bounding the STUN
+#: checks one offer can aim at other addresses (one offer with 450 sent 2,700 in 30 s).
+MAX_REMOTE_CANDIDATES = 48
 
 FrameCallback = Callable[[av.VideoFrame, float], None]
 

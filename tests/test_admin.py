@@ -217,6 +217,18 @@ async def test_the_same_face_is_not_enrolled_twice_with_the_same_phone_digits(cl
     assert (await resp.json())["error"] == "already_enrolled"
     with pytest.raises(NotFound):
         await client.app[STORE].get_account("alice2")
+    # Each such refusal says something about an enrolled person: it is audited.
+    refused = [r for r in await client.app[STORE].read_audit(20) if r["event"] == "enroll_refused"]
+    assert [(r["account_id"], r["reason"], r["operator"]) for r in refused] == [
+        ("alice2", "already_enrolled", "admin")
+    ]
+    # A taken account id is refused before any face is looked at: otherwise the answer
+    # (already_enrolled or conflict) would tell, for any photo and four guessed digits,
+    # whether that person is enrolled with them, with nothing written.
+    for phone in ("+86 139 0000 1234", "+86 139 0000 9999"):
+        probe = _enrol_form([_jpeg(data_dir, "obama/obama3.jpg")], account_id="alice", phone=phone)
+        resp = await client.post("/api/accounts", data=probe, headers=AUTH)
+        assert resp.status == 409 and (await resp.json())["error"] == "conflict"
     other = _enrol_form(
         [_jpeg(data_dir, "obama/obama3.jpg")], account_id="alice3", phone="+8613800005678"
     )
