@@ -162,7 +162,13 @@ class ServerConfig(_Strict):
     #: standard loop.
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     max_message_bytes: int = Field(64 * 1024, ge=1024, le=4 * 1024 * 1024)
+    #: Terminals connected (said hello) at once; more get 503 at the upgrade, or 1013 after
+    #: a hello that raced past that check.
     max_sessions: int = Field(64, ge=1, le=10_000)
+    #: Sockets waiting for their hello at once. A real terminal says hello within
+    #: milliseconds; when this many wait, a new socket closes the one that has waited
+    #: longest (1013), so sockets that never say hello cannot hold every slot.
+    max_pending_hellos: int = Field(32, ge=1, le=10_000)
     #: Video frames larger than this (width x height) are dropped unanalysed (1080p).
     max_frame_pixels: int = Field(1920 * 1080, ge=320 * 240, le=7680 * 4320)
     #: WebSocket ``Origin`` values allowed besides the server's own origin (same origin is

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -43,7 +44,7 @@ from stream_server.app import (
     STORE,
 )
 from stream_server.revocation import revoked_close
-from stream_server.ws_hello import hello
+from stream_server.ws_hello import admit, hello, make_room
 from stream_server.ws_messages import (
     MESSAGES,
     TRANSPORT_MAX_BYTES,
@@ -57,8 +58,6 @@ from stream_server.ws_messages import (
     StartEnroll,
     _Msg,
     error_event,
-    headers_decodable,
-    origin_allowed,
 )
 
 log = logging.getLogger(__name__)
@@ -81,6 +80,9 @@ class TerminalConnection:
         self._send_lock = asyncio.Lock()
         self._notes: set[asyncio.Task[None]] = set()  # keeps _notify's tasks referenced
         self._revoked: asyncio.Task[bool] | None = None  # the 4401 close, once revoked
+        self.opened_at = time.monotonic()
+        #: Set to make room for a newer socket while this one still awaits its hello.
+        self.evicted = asyncio.Event()
 
     async def send(self, event: dict[str, Any]) -> None:
         """Send one event (serialised: aiohttp must not interleave writes)."""
@@ -363,19 +365,11 @@ class TerminalConnection:
 
 async def ws_handler(request: web.Request) -> web.StreamResponse:
     """Upgrade to a WebSocket and serve one terminal."""
-    config = request.app[CONFIG]
-    if not headers_decodable(request):
-        # aiohttp's own handshake error quotes the header and fails to encode the undecodable
-        # bytes (a 500 and a logged traceback; found by tests/test_fuzz): refuse first.
-        raise web.HTTPBadRequest(text="malformed request headers")
-    if not origin_allowed(request, config.server.allowed_origins):
-        log.warning("websocket from origin %r refused", request.headers.get("Origin", "")[:100])
-        raise web.HTTPForbidden(text="origin not allowed")
-    if len(request.app[CONNECTIONS]) >= config.server.max_sessions:
-        raise web.HTTPServiceUnavailable(text="too many terminals connected")
+    admit(request)
     ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=TRANSPORT_MAX_BYTES)
     await ws.prepare(request)
     conn = TerminalConnection(request, ws)
+    make_room(request.app[CONNECTIONS], request.app[CONFIG].server.max_pending_hellos)
     request.app[CONNECTIONS].add(conn)
     request.app[METRICS].sessions_active.inc()
     try:

@@ -8,23 +8,68 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from aiohttp import WSMsgType
+from aiohttp import WSMessage, WSMsgType, web
 from pydantic import ValidationError
 
 from pipeline.errors import AuthError, StoreUnavailable
-from stream_server.app import REVOKED_TERMINALS, STORE
+from stream_server.app import CONFIG, CONNECTIONS, REVOKED_TERMINALS, STORE
 from stream_server.revocation import terminal_connections
 from stream_server.ws_messages import (
     CLOSE_TOO_MANY,
     CLOSE_TRY_LATER,
     CLOSE_UNAUTHENTICATED,
     Hello,
+    headers_decodable,
+    origin_allowed,
 )
 
 if TYPE_CHECKING:
     from stream_server.ws import TerminalConnection
 
 log = logging.getLogger(__name__)
+
+
+def admit(request: web.Request) -> None:
+    """The upgrade's checks, before a socket exists: HTTP 400, 403 or 503 to refuse."""
+    config = request.app[CONFIG]
+    if not headers_decodable(request):
+        # aiohttp's own handshake error quotes the header and fails to encode the undecodable
+        # bytes (a 500 and a logged traceback; found by tests/test_fuzz): refuse first.
+        raise web.HTTPBadRequest(text="malformed request headers")
+    if not origin_allowed(request, config.server.allowed_origins):
+        log.warning("websocket from origin %r refused", request.headers.get("Origin", "")[:100])
+        raise web.HTTPForbidden(text="origin not allowed")
+    if authenticated(request.app[CONNECTIONS]) >= config.server.max_sessions:
+        raise web.HTTPServiceUnavailable(text="too many terminals connected")
+
+
+def make_room(conns: set[TerminalConnection], limit: int) -> None:
+    """Before a new socket joins ``conns``: if ``limit`` sockets already wait for their
+    hello, close the one that has waited longest (1013, try later). An attacker's sockets
+    wait the whole hello timeout; a terminal's hello follows its upgrade at once, so the
+    oldest waiting socket is the likeliest to be holding a slot on purpose."""
+    waiting = [c for c in conns if c.terminal is None and not c.evicted.is_set()]
+    if len(waiting) >= limit:
+        min(waiting, key=lambda c: c.opened_at).evicted.set()  # its hello() closes it
+
+
+def authenticated(conns: set[TerminalConnection]) -> int:
+    """How many of ``conns`` have said hello (``server.max_sessions`` counts these)."""
+    return sum(1 for c in conns if c.terminal is not None)
+
+
+async def _first_message(conn: TerminalConnection) -> WSMessage | None:
+    """The socket's first message, or None once it is evicted (``make_room``)."""
+    receive = asyncio.ensure_future(conn.ws.receive())
+    evicted = asyncio.ensure_future(conn.evicted.wait())
+    try:
+        await asyncio.wait((receive, evicted), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        receive.cancel()
+        evicted.cancel()
+    if conn.evicted.is_set():
+        return None
+    return receive.result()
 
 
 async def hello(conn: TerminalConnection) -> bool:
@@ -40,9 +85,12 @@ async def hello(conn: TerminalConnection) -> bool:
         # every WebSocket ping it answers, so a client pinging without a hello would
         # hold a connection slot (server.max_sessions) for ever.
         async with asyncio.timeout(timeout):
-            msg = await conn.ws.receive()
+            msg = await _first_message(conn)
     except TimeoutError:
         await conn.ws.close(code=CLOSE_UNAUTHENTICATED, message=b"hello timeout")
+        return False
+    if msg is None:
+        await conn.ws.close(code=CLOSE_TRY_LATER, message=b"too many sockets awaiting hello")
         return False
     if msg.type != WSMsgType.TEXT:
         await conn.ws.close(code=CLOSE_UNAUTHENTICATED, message=b"hello required")
@@ -60,6 +108,11 @@ async def hello(conn: TerminalConnection) -> bool:
     tid = conn.terminal.terminal_id
     if tid in conn.app[REVOKED_TERMINALS]:  # revoked since its token was read
         await conn.ws.close(code=CLOSE_UNAUTHENTICATED, message=b"unauthenticated")
+        return False
+    if authenticated(conn.app[CONNECTIONS]) > conn.config.server.max_sessions:
+        # Several hellos raced past the upgrade's check (it cannot count sockets that have
+        # not said hello yet); counted here with no await since this one's token was read.
+        await conn.ws.close(code=CLOSE_TRY_LATER, message=b"too many terminals connected")
         return False
     same = len(terminal_connections(conn.app, tid))
     if same > conn.config.limits.connections_per_terminal:

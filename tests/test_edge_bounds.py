@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 from aiortc import RTCPeerConnection, rtcrtpreceiver
@@ -271,3 +272,30 @@ async def test_a_slow_decoder_is_not_given_a_backlog_to_finish_at_close(
     started = time.monotonic()
     await ingest.close()
     assert time.monotonic() - started < 1.0
+
+
+# --- sockets that never say hello ---------------------------------------------------------
+
+
+async def test_sockets_that_never_say_hello_cannot_lock_terminals_out(make_env):
+    """Silent sockets hold no terminal's place: when ``max_pending_hellos`` wait, a new
+    socket closes the one that has waited longest (1013), and ``max_sessions`` counts only
+    terminals that said hello (before, 64 silent sockets refused every terminal with 503
+    for the hello timeout, again and again)."""
+    env = await make_env(server={"max_sessions": 2, "max_pending_hellos": 3})
+    async with aiohttp.ClientSession() as http:
+        silent = []
+        for _ in range(6):  # twice the pending room, thrice the sessions
+            silent.append(await http.ws_connect(env.ws_url))
+            await asyncio.sleep(0.05)
+        for sock in silent[:3]:  # the three that waited longest made room for the rest
+            msg = await sock.receive(timeout=2)
+            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            assert sock.close_code == 1013
+        terms = [await env.terminal() for _ in range(2)]  # hello answered at once
+        assert all("hello" in t.types() for t in terms)
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(env.ws_url)  # max_sessions terminals are connected
+        assert refused.value.status == 503
+        for sock in silent:
+            await sock.close()

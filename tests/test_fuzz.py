@@ -491,7 +491,9 @@ async def test_a_terminal_opening_hundreds_of_sessions_is_limited(make_env):
         socks = [s for kind, s in results if kind == "open"]
         codes = Counter(c for kind, c in results if kind != "open")
         assert 1 <= len(socks) <= 4, kinds  # limits.connections_per_terminal
-        assert set(codes) <= {503, 4429}, codes  # server.max_sessions, then the per-terminal cap
+        # server.max_sessions (503), server.max_pending_hellos (1013: hundreds of sockets
+        # at once outnumber the room for hellos), then the per-terminal cap (4429).
+        assert set(codes) <= {503, 1013, 4429}, codes
         # Each open socket: a flood of session starts gets one session and clear refusals.
         for sock in socks:
             for i in range(100):
