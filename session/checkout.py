@@ -24,7 +24,7 @@ from pipeline.errors import (
 from pipeline.gallery import Decision
 from pipeline.stream import TrackReport
 from pipeline.types import FloatArray
-from session.checkout_ledger import Refused, write_payment
+from session.checkout_ledger import Refused, checked, write_payment
 from session.crypto import WrongAnswers
 from session.frames import FrameSlot
 from session.models import Account, CheckoutRequest, format_amount
@@ -340,7 +340,10 @@ class CheckoutSession(VideoSession):
             check = loop.run_in_executor(
                 self.svc.executor, self.svc.hasher.verify, stored_hash, passphrase
             )
-            ok = await self._verified(check, expires_in)
+            try:
+                ok = await checked(check, expires_in, self.session_id)
+            except Refused as refused:
+                await self._finish(S.DECLINED, refused.reason)
             await self._check_stopped()
             if ok:
                 del passphrase, msg  # keep the secret's lifetime short
@@ -358,23 +361,6 @@ class CheckoutSession(VideoSession):
             await self._send({"type": "wrong_passphrase", "attempts_left": left})
         await self.svc.store.clear_failures(account.account_id)
         await self._pay(account)
-
-    async def _verified(self, check: asyncio.Future[bool], bound_s: float) -> bool:
-        """The passphrase check's result; declines ``unavailable`` if it takes over ``bound_s``.
-
-        argon2 takes tens of milliseconds; an executor so overloaded (or stuck) that the check
-        outlasts a whole prompt's lifetime must give the terminal an answer, and that answer
-        is a decline: nothing was charged and no failure is counted against the account.
-        """
-        try:
-            return await asyncio.wait_for(asyncio.shield(check), bound_s)
-        except TimeoutError:
-            check.add_done_callback(lambda f: f.cancelled() or f.exception())
-            log.warning("checkout %s: passphrase check took over %.0f s", self.session_id, bound_s)
-            await self._finish(S.DECLINED, "unavailable")
-        except asyncio.CancelledError:
-            check.cancel()
-            raise
 
     async def _pay(self, account: Account) -> None:
         await self._check_stopped()  # last chance: a gone terminal is never charged

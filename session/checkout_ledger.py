@@ -6,6 +6,7 @@ what it may tell the till after a failure (docs/faults.md) is the subtle part.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -30,6 +31,24 @@ class Refused(Exception):
         super().__init__(reason)
         self.reason = reason
         self.extra = extra
+
+
+async def checked(check: asyncio.Future[bool], bound_s: float, session_id: str) -> bool:
+    """The passphrase check's result; Refused ``unavailable`` if it takes over ``bound_s``.
+
+    argon2 takes tens of milliseconds; an executor so overloaded (or stuck) that the check
+    outlasts a whole prompt's lifetime must give the terminal an answer, and that answer
+    is a decline: nothing was charged and no failure is counted against the account.
+    """
+    try:
+        return await asyncio.wait_for(asyncio.shield(check), bound_s)
+    except TimeoutError:
+        check.add_done_callback(lambda f: f.cancelled() or f.exception())
+        log.warning("checkout %s: passphrase check took over %.0f s", session_id, bound_s)
+        raise Refused("unavailable") from None
+    except asyncio.CancelledError:
+        check.cancel()
+        raise
 
 
 async def write_payment(

@@ -56,8 +56,11 @@ log = logging.getLogger(__name__)
 RETRY_S = 0.3
 #: Encoded frames the decoder may have waiting; a frame arriving beyond them is dropped. A
 #: decoder keeping up has none waiting (a 640x480 frame decodes in ~1.2 ms, they come every
-#: 67 ms); two waiting means it is 130 ms behind, and each further frame only adds to it.
-MAX_BACKLOG = 2
+#: 67 ms), but on a saturated server its thread waits for the cores and the GIL behind the
+#: inference workers for a while: each drop costs a keyframe (several times an inter
+#: frame's bytes and decoding), so the bound leaves that room. Eight 640x480 frames at
+#: 1 Mbit/s are ~70 KB; what matters is that the queue cannot grow without end.
+MAX_BACKLOG = 8
 #: VP8 key frame start code (RFC 6386 9.1), after the 3-byte frame tag.
 _VP8_START_CODE = b"\x9d\x01\x2a"
 
