@@ -131,8 +131,10 @@ class EvidenceAccumulator:
         self.too_close: deque[tuple[float, float]] = deque(maxlen=config.max_frames)
         self.rejected: dict[str, int] = {}
         self.seen = 0
-        #: Set once the fused score was below the threshold at a decision point (see
-        #: the module docstring); a live verdict then needs ``spoof_min_frames`` scores.
+        #: Set once a verdict found the fused score below the threshold with too few scores
+        #: to call a spoof (see the module docstring); a live verdict then needs
+        #: ``spoof_min_frames`` scores. Set by ``verdict``: only a verdict is a chance to
+        #: cross the threshold, and it has the fused score at hand.
         self.doubted = False
 
     def add(self, t: float, analysis: FaceAnalysis) -> bool:
@@ -158,18 +160,7 @@ class EvidenceAccumulator:
             )
         )
         self._slide(t)
-        self._note_doubt()
         return True
-
-    def _note_doubt(self) -> None:
-        cfg = self.config
-        if self.doubted or (cfg.spoof_min_frames or cfg.min_frames) <= cfg.min_frames:
-            return
-        scored = [f for f in self.frames if f.p_real is not None]
-        if len(scored) < cfg.min_frames or scored[-1].t - scored[0].t < cfg.min_span_s:
-            return
-        fused = self.fused_liveness()
-        self.doubted = fused is not None and fused < self.liveness_threshold
 
     def _slide(self, t: float) -> None:
         # The window slides: old evidence about a face that has since changed must not count.
@@ -258,6 +249,7 @@ class EvidenceAccumulator:
         needed = cfg.spoof_min_frames or cfg.min_frames
         if fused < self.liveness_threshold:
             if len(scored) < needed:
+                self.doubted = True
                 return make("undecided", "need_more_frames")
             return make("spoof", "liveness_low")
         if self.doubted and len(scored) < needed:

@@ -121,7 +121,13 @@ class StreamAnalyzer:
                 continue
             acc = self.evidence.get(track) if track is not None else None
             scored = 0 if acc is None else sum(1 for f in acc.frames if f.p_real is not None)
-            live = scored < self.config.evidence.min_frames or self.frames % sel.liveness_every == 0
+            live = (
+                scored < self.config.evidence.min_frames
+                or self.frames % sel.liveness_every == 0
+                # A doubted track needs spoof_min_frames scores in its window to go live:
+                # scored every frame, a slow or busy stream can still collect them.
+                or (acc is not None and acc.doubted)
+            )
             # A liveness score always comes with its frame's embedding: without one, the
             # tracker cannot veto another face that steps into this track's box, and that
             # face's liveness would complete this face's evidence (someone else's entry

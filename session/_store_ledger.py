@@ -71,6 +71,27 @@ class StoreCore:
                 approximate=True,
             )
 
+    async def publish_audit_cap(self) -> None:
+        """Record the cap this store trims the audit stream to (``fp:audit:maxlen``), so that
+        the command line, which may run without the servers' configuration, trims to it and
+        judges trimmed seals by it (``effective_audit_cap``)."""
+        with h.unavailable("publish_audit_cap"):
+            await self._r.set(self._k("audit:maxlen"), str(self.audit_maxlen))
+
+    async def adopt_audit_cap(self, configured: int | None) -> int:
+        """Trim to, and judge seals by, the cap the servers published (what they actually
+        trim to), else ``configured`` (a command given the configuration), else the default.
+        A stream trimmed at a smaller cap than the one assumed would read as tampered with,
+        and a command trimming at a smaller cap than the servers' would cut their records."""
+        with h.unavailable("adopt_audit_cap"):
+            raw = await self._r.get(self._k("audit:maxlen"))
+        published = int(h.text(raw)) if raw is not None and h.text(raw).isdigit() else 0
+        if published > 0:
+            self.audit_maxlen = published
+        elif configured is not None:
+            self.audit_maxlen = configured
+        return self.audit_maxlen
+
     async def read_audit(self, count: int = 100) -> list[dict[str, str]]:
         """The newest ``count`` audit records, oldest first."""
         if count <= 0:

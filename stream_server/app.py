@@ -7,6 +7,7 @@ symmetric and a test can build an app on any config.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from pipeline.analyzer import FaceAnalyzer
+from pipeline.errors import StoreUnavailable
 from pipeline.models import ModelStore
 from session.camera_load import CheckoutLoad
 from session.config import FacePayConfig
@@ -81,6 +83,9 @@ def create_app(
         app[STORE] = Store(
             client, cipher, limits=config.limits, audit_maxlen=config.server.audit_max_records
         )
+        # Best effort: a server starting while Redis is down publishes it on its next start.
+        with contextlib.suppress(StoreUnavailable):
+            await app[STORE].publish_audit_cap()
         app[LIMITER] = RateLimiter(client)
         yield
         await client.aclose()

@@ -184,7 +184,8 @@ async def with_store(
 ) -> _T:
     """Run ``work`` on a Store connected to ``url``; UsageError if Redis cannot be reached.
     ``audit_maxlen``: the audit stream's cap (``server.audit_max_records``), for commands
-    that have the configuration: it is what they trim to, and what audit-verify checks."""
+    that have the configuration; the cap the servers published in Redis is used besides
+    (``Store.adopt_audit_cap``): it is what they trim to, and what audit-verify checks."""
     try:
         # The server's own client settings (redis_client: pooled connections are checked).
         client = connect_redis(url, max_connections=2, socket_timeout=10)
@@ -194,6 +195,7 @@ async def with_store(
         store = Store(client, cipher, audit_maxlen=audit_maxlen)
         if not await store.ping():
             raise UsageError(f"cannot reach Redis at {redact_url(url)}")
+        await store.adopt_audit_cap(audit_maxlen)
         return await work(store)
     except StoreUnavailable as exc:
         raise UsageError(f"Redis at {redact_url(url)} failed: {exc}") from None

@@ -129,18 +129,21 @@ class DecodeGate:
         self._queue = decoder_queue
         self._need_key = True  # the decoder has seen nothing it could predict from
         # Why frames are withheld until the next keyframe: "skipped" (nobody wanted them, or
-        # the start), "oversized" (the last keyframe was too large) or "overrun" (backlog).
+        # the start), "oversized" (the last keyframe was too large), "overrun" (backlog) or
+        # "corrupt" (a key frame tag without a key frame header: a frame cut short).
         self._reason = "skipped"
         self._closed = False
         self._asked_at = -1e9
         self._tasks: set[asyncio.Task[None]] = set()
         #: Encoded frames passed to the decoder / discarded undecoded because nobody wanted
         #: them / discarded as too large (keyframes over ``max_pixels`` and the frames after
-        #: them) / discarded because the decoder was behind (and the frames after them).
+        #: them) / discarded because the decoder was behind (and the frames after them) /
+        #: discarded as a broken key frame (and the frames after it).
         self.passed = 0
         self.skipped = 0
         self.oversized = 0
         self.overrun = 0
+        self.corrupt = 0
 
     def put(self, item: Any, put: Callable[[Any], None]) -> None:
         """Replacement for the decoder queue's ``put`` (runs on the event loop)."""
@@ -154,7 +157,14 @@ class DecodeGate:
             self._withhold("skipped")
             return
         keyframe = is_keyframe(codec.name, frame.data)
-        if keyframe and not self._fits(codec.name, frame.data):
+        fits = self._fits(codec.name, frame.data) if keyframe else True
+        if fits is None:
+            # No key frame header where the tag says key frame: a frame the jitter buffer
+            # cut short after a loss, not a big picture. Withheld without "too large".
+            self._withhold("corrupt")
+            self.request_keyframe(force=False)
+            return
+        if not fits:
             self._withhold("oversized")
             self.request_keyframe(force=False)  # a camera that shrank its picture sends one
             return
@@ -188,13 +198,15 @@ class DecodeGate:
                 self._queue.put(None)
                 return
 
-    def _fits(self, codec_name: str, data: bytes) -> bool:
-        """Whether a keyframe may be decoded: a VP8 one must declare at most ``max_pixels``."""
+    def _fits(self, codec_name: str, data: bytes) -> bool | None:
+        """Whether a keyframe may be decoded: a VP8 one must declare at most ``max_pixels``;
+        None for a VP8 key frame without a valid header (libvpx would only fail on it)."""
         if self._max_pixels is None or codec_name.upper() != "VP8":
             return True
         size = vp8_keyframe_size(data)
-        # A key frame without a valid header would only fail in libvpx: refuse it here.
-        return size is not None and size[0] * size[1] <= self._max_pixels
+        if size is None:
+            return None
+        return size[0] * size[1] <= self._max_pixels
 
     def _withhold(self, reason: str) -> None:
         """Discard a frame; the decoder restarts at the next acceptable keyframe."""
@@ -206,6 +218,8 @@ class DecodeGate:
                 self._on_oversized()
         elif reason == "overrun":
             self.overrun += 1
+        elif reason == "corrupt":
+            self.corrupt += 1
         else:
             self._skip()
 

@@ -106,18 +106,23 @@ async def hello(conn: TerminalConnection) -> bool:
         await conn.ws.close(code=CLOSE_TRY_LATER, message=b"store unavailable")
         return False
     tid = conn.terminal.terminal_id
+    refusal: tuple[int, bytes] | None = None
     if tid in conn.app[REVOKED_TERMINALS]:  # revoked since its token was read
-        await conn.ws.close(code=CLOSE_UNAUTHENTICATED, message=b"unauthenticated")
-        return False
-    if authenticated(conn.app[CONNECTIONS]) > conn.config.server.max_sessions:
+        refusal = (CLOSE_UNAUTHENTICATED, b"unauthenticated")
+    elif authenticated(conn.app[CONNECTIONS]) > conn.config.server.max_sessions:
         # Several hellos raced past the upgrade's check (it cannot count sockets that have
         # not said hello yet); counted here with no await since this one's token was read.
-        await conn.ws.close(code=CLOSE_TRY_LATER, message=b"too many terminals connected")
-        return False
-    same = len(terminal_connections(conn.app, tid))
-    if same > conn.config.limits.connections_per_terminal:
+        refusal = (CLOSE_TRY_LATER, b"too many terminals connected")
+    elif (
+        same := len(terminal_connections(conn.app, tid))
+    ) > conn.config.limits.connections_per_terminal:
         log.warning("terminal %s: %d connections open; refused", tid, same)
-        await conn.ws.close(code=CLOSE_TOO_MANY, message=b"too many connections")
+        refusal = (CLOSE_TOO_MANY, b"too many connections")
+    if refusal is not None:
+        # Counted no more while the close waits for the peer (up to 10 s): a refused socket
+        # must not hold a terminal's place (server.max_sessions, the per-terminal cap).
+        conn.terminal = None
+        await conn.ws.close(code=refusal[0], message=refusal[1])
         return False
     await conn.send(
         {

@@ -474,6 +474,39 @@ def test_audit_verify_fails_on_a_deletion_dressed_up_as_a_trim(
     assert len(out[0]["broken"]) == 1 and out[0]["not_checkable"] == 0
 
 
+def test_audit_verify_judges_trimming_by_the_cap_the_servers_published(
+    redis_url, capsys, monkeypatch
+) -> None:
+    """Servers with a small cap trim the stream; audit-verify run without their
+    configuration (the built-in cap is 100,000) must not call the trimmed seals tampered
+    with, and the command line must not trim to another cap than theirs."""
+    key = generate_key()
+
+    async def server_writes() -> None:
+        client = aioredis.from_url(redis_url)
+        try:
+            store = Store(client, TemplateCipher(key), audit_maxlen=20)
+            await store.publish_audit_cap()  # as every server does at start
+            for batch in range(30):
+                for i in range(5):
+                    await store.audit("login", account_id=f"t{batch}-{i}")
+                await store.seal_audit()
+            cli = Store(client, TemplateCipher(key))
+            assert await cli.adopt_audit_cap(None) == 20  # the servers' cap, not 100,000
+            assert await cli.adopt_audit_cap(500) == 20  # theirs, whatever a config says
+            await client.delete("fp:audit:maxlen")  # nothing published: the config's
+            assert await Store(client, TemplateCipher(key)).adopt_audit_cap(500) == 500
+            await store.publish_audit_cap()
+        finally:
+            await client.aclose()
+
+    asyncio.run(server_writes())
+    monkeypatch.setenv("FACEPAY_TEMPLATE_KEY", key.hex())
+    code, out, err = run(capsys, "admin", "audit-verify", "--redis-url", redis_url)
+    assert code == 0, err
+    assert out[0]["broken"] == [] and out[0]["not_checkable"] >= 1 and out[0]["verified"] >= 1
+
+
 def test_audit_verify_checks_a_shipped_copy_without_redis(
     redis_url, capsys, monkeypatch, tmp_path
 ) -> None:

@@ -181,6 +181,16 @@ function showResult(look, title, detail, again = null) {
 
 /** The server refused to start this order's checkout: nothing ran, nothing was charged. */
 function showRefused(msg) {
+  if (order === uncertainOrder) {
+    // Checking an unknown payment again was refused: that says nothing about the first
+    // payment, so the till must still not take another one for this order.
+    setState("payment_unknown");
+    showResult("warn", "Payment status unknown", reasonText("payment_unknown"), {
+      label: "Check again",
+      waitS: msg.retry_after_s,
+    });
+    return;
+  }
   setState("refused");
   const why = REFUSALS[msg.code] || `The server refused this payment: ${msg.message || msg.code}`;
   showResult("bad", "Payment not started", `${why} Nothing was charged.`, {
