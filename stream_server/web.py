@@ -28,10 +28,14 @@ PAGES = {
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 SECURITY_HEADERS = {
+    # frame-ancestors / X-Frame-Options: no other site may frame the payment or enrolment
+    # pages (clickjacking a Pay or a consent). The pages post no forms and set no base.
     "Content-Security-Policy": (
         "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data: blob:; "
-        "media-src 'self' blob:; style-src 'self'; script-src 'self'"
+        "media-src 'self' blob:; style-src 'self'; script-src 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
     ),
+    "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Permissions-Policy": "camera=(self)",

@@ -47,6 +47,9 @@ async def test_pages_answer_with_security_headers(client):
         csp = resp.headers["Content-Security-Policy"]
         assert "default-src 'self'" in csp and "script-src 'self'" in csp
         assert "connect-src 'self' ws: wss:" in csp and "media-src 'self' blob:" in csp
+        # No other site may frame the pages (a Pay or a consent clicked through a frame).
+        assert "frame-ancestors 'none'" in csp and resp.headers["X-Frame-Options"] == "DENY"
+        assert "base-uri 'none'" in csp and "form-action 'none'" in csp
         assert resp.headers["X-Content-Type-Options"] == "nosniff"
         assert resp.headers["Referrer-Policy"] == "no-referrer"
         assert resp.headers["Permissions-Policy"] == "camera=(self)"
