@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import fractions
-from dataclasses import dataclass
 from typing import Any
 
 import av
@@ -20,6 +19,7 @@ from stream_server.webrtc import (
     VideoIngest,
     frame_to_bgr,
 )
+from tests.decode_fakes import FakeCodec, FakeFrame, FakeReceiver
 from tests.terminal import Gradient, connect_ingest, wait_for
 
 
@@ -83,37 +83,11 @@ def test_keyframes_are_told_from_inter_frames() -> None:
 
 
 # --- the gate, with a fake receiver --------------------------------------------------------
-@dataclass
-class _Codec:
-    name: str = "VP8"
-
-
-@dataclass
-class _Frame:
-    data: bytes
-
-
-@dataclass
-class _Source:
-    source: int
-
-
-class _Receiver:
-    def __init__(self) -> None:
-        self.plis: list[int] = []
-
-    def getSynchronizationSources(self) -> list[_Source]:
-        return [_Source(1234)]
-
-    async def _send_rtcp_pli(self, ssrc: int) -> None:
-        self.plis.append(ssrc)
-
-
 KEY, INTER = b"\x10\x02\x00", b"\x11\x02\x00"
 
 
 async def test_gate_passes_only_wanted_frames_and_restarts_on_a_keyframe() -> None:
-    receiver = _Receiver()
+    receiver = FakeReceiver()
     wanted = [True]
     skipped: list[int] = []
     gate = DecodeGate(receiver, lambda: wanted[0], lambda: skipped.append(1), retry_s=60)  # type: ignore[arg-type]
@@ -121,12 +95,12 @@ async def test_gate_passes_only_wanted_frames_and_restarts_on_a_keyframe() -> No
     send = decoded.append
 
     for data in (KEY, INTER, INTER):
-        gate.put((_Codec(), _Frame(data)), send)
+        gate.put((FakeCodec(), FakeFrame(data)), send)
     assert len(decoded) == 3 and gate.passed == 3
 
     wanted[0] = False
     for data in (INTER, KEY, INTER):
-        gate.put((_Codec(), _Frame(data)), send)
+        gate.put((FakeCodec(), FakeFrame(data)), send)
     assert len(decoded) == 3 and gate.skipped == 3 == len(skipped)
 
     wanted[0] = True
@@ -134,23 +108,23 @@ async def test_gate_passes_only_wanted_frames_and_restarts_on_a_keyframe() -> No
     await asyncio.sleep(0)
     assert receiver.plis == [1234]
     for _ in range(5):  # inter frames whose reference was skipped never reach the decoder
-        gate.put((_Codec(), _Frame(INTER)), send)
+        gate.put((FakeCodec(), FakeFrame(INTER)), send)
     await asyncio.sleep(0)
     assert len(decoded) == 3 and gate.skipped == 8
     assert receiver.plis == [1234]  # repeated only every retry_s
-    gate.put((_Codec(), _Frame(KEY)), send)
-    gate.put((_Codec(), _Frame(INTER)), send)
+    gate.put((FakeCodec(), FakeFrame(KEY)), send)
+    gate.put((FakeCodec(), FakeFrame(INTER)), send)
     assert [f.data for _, f in decoded[3:]] == [KEY, INTER]
     gate.put(None, send)  # the receiver stopping its decoder always gets through
     assert decoded[-1] is None
 
 
 async def test_gate_repeats_an_unanswered_keyframe_request() -> None:
-    receiver = _Receiver()
+    receiver = FakeReceiver()
     gate = DecodeGate(receiver, lambda: True, retry_s=0.05)  # type: ignore[arg-type]
     decoded: list[Any] = []
     for _ in range(3):
-        gate.put((_Codec(), _Frame(INTER)), decoded.append)
+        gate.put((FakeCodec(), FakeFrame(INTER)), decoded.append)
         await asyncio.sleep(0.06)
     assert decoded == [] and len(receiver.plis) == 3
 

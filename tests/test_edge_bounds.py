@@ -7,7 +7,6 @@ import asyncio
 import queue
 import re
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -25,6 +24,7 @@ from stream_server.webrtc import (
     rtc_configuration,
     validate_offer,
 )
+from tests.decode_fakes import FakeCodec, FakeFrame, FakeReceiver
 from tests.terminal import Gradient, connect_ingest, wait_for
 
 
@@ -101,32 +101,6 @@ async def test_the_server_answers_bad_sdp_and_no_answer(make_env: Any) -> None:
 
 
 # --- VP8 frame sizes before decoding -------------------------------------------------------
-@dataclass
-class _Codec:
-    name: str = "VP8"
-
-
-@dataclass
-class _Frame:
-    data: bytes
-
-
-@dataclass
-class _Source:
-    source: int
-
-
-class _Receiver:
-    def __init__(self) -> None:
-        self.plis: list[int] = []
-
-    def getSynchronizationSources(self) -> list[_Source]:
-        return [_Source(1234)]
-
-    async def _send_rtcp_pli(self, ssrc: int) -> None:
-        self.plis.append(ssrc)
-
-
 def _keyframe_header(width: int, height: int, scale: int = 0) -> bytes:
     """A VP8 key frame's first 10 bytes (RFC 6386 9.1) and some bytes after them."""
     tag = bytes([0x10, 0x02, 0x00])  # key frame, version 0, shown, first partition 0x1000
@@ -157,7 +131,7 @@ def test_the_keyframe_header_gives_the_picture_size(vp8_640x480: list[bytes]) ->
 async def test_an_oversized_keyframe_and_its_inter_frames_never_reach_the_decoder(
     vp8_640x480: list[bytes],
 ) -> None:
-    receiver = _Receiver()
+    receiver = FakeReceiver()
     oversized: list[int] = []
     gate = DecodeGate(
         receiver,  # type: ignore[arg-type]
@@ -168,51 +142,51 @@ async def test_an_oversized_keyframe_and_its_inter_frames_never_reach_the_decode
     )
     decoded: list[Any] = []
     for data in (_keyframe_header(16383, 16383), INTER, INTER):
-        gate.put((_Codec(), _Frame(data)), decoded.append)
+        gate.put((FakeCodec(), FakeFrame(data)), decoded.append)
     await asyncio.sleep(0)
     assert decoded == [] and gate.oversized == 3 == len(oversized) and gate.skipped == 0
     assert receiver.plis == [1234]  # a keyframe of an acceptable size is asked for
     good = vp8_640x480[:3]  # a real 640x480 keyframe and the inter frames after it
     for data in good:
-        gate.put((_Codec(), _Frame(data)), decoded.append)
+        gate.put((FakeCodec(), FakeFrame(data)), decoded.append)
     assert [f.data for _, f in decoded] == good and gate.passed == 3
     # A sender switching to an oversized picture mid-stream is cut off at its keyframe.
-    gate.put((_Codec(), _Frame(_keyframe_header(4096, 4096))), decoded.append)
-    gate.put((_Codec(), _Frame(INTER)), decoded.append)
+    gate.put((FakeCodec(), FakeFrame(_keyframe_header(4096, 4096))), decoded.append)
+    gate.put((FakeCodec(), FakeFrame(INTER)), decoded.append)
     assert len(decoded) == 3 and gate.oversized == 5
     # A key frame tag without a valid header (a frame cut short after a loss) is withheld
     # too, but not reported as too large: the terminal did nothing wrong.
-    gate.put((_Codec(), _Frame(b"\x10\x02\x00" + bytes(16))), decoded.append)
+    gate.put((FakeCodec(), FakeFrame(b"\x10\x02\x00" + bytes(16))), decoded.append)
     assert len(decoded) == 3 and gate.oversized == 5 == len(oversized) and gate.corrupt == 1
 
 
 async def test_the_decoder_backlog_is_bounded(vp8_640x480: list[bytes]) -> None:
-    receiver = _Receiver()
+    receiver = FakeReceiver()
     waiting: queue.Queue[Any] = queue.Queue()
     gate = DecodeGate(receiver, lambda: True, retry_s=60, decoder_queue=waiting)  # type: ignore[arg-type]
     frames = vp8_640x480
     for data in frames[:MAX_BACKLOG]:  # a decoder thread that is not keeping up
-        gate.put((_Codec(), _Frame(data)), waiting.put)
+        gate.put((FakeCodec(), FakeFrame(data)), waiting.put)
     assert waiting.qsize() == MAX_BACKLOG
-    gate.put((_Codec(), _Frame(frames[2])), waiting.put)
+    gate.put((FakeCodec(), FakeFrame(frames[2])), waiting.put)
     await asyncio.sleep(0)
     assert waiting.qsize() == MAX_BACKLOG and gate.overrun == 1 and receiver.plis == [1234]
     while not waiting.empty():  # the decoder catches up...
         waiting.get_nowait()
-    gate.put((_Codec(), _Frame(frames[3])), waiting.put)
+    gate.put((FakeCodec(), FakeFrame(frames[3])), waiting.put)
     assert waiting.empty() and gate.overrun == 2  # ...and restarts only at a keyframe
-    gate.put((_Codec(), _Frame(frames[15])), waiting.put)
+    gate.put((FakeCodec(), FakeFrame(frames[15])), waiting.put)
     assert waiting.qsize() == 1 and gate.passed == MAX_BACKLOG + 1
 
 
 def test_close_leaves_the_decoder_nothing_to_decode(vp8_640x480: list[bytes]) -> None:
     waiting: queue.Queue[Any] = queue.Queue()
-    gate = DecodeGate(_Receiver(), lambda: True, decoder_queue=waiting)  # type: ignore[arg-type]
+    gate = DecodeGate(FakeReceiver(), lambda: True, decoder_queue=waiting)  # type: ignore[arg-type]
     for data in vp8_640x480[:2]:
-        gate.put((_Codec(), _Frame(data)), waiting.put)
+        gate.put((FakeCodec(), FakeFrame(data)), waiting.put)
     gate.close()
     assert waiting.empty()
-    gate.put((_Codec(), _Frame(vp8_640x480[15])), waiting.put)
+    gate.put((FakeCodec(), FakeFrame(vp8_640x480[15])), waiting.put)
     assert waiting.empty()  # nothing after close either...
     gate.put(None, waiting.put)
     assert waiting.get_nowait() is None  # ...but the receiver's stop gets through
