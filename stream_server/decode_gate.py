@@ -21,8 +21,13 @@ do, since aiortc's decoder input queue has no bound and the decoder knows no siz
   it) until a keyframe of an acceptable size comes; a keyframe is asked for meanwhile. libvpx
   would otherwise allocate and decode the picture first (one 8192x8192 keyframe: seconds of a
   decoder thread) and the size would be checked only after. An inter frame cannot change the
-  size, so checking keyframes is enough. Other codecs are not parsed; their decoded frames
-  are still checked against the limit after decoding (``stream_server/ws.py``).
+  size, so checking keyframes is enough. H.264 is held to the same limit through the size
+  its sequence parameter set (SPS) declares (:mod:`stream_server.h264_sps`); since any
+  frame may carry a new SPS, every H.264 frame holding one is checked, not only IDRs. An
+  H.264 frame without an SPS, or with one that cannot be parsed, is passed: an IDR may
+  rely on an SPS sent earlier, which then went through the same check. Other codecs are
+  not parsed. Decoded frames of every codec are still checked against the limit after
+  decoding (``stream_server/ws.py``).
 - While the decoder already has :data:`MAX_BACKLOG` frames waiting, a new frame is dropped
   and the decoder restarts from a requested keyframe: a decoder that cannot keep up would
   otherwise queue frames without end (memory), and stopping the receiver joins its thread on
@@ -49,6 +54,8 @@ from collections.abc import Callable
 from typing import Any
 
 from aiortc import RTCRtpReceiver
+
+from stream_server.h264_sps import h264_keyframe_size
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +111,8 @@ def vp8_keyframe_size(data: bytes) -> tuple[int, int] | None:
 class DecodeGate:
     """Passes encoded frames to the decoder only while ``wanted()``, restarting on keyframes.
 
-    It also withholds VP8 keyframes over ``max_pixels`` and the frames predicted from them
+    It also withholds VP8 keyframes and H.264 frames whose SPS declares more than
+    ``max_pixels``, and the frames predicted from them
     (``on_oversized`` is called for each), and frames beyond a decoder backlog of
     :data:`MAX_BACKLOG` in ``decoder_queue`` (see the module's docstring).
     """
@@ -156,8 +164,11 @@ class DecodeGate:
         if not self._wanted():
             self._withhold("skipped")
             return
-        keyframe = is_keyframe(codec.name, frame.data)
-        fits = self._fits(codec.name, frame.data) if keyframe else True
+        name = codec.name.upper()
+        keyframe = is_keyframe(name, frame.data)
+        # A VP8 inter frame cannot change the picture size, but any H.264 frame can carry an
+        # SPS (the size an IDR after it, possibly without an SPS of its own, is decoded at).
+        fits = self._fits(name, frame.data) if keyframe or name == "H264" else True
         if fits is None:
             # No key frame header where the tag says key frame: a frame the jitter buffer
             # cut short after a loss, not a big picture. Withheld without "too large".
@@ -199,9 +210,18 @@ class DecodeGate:
                 return
 
     def _fits(self, codec_name: str, data: bytes) -> bool | None:
-        """Whether a keyframe may be decoded: a VP8 one must declare at most ``max_pixels``;
-        None for a VP8 key frame without a valid header (libvpx would only fail on it)."""
-        if self._max_pixels is None or codec_name.upper() != "VP8":
+        """Whether a frame may be decoded: a VP8 keyframe, or an H.264 frame's SPS, must
+        declare at most ``max_pixels``; None for a VP8 key frame without a valid header
+        (libvpx would only fail on it)."""
+        if self._max_pixels is None:
+            return True
+        name = codec_name.upper()
+        if name == "H264":
+            size = h264_keyframe_size(data)
+            # No SPS is no fault in H.264 (the IDR may use one sent before, already checked);
+            # the decoded picture is still checked after decoding.
+            return size is None or size[0] * size[1] <= self._max_pixels
+        if name != "VP8":
             return True
         size = vp8_keyframe_size(data)
         if size is None:
