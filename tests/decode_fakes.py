@@ -4,6 +4,9 @@ encoded frames of a named codec (unit tests of stream_server/decode_gate.py alon
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from stream_server.decode_gate import DecodeGate
 
 
 @dataclass
@@ -32,3 +35,18 @@ class FakeReceiver:
 
     async def _send_rtcp_pli(self, ssrc: int) -> None:
         self.plis.append(ssrc)
+
+
+def limited_gate(max_pixels: int) -> tuple[DecodeGate, FakeReceiver, list[Any], list[int]]:
+    """A gate that always wants frames, with a size limit: (gate, its receiver, a list to
+    collect what it passes, one entry per frame it reported too large)."""
+    receiver = FakeReceiver()
+    oversized: list[int] = []
+    gate = DecodeGate(
+        receiver,  # type: ignore[arg-type]
+        lambda: True,
+        retry_s=60,
+        max_pixels=max_pixels,
+        on_oversized=lambda: oversized.append(1),
+    )
+    return gate, receiver, [], oversized

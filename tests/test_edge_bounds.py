@@ -24,7 +24,7 @@ from stream_server.webrtc import (
     rtc_configuration,
     validate_offer,
 )
-from tests.decode_fakes import FakeCodec, FakeFrame, FakeReceiver
+from tests.decode_fakes import FakeCodec, FakeFrame, FakeReceiver, limited_gate
 from tests.terminal import Gradient, connect_ingest, wait_for
 
 
@@ -131,16 +131,7 @@ def test_the_keyframe_header_gives_the_picture_size(vp8_640x480: list[bytes]) ->
 async def test_an_oversized_keyframe_and_its_inter_frames_never_reach_the_decoder(
     vp8_640x480: list[bytes],
 ) -> None:
-    receiver = FakeReceiver()
-    oversized: list[int] = []
-    gate = DecodeGate(
-        receiver,  # type: ignore[arg-type]
-        lambda: True,
-        retry_s=60,
-        max_pixels=1920 * 1080,
-        on_oversized=lambda: oversized.append(1),
-    )
-    decoded: list[Any] = []
+    gate, receiver, decoded, oversized = limited_gate(1920 * 1080)
     for data in (_keyframe_header(16383, 16383), INTER, INTER):
         gate.put((FakeCodec(), FakeFrame(data)), decoded.append)
     await asyncio.sleep(0)

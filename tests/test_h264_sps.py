@@ -10,15 +10,13 @@ from __future__ import annotations
 import asyncio
 import fractions
 import re
-from typing import Any
 
 import av
 import numpy as np
 import pytest
 
-from stream_server.decode_gate import DecodeGate
 from stream_server.h264_sps import h264_keyframe_size
-from tests.decode_fakes import FakeCodec, FakeFrame, FakeReceiver
+from tests.decode_fakes import FakeCodec, FakeFrame, limited_gate
 
 H264 = FakeCodec("H264")
 
@@ -207,30 +205,19 @@ def test_huge_and_absurd_sizes() -> None:
 
 
 # --- the decode gate ---------------------------------------------------------------------
-def _gate(max_pixels: int) -> tuple[DecodeGate, FakeReceiver, list[Any], list[int]]:
-    receiver = FakeReceiver()
-    oversized: list[int] = []
-    gate = DecodeGate(
-        receiver,  # type: ignore[arg-type]
-        lambda: True,
-        retry_s=60,
-        max_pixels=max_pixels,
-        on_oversized=lambda: oversized.append(1),
-    )
-    return gate, receiver, [], oversized
 
 
 async def test_an_oversized_h264_keyframe_and_its_frames_never_reach_the_decoder(
     h264_1280x720: list[bytes],
 ) -> None:
-    gate, receiver, decoded, oversized = _gate(640 * 480)
+    gate, receiver, decoded, oversized = limited_gate(640 * 480)
     for data in h264_1280x720:
         gate.put((H264, FakeFrame(data)), decoded.append)
     await asyncio.sleep(0)
     assert decoded == [] and gate.oversized == len(h264_1280x720) == len(oversized)
     assert receiver.plis == [1234] and gate.skipped == 0 and gate.corrupt == 0
     # Within the limit, the same frames are passed.
-    gate, receiver, decoded, oversized = _gate(1920 * 1080)
+    gate, receiver, decoded, oversized = limited_gate(1920 * 1080)
     for data in h264_1280x720:
         gate.put((H264, FakeFrame(data)), decoded.append)
     assert [f.data for _, f in decoded] == h264_1280x720 and gate.oversized == 0
@@ -239,7 +226,7 @@ async def test_an_oversized_h264_keyframe_and_its_frames_never_reach_the_decoder
 def test_an_idr_without_an_sps_is_passed(h264_1280x720: list[bytes]) -> None:
     # The SPS may have come in an earlier frame: not finding one must not stop the stream.
     idr_only = _annex_b([n for n in _nals(h264_1280x720[0]) if n[0] & 0x1F != 7])
-    gate, _, decoded, _ = _gate(640 * 480)
+    gate, _, decoded, _ = limited_gate(640 * 480)
     gate.put((H264, FakeFrame(idr_only)), decoded.append)
     assert len(decoded) == 1 and gate.oversized == 0
 
@@ -248,6 +235,6 @@ async def test_an_oversized_sps_outside_an_idr_is_withheld(h264_1280x720: list[b
     # A sender cannot slip a large SPS in ahead of an IDR that carries none.
     nals = _nals(h264_1280x720[0])
     parameter_sets = _annex_b([n for n in nals if n[0] & 0x1F in (7, 8)])
-    gate, _, decoded, oversized = _gate(640 * 480)
+    gate, _, decoded, oversized = limited_gate(640 * 480)
     gate.put((H264, FakeFrame(parameter_sets)), decoded.append)
     assert decoded == [] and gate.oversized == 1 == len(oversized)
