@@ -213,7 +213,7 @@ class EvidenceAccumulator:
                 return None, None
             return rigidity([f.landmarks for f in self.frames])
 
-        def make(status: Status, *reasons: str) -> Verdict:
+        def make(status: Status, *reasons: str, embedding: FloatArray | None = None) -> Verdict:
             nonrigid, motion = rigid() if status != "undecided" else (None, None)
             return Verdict(
                 status=status,
@@ -221,7 +221,7 @@ class EvidenceAccumulator:
                 liveness=fused,
                 frames=len(scored),
                 span_s=span,
-                embedding=self.mean_embedding() if status == "live" else None,
+                embedding=embedding,
                 nonrigidity=nonrigid,
                 motion=motion,
             )
@@ -263,6 +263,7 @@ class EvidenceAccumulator:
                 and nonrigid < _RIGID_PLANE_RESIDUAL
             ):
                 return make("spoof", "rigid_plane")
-        if self.mean_embedding() is None:
+        embedding = self.mean_embedding()
+        if embedding is None:
             return make("undecided", "no_embedding")
-        return make("live")
+        return make("live", embedding=embedding)

@@ -74,7 +74,7 @@ class StoreCore:
     async def publish_audit_cap(self) -> None:
         """Record the cap this store trims the audit stream to (``fp:audit:maxlen``), so that
         the command line, which may run without the servers' configuration, trims to it and
-        judges trimmed seals by it (``effective_audit_cap``)."""
+        judges trimmed seals by it (``adopt_audit_cap``)."""
         with h.unavailable("publish_audit_cap"):
             await self._r.set(self._k("audit:maxlen"), str(self.audit_maxlen))
 

@@ -220,9 +220,10 @@ class VideoIngest:
     With ``wanted``, the video is decoded only while ``wanted()`` is true
     (:mod:`stream_server.decode_gate`); call :meth:`resume` when it turns true so the camera
     sends a keyframe to restart from. ``on_skipped`` is called for every frame not decoded
-    because it was not wanted. With ``max_frame_pixels``, VP8 frames larger than that are
-    dropped before decoding, and ``on_oversized`` is called for each. Whatever the options,
-    the decoder is never given more than a short backlog (``decode_gate.MAX_BACKLOG``).
+    because it was not wanted. With ``max_frame_pixels``, VP8 and H.264 frames declaring a
+    larger picture are dropped before decoding, and ``on_oversized`` is called for each.
+    Whatever the options, the decoder is never given more than a short backlog
+    (``decode_gate.MAX_BACKLOG``).
     """
 
     def __init__(
