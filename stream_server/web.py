@@ -9,6 +9,7 @@ repository's ``web_client/`` and can be set with ``setup(app, root=...)``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -27,27 +28,49 @@ PAGES = {
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-SECURITY_HEADERS = {
-    # frame-ancestors / X-Frame-Options: no other site may frame the payment or enrolment
-    # pages (clickjacking a Pay or a consent). The pages post no forms and set no base.
-    "Content-Security-Policy": (
-        "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data: blob:; "
-        "media-src 'self' blob:; style-src 'self'; script-src 'self'; "
-        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
-    ),
+# frame-ancestors / X-Frame-Options: no other site may frame the payment or enrolment
+# pages (clickjacking a Pay or a consent). The pages post no forms and set no base.
+# connect-src: {connect} is filled per request (``security_headers``).
+CSP_TEMPLATE = (
+    "default-src 'self'; connect-src {connect}; img-src 'self' data: blob:; "
+    "media-src 'self' blob:; style-src 'self'; script-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+
+OTHER_HEADERS = {
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Permissions-Policy": "camera=(self)",
 }
 
+# A Host the CSP may name: a DNS name or IPv4 address, or a bracketed IPv6 address, with an
+# optional port. Anything else (spaces, ';', quotes) could add directives to the policy.
+_HOST = re.compile(r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def security_headers(request: web.Request) -> dict[str, str]:
+    """The pages' security headers for ``request``.
+
+    The pages open their WebSocket to ``ws[s]://<their own host>/ws``. CSP level 3 lets
+    ``'self'`` cover that, but browsers that still follow CSP level 2 (where ``'self'``
+    never matches ``ws:``) would refuse the socket, so it is allowed by name: only this
+    Host, not WebSockets to any host (an injected script could otherwise send what the
+    page shows anywhere). The server's
+    Origin check compares with the same Host header (``ws_messages.origin_allowed``). A
+    Host that is not a plain host[:port] gets ``'self'`` alone.
+    """
+    host = request.host
+    connect = f"'self' ws://{host} wss://{host}" if _HOST.fullmatch(host) else "'self'"
+    return {"Content-Security-Policy": CSP_TEMPLATE.format(connect=connect), **OTHER_HEADERS}
+
 
 def _page(filename: str) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         path = request.app[WEB_ROOT] / filename
         if not path.is_file():
-            raise web.HTTPNotFound(text="page not found", headers=SECURITY_HEADERS)
-        response = web.FileResponse(path, headers=SECURITY_HEADERS)
+            raise web.HTTPNotFound(text="page not found", headers=security_headers(request))
+        response = web.FileResponse(path, headers=security_headers(request))
         response.content_type = "text/html"
         return response
 
@@ -59,7 +82,7 @@ async def _static_headers(request: web.Request, handler: Handler) -> web.StreamR
     """Security headers on static assets too (nosniff matters most there)."""
     response = await handler(request)
     if request.path.startswith("/static/"):
-        for name, value in SECURITY_HEADERS.items():
+        for name, value in security_headers(request).items():
             response.headers.setdefault(name, value)
     return response
 

@@ -46,13 +46,29 @@ async def test_pages_answer_with_security_headers(client):
         assert resp.content_type == "text/html"
         csp = resp.headers["Content-Security-Policy"]
         assert "default-src 'self'" in csp and "script-src 'self'" in csp
-        assert "connect-src 'self' ws: wss:" in csp and "media-src 'self' blob:" in csp
+        # WebSockets only to this host (the page's own /ws), not to any host.
+        host = f"{client.server.host}:{client.server.port}"
+        assert f"connect-src 'self' ws://{host} wss://{host};" in csp
+        assert " ws: " not in csp and "media-src 'self' blob:" in csp
         # No other site may frame the pages (a Pay or a consent clicked through a frame).
         assert "frame-ancestors 'none'" in csp and resp.headers["X-Frame-Options"] == "DENY"
         assert "base-uri 'none'" in csp and "form-action 'none'" in csp
         assert resp.headers["X-Content-Type-Options"] == "nosniff"
         assert resp.headers["Referrer-Policy"] == "no-referrer"
         assert resp.headers["Permissions-Policy"] == "camera=(self)"
+
+
+async def test_csp_names_only_a_plain_host(client):
+    # A Host that is not host[:port] could add directives to the policy: 'self' alone.
+    for host in ("evil.example; script-src *", "a b", "x'y", ""):
+        resp = await client.get("/checkout", headers={"Host": host})
+        csp = resp.headers["Content-Security-Policy"]
+        assert "connect-src 'self'; img-src" in csp, (host, csp)
+        assert "script-src *" not in csp
+    for host in ("kiosk.example.com", "kiosk.example.com:8443", "10.0.0.7:8080", "[::1]:8080"):
+        resp = await client.get("/static/js/app.js", headers={"Host": host})
+        csp = resp.headers["Content-Security-Policy"]
+        assert f"connect-src 'self' ws://{host} wss://{host};" in csp, (host, csp)
 
 
 async def test_missing_pages_are_404(client):
