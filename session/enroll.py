@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 from pipeline.errors import (
     AlreadyEnrolled,
+    AuthError,
     Conflict,
     IllegalTransition,
     InvalidRequest,
@@ -307,7 +308,10 @@ class EnrollSession(VideoSession):
                 passhash,
                 templates,
                 consent,
+                terminal_id=self.req.terminal_id,
             )
+        except AuthError:
+            await self._finish("declined", "terminal_revoked")
         except AlreadyEnrolled:
             await self._finish("declined", "already_enrolled")
         except Conflict:

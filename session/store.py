@@ -43,7 +43,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
-from pipeline.errors import Conflict, InvalidRequest, NotFound, PaymentConflict
+from pipeline.errors import AuthError, Conflict, InvalidRequest, NotFound, PaymentConflict
 from pipeline.types import FloatArray
 from session import _store_audit as _audit
 from session import _store_lua as h
@@ -106,11 +106,16 @@ class Store(StoreTerminals):
         passphrase_hash: str,
         templates: list[FloatArray],
         consent: Mapping[str, str],
+        *,
+        terminal_id: str | None = None,
     ) -> tuple[Account, str]:
         """Create an account with its encrypted templates under a new subject id, atomically.
 
         Returns (account, subject_id). Conflict if the account id exists (and is not erased).
-        Records ``consent`` and ``enrolled`` audit events (no biometric data).
+        Records ``consent`` and ``enrolled`` audit events (no biometric data). With
+        ``terminal_id`` (a live enrolment), AuthError unless that terminal is still active
+        when the account is written: a terminal revoked while its socket's close was missed
+        (a gap in the events channel) enrols no one.
         """
         name, phone = h.check_account_fields(account_id, name, phone)
         if not isinstance(passphrase_hash, str) or not passphrase_hash.startswith("$argon2"):
@@ -130,16 +135,23 @@ class Store(StoreTerminals):
         )
         account = Account(account_id, name, phone, "active", now)
         akey, a2s = self._k("account", account_id), self._a2s_key(account_id)
+        watched = [akey, a2s]
+        if terminal_id is not None:
+            watched.append(self._k("terminal", terminal_id))
         with h.unavailable("create_account"):
             async with self._r.pipeline(transaction=True) as pipe:
                 for _ in range(_WATCH_RETRIES):
                     try:
-                        await pipe.watch(akey, a2s)
+                        await pipe.watch(*watched)
                         status = await pipe.hget(akey, "status")
                         if status is not None and h.text(status) != "erased":
                             if await pipe.sismember(a2s, sid):
                                 break  # our EXEC committed but its reply was lost
                             raise Conflict("account id already taken")
+                        if terminal_id is not None:
+                            t_status = await pipe.hget(watched[2], "status")
+                            if t_status is None or h.text(t_status) != "active":
+                                raise AuthError("terminal revoked")
                         pipe.multi()
                         pipe.delete(akey)
                         pipe.hset(

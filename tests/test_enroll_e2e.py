@@ -185,6 +185,23 @@ async def test_an_id_taken_during_capture_is_still_declined_conflict(make_env, a
     assert len(await _accounts(env)) == 1
 
 
+async def test_a_terminal_revoked_during_capture_enrols_no_one(make_env, analyzer, photo):
+    """Revoked in Redis with no event to any server (the revocation's pub/sub message lost
+    to a cut subscription, or its close racing the hello): the socket stays open, and only
+    the account's write can refuse the terminal."""
+    env = await make_env()
+    desk, token = await env.store.add_terminal(env.merchant.merchant_id, "enroll")
+    term = await env.terminal(token)
+    await term.start_video(camera_frames(analyzer, photo(ENROLL)), fps=15)
+    await _capture(term)
+    await env.app[REDIS].hset(f"fp:terminal:{desk.terminal_id}", "status", "revoked")
+    await term.send({"type": "enroll_passphrase", "passphrase": SECRET, "confirm": SECRET})
+    declined = await term.expect("declined", "enrolled", timeout=30)
+    assert declined == {"type": "declined", "reason": "terminal_revoked"}, term.events
+    assert await _accounts(env) == []
+    assert [e for e in await env.store.read_audit() if e["event"] == "enrolled"] == []
+
+
 async def test_an_enrolled_face_is_declined_already_enrolled(make_env, analyzer, photo):
     """The same person again, under a new account id and a phone with the same last four
     digits: no checkout could tell the two accounts apart, so nothing is written."""

@@ -22,6 +22,7 @@ const DECLINES = {
   conflict: "That account id is already taken. Choose another.",
   already_enrolled: "You are already enrolled with this phone number.",
   unavailable: "The service is unavailable right now. Nothing was stored.",
+  terminal_revoked: "This kiosk is no longer allowed to enrol. Nothing was stored.",
 };
 
 const fragment = readFragment();
