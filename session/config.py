@@ -62,6 +62,13 @@ class PolicyConfig(_Strict):
     offer_text: str | None = Field(None, min_length=1, max_length=200)
     offer_kind: Literal["membership", "coupon"] = "membership"
 
+    @model_validator(mode="after")
+    def _gate_fare_fits(self) -> PolicyConfig:
+        # A fare above the gate's daily limit denies every walker "limit": gates never open.
+        if self.gate_fare > self.gate_limit:
+            raise ValueError("policy.gate_fare must not exceed policy.gate_limit")
+        return self
+
 
 class Limit(_Strict):
     """At most ``count`` events per ``window_s`` seconds (a fixed window in Redis)."""
@@ -116,7 +123,8 @@ def _check_admin_token(token: SecretStr) -> None:
 class ServerConfig(_Strict):
     """Network, storage and secrets."""
 
-    host: str = "127.0.0.1"
+    #: An empty host would listen on every interface (a config's unset variable, say).
+    host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8080, ge=0, le=65535)
     #: None: start a private redis-server in ``data_dir`` (embedded default).
     redis_url: str | None = None

@@ -59,6 +59,20 @@ def test_config_refuses_out_of_bounds_values(bad):
         PipelineConfig.model_validate(bad)
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"server": {"host": ""}},  # listens on every interface
+        {"policy": {"gate_fare": 500, "gate_limit": 400}},  # every walker denied "limit"
+    ],
+)
+def test_server_config_refuses_values_that_open_or_close_everything(bad):
+    with pytest.raises(ValidationError):
+        FacePayConfig.model_validate(bad)
+    FacePayConfig.model_validate({"server": {"host": "0.0.0.0"}})
+    FacePayConfig.model_validate({"policy": {"gate_fare": 400, "gate_limit": 400}})
+
+
 def test_config_is_immutable():
     cfg = PipelineConfig()
     with pytest.raises(ValidationError):
