@@ -225,6 +225,7 @@ class GateBenchTerminal(BenchTerminal):
             "payment_id": event.get("payment_id"),
             "pass": track.passes,
             "since_reach_ms": since,
+            "t": round(time.time(), 3),
         }
         print(json.dumps(rec), flush=True)
 

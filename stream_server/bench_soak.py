@@ -9,6 +9,7 @@ that payments (which legitimately add ledger keys) do not explain.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 #: Samples taken in the first WARMUP_FRACTION of the run are not the baseline: model
@@ -27,7 +28,8 @@ class Sampler:
 
     async def sample(self, rss_from_metrics: float | None = None) -> None:
         """Take one sample now."""
-        row: dict[str, Any] = {"t": time.monotonic()}
+        # ``wall``: to tell which payments (records stamped with time.time()) fall inside.
+        row: dict[str, Any] = {"t": time.monotonic(), "wall": time.time()}
         if self.pid is not None:
             import psutil
 
@@ -49,8 +51,13 @@ class Sampler:
         if self._redis is not None:
             await self._redis.aclose()
 
-    def summary(self, payments: int) -> dict[str, Any]:
-        """Baseline (after warm-up) vs end, per resource."""
+    def summary(self, payment_times: Iterable[float]) -> dict[str, Any]:
+        """Baseline (after warm-up) vs end, per resource.
+
+        ``payment_times``: when each payment ended (``time.time()``). Key growth is divided
+        by the payments between the baseline and the last sample only: the ones before the
+        baseline wrote their keys before it was counted.
+        """
         if len(self.rows) < 2:
             return {"samples": len(self.rows)}
         t0, t1 = self.rows[0]["t"], self.rows[-1]["t"]
@@ -67,6 +74,8 @@ class Sampler:
                     "growth": round(last[key] - base[key], 1),
                 }
         keys = out.get("redis_keys")
+        payments = sum(1 for t in payment_times if base["wall"] < t <= last["wall"])
+        out["payments_in_window"] = payments
         if keys is not None and payments:
             # Each payment writes its record and its order key; anything beyond that is a leak.
             out["redis_keys"]["per_payment"] = round(keys["growth"] / payments, 2)

@@ -203,7 +203,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if gate:
         ok = result["wrong_opens"] == 0 and not result["terminal_errors"]
         return EXIT_OK if ok else EXIT_REFUSED
-    return EXIT_OK if result["sessions"]["lost"] == 0 else EXIT_REFUSED
+    # A terminal that died (hello, offer or reconnect timed out) stops making sessions, so
+    # none of its remaining time counts as lost: it fails the run by itself.
+    ok = result["sessions"]["lost"] == 0 and not result["terminal_errors"]
+    return EXIT_OK if ok else EXIT_REFUSED
 
 
 class _CheckoutJob:
@@ -376,7 +379,7 @@ async def _run(args: argparse.Namespace, server: BenchServer, n: int, job: _Job)
             n, args, gate, records, verdict, decisions, frames_sent, counters
         )
         result.update(peak_rss_mb=round(peak, 1), terminal_errors=errors, _records=records)
-        result["resources"] = sampler.summary(result["decisions"]["opens"])
+        result["resources"] = sampler.summary(r["t"] for r in records if r["gate"] == "open")
         result["video_reconnects"] = reconnects
         result["camera"] = camera_totals(ends)  # gate.idle_camera requests
         if result["decisions"]["repeats"] and args.server:
@@ -392,10 +395,13 @@ async def _run(args: argparse.Namespace, server: BenchServer, n: int, job: _Job)
         bad = sum(1 for r in signal if r["outcome"] != "cancelled")
         result["ws_terminals"] = m
         result["ws_sessions"] = {"started": len(signal), "ok": len(signal) - bad, "errors": bad}
-    all_sessions = len(records) + len(signal)
+    # A terminal that died counts as one failure too: its sessions never started.
+    all_sessions = len(records) + len(signal) + len(errors)
     failed = result["sessions"]["lost"] + result.get("ws_sessions", {}).get("errors", 0)
+    failed += len(errors)
     result["error_rate"] = round(failed / all_sessions, 4) if all_sessions else None
-    result["resources"] = sampler.summary(result["sessions"]["approved"])
+    approved = (r["t"] for r in records if r.get("outcome") == "approved" and "t" in r)
+    result["resources"] = sampler.summary(approved)
     result["camera"] = camera_totals(ends)  # checkout.camera_fps, after every answer
     # Terminals whose video connection died (the server said video_lost, or ICE failed on
     # their side) and that offered a new one, as a kiosk would.
