@@ -19,9 +19,42 @@ from pipeline.errors import ConfigError
 from session.config import read_config_data, with_sections
 from stream_server.cli import say
 
+#: Read by every other command; never by a bench, whose Redis is its own or ``--redis-url``.
+ENV_REDIS = "FACEPAY_REDIS_URL"
+
 
 class BenchError(Exception):
     """The bench cannot run (the server did not start, an admin call failed)."""
+
+
+def refuse_redis(url: str | None) -> str | None:
+    """Why a bench must not write into the Redis database ``url``, or None if it may (or if
+    there is no ``url``: the bench then starts its own).
+
+    A bench writes merchants, terminals, accounts, payments and audit records (sealed with
+    a throwaway key): so it writes only into an empty database (DBSIZE 0), and never
+    empties one. Only reads here: nothing is written either way.
+    """
+    if not url:
+        return None
+    import redis
+
+    from stream_server.cli_server import redact_url
+
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        try:
+            keys = int(client.dbsize())
+        finally:
+            client.close()
+    except (redis.RedisError, OSError, ValueError) as exc:
+        return f"cannot read Redis at {redact_url(url)}: {exc}"
+    if keys:
+        return (
+            f"Redis at {redact_url(url)} holds {keys} keys: a bench writes only into an empty "
+            "database (give it a fresh one, or no --redis-url for its own private Redis)"
+        )
+    return None
 
 
 class BenchServer:
@@ -56,17 +89,20 @@ class BenchServer:
             config = with_sections(read_config_data(self.args.config), self.config)
         except ConfigError as exc:
             raise BenchError(str(exc)) from exc
+        # The server's Redis is the bench's alone: --redis-url (checked empty) or its own.
+        if config.get("server", {}).pop("redis_url", None):
+            say("bench: ignoring server.redis_url in --config (the bench's Redis: --redis-url)")
         self.tmp = Path(tempfile.mkdtemp(prefix="facepay-bench-"))
         cmd = [sys.executable, "-m", "stream_server.cli", "serve", "--dev", "--port", "0"]
         cmd += ["--data-dir", str(self.tmp / "data")]
-        if self.args.redis_url:
-            cmd += ["--redis-url", self.args.redis_url]
         if self.models_dir:
             cmd += ["--models-dir", self.models_dir]
         config_path = self.tmp / "bench-config.json"
         config_path.write_text(json.dumps(config))
         cmd += ["--config", str(config_path)]
-        env = {k: v for k, v in os.environ.items() if k != "FACEPAY_ADMIN_TOKEN"}
+        env = {k: v for k, v in os.environ.items() if k not in ("FACEPAY_ADMIN_TOKEN", ENV_REDIS)}
+        if self.args.redis_url:  # in the environment: an argv (and its password) shows in ps
+            env[ENV_REDIS] = self.args.redis_url
         log = (self.tmp / "server.log").open("w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         line = self.proc.stdout.readline() if self.proc.stdout else ""

@@ -1,10 +1,11 @@
 """``facepay bench``: N concurrent real checkout (or gate) terminals against one server.
 
 Without ``--server`` it starts ``facepay serve --dev`` in a temporary data folder (its own
-embedded Redis, or ``--redis-url``) as a separate process, as production runs it. It then
-provisions a merchant, N checkout terminals and one enrolled shopper through the admin API,
-and starts the terminals in separate processes (:mod:`stream_server.bench_terminal`), each
-streaming VP8 over WebRTC on 127.0.0.1 and paying back to back for ``--duration`` seconds.
+Redis, or an empty one named by ``--redis-url``, never FACEPAY_REDIS_URL) as a separate
+process. It then provisions a merchant, N checkout terminals and one enrolled shopper
+through the admin API, and starts the terminals in separate processes
+(:mod:`stream_server.bench_terminal`), each streaming VP8 over WebRTC on 127.0.0.1 and
+paying back to back for ``--duration`` seconds.
 
 Server-side figures come from the server itself, before and after the run: its
 ``/metrics`` (frames, raw model inference seconds from onnxruntime's ``run`` calls) and, for
@@ -33,7 +34,7 @@ import aiohttp
 
 from pipeline.errors import ConfigError
 from session.config import load_config
-from stream_server import bench_gate
+from stream_server import bench_gate, bench_server
 from stream_server.bench_report import camera_totals, pauses_video, plot, summary
 from stream_server.bench_server import THREAD_LOOK_S, BenchError, BenchServer, read_metrics
 from stream_server.bench_soak import Sampler
@@ -67,7 +68,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--server", help="target a running server (needs --admin-token)")
     p.add_argument("--admin-token", default=os.environ.get("FACEPAY_ADMIN_TOKEN"))
-    p.add_argument("--redis-url", default=os.environ.get("FACEPAY_REDIS_URL"))
+    p.add_argument("--redis-url", help="an empty Redis for its server (default: its own)")
     p.add_argument("--models-dir", default=os.environ.get("FACEPAY_MODELS_DIR"))
     p.add_argument(
         "--config",
@@ -149,6 +150,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         counts = sorted({1, max(1, args.terminals // 2), args.terminals})
     if args.server and not args.admin_token:
         say("facepay bench: --server needs --admin-token (or FACEPAY_ADMIN_TOKEN)")
+        return EXIT_USAGE
+    if not args.server and (refused := bench_server.refuse_redis(args.redis_url)):
+        say(f"facepay bench: {refused}")
         return EXIT_USAGE
     models_dir = args.models_dir
     if not models_dir and (_data_root(args).parent / "models").is_dir():

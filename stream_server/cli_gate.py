@@ -7,6 +7,9 @@ scene video over WebRTC on 127.0.0.1, as a camera would. People in the scene mar
 from the ledger: a ``gate_open`` whose payment belongs to anyone but an enrolled live
 walker (the print attacker's victim included) is a wrong open; an enrolled live walker
 without an open is missed.
+
+It runs in its own private Redis, or in an empty database named by ``--redis-url``; never
+in ``FACEPAY_REDIS_URL`` (an operator's production Redis), and it never empties one.
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ def register(sub: Any) -> None:
     """Add ``bench-gate``."""
     p = sub.add_parser("bench-gate", help="measure gate decisions on a walk-through scene")
     p.add_argument("scene", nargs="?", type=Path, help="scene video (with its .json beside)")
-    p.add_argument("--redis-url", default=os.environ.get("FACEPAY_REDIS_URL"))
+    p.add_argument(
+        "--redis-url",
+        help="an empty Redis database to run in (never FACEPAY_REDIS_URL; default: its own)",
+    )
     p.add_argument("--models-dir", default=os.environ.get("FACEPAY_MODELS_DIR"))
     p.add_argument(
         "--data-dir",
@@ -65,6 +71,12 @@ def cmd_bench_gate(args: argparse.Namespace) -> int:
     data_root = args.data_dir or Path(__file__).resolve().parents[2] / "shared" / "data"
     if not Path(data_root, "faces").is_dir():
         say(f"facepay bench-gate: photos not found in {data_root} (set {DATA_ENV})")
+        return EXIT_USAGE
+    from stream_server.bench_server import refuse_redis
+
+    # Before anything starts: the server writes (the audit cap) as it starts up.
+    if refused := refuse_redis(args.redis_url):
+        say(f"facepay bench-gate: {refused}")
         return EXIT_USAGE
     from stream_server.cli_server import event_loop_factory
 
@@ -99,7 +111,6 @@ async def _bench(args: argparse.Namespace, data_root: Path) -> int:
         EXECUTOR,
         HASHER,
         METRICS,
-        REDIS,
         STORE,
         create_app,
     )
@@ -147,7 +158,6 @@ async def _bench(args: argparse.Namespace, data_root: Path) -> int:
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
         store = app[STORE]
-        await app[REDIS].flushdb()
         merchant = await store.add_merchant("Metro")
         _, token = await store.add_terminal(merchant.merchant_id, "gate")
         walkers: dict[str, str] = {}

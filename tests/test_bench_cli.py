@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis
 
 from pipeline.scene_presets import preset_scene
 from tests.e2e import REPO, SERVER_ENV_VARS
@@ -22,9 +23,12 @@ from tests.e2e import REPO, SERVER_ENV_VARS
 DATA_ENV = "FACEPAY_TEST_DATA"
 
 
-def _facepay(*argv: str) -> dict:
-    """Run ``facepay ARGV`` as a new process (clean server environment); its last JSON line."""
+def _facepay(*argv: str, redis_env: str | None = None) -> dict:
+    """Run ``facepay ARGV`` as a new process (clean server environment, but for
+    FACEPAY_REDIS_URL=``redis_env`` if given); its last JSON line."""
     env = {k: v for k, v in os.environ.items() if k not in (*SERVER_ENV_VARS, DATA_ENV)}
+    if redis_env is not None:
+        env["FACEPAY_REDIS_URL"] = redis_env
     proc = subprocess.run(
         [sys.executable, "-m", "stream_server.cli", *argv],
         cwd=REPO,
@@ -37,7 +41,24 @@ def _facepay(*argv: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_bench_runs_real_terminals_and_reports_the_contract_keys(models_dir, data_dir, tmp_path):
+def _operators_redis(url: str) -> redis.Redis:
+    """The Redis an operator's FACEPAY_REDIS_URL names, holding data a bench must not touch."""
+    client = redis.Redis.from_url(url)
+    client.set("fp:merchant:real", "production data")
+    return client
+
+
+def _untouched(client: redis.Redis) -> None:
+    assert client.keys("*") == [b"fp:merchant:real"]  # nothing flushed, nothing written
+    assert client.get("fp:merchant:real") == b"production data"
+
+
+def test_bench_runs_real_terminals_and_reports_the_contract_keys(
+    models_dir, data_dir, tmp_path, redis_url
+):
+    """With the operator's FACEPAY_REDIS_URL exported, as the README has it: the bench
+    runs in its own Redis and leaves that one alone."""
+    operators = _operators_redis(redis_url)
     plot = tmp_path / "bench.png"
     out = _facepay(
         "bench",
@@ -58,7 +79,9 @@ def test_bench_runs_real_terminals_and_reports_the_contract_keys(models_dir, dat
         "--plot",
         str(plot),
         str(data_dir / "faces/obama/obama3.jpg"),
+        redis_env=redis_url,
     )
+    _untouched(operators)
     # DESIGN.md §5 keys.
     for key in ("terminals", "confirm_ms", "sessions", "frames", "cpu_ms_per_decision"):
         assert key in out
@@ -197,12 +220,22 @@ def test_bench_gate_mode_runs_concurrent_gates_and_judges_every_decision(
     assert all(r["since_reach_ms"] for r in records if r["gate"] == "open")
 
 
-def test_bench_gate_renders_a_scene_and_reports_the_contract_keys(models_dir, data_dir):
+def test_bench_gate_renders_a_scene_and_reports_the_contract_keys(models_dir, data_dir, redis_url):
     """``facepay bench-gate --people 1``: the server in the command's own process (on the
-    loop ``serve`` would use), a real gate terminal streaming the rendered scene."""
+    loop ``serve`` would use), a real gate terminal streaming the rendered scene; in its own
+    Redis, never the operator's FACEPAY_REDIS_URL (which it once emptied)."""
+    operators = _operators_redis(redis_url)
     out = _facepay(
-        "bench-gate", "--people", "1", "--models-dir", str(models_dir), "--data-dir", str(data_dir)
+        "bench-gate",
+        "--people",
+        "1",
+        "--models-dir",
+        str(models_dir),
+        "--data-dir",
+        str(data_dir),
+        redis_env=redis_url,
     )
+    _untouched(operators)
     # DESIGN.md §5 keys.
     for key in ("people", "decision_ms", "wrong_opens", "missed", "cpu_ms_per_decision"):
         assert key in out
