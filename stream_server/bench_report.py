@@ -126,6 +126,12 @@ def server_figures(
         # Where the rest goes: argon2id (a deliberate cost per payment) and everything else
         # (WebRTC receive and VP8 decode of every frame, pre/post-processing, the event loop).
         "cpu_breakdown_ms_per_decision": _breakdown(cpu_s, model_s, argon2_s, decided, threads),
+        # The embedded Redis (a child process; not in server_cpu_s), where the bench started it.
+        "redis_cpu_ms_per_decision": (
+            round((after["redis_cpu_s"] - before["redis_cpu_s"]) * 1000 / decided, 1)
+            if decided and "redis_cpu_s" in after and "redis_cpu_s" in before
+            else None
+        ),
     }
 
 

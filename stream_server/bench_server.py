@@ -159,6 +159,23 @@ class BenchServer:
         t = psutil.Process(self.proc.pid).cpu_times()
         return float(t.user + t.system)
 
+    def redis_cpu_s(self) -> float | None:
+        """CPU seconds of the server's child processes (its embedded Redis): not server CPU,
+        reported beside it so a run's whole cost is visible."""
+        if self.proc is None:
+            return None
+        import psutil
+
+        children = psutil.Process(self.proc.pid).children(recursive=True)
+        total = 0.0
+        for child in children:
+            try:
+                t = child.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += t.user + t.system
+        return total
+
     def rss_mb(self) -> float | None:
         if self.proc is None:
             return None

@@ -330,6 +330,7 @@ async def _run(args: argparse.Namespace, server: BenchServer, n: int, job: _Job)
             )
         await asyncio.sleep(max(0.0, start_at - time.time()))
         before, cpu0 = await read_metrics(http, server.url), server.cpu_s()
+        redis0 = server.redis_cpu_s()
         peak, next_sample, next_look = 0.0, 0.0, time.monotonic() + THREAD_LOOK_S
         sampler = Sampler(server.pid, server.redis_url)
         waits = [asyncio.ensure_future(p.communicate()) for p in procs]
@@ -352,6 +353,9 @@ async def _run(args: argparse.Namespace, server: BenchServer, n: int, job: _Job)
                 proc.kill()
         outs = await asyncio.gather(*waits)
         after, cpu1 = await read_metrics(http, server.url), server.cpu_s()
+        redis1 = server.redis_cpu_s()
+        if redis0 is not None and redis1 is not None:
+            before["redis_cpu_s"], after["redis_cpu_s"] = redis0, redis1
         await asyncio.sleep(1.0)  # let the last sessions' teardown finish before the last look
         await sampler.sample(server.rss_mb())
         await sampler.close()

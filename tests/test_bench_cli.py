@@ -101,6 +101,9 @@ def test_bench_runs_real_terminals_and_reports_the_contract_keys(
     assert 0 < out["model_ms_per_decision"] <= out["cpu_ms_per_decision"]
     assert out["overhead_ratio"] >= 1.0
     assert 1.0 <= out["overhead_ratio_without_argon2id"] < out["overhead_ratio"]
+    # The embedded Redis is a child of the server the bench started: reported beside it.
+    assert out["redis_cpu_ms_per_decision"] is not None
+    assert 0 <= out["redis_cpu_ms_per_decision"] < out["cpu_ms_per_decision"]
     # The rest by thread, from the server's facepay_thread_cpu_seconds_total: every role
     # did work (terminals streamed, frames were decoded and analysed), and the parts add
     # up to the whole within rounding.
