@@ -4,9 +4,52 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 from pathlib import Path
 from typing import Any
+
+
+def read_outputs(
+    outs: list[tuple[bytes, bytes]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(session records, terminal errors, end-of-run lines) from the terminal processes'
+    (stdout, stderr); a process that printed nothing but an error counts as one error."""
+    records: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    ends: list[dict[str, Any]] = []
+    for out, err in outs:
+        for line in out.decode().splitlines():
+            rec = json.loads(line)
+            if "order_id" in rec or "gate" in rec:
+                records.append(rec)
+            elif "terminal_error" in rec:
+                errors.append(rec)
+            else:
+                ends.append(rec)
+        if not out and err:
+            errors.append({"stderr": err.decode()[-400:]})
+    return records, errors, ends
+
+
+def add_session_counts(
+    result: dict[str, Any],
+    records: list[dict[str, Any]],
+    signal: list[dict[str, Any]],
+    errors: list[dict[str, Any]],
+    ws_terminals: int,
+) -> None:
+    """``ws_sessions`` (WebSocket-only terminals' checkouts) and ``error_rate`` into a
+    checkout run's ``result``."""
+    if ws_terminals:
+        bad = sum(1 for r in signal if r["outcome"] != "cancelled")
+        result["ws_terminals"] = ws_terminals
+        result["ws_sessions"] = {"started": len(signal), "ok": len(signal) - bad, "errors": bad}
+    # A terminal that died counts as one failure too: its sessions never started.
+    all_sessions = len(records) + len(signal) + len(errors)
+    failed = result["sessions"]["lost"] + result.get("ws_sessions", {}).get("errors", 0)
+    failed += len(errors)
+    result["error_rate"] = round(failed / all_sessions, 4) if all_sessions else None
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -35,7 +35,14 @@ import aiohttp
 from pipeline.errors import ConfigError
 from session.config import load_config
 from stream_server import bench_gate, bench_server
-from stream_server.bench_report import camera_totals, pauses_video, plot, summary
+from stream_server.bench_report import (
+    add_session_counts,
+    camera_totals,
+    pauses_video,
+    plot,
+    read_outputs,
+    summary,
+)
 from stream_server.bench_server import THREAD_LOOK_S, BenchError, BenchServer, read_metrics
 from stream_server.bench_soak import Sampler
 from stream_server.cli import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, emit, say
@@ -360,20 +367,9 @@ async def _run(args: argparse.Namespace, server: BenchServer, n: int, job: _Job)
         await sampler.sample(server.rss_mb())
         await sampler.close()
     shutil.rmtree(tmp, ignore_errors=True)
-    records, errors, frames_sent, reconnects, ends = [], [], 0, 0, []
-    for out, err in outs:
-        for line in out.decode().splitlines():
-            rec = json.loads(line)
-            if "order_id" in rec or "gate" in rec:
-                records.append(rec)
-            elif "terminal_error" in rec:
-                errors.append(rec)
-            else:
-                ends.append(rec)
-                frames_sent += int(rec.get("frames_sent", 0))
-                reconnects += int(rec.get("reconnects", 0))
-        if not out and err:
-            errors.append({"stderr": err.decode()[-400:]})
+    records, errors, ends = read_outputs(outs)
+    frames_sent = sum(int(rec.get("frames_sent", 0)) for rec in ends)
+    reconnects = sum(int(rec.get("reconnects", 0)) for rec in ends)
     if gate is not None:
         async with aiohttp.ClientSession() as http:
             names = server.gate_names.items()
@@ -399,15 +395,7 @@ async def _run(args: argparse.Namespace, server: BenchServer, n: int, job: _Job)
     signal = [r for r in records if r.get("video") is False]
     records = [r for r in records if r.get("video") is not False]
     result = summary(n, args, records, errors, frames_sent, before, after, cpu0, cpu1, peak)
-    if m:
-        bad = sum(1 for r in signal if r["outcome"] != "cancelled")
-        result["ws_terminals"] = m
-        result["ws_sessions"] = {"started": len(signal), "ok": len(signal) - bad, "errors": bad}
-    # A terminal that died counts as one failure too: its sessions never started.
-    all_sessions = len(records) + len(signal) + len(errors)
-    failed = result["sessions"]["lost"] + result.get("ws_sessions", {}).get("errors", 0)
-    failed += len(errors)
-    result["error_rate"] = round(failed / all_sessions, 4) if all_sessions else None
+    add_session_counts(result, records, signal, errors, m)
     approved = (r["t"] for r in records if r.get("outcome") == "approved" and "t" in r)
     result["resources"] = sampler.summary(approved)
     result["camera"] = camera_totals(ends)  # checkout.camera_fps, after every answer
