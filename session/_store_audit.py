@@ -14,10 +14,14 @@ behind what this server saw last (:class:`Anchor`). When it is not, the sealer d
 (new records still need seals): it writes a *restart* seal, which :func:`verify` reports and
 ``audit-verify`` fails on.
 
-What seals cannot show: records newer than the last seal (one every ``server.audit_seal_s``;
-a server seals once more when it stops), and a tail cut off together with its seals, which
-looks like a stream sealed less recently. A copy shipped to write-once storage
-(``GET /api/audit``) covers both, and a history rewritten while every server was stopped.
+A tail cut off together with its seals looks, to the seals alone, like a stream sealed less
+recently; :func:`verify` still catches it when it was cut with XDEL (Redis records the newest
+id deleted, and FacePay never deletes one) or when the chain state still names the newest
+seal. What it cannot show: records newer than the last seal (one every
+``server.audit_seal_s``; a server seals once more when it stops), and a stream written anew
+without its tail, its counters forged and the chain state pointed at the newest seal kept. A
+copy shipped to write-once storage (``GET /api/audit``) covers those, and a history
+rewritten while every server was stopped.
 """
 
 from __future__ import annotations
@@ -109,6 +113,11 @@ class AuditCheck:
     broken: list[str] = field(default_factory=list)
     #: Restart seals: a sealer found the chain's state reset or altered and began anew.
     restarts: list[str] = field(default_factory=list)
+    #: The live stream only. The newest id deleted with XDEL (Redis's max-deleted-entry-id;
+    #: trimming does not set it), which FacePay never does: None when none was.
+    deleted_upto: str | None = None
+    #: The live stream only. What is wrong with the chain's state (:func:`state_fault`).
+    state_fault: str | None = None
 
 
 @dataclass
@@ -219,23 +228,91 @@ async def read_all(r: Redis, stream: str) -> list[Record]:
     return rows
 
 
+@dataclass(frozen=True, slots=True)
+class LiveAudit:
+    """The live stream as read: its records, and whether records missing from its head can
+    have been trimmed by the cap (:func:`trimmed_by_cap`)."""
+
+    rows: list[Record]
+    #: What XINFO STREAM said, read after the records; None when there is no stream.
+    losses: StreamLosses | None
+    head_trimmed: bool
+
+    @property
+    def deleted_upto(self) -> tuple[int, int]:
+        """The newest id XDEL removed ((0, 0): none, or no stream)."""
+        return self.losses.deleted_upto if self.losses is not None else (0, 0)
+
+
+async def read_live(r: Redis, stream: str, maxlen: int) -> LiveAudit:
+    """Every record ``stream`` holds and what Redis says left it; ``maxlen``: its cap."""
+    rows = await read_all(r, stream)
+    loss = await stream_losses(r, stream)
+    return LiveAudit(rows, loss, loss is not None and trimmed_by_cap(loss, maxlen))
+
+
 async def verify(
     r: Redis,
-    stream: str,
+    names: tuple[str, str],
     keys: Sequence[AuditSealKey],
     *,
     maxlen: int,
     now: float | None = None,
 ) -> AuditCheck:
     """Recompute every seal the stream still holds (reads the whole stream, in pages), each
-    with the one of ``keys`` (the current template key's, then retired ones) it names.
-    ``maxlen``: the stream's cap (``server.audit_max_records``), which decides whether
-    records missing from its head can have been trimmed (:func:`trimmed_by_cap`)."""
-    rows = await read_all(r, stream)
-    loss = await stream_losses(r, stream) if rows else None
-    if loss is None or not trimmed_by_cap(loss, maxlen):
-        return check_chain(rows, keys, head_missing=False, now=now)
-    return check_chain(rows, keys, head_missing=True, deleted_upto=loss.deleted_upto, now=now)
+    with the one of ``keys`` (the current template key's, then retired ones) it names, and
+    check what Redis says about the stream against the chain's state. ``names``: the stream
+    and the chain state. ``maxlen``: the stream's cap (``server.audit_max_records``), which
+    decides whether records missing from its head can have been trimmed (:func:`trimmed_by_cap`)."""
+    stream, state = names
+    # The state first: it is written with its seal in one step, so a seal written while the
+    # stream is read is named only by a later state, and the state read names a seal that
+    # the stream read afterwards holds, unless someone removed it.
+    chain = h.decode_hash(await r.hgetall(state))
+    live = await read_live(r, stream, maxlen)
+    deleted = live.deleted_upto if live.head_trimmed else (0, 0)
+    check = check_chain(
+        live.rows, keys, head_missing=live.head_trimmed, deleted_upto=deleted, now=now
+    )
+    if live.deleted_upto != (0, 0):
+        check.deleted_upto = "{}-{}".format(*live.deleted_upto)
+    check.state_fault = state_fault(chain, live)
+    return check
+
+
+#: What each :func:`state_fault` says, for messages.
+STATE_FAULTS = {
+    "stream_missing": "the stream is gone (deleted or renamed) while its chain state remains",
+    "seal_missing": "the newest seal the chain state names is gone: the newest records were "
+    "cut off with their seals",
+    "seal_mismatch": "the seal the chain state names says otherwise: the state or the seal "
+    "was altered",
+}
+
+
+def state_fault(chain: dict[str, str], live: LiveAudit) -> str | None:
+    """What is wrong with the chain's state ``chain`` (the last seal's ``upto``, ``mac`` and
+    id, ``seal``) given the stream read after it, or None: ``stream_missing`` (a state but no
+    stream: the stream was deleted or renamed), ``seal_missing`` (the newest seal it names
+    is gone, and not with a head the cap trimmed: the tail was cut with its seals) or
+    ``seal_mismatch`` (that seal says otherwise). A state written before seals recorded
+    their own id cannot be checked so."""
+    if not chain:
+        return None  # never sealed (a state removed since gives the next seal a restart)
+    if live.losses is None:
+        return "stream_missing"
+    seal_id = chain.get("seal")
+    if seal_id is None:
+        return None
+    named = next((f for rid, f in live.rows if rid == seal_id), None)
+    if named is None:
+        trimmed = live.head_trimmed and h.AUDIT_ID.fullmatch(seal_id) is not None
+        if trimmed and (not live.rows or h.stream_id(seal_id) < h.stream_id(live.rows[0][0])):
+            return None  # trimmed with the head (records came after it faster than seals)
+        return "seal_missing"
+    if named.get("upto") != chain.get("upto") or named.get("mac") != chain.get("mac"):
+        return "seal_mismatch"
+    return None
 
 
 def trimmed_by_cap(loss: StreamLosses, maxlen: int) -> bool:

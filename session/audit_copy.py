@@ -18,6 +18,8 @@ from session.crypto import AuditSealKey
 
 #: What a check found (seals verified, broken, restarted, ...), for the live stream or a copy.
 AuditCheck = _audit.AuditCheck
+#: What each of its ``state_fault`` values says.
+STATE_FAULTS = _audit.STATE_FAULTS
 
 
 def parse_copy(lines: Iterable[str]) -> list[_audit.Record]:
@@ -46,32 +48,50 @@ def parse_copy(lines: Iterable[str]) -> list[_audit.Record]:
 
 def check_copy(rows: Sequence[_audit.Record], keys: Sequence[AuditSealKey]) -> AuditCheck:
     """The seals of a copy recomputed with ``keys``. A copy may start at any cursor, so a
-    seal that reaches before its first record counts as not checkable."""
-    return _audit.check_chain(rows, keys, head_missing=True)
+    seal that reaches before its first record counts as not checkable. The age of its
+    oldest unsealed record (``oldest_unsealed_s``) is counted to the copy's newest record,
+    not to now: a copy ends where it was read, but a record older than its end by more than
+    a few seal intervals would have been sealed before the end, in the copy."""
+    end = h.stream_id(rows[-1][0])[0] / 1000 if rows else None
+    return _audit.check_chain(rows, keys, head_missing=True, now=end)
 
 
 #: Most differing record ids a comparison lists (the count is always complete).
 MAX_LISTED = 100
 
 
-def diverged(copy: Sequence[_audit.Record], live: Sequence[_audit.Record]) -> tuple[int, list[str]]:
-    """Where a copy and the live stream disagree, over the ids both could hold: from the
-    later of their first records (older live records may be trimmed, and a copy may start
-    at a cursor) to the earlier of their last (each may have been read before the other).
+def diverged(
+    copy: Sequence[_audit.Record],
+    live: Sequence[_audit.Record],
+    *,
+    head_trimmed: bool,
+    deleted_upto: tuple[int, int] = (0, 0),
+) -> tuple[int, list[str]]:
+    """Where a copy and the live stream disagree, over the copy's ids: from its first record
+    (it may start at a cursor; older live records are not compared) to its last. The copy
+    is read before the live stream, and trimming cuts only the head, so a copy record
+    missing from the live stream or different there, or a live record in that range missing
+    from the copy, is divergence; live records newer than the copy's last were written
+    since. One exception: copy records older than the live stream's first, when its head
+    can have been trimmed by the cap (``head_trimmed``, ``_store_audit.trimmed_by_cap``)
+    and they are newer than the newest record XDEL removed (``deleted_upto``). A copy is
+    never excused against an empty or missing live stream: the cap keeps records.
 
     Returns how many ids differ and the first :data:`MAX_LISTED` of them: a record changed
     (same id, other fields), missing from one side, or inserted into the other. A history
     rewritten while every server was stopped seals cleanly, and only shows here.
     """
-    if not copy or not live:
+    if not copy:
         return 0, []
-    start = max(h.stream_id(copy[0][0]), h.stream_id(live[0][0]))
-    end = min(h.stream_id(copy[-1][0]), h.stream_id(live[-1][0]))
+    start, end = h.stream_id(copy[0][0]), h.stream_id(copy[-1][0])
+    live_first = h.stream_id(live[0][0]) if live else None
 
-    def window(rows: Sequence[_audit.Record]) -> dict[str, dict[str, str]]:
-        return {rid: f for rid, f in rows if start <= h.stream_id(rid) <= end}
+    def trimmed(rid: str) -> bool:
+        at = h.stream_id(rid)
+        return head_trimmed and live_first is not None and deleted_upto < at < live_first
 
-    mine, theirs = window(copy), window(live)
+    theirs = {rid: f for rid, f in live if start <= h.stream_id(rid) <= end}
+    mine = {rid: f for rid, f in copy if rid in theirs or not trimmed(rid)}
     differing = sorted(
         (rid for rid in mine.keys() | theirs.keys() if mine.get(rid) != theirs.get(rid)),
         key=h.stream_id,

@@ -394,10 +394,10 @@ class Store(StoreTerminals):
         """Restart seals this store wrote (it found the chain's state reset or altered)."""
         return self._seal_anchor.restarts
 
-    async def audit_records(self) -> list[tuple[str, dict[str, str]]]:
-        """Every audit record the stream holds, seals included, oldest first."""
+    async def audit_records(self) -> _audit.LiveAudit:
+        """Every audit record, seals included, oldest first, and what left the stream."""
         with h.unavailable("audit_records"):
-            return await _audit.read_all(self._r, self._k("audit"))
+            return await _audit.read_live(self._r, self._k("audit"), self.audit_maxlen)
 
     async def verify_audit(self, retired: Sequence[AuditSealKey] = ()) -> _audit.AuditCheck:
         """Recompute the audit stream's seals with this store's template key and, for seals
@@ -405,4 +405,5 @@ class Store(StoreTerminals):
         whether records gone from the head can have been trimmed (_store_audit.trimmed_by_cap)."""
         with h.unavailable("verify_audit"):
             keys = [self._cipher.audit, *retired]
-            return await _audit.verify(self._r, self._k("audit"), keys, maxlen=self.audit_maxlen)
+            names = (self._k("audit"), self._k("audit", "seal"))
+            return await _audit.verify(self._r, names, keys, maxlen=self.audit_maxlen)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError, ImageError, InvalidRequest, QualityError
-from session.audit_copy import check_copy, diverged, parse_copy
+from session.audit_copy import STATE_FAULTS, check_copy, diverged, parse_copy
 from session.config import OPERATOR_NAME
 from session.crypto import (
     AUDIT_KEY_PREFIX,
@@ -113,7 +113,8 @@ def register(sub: Any) -> None:
         "--max-unsealed-age",
         type=float,
         default=None,
-        help="seconds a record may stay unsealed (default: 6 x server.audit_seal_s, >= 60)",
+        help="seconds a record may stay unsealed (default: 6 x server.audit_seal_s, >= 60; "
+        "in a copy, counted to its newest record)",
     )
     p.set_defaults(handler=run_cli(cmd_audit_verify))
 
@@ -234,8 +235,11 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     removed or inserted after it was made; a seal whose records left the head counts as not
     checkable only while the stream holds ``server.audit_max_records`` records, enough for
     the cap to have trimmed them), when the chain was restarted (its state in Redis
-    was reset or altered), when a seal's key was not given, or when records have stayed
-    unsealed longer than ``--max-unsealed-age`` (no server sealing, or seals removed).
+    was reset or altered), when a seal's key was not given, when records have stayed
+    unsealed longer than ``--max-unsealed-age`` (no server sealing, or seals removed; in a
+    copy, counted to its newest record), when records were deleted (XDEL) from the live
+    stream, when the chain's state names a seal the stream lacks or the stream is gone, and
+    with ``--compare`` when the copy and the live stream differ over the copy's ids.
     """
     config = load_config_args(args)
     if args.max_unsealed_age is not None and args.max_unsealed_age <= 0:
@@ -255,7 +259,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             live = asyncio.run(
                 with_store(client_redis_url(args), cipher, lambda s: s.audit_records(), cap)
             )
-            report["diverged"], report["diverged_ids"] = diverged(rows, live)
+            report["diverged"], report["diverged_ids"] = diverged(
+                rows, live.rows, head_trimmed=live.head_trimmed, deleted_upto=live.deleted_upto
+            )
     else:
         check = asyncio.run(
             with_store(client_redis_url(args), cipher, lambda s: s.verify_audit(retired), cap)
@@ -283,13 +289,23 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             f"{check.unknown_key} seal(s) were made under a template key that was not given: "
             "pass the key from before a rotation with --previous-key-file"
         )
+    if check.deleted_upto:
+        problems.append(
+            f"records were deleted from the audit stream (XDEL, the newest {check.deleted_upto}"
+            "), which FacePay never does: compare the stream with the write-once copy"
+        )
+    if check.state_fault:
+        problems.append(f"audit stream: {STATE_FAULTS[check.state_fault]}")
     interval = config.server.audit_seal_s
     limit = args.max_unsealed_age or (max(60.0, 6 * interval) if interval else None)
     age = check.oldest_unsealed_s
-    # A copy ends where it was read, usually between two seals: its tail is not evidence.
-    if args.file is None and limit is not None and age is not None and age > limit:
+    # A copy's age is counted to its newest record (check_copy): a copy ends where it was
+    # read, usually between two seals, but a record much older than its end had its seal
+    # written before the end, in the copy.
+    if limit is not None and age is not None and age > limit:
+        before = " before the copy's newest record" if args.file is not None else ""
         problems.append(
-            f"{check.unsealed} record(s) unsealed, the oldest for {age:.0f} s (limit "
+            f"{check.unsealed} record(s) unsealed, the oldest for {age:.0f} s{before} (limit "
             f"{limit:.0f} s): no server is sealing, or seals were removed"
         )
     for problem in problems:

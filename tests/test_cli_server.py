@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from pipeline.errors import ConfigError
+from session import _store_lua as h
 from session.config import FacePayConfig
 from session.crypto import TemplateCipher, generate_key
 from session.models import Terminal
@@ -401,7 +402,7 @@ def test_audit_verify_command(redis_url, capsys, monkeypatch, tmp_path) -> None:
     assert out[0] == {
         "seals": 1, "verified": 1, "records_sealed": 3, "unsealed": 0,
         "oldest_unsealed_s": None, "not_checkable": 0, "unknown_key": 0, "broken": [],
-        "restarts": [],
+        "restarts": [], "deleted_upto": None, "state_fault": None,
     }  # fmt: skip
     # After a rotation the old seals need the retired key: without it the check fails.
     retired = tmp_path / "retired.key"
@@ -560,6 +561,158 @@ def test_audit_verify_checks_a_shipped_copy_without_redis(
         copy.write_text(bad)
         code, _, err = run(capsys, *argv)
         assert code == 2 and "line" in err, bad
+
+
+def _redis(url: str, *command: object) -> object:
+    """One Redis command, as someone with write access to Redis (not FacePay) sends it."""
+
+    async def send() -> object:
+        client = aioredis.from_url(url)
+        try:
+            return await client.execute_command(*command)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(send())
+
+
+def _write_copy(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_compare_catches_the_newest_records_cut_off_with_their_seal(
+    redis_url, capsys, monkeypatch, tmp_path
+) -> None:
+    """The copy is read before the live stream, and trimming cuts only the head: the copy's
+    newest records missing from the live stream diverge, seal and all, and every record
+    does against a stream deleted or renamed. A head the cap trimmed does not."""
+    key = generate_key()
+    asyncio.run(_audit_writes(redis_url, key, sealed=[3, 2]))
+    code, records, _ = run(capsys, "admin", "audit", "--redis-url", redis_url)
+    assert code == 0 and len(records) == 7
+    copy = tmp_path / "audit.jsonl"
+    _write_copy(copy, records)
+    monkeypatch.setenv("FACEPAY_TEMPLATE_KEY", key.hex())
+    argv = ["admin", "audit-verify", "--redis-url", redis_url, "--file", str(copy), "--compare"]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and out[0]["diverged"] == 0
+    cut = [r["id"] for r in records[-3:]]  # the two newest records and the seal over them
+    assert records[-1]["event"] == "audit_sealed"
+    _redis(redis_url, "XDEL", "fp:audit", *cut)
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and "differ" in err and out[0]["diverged_ids"] == cut
+    assert out[0]["broken"] == []  # the copy's own seals hold
+    _redis(redis_url, "RENAME", "fp:audit", "fp:audit:elsewhere")
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and out[0]["diverged"] == len(records)
+    _redis(redis_url, "DEL", "fp:audit:elsewhere")
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and out[0]["diverged"] == len(records)
+
+    # Servers with a small cap: a copy, then writes that trim its oldest records away.
+    _redis(redis_url, "FLUSHALL")
+
+    async def server_writes(batches: int) -> None:
+        client = aioredis.from_url(redis_url)
+        try:
+            store = Store(client, TemplateCipher(key), audit_maxlen=20)
+            await store.publish_audit_cap()
+            for batch in range(batches):
+                for i in range(5):
+                    await store.audit("login", account_id=f"t{batch}-{i}")
+                await store.seal_audit()
+        finally:
+            await client.aclose()
+
+    asyncio.run(server_writes(11))  # 66 records, not yet trimmed
+    code, records, _ = run(capsys, "admin", "audit", "--redis-url", redis_url)
+    _write_copy(copy, records)
+    first = h.stream_id(records[0]["id"])
+    for _ in range(20):  # until the trim (whole nodes) reaches the copy's head
+        asyncio.run(server_writes(1))
+        _, live, _ = run(capsys, "admin", "audit", "--redis-url", redis_url)
+        if h.stream_id(live[0]["id"]) > first:
+            break
+    head = live[0]["id"]
+    assert first < h.stream_id(head) <= h.stream_id(records[-1]["id"])  # they overlap
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert out[0]["diverged"] == 0
+    # ... but a copy record deleted from the live head (XDEL) is not a trimmed one. Redis
+    # keeps only the newest deleted id, so the trimmed records before it may have been
+    # deleted too: they diverge as well (failing closed), and none after it.
+    _redis(redis_url, "XDEL", "fp:audit", head)
+    code, out, _ = run(capsys, *argv)
+    assert code == 1 and head in out[0]["diverged_ids"]
+    assert max(map(h.stream_id, out[0]["diverged_ids"])) == h.stream_id(head)
+
+
+def test_audit_verify_fails_a_copy_whose_old_records_are_unsealed(
+    redis_url, capsys, monkeypatch, tmp_path
+) -> None:
+    """A copy whose seals were stripped so that its records could be edited: records older
+    than its newest by more than the unsealed limit would have had their seal written
+    before the copy ended, in the copy. A copy's young unsealed tail is fine."""
+    key = generate_key()
+    asyncio.run(_audit_writes(redis_url, key, sealed=[3]))
+    time.sleep(1.1)
+    asyncio.run(_audit_writes(redis_url, key, sealed=[2], tail=1))
+    code, records, _ = run(capsys, "admin", "audit", "--redis-url", redis_url)
+    assert code == 0 and len(records) == 8
+    copy = tmp_path / "audit.jsonl"
+    monkeypatch.setenv("FACEPAY_TEMPLATE_KEY", key.hex())
+    argv = ["admin", "audit-verify", "--data-dir", str(tmp_path), "--file", str(copy)]
+    argv += ["--max-unsealed-age", "1"]
+    _write_copy(copy, records)
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert out[0]["unsealed"] == 1 and out[0]["verified"] == 2
+    assert out[0]["oldest_unsealed_s"] < 1  # counted to the copy's newest record
+    stripped = [
+        {**r, "account_id": "mallory"} if r.get("account_id") == "a01" else r
+        for r in records
+        if r["event"] != "audit_sealed"
+    ]
+    _write_copy(copy, stripped)
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and "no server is sealing" in err and "copy's newest" in err
+    assert out[0]["seals"] == 0 and out[0]["unsealed"] == 6
+    assert out[0]["oldest_unsealed_s"] >= 1
+
+
+def test_audit_verify_catches_the_newest_records_cut_off_with_their_seal(
+    redis_url, capsys, monkeypatch
+) -> None:
+    """The seals alone cannot tell a tail cut off with its seal from a stream sealed less
+    recently; Redis records the deletion, and the chain's state still names that seal."""
+    key = generate_key()
+    asyncio.run(_audit_writes(redis_url, key, sealed=[3, 2]))
+    monkeypatch.setenv("FACEPAY_TEMPLATE_KEY", key.hex())
+    argv = ["admin", "audit-verify", "--redis-url", redis_url]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    rows = _redis(redis_url, "XRANGE", "fp:audit", "-", "+")
+    assert isinstance(rows, list)
+    cut = [rid.decode() for rid, _ in rows[-3:]]  # the two newest records and their seal
+    _redis(redis_url, "XDEL", "fp:audit", *cut)
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and "XDEL" in err and "cut off" in err
+    assert out[0]["broken"] == [] and out[0]["verified"] == 1  # the seals left still hold
+    assert out[0]["deleted_upto"] == cut[-1] and out[0]["state_fault"] == "seal_missing"
+    # The deletion hidden: the stream written anew without the tail, its counters as they
+    # were (XSETID cannot clear a deleted id). The chain state still names the seal cut off.
+    _redis(redis_url, "DEL", "fp:audit")
+    for rid, fields in rows[:-3]:
+        _redis(redis_url, "XADD", "fp:audit", rid, *[x for kv in fields.items() for x in kv])
+    _redis(redis_url, "XSETID", "fp:audit", cut[-1], "ENTRIESADDED", len(rows))
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and out[0]["deleted_upto"] is None
+    assert out[0]["state_fault"] == "seal_missing"
+    # The whole stream deleted, or renamed, while its chain state remains.
+    _redis(redis_url, "RENAME", "fp:audit", "fp:audit:elsewhere")
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and out[0]["state_fault"] == "stream_missing" and "gone" in err
+    assert out[0]["seals"] == 0
 
 
 def test_a_reader_that_leaves_early_is_not_a_crash(redis_url, tmp_path) -> None:

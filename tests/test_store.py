@@ -941,6 +941,57 @@ async def test_audit_seals_catch_deleted_records_and_seals(
     assert await db.seal_audit() == 1
 
 
+async def test_audit_verify_catches_records_deleted_after_the_last_seal(
+    db: Store, client: aioredis.Redis
+) -> None:
+    """No seal covers the records after the last one, but Redis records an XDEL there too,
+    and the chain's state names the newest seal: a cut tail shows on the live stream."""
+    for batch in range(2):
+        for i in range(3):
+            await db.audit("login", account_id=f"n{batch}{i}")
+        await db.seal_audit()
+    await db.audit("login", account_id="young")  # after the last seal
+    check = await db.verify_audit()
+    assert (check.deleted_upto, check.state_fault, check.unsealed) == (None, None, 1)
+    young = (await client.xrevrange("fp:audit", count=1))[0][0].decode()
+    await client.xdel("fp:audit", young)
+    check = await db.verify_audit()
+    assert check.broken == [] and check.verified == 2 and check.unsealed == 0
+    assert check.deleted_upto == young and check.state_fault is None
+    # The chain's state against the stream: the seal it names says otherwise, or is gone,
+    # or the stream is.
+    await client.hset("fp:audit:seal", "mac", "0" * 64)
+    assert (await db.verify_audit()).state_fault == "seal_mismatch"
+    await client.hset("fp:audit:seal", "seal", "1-1")
+    assert (await db.verify_audit()).state_fault == "seal_missing"
+    await client.delete("fp:audit")
+    check = await db.verify_audit()
+    assert check.state_fault == "stream_missing" and check.seals == 0
+    await client.delete("fp:audit:seal")  # nothing sealed, nothing written: nothing wrong
+    assert await db.verify_audit() == type(check)()
+
+
+async def test_audit_verify_passes_a_stream_trimmed_by_its_cap(client: aioredis.Redis) -> None:
+    """Trimming is no deletion: a capped stream sealed as servers seal it passes, and so
+    does one whose newest seal the cap trimmed (records outran the seals)."""
+    db = Store(client, TemplateCipher(generate_key()), audit_maxlen=20)
+    for batch in range(30):
+        for i in range(5):
+            await db.audit("login", account_id=f"t{batch}-{i}")
+        await db.seal_audit()
+    info = await client.xinfo_stream("fp:audit")
+    assert info["entries-added"] > info["length"] >= 20  # trimmed
+    check = await db.verify_audit()
+    assert check.broken == [] and check.restarts == [] and check.verified >= 1
+    assert check.deleted_upto is None and check.state_fault is None
+    for i in range(150):
+        await db.audit("login", account_id=f"u{i}")
+    named = (await client.hget("fp:audit:seal", "seal")).decode()
+    assert not await client.xrange("fp:audit", min=named, max=named)  # trimmed away
+    check = await db.verify_audit()
+    assert check.state_fault is None and check.deleted_upto is None and check.seals == 0
+
+
 # --- Erased data in Redis's own files ------------------------------------------------------------
 
 
