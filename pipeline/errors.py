@@ -129,6 +129,14 @@ class InvalidRequest(FacePayError):
     code = "invalid_request"
 
 
+class TemplateKeyMismatch(InvalidRequest, ConfigError):
+    """The template key given is not the one the data in Redis is sealed under (its key
+    check differs), or a key rotation is unfinished. A configuration error: the command line
+    exits 2, a server does not start."""
+
+    code = "template_key_mismatch"
+
+
 class IllegalTransition(FacePayError):
     """A session was asked to move between states that are not connected."""
 

@@ -12,7 +12,7 @@ from redis.exceptions import WatchError
 
 from pipeline.errors import Conflict, InvalidRequest, NotFound
 from session import _store_lua as h
-from session._store_ledger import StoreCore
+from session._store_keycheck import StoreKeyCheck
 from session.crypto import SEALED_HASH, TemplateCipher
 
 log = logging.getLogger(__name__)
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 _WATCH_RETRIES = 8
 
 
-class StoreKeys(StoreCore):
+class StoreKeys(StoreKeyCheck):
     """Terminal token rotation and template re-encryption."""
 
     _cipher: TemplateCipher
@@ -68,8 +68,14 @@ class StoreKeys(StoreCore):
         already decrypts with the new key is skipped, so an interrupted run can simply be run
         again with the same two keys. A template that decrypts with neither key stops the run
         (InvalidRequest) before anything of that subject is written: a wrong old key never
-        destroys data. Audited as ``template_key_rotated`` (counts only).
+        destroys data; its message names the subject (and the account, where its link
+        opens). Audited as ``template_key_rotated`` (counts only).
+
+        The key check (session._store_keycheck) must name this store's key or the new one
+        (TemplateKeyMismatch otherwise, before anything is written); it is marked open for
+        the run and moved to the new key once every subject is done.
         """
+        await self.begin_rotation(new_cipher)
         subjects = templates = 0
         cursor: int = 0
         seen: set[str] = set()
@@ -85,6 +91,7 @@ class StoreKeys(StoreCore):
                 templates += done
             if int(cursor) == 0:
                 break
+        await self.finish_rotation(new_cipher)
         self._cipher = new_cipher
         await self.audit(
             "template_key_rotated",
@@ -108,7 +115,7 @@ class StoreKeys(StoreCore):
                 for _ in range(_WATCH_RETRIES):
                     try:
                         await pipe.watch(key, s2a)
-                        relink = self._relink(sid, await pipe.get(s2a), new_cipher)
+                        owner, relink = self._relink(sid, await pipe.get(s2a), new_cipher)
                         raw = await pipe.hgetall(key)
                         blobs: dict[str, bytes] = {}
                         for slot, blob in cast(dict[bytes, bytes], raw).items():
@@ -117,7 +124,13 @@ class StoreKeys(StoreCore):
                                 continue  # already under the new key
                             except InvalidRequest:
                                 pass
-                            template = self._cipher.decrypt(sid, bytes(blob))
+                            try:
+                                template = self._cipher.decrypt(sid, bytes(blob))
+                            except InvalidRequest as exc:
+                                raise InvalidRequest(
+                                    f"subject {sid} (account {owner or 'unknown'}): template "
+                                    f"{h.text(slot)} opens with neither key"
+                                ) from exc
                             blobs[h.text(slot)] = new_cipher.encrypt(sid, template)
                         if not blobs and relink is None:
                             await pipe.unwatch()
@@ -128,7 +141,13 @@ class StoreKeys(StoreCore):
                             akey = self._k("account", relink[0])
                             await pipe.watch(akey)
                             stored = await pipe.hget(akey, "passhash")
-                            passhash = self._resealed_passhash(relink[0], stored, new_cipher)
+                            try:
+                                passhash = self._resealed_passhash(relink[0], stored, new_cipher)
+                            except InvalidRequest as exc:
+                                raise InvalidRequest(
+                                    f"account {relink[0]} (subject {sid}): its passphrase hash "
+                                    "opens with neither key"
+                                ) from exc
                         pipe.multi()
                         if blobs:
                             pipe.hset(key, mapping=blobs)  # type: ignore[arg-type]
@@ -167,19 +186,25 @@ class StoreKeys(StoreCore):
 
     def _relink(
         self, sid: str, sealed: bytes | str | None, new_cipher: TemplateCipher
-    ) -> tuple[str, bytes] | None:
-        """(account id, link sealed under the new key), or None if already re-sealed or none.
+    ) -> tuple[str | None, tuple[str, bytes] | None]:
+        """(the subject's account id or None, and (account id, link sealed under the new
+        key) or None if already re-sealed or there is no link).
 
-        A link that opens with neither key stops the run (InvalidRequest), like a template.
+        A link that opens with neither key stops the run (InvalidRequest naming the
+        subject), like a template.
         """
         if sealed is None:
-            return None
+            return None, None
         blob = sealed if isinstance(sealed, bytes) else sealed.encode("latin-1")
         context = f"s2a:{sid}"
         try:
-            new_cipher.open_link(context, blob)
-            return None  # already under the new key
+            return new_cipher.open_link(context, blob), None  # already under the new key
         except InvalidRequest:
             pass
-        account_id = self._cipher.open_link(context, blob)
-        return account_id, new_cipher.seal_link(context, account_id)
+        try:
+            account_id = self._cipher.open_link(context, blob)
+        except InvalidRequest as exc:
+            raise InvalidRequest(
+                f"subject {sid} (account unknown: its sealed link opens with neither key)"
+            ) from exc
+        return account_id, (account_id, new_cipher.seal_link(context, account_id))

@@ -140,6 +140,12 @@ class TemplateCipher:
         self._blind_key = _derive(bytes(key), b"facepay link blind v1")
         #: The subkey of the audit stream's seals (session._store_audit).
         self.audit = AuditSealKey(_derive(bytes(key), b"facepay audit seal v1"))
+        #: Names this key without revealing it (HMAC of a fixed label under a subkey of its
+        #: own): kept in Redis beside the data it sealed (``fp:template_key_check``), so a
+        #: process with another key is refused before it misreads or mis-seals anything.
+        self.key_check = hmac.new(
+            _derive(bytes(key), b"facepay key check v1"), b"template key check", hashlib.sha256
+        ).hexdigest()[:32]
         self.dim = dim
 
     def seal_link(self, context: str, value: str) -> bytes:

@@ -23,6 +23,9 @@ Key layout (prefix ``fp:``), chosen so that a stolen dump does not join faces to
 - ``fp:audit`` stream: event, time and ids only; never a passphrase, hash, embedding or image;
   ``audit_sealed`` records chain an HMAC over it (session/_store_audit.py), ``fp:audit:seal``
   hash {upto, mac, seal} of the last seal, ``fp:audit:sealing`` the sealer's short lock
+- ``fp:template_key_check`` names the template key the data is sealed under (an HMAC, not
+  the key); ``fp:template_key_check:next`` the new key's while a rotation is open
+  (session/_store_keycheck.py)
 - ``fp:purge:erasures`` erasures so far; ``fp:purge:done`` the count the last finished purge
   of Redis's own files started from (session/_store_purge.py); ``fp:purge:running`` the
   purge's short lock
@@ -115,7 +118,8 @@ class Store(StoreTerminals):
         Records ``consent`` and ``enrolled`` audit events (no biometric data). With
         ``terminal_id`` (a live enrolment), AuthError unless that terminal is still active
         when the account is written: a terminal revoked while its socket's close was missed
-        (a gap in the events channel) enrols no one.
+        (a gap in the events channel) enrols no one. TemplateKeyMismatch unless Redis's key
+        check (watched with the account) names this store's key and no rotation is open.
         """
         name, phone = h.check_account_fields(account_id, name, phone)
         if not isinstance(passphrase_hash, str) or not passphrase_hash.startswith("$argon2"):
@@ -135,7 +139,8 @@ class Store(StoreTerminals):
         )
         account = Account(account_id, name, phone, "active", now)
         akey, a2s = self._k("account", account_id), self._a2s_key(account_id)
-        watched = [akey, a2s]
+        await self.check_template_key()
+        watched = [akey, a2s, *self._check_keys()]
         if terminal_id is not None:
             watched.append(self._k("terminal", terminal_id))
         with h.unavailable("create_account"):
@@ -143,13 +148,14 @@ class Store(StoreTerminals):
                 for _ in range(_WATCH_RETRIES):
                     try:
                         await pipe.watch(*watched)
+                        self.require_key_check(await pipe.mget(watched[2:4]))
                         status = await pipe.hget(akey, "status")
                         if status is not None and h.text(status) != "erased":
                             if await pipe.sismember(a2s, sid):
                                 break  # our EXEC committed but its reply was lost
                             raise Conflict("account id already taken")
                         if terminal_id is not None:
-                            t_status = await pipe.hget(watched[2], "status")
+                            t_status = await pipe.hget(watched[4], "status")
                             if t_status is None or h.text(t_status) != "active":
                                 raise AuthError("terminal revoked")
                         pipe.multi()

@@ -34,6 +34,7 @@ from pipeline.errors import (
     QualityError,
     RateLimited,
     StoreUnavailable,
+    TemplateKeyMismatch,
 )
 from pipeline.image import decode_image
 from pipeline.types import ImageArray
@@ -75,6 +76,7 @@ class AdminDisabled(FacePayError):
 STATUS: tuple[tuple[type[FacePayError], int], ...] = (
     (PayloadTooLarge, 413),
     (AdminDisabled, 503),
+    (TemplateKeyMismatch, 503),  # this server's key is not the data's (or a rotation is open)
     (InvalidRequest, 400),
     (QualityError, 400),
     (ImageError, 400),

@@ -1,8 +1,8 @@
 """``facepay admin merchant-add|terminal-add|audit|audit-verify`` and ``facepay enroll``
 (back-office tools).
 
-They reach the server's Redis as ``facepay serve`` does (``cli_server`` documents where the
-URL, the data folder and the template key come from).
+They reach the server's Redis as ``facepay serve`` does (``cli_sources`` documents where the
+URL, the data folder and the template key come from, ``--config`` included).
 """
 
 from __future__ import annotations
@@ -28,17 +28,13 @@ from session.crypto import (
 )
 from session.store import Store
 from stream_server.cli import EXIT_OK, EXIT_REFUSED, emit, say
-from stream_server.cli_server import (
+from stream_server.cli_server import load_config_args, models_arg, redis_arg, run_cli, with_store
+from stream_server.cli_sources import (
     UsageError,
     _read_secret,
     client_redis_url,
     data_dir_of,
-    load_config_args,
-    models_arg,
-    redis_arg,
     resolve_template_key,
-    run_cli,
-    with_store,
 )
 
 
@@ -67,6 +63,12 @@ def cli_operator(args: argparse.Namespace) -> str:
     return f"cli:{name}"
 
 
+def config_arg(p: argparse.ArgumentParser) -> None:
+    """``--config FILE``: its ``server.redis_url``, ``data_dir`` and ``template_key`` count
+    (after the options and the environment), as for ``serve``."""
+    p.add_argument("--config", default=None, help="JSON configuration file")
+
+
 def register(sub: Any) -> None:
     """Add ``admin`` and ``enroll`` to the ``facepay`` parser."""
     admin = sub.add_parser("admin", help="create merchants and terminals, read the audit")
@@ -74,22 +76,25 @@ def register(sub: Any) -> None:
     p = asub.add_parser("merchant-add", help="create a merchant")
     redis_arg(p)
     operator_arg(p)
+    config_arg(p)
     p.add_argument("name", help="merchant name")
     p.set_defaults(handler=run_cli(cmd_merchant_add))
     p = asub.add_parser("terminal-add", help="create a terminal and print its token once")
     redis_arg(p)
     operator_arg(p)
+    config_arg(p)
     p.add_argument("--merchant", required=True, help="merchant id")
     p.add_argument("--mode", required=True, choices=("checkout", "gate", "enroll"))
     p.set_defaults(handler=run_cli(cmd_terminal_add))
     p = asub.add_parser("audit", help="print audit records as JSON lines, oldest first")
     redis_arg(p)
+    config_arg(p)
     p.add_argument("--after", default=None, help="start after this record id (a cursor)")
     p.add_argument("--limit", type=int, default=1000, help="at most this many (1-10000)")
     p.set_defaults(handler=run_cli(cmd_audit))
     p = asub.add_parser("audit-verify", help="check the audit stream's seals (template key)")
     redis_arg(p)
-    p.add_argument("--config", default=None, help="JSON configuration file")
+    config_arg(p)
     p.add_argument(
         "--previous-key-file",
         action="append",
@@ -126,7 +131,7 @@ def register(sub: Any) -> None:
     p.add_argument("--name", required=True, help="display name")
     p.add_argument("--phone", required=True, help="phone number (its last 4 digits narrow)")
     p.add_argument("--consent", action="store_true", help="the person agreed to enrolment")
-    p.add_argument("--config", default=None, help="JSON configuration file")
+    config_arg(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--passphrase-stdin", action="store_true", help="read it from stdin")
     src.add_argument("--passphrase-file", default=None, help="read it from a file")
@@ -139,7 +144,7 @@ def register(sub: Any) -> None:
 
 def cmd_merchant_add(args: argparse.Namespace) -> int:
     """Create a merchant; prints {"merchant_id", "name"}."""
-    url = client_redis_url(args)
+    url = client_redis_url(args, load_config_args(args))
     operator = cli_operator(args)
     # Merchants and terminals hold no templates: the store's cipher is never used here.
     merchant = asyncio.run(
@@ -155,7 +160,7 @@ def cmd_merchant_add(args: argparse.Namespace) -> int:
 
 def cmd_terminal_add(args: argparse.Namespace) -> int:
     """Create a terminal; prints {"terminal_id", "token", ...} (the token is shown once)."""
-    url = client_redis_url(args)
+    url = client_redis_url(args, load_config_args(args))
     operator = cli_operator(args)
     terminal, token = asyncio.run(
         with_store(
@@ -182,7 +187,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     and pass it as ``--after`` next time. Exit 1 (after printing what is left) when records
     after the cursor were trimmed before they were read; 2 for a malformed cursor or limit.
     """
-    url = client_redis_url(args)
+    url = client_redis_url(args, load_config_args(args))
     try:
         page = asyncio.run(
             with_store(
@@ -244,7 +249,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     config = load_config_args(args)
     if args.max_unsealed_age is not None and args.max_unsealed_age <= 0:
         raise UsageError("--max-unsealed-age must be a positive number of seconds")
-    cipher = TemplateCipher(resolve_template_key(config, data_dir_of(args), create=False))
+    cipher = TemplateCipher(resolve_template_key(config, data_dir_of(args, config), create=False))
     retired = _retired_keys(args.previous_key_file)
     if args.compare and args.file is None:
         raise UsageError("--compare needs --file COPY")
@@ -257,14 +262,16 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         check = check_copy(rows, [cipher.audit, *retired])
         if args.compare:
             live = asyncio.run(
-                with_store(client_redis_url(args), cipher, lambda s: s.audit_records(), cap)
+                with_store(client_redis_url(args, config), cipher, lambda s: s.audit_records(), cap)
             )
             report["diverged"], report["diverged_ids"] = diverged(
                 rows, live.rows, head_trimmed=live.head_trimmed, deleted_upto=live.deleted_upto
             )
     else:
         check = asyncio.run(
-            with_store(client_redis_url(args), cipher, lambda s: s.verify_audit(retired), cap)
+            with_store(
+                client_redis_url(args, config), cipher, lambda s: s.verify_audit(retired), cap
+            )
         )
     emit(dataclasses.asdict(check) | report)
     problems = []
@@ -355,8 +362,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             say(f"facepay: {exc}")
             emit({"error": exc.code, "message": str(exc), "image": str(path)})
             return EXIT_REFUSED
-    cipher = TemplateCipher(resolve_template_key(config, data_dir_of(args), create=False))
-    url = client_redis_url(args)
+    cipher = TemplateCipher(resolve_template_key(config, data_dir_of(args, config), create=False))
+    url = client_redis_url(args, config)
     analyzer = FaceAnalyzer.from_config(config.pipeline, ModelStore(args.models_dir))
 
     async def work(store: Store) -> tuple[str, int]:
@@ -382,7 +389,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
     try:
         account_id, count = asyncio.run(
-            with_store(url, cipher, work, config.server.audit_max_records)
+            with_store(url, cipher, work, config.server.audit_max_records, check_key=True)
         )
     except QualityError as exc:
         body: dict[str, Any] = {

@@ -1,14 +1,7 @@
 """``facepay serve`` and what every server-side command shares (``cli_admin`` uses it).
 
-Where things come from (an option wins over its environment variable):
-- Redis: ``--redis-url`` / ``FACEPAY_REDIS_URL`` / the config file; ``serve`` without one
-  starts an embedded redis-server in the data folder, and ``admin``/``enroll`` without one
-  use the URL that embedded server wrote to ``DATA_DIR/redis.url``.
-- Data folder: ``--data-dir`` / ``FACEPAY_DATA_DIR`` / config ``server.data_dir`` (``data``).
-- Template key: ``FACEPAY_TEMPLATE_KEY`` / config; else, in dev mode (``--dev`` or
-  ``FACEPAY_DEV=1``), ``DATA_DIR/template.key`` (made once, mode 0600); else refused (exit 2).
-- Admin token: ``--admin-token-file`` / ``FACEPAY_ADMIN_TOKEN`` / config; else, in dev mode,
-  ``DATA_DIR/admin.token`` (made once); else the admin API is disabled.
+Where the Redis URL, the data folder, the template key and the admin token come from:
+``stream_server.cli_sources`` (one resolution for every command).
 """
 
 from __future__ import annotations
@@ -17,11 +10,9 @@ import argparse
 import asyncio
 import contextlib
 import os
-import secrets
 import signal
 import ssl
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
@@ -31,32 +22,28 @@ from pipeline.errors import (
     StoreUnavailable,
 )
 from session.config import FacePayConfig, load_config
-from session.crypto import TemplateCipher, generate_key, parse_key
+from session.crypto import TemplateCipher
 from session.store import Store
 from stream_server.cli import EXIT_OK, EXIT_USAGE, emit, say
-from stream_server.embedded_redis import EmbeddedRedis, read_url_file
+from stream_server.cli_sources import (
+    ENV_ADMIN,
+    ENV_DATA,
+    ENV_DEV,
+    ENV_MODELS,
+    ENV_REDIS,
+    ENV_TLS_CERT,
+    ENV_TLS_KEY,
+    UsageError,
+    data_dir_of,
+    env_flag,
+    redis_url_of,
+    resolve_admin_token,
+    resolve_template_key,
+)
+from stream_server.embedded_redis import EmbeddedRedis
 from stream_server.redis_client import connect as connect_redis
 
 _T = TypeVar("_T")
-
-ENV_REDIS = "FACEPAY_REDIS_URL"
-ENV_MODELS = "FACEPAY_MODELS_DIR"
-ENV_ADMIN = "FACEPAY_ADMIN_TOKEN"
-ENV_KEY = "FACEPAY_TEMPLATE_KEY"
-ENV_DATA = "FACEPAY_DATA_DIR"
-ENV_DEV = "FACEPAY_DEV"
-ENV_TLS_CERT = "FACEPAY_TLS_CERT"
-ENV_TLS_KEY = "FACEPAY_TLS_KEY"
-KEY_FILE = "template.key"
-ADMIN_TOKEN_FILE = "admin.token"
-
-
-class UsageError(Exception):
-    """A usage, configuration or connection problem: message on stderr, exit 2."""
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def redact_url(url: str) -> str:
@@ -93,99 +80,20 @@ def redact_url(url: str) -> str:
         return f"{scheme}://***" if sep and scheme.isalnum() and len(scheme) <= 10 else "***"
 
 
-def _write_secret(path: Path, text: str) -> None:
-    """Create ``path`` with mode 0600 (refuses to overwrite)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-
-
-def _read_secret(path: Path, what: str) -> str:
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
-    if not text:
-        raise UsageError(f"{what} file {path} is empty")
-    return text
-
-
-def resolve_template_key(config: FacePayConfig, data_dir: Path, *, create: bool) -> bytes:
-    """The template key: env, config, else (dev) ``data_dir/template.key``; UsageError if none.
-
-    ``create`` (``serve --dev``) makes the key file when missing; ``enroll`` only reads it.
-    """
-    secret = os.environ.get(ENV_KEY) or (
-        config.server.template_key.get_secret_value() if config.server.template_key else None
-    )
-    path = data_dir / KEY_FILE
-    try:
-        if secret:
-            return parse_key(secret)
-        if path.exists():
-            return parse_key(_read_secret(path, "template key"))
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
-    if create:
-        key = generate_key()
-        _write_secret(path, key.hex())
-        say(f"facepay: dev mode: generated a template key in {path} (keep it: it decrypts faces)")
-        return key
-    raise UsageError(
-        f"no template key: set {ENV_KEY} (64 hex characters; e.g. "
-        "python -c 'import secrets; print(secrets.token_hex(32))'), "
-        f"or run facepay serve --dev once to keep one in {path}"
-    )
-
-
-def resolve_admin_token(args: argparse.Namespace, config: FacePayConfig, data_dir: Path) -> str:
-    """The admin token, or "" (admin API disabled)."""
-    if args.admin_token_file:
-        return _read_secret(Path(args.admin_token_file), "admin token")
-    token = os.environ.get(ENV_ADMIN) or (
-        config.server.admin_token.get_secret_value() if config.server.admin_token else ""
-    )
-    if token or not config.server.dev_mode:
-        return token
-    path = data_dir / ADMIN_TOKEN_FILE
-    if not path.exists():
-        _write_secret(path, "fpa_" + secrets.token_urlsafe(32))
-        say(f"facepay: dev mode: generated an admin token in {path}")
-    else:
-        say(f"facepay: dev mode: admin token in {path}")
-    return _read_secret(path, "admin token")
-
-
-def data_dir_of(args: argparse.Namespace) -> Path:
-    return Path(args.data_dir or os.environ.get(ENV_DATA) or "data")
-
-
-def client_redis_url(args: argparse.Namespace) -> str:
-    """``--redis-url``, ``FACEPAY_REDIS_URL``, else the embedded server's ``redis.url``."""
-    url = args.redis_url or os.environ.get(ENV_REDIS)
-    if url:
-        return str(url)
-    data_dir = data_dir_of(args)
-    url = read_url_file(data_dir)
-    if url:
-        return url
-    raise UsageError(
-        f"no Redis: pass --redis-url (or set {ENV_REDIS}), or start facepay serve --dev "
-        f"with the same data folder ({data_dir})"
-    )
-
-
 async def with_store(
     url: str,
     cipher: TemplateCipher,
     work: Callable[[Store], Awaitable[_T]],
     audit_maxlen: int | None = None,
+    *,
+    check_key: bool = False,
 ) -> _T:
     """Run ``work`` on a Store connected to ``url``; UsageError if Redis cannot be reached.
     ``audit_maxlen``: the audit stream's cap (``server.audit_max_records``), for commands
     that have the configuration; the cap the servers published in Redis is used besides
-    (``Store.adopt_audit_cap``): it is what they trim to, and what audit-verify checks."""
+    (``Store.adopt_audit_cap``): it is what they trim to, and what audit-verify checks.
+    ``check_key``: first refuse (TemplateKeyMismatch, exit 2) a ``cipher`` that is not the
+    key the data in Redis is sealed under (``Store.check_template_key``)."""
     try:
         # The server's own client settings (redis_client: pooled connections are checked).
         client = connect_redis(url, max_connections=2, socket_timeout=10)
@@ -196,6 +104,8 @@ async def with_store(
         if not await store.ping():
             raise UsageError(f"cannot reach Redis at {redact_url(url)}")
         await store.adopt_audit_cap(audit_maxlen)
+        if check_key:
+            await store.check_template_key()
         return await work(store)
     except StoreUnavailable as exc:
         raise UsageError(f"Redis at {redact_url(url)} failed: {exc}") from None
@@ -229,7 +139,7 @@ def load_config_args(args: argparse.Namespace) -> FacePayConfig:
     server: dict[str, Any] = {}
     for key in ("host", "port"):
         server[key] = getattr(args, key, None)
-    if getattr(args, "dev", False) or _env_flag(ENV_DEV):
+    if getattr(args, "dev", False) or env_flag(ENV_DEV):
         server["dev_mode"] = True
     try:
         return load_config(getattr(args, "config", None), server=server)
@@ -257,7 +167,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the server until SIGINT/SIGTERM; prints {"url", "redis_url", "dev"} once listening."""
     tls = tls_context(args)
     config = load_config_args(args)
-    data_dir = Path(args.data_dir or os.environ.get(ENV_DATA) or config.server.data_dir)
+    data_dir = data_dir_of(args, config)
     dev = config.server.dev_mode
     cipher = TemplateCipher(resolve_template_key(config, data_dir, create=dev))
     admin_token = resolve_admin_token(args, config, data_dir)
@@ -267,7 +177,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # (its length) as one in the config file.
     config = config.with_server(admin_token=admin_token or None, data_dir=data_dir)
     loop_name, loop_factory = event_loop_factory(config.server.event_loop)
-    redis_url = args.redis_url or os.environ.get(ENV_REDIS) or config.server.redis_url
+    redis_url = redis_url_of(args, config)
     embedded: EmbeddedRedis | None = None
     if not redis_url:
         embedded = EmbeddedRedis(data_dir)

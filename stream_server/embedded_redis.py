@@ -100,6 +100,11 @@ class EmbeddedRedis:
         """The redis-server's process id while it runs."""
         return self.proc.pid if self.proc is not None else None
 
+    def answering(self) -> bool:
+        """Whether a redis-server answers on this data folder's socket (a running
+        ``facepay serve --dev``, or another command holding it)."""
+        return _ping_unix(self.socket_path)
+
     def start(self) -> str:
         """Start redis-server, wait for PING, write ``redis.url``; returns the URL.
 

@@ -119,9 +119,13 @@ async def load_subscribed(app: web.Application) -> PubSub:
     In that order, an enrolment or erasure committed during the load (a minute at a million
     subjects) waits on the subscription and is applied once the loop reads it, before this
     server answers anyone. StoreUnavailable when Redis cannot be reached: the server does
-    not start without its directory.
+    not start without its directory; TemplateKeyMismatch when the key check in Redis names
+    another template key, or a key rotation is open (session/_store_keycheck.py).
     """
     store, directory = app[STORE], app[DIRECTORY]
+    # A key other than the one the data is sealed under would load no one and seal new
+    # enrolments under a key that is then thrown away: TemplateKeyMismatch stops start-up.
+    await store.check_template_key()
     try:
         pubsub = await _subscribe(app[REDIS])
     except (RedisError, OSError, TimeoutError) as exc:
