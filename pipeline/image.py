@@ -2,69 +2,21 @@
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from pipeline.errors import ImageError
+from pipeline.peek import MAX_PIXELS, peek_size
 from pipeline.types import ImageArray
 
-#: Largest encoded file accepted (bytes) and largest decoded image (pixels). Camera frames are
-#: ~0.3-2 MP; 40 MP admits any phone photo while keeping a decode under ~120 MB.
+__all__ = ["MAX_FILE_BYTES", "MAX_PIXELS", "MIN_SIDE", "decode_image", "load_image", "to_bgr"]
+
+#: Largest encoded file accepted (bytes); the largest decoded image is MAX_PIXELS (40 MP, see
+#: pipeline.peek), which ``facepay`` also sets as OpenCV's own limit (stream_server.cli.main).
 MAX_FILE_BYTES = 40 * 1024 * 1024
-MAX_PIXELS = 40_000_000
 MIN_SIDE = 16
-
-
-def _peek_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG, JPEG, WebP or BMP header without decoding, else None.
-
-    Lets us refuse a decompression bomb (tiny file, enormous dimensions) before OpenCV
-    allocates the full image: a 10 KB WebP claiming 16000x16000 otherwise costs ~1.5 GB.
-    """
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
-        width, height = struct.unpack(">II", data[16:24])
-        return int(width), int(height)
-    if data[:2] == b"\xff\xd8":
-        return _peek_jpeg(data)
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
-        chunk = data[12:16]
-        if chunk == b"VP8X":
-            width = int.from_bytes(data[24:27], "little") + 1
-            height = int.from_bytes(data[27:30], "little") + 1
-            return width, height
-        if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
-            width, height = struct.unpack("<HH", data[26:30])
-            return width & 0x3FFF, height & 0x3FFF
-        if chunk == b"VP8L" and data[20] == 0x2F:
-            bits = int.from_bytes(data[21:25], "little")
-            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-        return None
-    if data[:2] == b"BM" and len(data) >= 26:
-        width, height = struct.unpack("<ii", data[18:26])
-        return abs(width), abs(height)
-    return None
-
-
-def _peek_jpeg(data: bytes) -> tuple[int, int] | None:
-    i = 2
-    while i + 9 < len(data):
-        if data[i] != 0xFF:
-            i += 1
-            continue
-        marker = data[i + 1]
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
-            i += 1 if marker == 0xFF else 2
-            continue
-        (seg_len,) = struct.unpack(">H", data[i + 2 : i + 4])
-        # SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC) carry the frame size.
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
-            return int(width), int(height)
-        i += 2 + seg_len
-    return None
 
 
 def to_bgr(image: np.ndarray) -> ImageArray:
@@ -102,9 +54,10 @@ def decode_image(data: bytes) -> ImageArray:
         raise ImageError("image file is empty (0 bytes)")
     if len(data) > MAX_FILE_BYTES:
         raise ImageError(f"image file is too large ({len(data)} bytes; at most {MAX_FILE_BYTES})")
-    size = _peek_size(data)
+    size = peek_size(data)
     if size is None:
-        # Only formats whose size we can read before decoding are accepted (see above).
+        # Only files whose size we can trust before decoding are accepted (pipeline.peek):
+        # a tiny file claiming an enormous image otherwise costs gigabytes inside OpenCV.
         raise ImageError(
             "image data is corrupt or in an unsupported format (use JPEG, PNG, WebP or BMP)"
         )
@@ -114,7 +67,12 @@ def decode_image(data: bytes) -> ImageArray:
     # IMREAD_COLOR applies the EXIF orientation (phone photos are often stored sideways with
     # a "rotate 90" tag), turns greyscale into 3 channels and drops alpha; IMREAD_UNCHANGED
     # would skip the rotation and hand the detector a sideways face.
-    decoded = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    try:
+        decoded = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    except cv2.error:
+        # OpenCV's own limits (OPENCV_IO_MAX_IMAGE_PIXELS, ...) raise instead of returning
+        # None: still a refused file, never a 500 or a traceback.
+        decoded = None
     if decoded is None:
         raise ImageError("image data is corrupt or in an unsupported format")
     return to_bgr(decoded)

@@ -1,5 +1,9 @@
 """Enrolment from photos (back-office import: the admin API and ``facepay enroll``).
 
+Photos are decoded one at a time, in the executor, after the account's fields passed: a
+``Photo`` may be a function that decodes it, so that at most one decoded photo (up to 40 MP,
+120 MB) is alive at once and a bad file costs nothing before a typo is reported.
+
 Each photo must hold exactly one usable face: none is refused ``no_face``; a second face at
 least half the area of the largest is refused ``several_faces`` (whose face would we keep?);
 a face that fails the quality gate is refused with the gate's reasons. Every accepted photo
@@ -16,13 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 
 import numpy as np
 
 from pipeline.analyzer import FaceAnalyzer
-from pipeline.errors import AlreadyEnrolled, Conflict, NotFound, QualityError
+from pipeline.errors import AlreadyEnrolled, Conflict, ImageError, NotFound, QualityError
 from pipeline.types import FloatArray, ImageArray
 from session import _store_lua as _store_rules
 from session.crypto import PassphraseHasher, check_passphrase
@@ -35,12 +39,24 @@ log = logging.getLogger(__name__)
 #: A second face at least this share of the largest face's area makes a photo ambiguous.
 SECOND_FACE_AREA_RATIO = 0.5
 
+#: A photo to enrol from: a decoded image, or a function that decodes it (or raises
+#: ImageError), called in the executor when that photo's turn comes.
+Photo = ImageArray | Callable[[], ImageArray]
+
 
 class ImageQualityError(QualityError):
     """A QualityError that also says which photo (0-based ``index``) was refused."""
 
     def __init__(self, index: int, message: str, reasons: tuple[str, ...]) -> None:
         super().__init__(f"image {index}: {message}", reasons)
+        self.index = index
+
+
+class ImageFileError(ImageError):
+    """A photo that could not be decoded; ``index`` is its 0-based position."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(f"image {index}: {message}")
         self.index = index
 
 
@@ -78,10 +94,26 @@ def template_from_image(analyzer: FaceAnalyzer, image: ImageArray, index: int) -
     return analysis.embedding
 
 
+def template_from_photo(analyzer: FaceAnalyzer, photo: Photo, index: int) -> FloatArray:
+    """``template_from_image`` of ``photo``, decoding it first if it is a function.
+
+    The decoded image lives only for this call. ImageFileError if it cannot be decoded.
+    """
+    if callable(photo):
+        try:
+            image = photo()
+        except ImageError as exc:
+            raise ImageFileError(index, str(exc)) from None
+    else:
+        image = photo
+    return template_from_image(analyzer, image, index)
+
+
 async def templates_from_images(
-    analyzer: FaceAnalyzer, executor: Executor, images: Sequence[ImageArray]
+    analyzer: FaceAnalyzer, executor: Executor, images: Sequence[Photo]
 ) -> list[FloatArray]:
-    """One template per photo, computed in the executor; the first refusal wins.
+    """One template per photo, computed in the executor one photo at a time; the first
+    refusal wins.
 
     Every photo must show the person of the first one (cosine at least the 1:N match
     threshold): one consent covers one person, and a photo of someone else mixed into a
@@ -94,7 +126,7 @@ async def templates_from_images(
     templates: list[FloatArray] = []
     threshold = analyzer.config.match.threshold
     for index, image in enumerate(images):
-        template = await loop.run_in_executor(executor, template_from_image, analyzer, image, index)
+        template = await loop.run_in_executor(executor, template_from_photo, analyzer, image, index)
         if templates and float(np.dot(templates[0], template)) < threshold:
             raise ImageQualityError(
                 index, "face is not the person of the first photo", ("different_person",)
@@ -152,12 +184,13 @@ async def enroll_from_images(
     name: str,
     phone: str,
     passphrase: str,
-    images: list[ImageArray],
+    images: Sequence[Photo],
     consent: Mapping[str, str],
 ) -> tuple[Account, int]:
     """Create an account from photos; returns (account, number of templates).
 
-    Raises InvalidRequest (fields or passphrase rules), ImageQualityError (a photo refused,
+    Raises InvalidRequest (fields or passphrase rules), ImageFileError (a photo that cannot
+    be decoded, found only after the fields passed), ImageQualityError (a photo refused,
     with reasons), AlreadyEnrolled (see ``refuse_duplicate``; checked against ``directory``,
     which the command line passes empty: it loads no gallery), Conflict (account id taken)
     or StoreUnavailable. The new subject is added to this

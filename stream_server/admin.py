@@ -12,10 +12,11 @@ nothing about the internals.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -37,8 +38,7 @@ from pipeline.errors import (
     TemplateKeyMismatch,
 )
 from pipeline.image import decode_image
-from pipeline.types import ImageArray
-from session.enrollment import ImageQualityError, enroll_from_images
+from session.enrollment import ImageFileError, ImageQualityError, Photo, enroll_from_images
 from session.models import Account
 from stream_server.admin_bodies import (
     AccountForm,
@@ -56,14 +56,6 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: The admin operator a request was authenticated as (set by :func:`admin_route`).
 OPERATOR = web.RequestKey("operator", str)
-
-
-class UploadedImageError(ImageError):
-    """An uploaded file that is not a readable image; ``index`` is its 0-based position."""
-
-    def __init__(self, index: int, message: str) -> None:
-        super().__init__(f"image {index}: {message}")
-        self.index = index
 
 
 class AdminDisabled(FacePayError):
@@ -102,7 +94,7 @@ def error_response(exc: FacePayError) -> web.Response:
     body: dict[str, Any] = {"error": exc.code, "message": str(exc)}
     if isinstance(exc, QualityError):
         body["reasons"] = list(exc.reasons)
-    if isinstance(exc, ImageQualityError | UploadedImageError):
+    if isinstance(exc, ImageQualityError | ImageFileError):
         body["image"] = exc.index
     if isinstance(exc, AccountLocked) and exc.until is not None:
         body["locked_until"] = exc.until
@@ -237,18 +229,16 @@ async def revoke_terminal(request: web.Request) -> web.StreamResponse:
 
 
 async def add_account(request: web.Request) -> web.StreamResponse:
-    """``POST /api/accounts`` (multipart) -> 201 {account_id, templates}."""
+    """``POST /api/accounts`` (multipart) -> 201 {account_id, templates}.
+
+    Nothing is decoded before every field passed; then each photo is decoded in the
+    executor when its turn comes and dropped once its template is made (session.enrollment).
+    """
     form, blobs = await account_form(request)
     app = request.app
-    loop = asyncio.get_running_loop()
-    images: list[ImageArray] = []
-    for index, blob in enumerate(blobs):
-        try:
-            images.append(await loop.run_in_executor(app[EXECUTOR], decode_image, blob))
-        except ImageError as exc:
-            raise UploadedImageError(index, str(exc)) from None
+    photos = [functools.partial(decode_image, blob) for blob in blobs]
     try:
-        account, count = await _enroll(app, form, images, request[OPERATOR])
+        account, count = await _enroll(app, form, photos, request[OPERATOR])
     except AlreadyEnrolled:
         # Each refusal tells the caller something about an enrolled person (that face, those
         # digits): it is on the record under the operator's name, like every admin change.
@@ -266,7 +256,7 @@ async def add_account(request: web.Request) -> web.StreamResponse:
 
 
 async def _enroll(
-    app: web.Application, form: AccountForm, images: list[ImageArray], operator: str
+    app: web.Application, form: AccountForm, images: Sequence[Photo], operator: str
 ) -> tuple[Account, int]:
     """``enroll_from_images`` with this app's services, consent given by ``operator``."""
     return await enroll_from_images(

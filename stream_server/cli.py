@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeline.errors import FacePayError
+from pipeline.peek import MAX_PIXELS
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -80,6 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # small machines (a 60k-template exact search took 15 ms with 2 BLAS threads under load,
     # 2.7 ms with 1; docs/gallery.md). An operator's own setting wins.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # Before OpenCV loads: it reads its decoded-size limit once, when the library is loaded
+    # (setting it after ``import cv2`` has no effect; checked with OpenCV 5.0), and its default
+    # is 2**30 pixels, a 3 GB decode. A second line behind pipeline.peek, which refuses such
+    # files first; decode_image turns OpenCV's refusal into an ImageError.
+    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_PIXELS))
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import getpass
 import sys
 import time
@@ -343,7 +344,12 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     from pipeline.models import ModelStore
     from session.crypto import PassphraseHasher, check_passphrase
     from session.directory import Directory
-    from session.enrollment import ImageQualityError, check_account_fields, enroll_from_images
+    from session.enrollment import (
+        ImageFileError,
+        ImageQualityError,
+        check_account_fields,
+        enroll_from_images,
+    )
 
     if not args.consent:
         say("facepay: consent required: pass --consent once the person has agreed")
@@ -354,14 +360,16 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     check_passphrase(passphrase)
     check_account_fields(args.account, args.name, args.phone)
     config = load_config_args(args)
-    images = []
     for path in args.images:
-        try:
-            images.append(load_image(path))
-        except ImageError as exc:
-            say(f"facepay: {exc}")
-            emit({"error": exc.code, "message": str(exc), "image": str(path)})
+        # A missing file is refused before Redis and the models are loaded; the photos
+        # themselves are decoded later, one at a time.
+        if not Path(path).is_file():
+            say(f"facepay: no such image file: {path}")
+            emit({"error": ImageError.code, "message": "no such image file", "image": str(path)})
             return EXIT_REFUSED
+    # Each photo is read and decoded when its turn comes and dropped once its template is
+    # made: one decoded photo (up to 120 MB) at a time, however many are given.
+    photos = [functools.partial(load_image, path) for path in args.images]
     cipher = TemplateCipher(resolve_template_key(config, data_dir_of(args, config), create=False))
     url = client_redis_url(args, config)
     analyzer = FaceAnalyzer.from_config(config.pipeline, ModelStore(args.models_dir))
@@ -378,7 +386,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
                 name=args.name,
                 phone=args.phone,
                 passphrase=passphrase,
-                images=images,
+                images=photos,
                 consent={
                     "source": "cli",
                     "given_at": f"{time.time():.3f}",
@@ -391,13 +399,11 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         account_id, count = asyncio.run(
             with_store(url, cipher, work, config.server.audit_max_records, check_key=True)
         )
-    except QualityError as exc:
-        body: dict[str, Any] = {
-            "error": exc.code,
-            "message": str(exc),
-            "reasons": list(exc.reasons),
-        }
-        if isinstance(exc, ImageQualityError):
+    except (QualityError, ImageFileError) as exc:
+        body: dict[str, Any] = {"error": exc.code, "message": str(exc)}
+        if isinstance(exc, QualityError):
+            body["reasons"] = list(exc.reasons)
+        if isinstance(exc, ImageQualityError | ImageFileError):
             body["image"] = str(args.images[exc.index])
         say(f"facepay: photo refused: {exc}")
         emit(body)

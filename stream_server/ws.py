@@ -22,6 +22,7 @@ from pipeline.errors import (
     InvalidRequest,
     RateLimited,
 )
+from pipeline.image import MIN_SIDE
 from session.camera_load import LoadPacer, camera_event, pacer_for
 from session.checkout import CheckoutSession
 from session.enroll import EnrollRequest, EnrollSession
@@ -224,6 +225,11 @@ class TerminalConnection:
                 return  # an enroll terminal keeps nothing before consent
             if frame.width * frame.height > max_pixels:
                 too_large()  # VP8 is dropped before decoding; this catches other codecs
+                return
+            if min(frame.width, frame.height) < MIN_SIDE:
+                # The pipeline refuses it (ImageError): a checkout would decline it as a bug
+                # and a gate log a traceback per frame. Nothing to see in it anyway.
+                metrics.frames_dropped.inc()
                 return
             self.frames.put(frame, t)
             metrics.frames_received.inc()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import weakref
 from pathlib import Path
 
 import aiohttp
@@ -13,12 +15,18 @@ import pytest
 import redis.asyncio as aioredis
 
 from pipeline.errors import NotFound
+from pipeline.image import decode_image
 from session.config import FacePayConfig
 from session.crypto import PassphraseHasher, TemplateCipher, generate_key
 from session.store import Store
-from stream_server import sync
+from stream_server import admin, sync
 from stream_server.app import DIRECTORY, METRICS, STORE, create_app
 from tests.privacy_scan import aof_bytes, aof_settled
+from tests.test_image_bombs import (
+    jpeg_hiding_its_frame,
+    png_chunk_bomb,
+    progressive_repeating_last_scan,
+)
 
 ADMIN = "admin-token-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -368,6 +376,71 @@ async def test_enrol_needs_multipart_and_an_image(client):
     resp = await client.post("/api/accounts", data=form, headers=AUTH)
     assert resp.status == 400
     assert "image" in (await resp.json())["message"]
+
+
+# --- hostile uploads ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"passphrase": "short"}, {"account_id": "bad id!"}, {"phone": "12345"}, {"name": "   "}],
+    ids=["passphrase", "account_id", "phone", "name"],
+)
+async def test_enrol_checks_every_field_before_decoding_a_photo(client, monkeypatch, fields):
+    # A photo may cost seconds of the executor that checkouts share: a typo fails first.
+    decoded: list[int] = []
+
+    def decode(data: bytes) -> np.ndarray:
+        decoded.append(len(data))
+        return decode_image(data)
+
+    monkeypatch.setattr(admin, "decode_image", decode)
+    photo = progressive_repeating_last_scan(20)
+    resp = await client.post("/api/accounts", data=_enrol_form([photo], **fields), headers=AUTH)
+    assert resp.status == 400 and (await resp.json())["error"] == "invalid_request"
+    assert decoded == []
+
+
+async def test_enrol_keeps_one_decoded_photo_at_a_time(client, data_dir, monkeypatch):
+    # Ten 40 MP photos decoded up front held 1.3 GB; each photo only needs its template.
+    class Tracked(np.ndarray):
+        pass
+
+    decoded: list[weakref.ref[np.ndarray]] = []
+    alive_at_decode: list[int] = []
+
+    def decode(data: bytes) -> np.ndarray:
+        gc.collect()
+        alive_at_decode.append(sum(ref() is not None for ref in decoded))
+        image = decode_image(data).view(Tracked)
+        decoded.append(weakref.ref(image))
+        return image
+
+    monkeypatch.setattr(admin, "decode_image", decode)
+    photos = [_jpeg(data_dir, f"obama/{name}.jpg") for name in ("obama", "obama2", "obama3")]
+    resp = await client.post("/api/accounts", data=_enrol_form(photos), headers=AUTH)
+    assert resp.status == 201, await resp.text()
+    assert (await resp.json())["templates"] == 3
+    assert alive_at_decode == [0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "bomb",
+    [png_chunk_bomb(), jpeg_hiding_its_frame(), progressive_repeating_last_scan(200)],
+    ids=["png-chunk-length", "jpeg-ff00", "jpeg-scans"],
+)
+async def test_enrol_refuses_image_bombs_before_opencv(client, data_dir, monkeypatch, bomb):
+    calls: list[int] = []
+
+    def imdecode(buf: np.ndarray, flags: int) -> None:
+        calls.append(len(buf))  # a bomb must never get here (GBs or minutes on the old code)
+
+    monkeypatch.setattr(cv2, "imdecode", imdecode)
+    resp = await client.post("/api/accounts", data=_enrol_form([bomb]), headers=AUTH)
+    assert resp.status == 400
+    body = await resp.json()
+    assert body["error"] == "bad_image" and body["image"] == 0
+    assert calls == []
 
 
 # --- payments -----------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from aiortc.mediastreams import MediaStreamTrack, VideoStreamTrack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream_server.app import CONNECTIONS, PEERS, REDIS
+from stream_server.app import CONNECTIONS, METRICS, PEERS, REDIS
 from stream_server.replay_source import ReplayTrack
 from stream_server.webrtc import rtc_configuration
 from stream_server.ws_messages import TRANSPORT_MAX_BYTES
@@ -439,6 +439,22 @@ async def test_oversized_frames_are_dropped_with_a_clear_error(make_env, analyze
     assert error["code"] == "frame_too_large"
     end = await term.until_end()
     assert end["state"] == "timeout" and await env.payments() == []
+    await term.close()
+    await _settled(env)
+
+
+async def test_frames_below_the_pipeline_minimum_are_dropped(make_env, analyzer, photo):
+    # A 640x8 frame made the pipeline raise ImageError: the checkout declined it as a bug
+    # (internal_error) and a gate logged a traceback per frame. Now it is dropped, counted.
+    env = await make_env(session_timeout_s=3.0)
+    term = await env.terminal()
+    frames = _sized(camera_frames(analyzer, photo(SHOPPER), seconds=10), [(640, 8)], 1)
+    await _start_video(term, RawTrack(frames, fps=5))
+    await term.checkout("5.00", "o-1")
+    end = await term.until_end()
+    assert end["state"] == "timeout", term.events
+    assert env.app[METRICS].frames_dropped._value.get() > 0
+    assert await env.payments() == []
     await term.close()
     await _settled(env)
 
