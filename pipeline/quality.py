@@ -41,7 +41,7 @@ class QualityThresholds:
     max_face_frac: float = 1.0
     #: ``cut_off`` (only checked when ``assess`` is given the frame's shape): a landmark
     #: nearer the frame's edge than this many eye distances (negative: outside it) ...
-    min_edge_margin: float = 0.25
+    min_edge_margin: float = 0.35
     #: ... or more than this share of the detector's unclipped box outside the frame.
     max_outside_frac: float = 0.2
 
