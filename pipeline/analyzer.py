@@ -8,7 +8,7 @@ them (or the onnxruntime session inside) for a fake.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -20,6 +20,7 @@ from pipeline.errors import ConfigError
 from pipeline.image import to_bgr
 from pipeline.liveness import LivenessModel, MiniFASNetFusion
 from pipeline.models import ModelStore
+from pipeline.orientation import upside_down
 from pipeline.quality import QualityReport, QualityThresholds, assess
 from pipeline.types import Face, FloatArray, ImageArray
 
@@ -106,6 +107,8 @@ def quality_limits(config: PipelineConfig, *, video: bool = False) -> QualityThr
         max_brightness=q.max_brightness,
         min_detection_score=q.min_detection_score,
         max_face_frac=q.max_face_frac if video else 1.0,
+        min_edge_margin=q.min_edge_margin,
+        max_outside_frac=q.max_outside_frac,
     )
 
 
@@ -153,6 +156,11 @@ class FaceAnalyzer:
     def detect(self, image: ImageArray) -> list[Face]:
         """Faces in the image, best first."""
         return self.detector.detect(to_bgr(image))
+
+    def upside_down(self, image: ImageArray, faces: Sequence[Face]) -> list[bool]:
+        """Per face, whether it is upside down (``pipeline.orientation``; one detector run)."""
+        margin = self.config.quality.upside_down_margin
+        return upside_down(self.detector.detect, to_bgr(image), faces, margin)
 
     def analyze_face(
         self,

@@ -72,6 +72,32 @@ class QualityConfig(_Strict):
     #: image_T1, a genuine capture, still scored 1.0 at 0.74-0.80 (docs/pipeline.md). 1.0
     #: turns the check off. Single photos (imports, ``facepay analyze``) are not held to it.
     max_face_frac: float = Field(0.8, ge=0.4, le=1.0)
+    #: ``cut_off``: a landmark nearer the frame's edge than this many eye distances
+    #: (``pipeline.quality.edge_margin``). LFW photos cut at 5-45% of the face box from each
+    #: side (145 people, 2,780 cut faces that passed the other checks), binned by this
+    #: margin: genuine cosine to the uncut photo median 0.61 below 0 (13% under the 0.45
+    #: match threshold), 0.73 in [0, 0.1), 0.79 in [0.1, 0.2), 0.84 in [0.2, 0.25), 0.87 in
+    #: [0.25, 0.3) (1.7% under 0.45), 0.88-0.91 from 0.3 up (at most 0.5% under); cut-vs-cut
+    #: pairs of different people at or above 0.45: 0.13% below 0, 0.06% in [0, 0.1), 0.01%
+    #: in [0.1, 0.2), 0.004% in [0.25, 0.3), none from 0.3 up (uncut: none). With 45% cut
+    #: from the top, YuNet can take the lower half of a face for a whole one, its "eyes" on
+    #: the nostrils 0.28-0.33 eye distances below the edge (6 of 357 LFW photos, cosine
+    #: 0.10-0.35 to the person): hence 0.35. Uncut photos sit far above: LFW min 0.54 (p1
+    #: 1.31), shared photos 1.76-2.69, a passport-style crop ~1.0. At least 0: a landmark
+    #: outside the frame always fails.
+    min_edge_margin: float = Field(0.35, ge=0.0, le=1.0)
+    #: ``cut_off`` as well: more than this share of the detector's unclipped box outside the
+    #: frame. A backstop: YuNet's box mostly stops at the edge (a face cut 45% from the left
+    #: or top still has a median 0-4% outside), but cut at the chin it reaches out (45%:
+    #: median 29%). Uncut photos: 0; cut faces that pass the landmark margin: at most 0.2,
+    #: with genuine cosines median 0.90 between 0.1 and 0.2.
+    max_outside_frac: float = Field(0.2, ge=0.0, le=0.5)
+    #: ``upside_down`` (``pipeline.orientation``): the face scores more than this much higher
+    #: in the frame turned 180 degrees. 500 LFW photos: upright, every face scored at least
+    #: 0.026 lower turned (median 0.098); the same photos upside down (402 detected) scored
+    #: at least 0.022 higher turned (median 0.086); the 16 faces of the shared photos differ
+    #: by 0.034-0.165 either way. Above 0.02 some upside-down faces would pass.
+    upside_down_margin: float = Field(0.0, ge=0.0, le=0.02)
 
 
 class EvidenceConfig(_Strict):

@@ -132,5 +132,8 @@ class YuNetDetector:
             if box.width < 2 or box.height < 2:
                 continue
             marks = tuple((float(x), float(y)) for x, y in kps_all[i])
-            faces.append(Face(box=box, landmarks=marks, score=float(scores[i])))
+            # The unclipped box too: how much of it the clip removed says how much of the
+            # face the image's edge cut off (the quality gate's ``cut_off``).
+            raw = Box(x1, y1, x2, y2)
+            faces.append(Face(box=box, landmarks=marks, score=float(scores[i]), raw_box=raw))
         return faces

@@ -1,4 +1,5 @@
-"""Face quality: size, sharpness, pose from landmarks, exposure; each failure has a reason.
+"""Face quality: size, sharpness, pose from landmarks, exposure, the frame's edge; each failure
+has a reason.
 
 Pose is estimated from the five landmarks alone (no extra model): yaw from how far the nose
 tip sits from the eyes' midline relative to the eye distance, pitch from where the nose sits
@@ -38,6 +39,11 @@ class QualityThresholds:
     #: Largest face for liveness, as its squared box's side over the frame's shorter side
     #: (1.0: no limit). Only checked when ``assess`` is given the frame's shape.
     max_face_frac: float = 1.0
+    #: ``cut_off`` (only checked when ``assess`` is given the frame's shape): a landmark
+    #: nearer the frame's edge than this many eye distances (negative: outside it) ...
+    min_edge_margin: float = 0.35
+    #: ... or more than this share of the detector's unclipped box outside the frame.
+    max_outside_frac: float = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +114,39 @@ def too_close(face: Face, frame_shape: tuple[int, ...], max_face_frac: float) ->
     return max_face_frac < 1.0 and side > max_face_frac * min(frame_shape[0], frame_shape[1])
 
 
+def edge_margin(face: Face, frame_shape: tuple[int, ...]) -> float:
+    """Distance from the landmark nearest the frame's edge to that edge, in eye distances.
+
+    Negative when a landmark lies outside the frame (the detector extrapolates the parts of
+    a face that the edge cut off). In eye distances so that it means the same for a face of
+    any size: the aligned crop reaches about 1.1 eye distances beside the eyes and 0.56
+    below the mouth, so a small margin leaves part of the crop black (``pipeline.align``).
+    """
+    pts = face.landmarks_array().astype(np.float64)
+    eye_dist = max(float(np.hypot(*(pts[1] - pts[0]))), 1e-6)
+    height, width = frame_shape[0], frame_shape[1]
+    nearest = min(
+        float(pts[:, 0].min()),
+        float(pts[:, 1].min()),
+        width - float(pts[:, 0].max()),
+        height - float(pts[:, 1].max()),
+    )
+    return nearest / eye_dist
+
+
+def cut_off(face: Face, frame_shape: tuple[int, ...], limits: QualityThresholds) -> bool:
+    """Whether the frame's edge cuts off enough of the face to spoil its template.
+
+    The embedding of a face whose aligned crop is partly black scores low against the same
+    person and high against other cut-off faces (``pipeline.config.QualityConfig`` gives
+    the figures behind the bounds).
+    """
+    return (
+        edge_margin(face, frame_shape) < limits.min_edge_margin
+        or face.outside_fraction() > limits.max_outside_frac
+    )
+
+
 def assess(
     face: Face,
     aligned: ImageArray,
@@ -116,7 +155,7 @@ def assess(
 ) -> QualityReport:
     """Check one face against ``limits``; the report lists every failed check.
 
-    ``frame_shape`` (the frame's ``shape``) enables the ``too_close`` check.
+    ``frame_shape`` (the frame's ``shape``) enables the ``too_close`` and ``cut_off`` checks.
     """
     face_px = min(face.box.width, face.box.height)
     sharp = sharpness(aligned)
@@ -131,6 +170,8 @@ def assess(
         reasons.append("too_small")
     if frame_shape is not None and too_close(face, frame_shape, limits.max_face_frac):
         reasons.append("too_close")
+    if frame_shape is not None and cut_off(face, frame_shape, limits):
+        reasons.append("cut_off")
     if sharp < limits.min_sharpness:
         reasons.append("blurry")
     if abs(yaw) > limits.max_yaw_deg:

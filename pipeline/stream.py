@@ -12,17 +12,25 @@ embedding every ``recheck_every`` frames. At most
 ``max_faces_per_frame`` faces get model time per frame, undecided and larger ones first.
 With an ``idle_check`` (gates), a frame taken while nobody is tracked skips even the
 detector if the view has not changed since the detector last found it empty.
+
+Each track is also checked once for an upside-down face (``pipeline.orientation``: one more
+detector run, on the track's first frame that passes the quality gate); a track found upside
+down gets the quality reason ``upside_down`` on every frame, so none of them counts as
+evidence, and is looked at again every ``recheck_every`` frames in case the first look was
+wrong.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from pipeline.analyzer import FaceAnalysis, FaceAnalyzer, quality_limits
 from pipeline.config import PipelineConfig
 from pipeline.evidence import EvidenceAccumulator, Verdict
 from pipeline.motion import ViewChange
-from pipeline.tracker import Tracker
+from pipeline.orientation import upside_down
+from pipeline.tracker import Tracker, TrackUpdate
 from pipeline.types import Face, ImageArray
 
 
@@ -40,6 +48,14 @@ class TrackReport:
     #: first frame skipped before it (the gate's decision clock starts there); None until
     #: it has.
     ready_since: float | None = None
+
+
+def _refused(analysis: FaceAnalysis, reason: str) -> FaceAnalysis:
+    """``analysis`` failing the quality gate for ``reason`` too: it adds no evidence."""
+    quality = dataclasses.replace(
+        analysis.quality, ok=False, reasons=(*analysis.quality.reasons, reason), weight=0.0
+    )
+    return dataclasses.replace(analysis, quality=quality, p_real=None, embedding=None)
 
 
 class StreamAnalyzer:
@@ -71,6 +87,8 @@ class StreamAnalyzer:
         self.ready_since: dict[int, float] = {}
         self.ended: dict[int, Verdict] = {}
         self.decided: set[int] = set()
+        #: Per track: (upside down, frame number of the look) (``pipeline.orientation``).
+        self.orientation: dict[int, tuple[bool, int]] = {}
         self.ready_px = self.config.quality.min_face_px
         self.limits = quality_limits(self.config, video=True)
         self.frames = 0
@@ -136,6 +154,26 @@ class StreamAnalyzer:
             plan[i] = (embed, live)
         return plan
 
+    def _check_orientation(
+        self, frame: ImageArray, updates: list[TrackUpdate], by_face: dict[int, FaceAnalysis]
+    ) -> None:
+        """Look for upside-down faces: once per track, on its first frame that passes the
+        quality gate, and again every ``recheck_every`` frames while found upside down."""
+        every = self.config.selection.recheck_every
+        due = []
+        for update in updates:
+            if not by_face[id(update.face)].quality.ok:
+                continue
+            seen = self.orientation.get(update.track_id)
+            if seen is None or (seen[0] and self.frames - seen[1] >= every):
+                due.append(update)
+        if not due:
+            return
+        margin = self.config.quality.upside_down_margin
+        flags = upside_down(self.analyzer.detect, frame, [u.face for u in due], margin)
+        for update, flag in zip(due, flags, strict=True):
+            self.orientation[update.track_id] = (flag, self.frames)
+
     def process(self, frame: ImageArray, t: float, since: float | None = None) -> list[TrackReport]:
         """Analyse one frame taken at ``t`` seconds; returns a report per tracked face.
 
@@ -167,9 +205,12 @@ class StreamAnalyzer:
             )
         updates = self.tracker.update(faces, t, [a.embedding for a in analyses])
         by_face = {id(f): a for f, a in zip(faces, analyses, strict=True)}
+        self._check_orientation(frame, updates, by_face)
         reports = []
         for update in updates:
             analysis = by_face[id(update.face)]
+            if self.orientation.get(update.track_id, (False, 0))[0]:
+                analysis = _refused(analysis, "upside_down")
             acc = self.evidence.get(update.track_id)
             if acc is None:
                 acc = EvidenceAccumulator(self.config.evidence, self.config.liveness.threshold)
@@ -195,6 +236,7 @@ class StreamAnalyzer:
             acc = self.evidence.pop(track_id, None)
             self.first_seen.pop(track_id, None)
             self.ready_since.pop(track_id, None)
+            self.orientation.pop(track_id, None)
             self.decided.discard(track_id)
             if acc is not None and self.keep_ended:
                 self.ended[track_id] = acc.verdict()

@@ -60,11 +60,23 @@ class Face:
 
     ``landmarks`` are five (x, y) points in the YuNet/ArcFace order: right eye, left eye
     (from the viewer: the eye on the image's left first), nose tip, right and left mouth corner.
+
+    ``box`` is clipped to the image; ``raw_box`` is the detector's box before clipping (None
+    when the detector gave none), so the quality gate can see how much of a face the image's
+    edge cut off (``pipeline.quality.cut_off``).
     """
 
     box: Box
     landmarks: tuple[tuple[float, float], ...]
     score: float
+    raw_box: Box | None = None
+
+    def outside_fraction(self) -> float:
+        """Share of the detector's unclipped box that lies outside the image (0 if unknown)."""
+        raw = self.raw_box
+        if raw is None or raw.area <= 0:
+            return 0.0
+        return max(0.0, 1.0 - self.box.area / raw.area)
 
     def landmarks_array(self) -> FloatArray:
         """Landmarks as a float32 array of shape (5, 2)."""

@@ -39,8 +39,11 @@ log = logging.getLogger(__name__)
 
 #: Quality reasons -> the hint shown to the person, first match wins.
 HINTS: tuple[tuple[str, str], ...] = (
-    ("too_small", "closer"),
+    # Nothing the person can do helps an upside-down picture (a camera mounted upside down).
+    ("upside_down", "upside_down"),
     ("too_close", "farther"),
+    ("cut_off", "move_to_centre"),
+    ("too_small", "closer"),
     ("too_dark", "more_light"),
     ("too_bright", "less_light"),
     ("turned_away", "look_at_camera"),

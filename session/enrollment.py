@@ -6,7 +6,9 @@ Photos are decoded one at a time, in the executor, after the account's fields pa
 
 Each photo must hold exactly one usable face: none is refused ``no_face``; a second face at
 least half the area of the largest is refused ``several_faces`` (whose face would we keep?);
-a face that fails the quality gate is refused with the gate's reasons. Every accepted photo
+a face upside down (a scan or a re-encoded file the wrong way round) is refused
+``upside_down``; a face that fails the quality gate is refused with the gate's reasons
+(``cut_off`` for one the photo's edge cuts off). Every accepted photo
 gives one template. CPU work (detection, embedding, argon2) runs in the executor.
 
 Liveness is deliberately NOT required here: these are photos chosen by an operator for a
@@ -81,6 +83,13 @@ def template_from_image(analyzer: FaceAnalyzer, image: ImageArray, index: int) -
     if len(faces) > 1 and faces[1].box.area >= SECOND_FACE_AREA_RATIO * main.box.area:
         raise ImageQualityError(
             index, "several faces of comparable size; use a photo of one person", ("several_faces",)
+        )
+    # Its landmarks look upright either way, so only the detector, run again on the photo
+    # turned round, can tell (pipeline/orientation.py): an upside-down template matches
+    # neither its person nor safely anyone else.
+    if analyzer.upside_down(image, [main])[0]:
+        raise ImageQualityError(
+            index, "face is upside down; turn the photo the right way up", ("upside_down",)
         )
     # liveness=False: back-office photo import (see the module docstring and DESIGN §2).
     analysis = analyzer.analyze_face(image, main, embed=True, liveness=False)

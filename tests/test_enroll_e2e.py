@@ -16,6 +16,7 @@ SHOPPER = "faces/obama/obama3.jpg"  # another photo of the same person
 SECRET = "my new pass 77"
 FIELDS = {"account_id": "acct-live", "name": "Barack Obama", "phone": "+1 202 555 0101"}
 HINTS = {"closer", "farther", "more_light", "less_light", "look_at_camera", "hold_still"}
+HINTS |= {"move_to_centre", "upside_down"}
 HINTS |= {"one_person", "no_face", "ok"}
 
 
@@ -25,6 +26,8 @@ pytestmark = pytest.mark.usefixtures("loopback_ice")
 def test_quality_reasons_map_to_the_documented_hints():
     assert hint_for(("too_close",)) == "farther"
     assert hint_for(("too_small",)) == "closer"
+    assert hint_for(("cut_off", "too_small")) == "move_to_centre"
+    assert hint_for(("upside_down",)) == "upside_down"
     assert hint_for(("too_dark", "blurry")) == "more_light"  # the first match wins
     assert hint_for(()) == "ok"
     assert {hint for _, hint in ENROLL_HINTS} | {"one_person", "no_face", "ok"} == HINTS

@@ -95,6 +95,61 @@ async def test_quality_gate_reasons_are_reported(env, photo, transform, reason):
     assert reason in caught.value.reasons
 
 
+def _cut(image, face_box, side: str, frac: float):  # type: ignore[no-untyped-def]
+    """The photo with ``frac`` of the face box cut away by the picture's edge on ``side``."""
+    if side == "left":
+        return np.ascontiguousarray(image[:, int(face_box.x1 + frac * face_box.width) :])
+    return np.ascontiguousarray(image[int(face_box.y1 + frac * face_box.height) :, :])
+
+
+async def test_an_upside_down_photo_is_refused(env, photo):
+    # A scan or a re-encoded file the wrong way round: YuNet finds the face (score 0.88)
+    # with landmarks labelled as if upright, so pose and size pass, but its template is
+    # useless (cosine -0.14 to the same photo upright).
+    upright = photo("faces/obama/obama.jpg")
+    turned = cv2.rotate(upright, cv2.ROTATE_180)
+    with pytest.raises(ImageQualityError) as caught:
+        await _enroll(env, [upright, turned])
+    assert caught.value.reasons == ("upside_down",)
+    assert caught.value.index == 1
+    with pytest.raises(NotFound):
+        await env["store"].get_account("alice")
+
+
+@pytest.mark.parametrize(
+    "rel",
+    ["faces/obama/obama.jpg", "faces/biden/biden2.jpg", "faces/kit_harington/johnsnow_test1.jpg"],
+)
+def test_upside_down_is_told_from_upright(analyzer, photo, rel):
+    image = photo(rel)
+    template_from_image(analyzer, image, 0)  # upright: enrols
+    with pytest.raises(ImageQualityError) as caught:
+        template_from_image(analyzer, cv2.rotate(image, cv2.ROTATE_180), 0)
+    assert caught.value.reasons == ("upside_down",)
+
+
+@pytest.mark.parametrize(("side", "frac"), [("left", 0.45), ("left", 0.35), ("top", 0.45)])
+async def test_a_face_cut_off_by_the_edge_is_refused(env, photo, analyzer, side, frac):
+    # With 45% of the face box cut away, obama.jpg's template scored 0.50 to the uncut photo
+    # and cut faces of different people matched each other (pipeline/config.py).
+    image = photo("faces/obama/obama.jpg")
+    box = max(analyzer.detect(image), key=lambda f: f.box.area).box
+    with pytest.raises(ImageQualityError) as caught:
+        await _enroll(env, [_cut(image, box, side, frac)])
+    assert "cut_off" in caught.value.reasons
+    with pytest.raises(NotFound):
+        await env["store"].get_account("alice")
+
+
+async def test_a_face_near_the_edge_but_whole_still_enrols(env, photo, analyzer):
+    # A picture cropped just outside the face box: the face is whole, and it enrols.
+    image = photo("faces/obama/obama.jpg")
+    box = max(analyzer.detect(image), key=lambda f: f.box.area).box
+    crop = np.ascontiguousarray(image[int(box.y1) :, int(box.x1) :])
+    _, count = await _enroll(env, [image, crop])
+    assert count == 2
+
+
 async def test_a_small_face_in_the_background_is_allowed(env, photo, analyzer):
     image = photo("faces/obama/obama.jpg").copy()
     image[-310:-10, -310:-10] = cv2.resize(photo("faces/biden/biden2.jpg"), (300, 300))

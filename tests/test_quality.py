@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.align import align
 from pipeline.analyzer import quality_limits
-from pipeline.quality import assess, estimate_pose
+from pipeline.quality import assess, edge_margin, estimate_pose
 from pipeline.types import Box, Face
 
 
@@ -100,3 +100,57 @@ def test_the_distance_rule_can_be_switched_off(analyzer):
     off = dataclasses.replace(video, max_face_frac=1.0)
     assert "too_close" in assess(face, aligned, video, (480, 640)).reasons
     assert "too_close" not in assess(face, aligned, off, (480, 640)).reasons
+
+
+def test_a_landmark_near_or_past_the_edge_is_cut_off(analyzer):
+    # _face's eyes are 0.4 box widths apart and 0.3 box widths from the box's left side.
+    aligned = np.full((112, 112, 3), 128, np.uint8)
+    limits = analyzer.limits  # min_edge_margin 0.35 eye distances
+
+    def reasons(x1: float) -> tuple[str, ...]:
+        return assess(_face(x1, 100, x1 + 200, 300), aligned, limits, (480, 640, 3)).reasons
+
+    # Eye at x1 + 60, eye distance 80: margin (x1 + 60) / 80.
+    assert "cut_off" not in reasons(0)  # 0.75 eye distances from the edge
+    assert "cut_off" in reasons(-35)  # 0.31
+    assert "cut_off" in reasons(-100)  # the eye is outside the picture
+    assert edge_margin(_face(0, 100, 200, 300), (480, 640)) == pytest.approx(0.75)
+    # Without the frame's shape there is no edge to be cut by.
+    assert "cut_off" not in assess(_face(-100, 100, 100, 300), aligned, limits).reasons
+
+
+def test_a_box_reaching_far_out_of_the_frame_is_cut_off(analyzer):
+    aligned = np.full((112, 112, 3), 128, np.uint8)
+    inside = _face(100, 100, 300, 300)
+    clipped = Box(100, 100, 300, 300)
+
+    def with_raw(y2: float) -> Face:
+        return Face(clipped, inside.landmarks, 0.95, raw_box=Box(100, 100, 300, y2))
+
+    assert with_raw(340).outside_fraction() == pytest.approx(40 / 240)
+    ok = assess(with_raw(340), aligned, analyzer.limits, (300, 640, 3))
+    cut = assess(with_raw(380), aligned, analyzer.limits, (300, 640, 3))  # 29% outside
+    assert "cut_off" not in ok.reasons and "cut_off" in cut.reasons
+    assert inside.outside_fraction() == 0.0  # no raw box known: nothing is assumed cut
+
+
+@pytest.mark.parametrize(("side", "frac"), [("left", 0.45), ("top", 0.45), ("bottom", 0.45)])
+def test_a_photo_cut_through_the_face_is_cut_off(analyzer, photo, side, frac):
+    image = photo("faces/obama/obama.jpg")
+    box = max(analyzer.detect(image), key=lambda f: f.box.area).box
+    if side == "left":
+        cut = image[:, int(box.x1 + frac * box.width) :]
+    elif side == "top":
+        cut = image[int(box.y1 + frac * box.height) :, :]
+    else:
+        cut = image[: int(box.y2 - frac * box.height), :]
+    cut = np.ascontiguousarray(cut)
+    face = max(analyzer.detect(cut), key=lambda f: f.box.area)
+    assert "cut_off" in assess(face, align(cut, face), analyzer.limits, cut.shape).reasons
+
+
+def test_a_whole_photo_is_not_cut_off(analyzer, photo):
+    for rel in ("faces/obama/obama.jpg", "faces/biden/biden2.jpg", "spoof/image_T1.jpg"):
+        image = photo(rel)
+        face = max(analyzer.detect(image), key=lambda f: f.box.area)
+        assert assess(face, align(image, face), analyzer.limits, image.shape).ok, rel

@@ -7,6 +7,8 @@ import {
 const HINTS = {
   closer: "Come a little closer",
   farther: "Move back a little",
+  move_to_centre: "Move to the middle of the picture",
+  upside_down: "The camera picture is upside down: please ask staff for help",
   more_light: "More light please",
   less_light: "Too bright: move out of direct light",
   look_at_camera: "Look at the camera",
