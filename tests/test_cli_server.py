@@ -254,6 +254,15 @@ def test_enroll_command(redis_url, models_dir, data_dir, tmp_path, capsys, monke
     code, out, _ = run(capsys, *args, "--consent")
     assert code == 1 and out[0]["error"] == "conflict"
 
+    # A missing photo is refused by name, before anything is loaded or written.
+    missing = tmp_path / "nope.jpg"
+    argv = _enroll_args(redis_url, models_dir, passfile, missing)
+    code, out, err = run(capsys, *argv, "--consent")
+    assert code == 1 and out == [
+        {"error": "bad_image", "message": "no such image file", "image": str(missing)}
+    ]
+    assert "no such image file" in err
+
 
 def test_enroll_reads_the_passphrase_from_stdin(
     redis_url, models_dir, data_dir, tmp_path, capsys, monkeypatch
