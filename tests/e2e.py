@@ -163,3 +163,29 @@ async def start_env(
     merchant = await store.add_merchant("Shop A")
     _, token = await store.add_terminal(merchant.merchant_id, "checkout")
     return Env(server=server, store=store, merchant=merchant, token=token)
+
+
+def run_facepay(
+    *argv: str, extra_env: dict[str, str] | None = None, drop: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """``facepay ARGV`` as a new process from the checkout, in a clean server environment
+    (none of SERVER_ENV_VARS, nor the variables in ``drop``) plus ``extra_env``."""
+    env = {k: v for k, v in os.environ.items() if k not in (*SERVER_ENV_VARS, *drop)}
+    env.update(extra_env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "stream_server.cli", *argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def operators_redis(url: str) -> Any:
+    """The Redis an operator's FACEPAY_REDIS_URL names, holding data a bench must not touch."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    client.set("fp:merchant:real", "production data")
+    return client

@@ -8,17 +8,14 @@ server's own counters read, CPU and model time from the same run.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import redis
 
 from pipeline.scene_presets import preset_scene
-from tests.e2e import REPO, SERVER_ENV_VARS
+from tests.e2e import operators_redis, run_facepay
 
 DATA_ENV = "FACEPAY_TEST_DATA"
 
@@ -26,26 +23,10 @@ DATA_ENV = "FACEPAY_TEST_DATA"
 def _facepay(*argv: str, redis_env: str | None = None) -> dict:
     """Run ``facepay ARGV`` as a new process (clean server environment, but for
     FACEPAY_REDIS_URL=``redis_env`` if given); its last JSON line."""
-    env = {k: v for k, v in os.environ.items() if k not in (*SERVER_ENV_VARS, DATA_ENV)}
-    if redis_env is not None:
-        env["FACEPAY_REDIS_URL"] = redis_env
-    proc = subprocess.run(
-        [sys.executable, "-m", "stream_server.cli", *argv],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    extra = {"FACEPAY_REDIS_URL": redis_env} if redis_env is not None else None
+    proc = run_facepay(*argv, extra_env=extra, drop=(DATA_ENV,))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _operators_redis(url: str) -> redis.Redis:
-    """The Redis an operator's FACEPAY_REDIS_URL names, holding data a bench must not touch."""
-    client = redis.Redis.from_url(url)
-    client.set("fp:merchant:real", "production data")
-    return client
 
 
 def _untouched(client: redis.Redis) -> None:
@@ -58,7 +39,7 @@ def test_bench_runs_real_terminals_and_reports_the_contract_keys(
 ):
     """With the operator's FACEPAY_REDIS_URL exported, as the README has it: the bench
     runs in its own Redis and leaves that one alone."""
-    operators = _operators_redis(redis_url)
+    operators = operators_redis(redis_url)
     plot = tmp_path / "bench.png"
     out = _facepay(
         "bench",
@@ -227,7 +208,7 @@ def test_bench_gate_renders_a_scene_and_reports_the_contract_keys(models_dir, da
     """``facepay bench-gate --people 1``: the server in the command's own process (on the
     loop ``serve`` would use), a real gate terminal streaming the rendered scene; in its own
     Redis, never the operator's FACEPAY_REDIS_URL (which it once emptied)."""
-    operators = _operators_redis(redis_url)
+    operators = operators_redis(redis_url)
     out = _facepay(
         "bench-gate",
         "--people",
@@ -319,15 +300,7 @@ def test_the_benchs_settings_go_on_top_of_the_users_config(tmp_path) -> None:
         path.write_text(text)
         with pytest.raises(ConfigError, match="cannot read config"):
             read_config_data(path)
-    env = {k: v for k, v in os.environ.items() if k not in (*SERVER_ENV_VARS, DATA_ENV)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "stream_server.cli", "bench", "--config", str(path)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_facepay("bench", "--config", str(path), drop=(DATA_ENV,))
     assert proc.returncode != 0 and "cannot read config" in proc.stderr, proc.stderr
 
 

@@ -11,36 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import redis
 
 from stream_server import bench_server
 from stream_server.cli import build_parser
-from tests.e2e import REPO, SERVER_ENV_VARS
-
-
-def _seeded(url: str) -> redis.Redis:
-    client = redis.Redis.from_url(url)
-    client.set("fp:merchant:real", "production data")
-    return client
-
-
-def _run(*argv: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in SERVER_ENV_VARS}
-    env.update(extra_env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "stream_server.cli", *argv],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+from tests.e2e import operators_redis, run_facepay
 
 
 @pytest.mark.parametrize("command", ["bench", "bench-gate"])
@@ -56,8 +33,8 @@ def test_benches_do_not_read_facepay_redis_url(command: str, monkeypatch) -> Non
 def test_bench_gate_refuses_a_redis_that_holds_data_and_leaves_it_alone(
     redis_url: str, models_dir: Path, data_dir: Path
 ) -> None:
-    client = _seeded(redis_url)
-    proc = _run(
+    client = operators_redis(redis_url)
+    proc = run_facepay(
         "bench-gate",
         "--redis-url",
         redis_url,
@@ -78,11 +55,11 @@ def test_bench_gate_refuses_a_redis_that_holds_data_and_leaves_it_alone(
 def test_bench_refuses_a_redis_that_holds_data_or_cannot_be_read(
     target: str, redis_url: str, models_dir: Path, data_dir: Path
 ) -> None:
-    client = _seeded(redis_url)
+    client = operators_redis(redis_url)
     url = redis_url if target == "seeded" else "redis://127.0.0.1:1/0"
     argv = ("--models-dir", str(models_dir), "--terminals", "1", "--duration", "2")
     photo = str(data_dir / "faces/obama/obama.jpg")
-    proc = _run("bench", "--redis-url", url, *argv, photo)
+    proc = run_facepay("bench", "--redis-url", url, *argv, photo)
     assert proc.returncode == 2, proc.stderr[-2000:]
     expected = "holds 1 keys" if target == "seeded" else "cannot read Redis"
     assert expected in proc.stderr and proc.stdout == ""
