@@ -210,23 +210,26 @@ class MatchConfig(_Strict):
     ann_recheck_nprobe: int = Field(256, ge=1, le=65_536)
     ann_recheck_pool: int = Field(256, ge=16, le=65_536)
     # An index search whose best subject scores below this is repeated with the deeper
-    # parameters. A probe far from its own templates lies where the IVF cell assignment is
-    # least reliable: at 1M the exact best subject of probes at cosine 0.45-0.50 to their
-    # templates lay outside the 64 lists nearest the probe for ~9% of them (recall@1 0.90-
-    # 0.91), outside the 256 nearest for 2-4%; for a best score of 0.60 and above, ~0.1%.
-    # Between ``ann_decline_below`` and this the deep search also finds the runner-up
-    # within the margin: every subject scoring 0.52 or more lay within 142 lists.
+    # parameters, except from the threshold up to ``ann_decline_below``, where identify
+    # declines a match anyway and a deeper search cannot change the outcome. A probe far
+    # from its own templates lies where the IVF cell assignment is least reliable: at 1M
+    # the exact best subject of probes at cosine 0.45-0.50 to their templates lay outside
+    # the 64 lists nearest the probe for ~9% of them (recall@1 0.90-0.91), outside the 256
+    # nearest for 2-4%; a best score below the threshold searched deeper is often found
+    # (no_match becomes ambiguous: phone digits). From ``ann_decline_below`` to this the
+    # deeper search is what finds a runner-up within the margin: every subject scoring
+    # 0.52 or more lay within 142 lists.
     ann_deep_below: float = Field(0.65, ge=0.5, le=1.0)
     # An index match scoring below this is declined as ambiguous: the phone digits then
     # decide, exactly. A match needs no other subject within ``margin``; the index finds
-    # a subject scoring 0.52 or more (within 142 of 4000 lists at 1M, every one of ~250 in
-    # four runs of 3,000 probes), but below that it reaches the gallery's impostor tail
-    # (every probe's best impostor at 1M: 0.45 median, 0.54 p99, up to 0.59), whose
-    # subjects lie in lists unrelated to the probe: 1-3% beyond the 256 nearest, some
-    # beyond list 3,000. So an index match is trusted only from 0.52 + margin (0.60) up;
-    # below, exact search (~100 ms at 1M) could vouch for it, the index cannot. Declining
-    # is the safe side (~20% of genuine probes at 0.45-0.80 to their templates, fewer for
-    # real captures, which score higher); a match on a missed runner-up skips the digits.
+    # a subject scoring 0.52 or more (all 392 such runners-up of 14,000 probes, 300k and 1M,
+    # two seeds, lay within 142 of 4000 lists), but below that it reaches the gallery's
+    # impostor tail (every probe's best impostor at 1M: 0.45 median, 0.54 p99, up to 0.59),
+    # whose subjects lie in lists unrelated to the probe (at 0.40-0.52: 6-10% beyond the
+    # 256 nearest, up to list 3,796). So an index match is trusted only from 0.52 + margin
+    # (0.60) up; below, exact search (~100 ms at 1M) could vouch for it, the index cannot.
+    # Declining is the safe side: a match on a missed runner-up skips the phone digits.
+    # Raise it with the gallery's impostor tail (bench-gallery's impostor_best).
     ann_decline_below: float = Field(0.60, ge=0.5, le=0.95)
     # Retrain the centroids once the gallery has grown (or shrunk) by this factor.
     ann_rebuild_growth: float = Field(2.0, ge=1.1, le=16.0)

@@ -122,7 +122,7 @@ class Gallery:
         """
         if not isinstance(subject_id, str) or not subject_id:
             raise ValueError("subject_id must be a non-empty string")
-        vecs = self._check_matrix(np.asarray(templates, dtype=np.float32), "template")
+        vecs = unit_rows(np.asarray(templates, dtype=np.float32), self.dim, "template")
         m = len(vecs)
         with self._lock:
             while self._count + m > len(self._vectors):
@@ -197,8 +197,8 @@ class Gallery:
         exact over the few matching subjects. Otherwise a gallery of at least
         ``exact_max_templates`` with a built index is searched approximately (re-ranked
         exactly), repeated deeper (``ann_recheck_nprobe`` lists, ``ann_recheck_pool``
-        candidates) when the best subject scores below ``ann_deep_below``; ``deep=True``
-        searches deeper at once, and ``exact=True`` forces exact search.
+        candidates) when the best score is weak (``_weak``); ``deep=True`` searches deeper
+        at once, and ``exact=True`` forces exact search.
         """
         return self.search_via(probe, k, candidates, tag_filter, exact, deep).matches
 
@@ -214,7 +214,7 @@ class Gallery:
         """``search``, also saying how it searched: "exact", "index" or "deep"."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        vec = self._check_matrix(np.asarray(probe, dtype=np.float32)[None], "probe")[0]
+        vec = unit_rows(np.asarray(probe, dtype=np.float32)[None], self.dim, "probe")[0]
         cfg = self.config
         with self._lock:
             n = self._count
@@ -223,19 +223,13 @@ class Gallery:
             if rows is None and ann is not None:
                 if not deep:
                     found = self._ann_matches(ann, vec, k, cfg.ann_pool, cfg.ann_nprobe)
-                    # Far from its templates a probe's cell assignment is least reliable:
-                    # a weak best score is searched again, deeper (see MatchConfig).
-                    if found and found[0].score >= cfg.ann_deep_below:
+                    if not self._weak(found):
                         return Searched(found, "index")
                 self.deep_searches += 1
                 pool, nprobe = cfg.ann_recheck_pool, cfg.ann_recheck_nprobe
                 return Searched(self._ann_matches(ann, vec, k, pool, nprobe), "deep")
-            if rows is None:
-                scores = self._vectors[:n] @ vec
-                owners = self._owner[:n]
-            else:
-                scores = self._vectors[rows] @ vec
-                owners = self._owner[rows]
+            scores = (self._vectors[:n] if rows is None else self._vectors[rows]) @ vec
+            owners = self._owner[:n] if rows is None else self._owner[rows]
             if scores.size == 0:
                 return Searched([], "exact")
             return Searched(self._top_subjects(scores, owners, k), "exact")
@@ -341,6 +335,14 @@ class Gallery:
     ) -> list[Match]:
         return [Match(self._ids[o], score) for o, score in top_subjects(scores, owners, k)]
 
+    def _weak(self, found: list[Match]) -> bool:
+        """Whether an index search's best score is weak enough to search again, deeper:
+        below ``ann_deep_below`` but not from the threshold up to ``ann_decline_below``,
+        where identify declines a match whatever a deeper search finds (MatchConfig)."""
+        cfg = self.config
+        best = found[0].score if found else -1.0
+        return best < cfg.threshold or cfg.ann_decline_below <= best < cfg.ann_deep_below
+
     def _ann_matches(
         self, ann: IvfIndex, vec: FloatArray, k: int, pool: int, nprobe: int
     ) -> list[Match]:
@@ -386,9 +388,6 @@ class Gallery:
         assert names is not None
         tids = [t for s in names for t in self._tids_of[self._index[s]]]
         return np.sort(self._row_by_tid[np.asarray(tids, dtype=np.int64)])
-
-    def _check_matrix(self, vecs: FloatArray, what: str) -> FloatArray:
-        return unit_rows(vecs, self.dim, what)
 
     def _grow(self) -> None:
         capacity = 2 * len(self._vectors)

@@ -115,7 +115,11 @@ class Directory:
         if decision.status != "match" or found.via == "exact":
             return decision
         lead = decision.score - decision.second_score
-        if found.via == "index" and lead < cfg.margin + cfg.ann_recheck_band:
+        if (
+            found.via == "index"
+            and decision.score >= cfg.ann_decline_below
+            and lead < cfg.margin + cfg.ann_recheck_band
+        ):
             # The index may have missed the runner-up this lead is measured against, and
             # the next one found is usually only a little lower: a narrow lead is searched
             # again, deeper, so that a miss does not turn an ambiguous search into a match.

@@ -120,6 +120,34 @@ def test_weak_best_score_is_searched_deeper(faces) -> None:
     assert directory.gallery.search_via(templates[7 * PER]).via == "index"
 
 
+def test_best_score_below_the_threshold_is_searched_deeper(faces) -> None:
+    # A genuine probe far from its templates (alice 0.50) whose one-list index search
+    # finds only strangers below the threshold: searched deeper, alice is found, and the
+    # search is ambiguous (declined: phone digits) instead of no_match. Between the
+    # threshold and the decline floor a deeper search could not change the outcome and is
+    # not made: a match there is declined anyway.
+    _, identities, templates = faces
+    probe = identities[SUBJECTS]
+    directory = _directory(templates, ann_nprobe=1, ann_recheck_nprobe=1)
+    gallery = directory.gallery
+    assert gallery.rebuild_index()
+    rng = np.random.default_rng(4)
+    for _ in range(500):
+        gallery.add("alice", _at(rng, probe, 0.50))
+        shallow = gallery.search(probe, deep=True)  # one list, as ann_nprobe
+        if "alice" not in {m.subject_id for m in shallow}:
+            break
+        gallery.remove("alice")
+    config = MatchConfig(exact_max_templates=1_000, ann_nprobe=1, ann_recheck_nprobe=4_096)
+    gallery.config = directory.match = config  # deeper: every list
+    assert directory.identify(probe).status == "ambiguous"  # was no_match
+    found = gallery.search_via(probe)
+    assert found.via == "deep" and found.matches[0].subject_id == "alice"
+    assert directory.declined == 1
+    found = gallery.search_via(identities[3])  # s3's identity: best ~0.84, a shallow search
+    assert found.via == "index" and found.matches[0].subject_id == "s3"
+
+
 @pytest.mark.parametrize(
     "bad",
     [
