@@ -231,15 +231,44 @@ class MatchConfig(_Strict):
     # "ambiguous" into "match": an index match whose lead is below margin + this band is
     # searched again, deeper (about 4% of probes at 1M).
     ann_recheck_band: float = Field(0.05, ge=0.0, le=0.5)
-    # Lists scanned and candidate templates of that deeper search (256 of 4000 lists at 1M:
-    # ~3-5 ms; it found every runner-up that mattered on the synthetic benchmark).
+    # Lists scanned and candidate templates of that deeper search (256 of 4000 lists at 1M,
+    # ~3-5 ms). Also used below ``ann_deep_below``.
     ann_recheck_nprobe: int = Field(256, ge=1, le=65_536)
     ann_recheck_pool: int = Field(256, ge=16, le=65_536)
+    # An index search whose best subject scores below this is repeated with the deeper
+    # parameters, except from the threshold up to ``ann_decline_below``, where identify
+    # declines a match anyway and a deeper search cannot change the outcome. A probe far
+    # from its own templates lies where the IVF cell assignment is least reliable: at 1M
+    # the exact best subject of probes at cosine 0.45-0.50 to their templates lay outside
+    # the 64 lists nearest the probe for ~9% of them (recall@1 0.90-0.91), outside the 256
+    # nearest for 2-4%; a best score below the threshold searched deeper is often found
+    # (no_match becomes ambiguous: phone digits). From ``ann_decline_below`` to this the
+    # deeper search is what finds a runner-up within the margin: every subject scoring
+    # 0.52 or more lay within 142 lists.
+    ann_deep_below: float = Field(0.65, ge=0.5, le=1.0)
+    # An index match scoring below this is declined as ambiguous: the phone digits then
+    # decide, exactly. A match needs no other subject within ``margin``; the index finds
+    # a subject scoring 0.52 or more (all 392 such runners-up of 14,000 probes, 300k and 1M,
+    # two seeds, lay within 142 of 4000 lists), but below that it reaches the gallery's
+    # impostor tail (every probe's best impostor at 1M: 0.45 median, 0.54 p99, up to 0.59),
+    # whose subjects lie in lists unrelated to the probe (at 0.40-0.52: 6-10% beyond the
+    # 256 nearest, up to list 3,796). So an index match is trusted only from 0.52 + margin
+    # (0.60) up; below, exact search (~100 ms at 1M) could vouch for it, the index cannot.
+    # Declining is the safe side: a match on a missed runner-up skips the phone digits.
+    # Raise it with the gallery's impostor tail (bench-gallery's impostor_best).
+    ann_decline_below: float = Field(0.60, ge=0.5, le=0.95)
     # Retrain the centroids once the gallery has grown (or shrunk) by this factor.
     ann_rebuild_growth: float = Field(2.0, ge=1.1, le=16.0)
     # Codes kept in the index: "sq8" (1 byte/dim, exact re-rank makes its error harmless)
     # or "flat" (float32, 4x the memory).
     ann_codec: Literal["sq8", "flat"] = "sq8"
+
+    @model_validator(mode="after")
+    def _deep_covers_decline(self) -> MatchConfig:
+        # Just above the decline floor only the deep search finds a runner-up in time.
+        if self.ann_deep_below < self.ann_decline_below:
+            raise ValueError("ann_deep_below must be at least ann_decline_below")
+        return self
 
 
 class PipelineConfig(_Strict):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import TypeVar
+from typing import Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -33,10 +33,11 @@ import numpy.typing as npt
 from pipeline.ann import TRAIN_POINTS_PER_LIST, IvfIndex, lists_for
 from pipeline.config import MatchConfig
 from pipeline.decision import Decision, DecisionStatus, Match, decide
+from pipeline.ranking import resized, top_subjects, unit_rows
 from pipeline.tags import SubjectTags
 from pipeline.types import FloatArray
 
-__all__ = ["Decision", "DecisionStatus", "Gallery", "Match", "decide"]
+__all__ = ["Decision", "DecisionStatus", "Gallery", "Match", "Searched", "decide"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,13 @@ _INITIAL_CAPACITY = 256
 # Rows copied per lock hold while filling a new index: ~6 MB, a millisecond or two of copying,
 # so adds and searches interleave with a rebuild instead of waiting for all of it.
 _BUILD_CHUNK = 12_288
+
+
+class Searched(NamedTuple):
+    """A search's result and how it was found: exact, through the index, or deeper."""
+
+    matches: list[Match]
+    via: Literal["exact", "index", "deep"]
 
 
 class Gallery:
@@ -73,6 +81,7 @@ class Gallery:
         self._ann: IvfIndex | None = None
         self._ann_built_at = 0  # templates when the current index was trained
         self._building = False
+        self.deep_searches = 0  # index searches made with the deeper parameters
 
     def __len__(self) -> int:
         """Number of templates (not subjects)."""
@@ -113,14 +122,14 @@ class Gallery:
         """
         if not isinstance(subject_id, str) or not subject_id:
             raise ValueError("subject_id must be a non-empty string")
-        vecs = self._check_matrix(np.asarray(templates, dtype=np.float32), "template")
+        vecs = unit_rows(np.asarray(templates, dtype=np.float32), self.dim, "template")
         m = len(vecs)
         with self._lock:
             while self._count + m > len(self._vectors):
                 self._grow()
             if self._next_tid + m > len(self._row_by_tid):
                 size = max(2 * len(self._row_by_tid), self._next_tid + m)
-                self._row_by_tid = _resized(self._row_by_tid, size, fill=-1)
+                self._row_by_tid = resized(self._row_by_tid, size, fill=-1)
             if subject_id not in self._index:
                 self._index[subject_id] = len(self._ids)
                 self._ids.append(subject_id)
@@ -187,33 +196,43 @@ class Gallery:
         ``tag_filter`` (every key must equal the value) both narrow the search, which is then
         exact over the few matching subjects. Otherwise a gallery of at least
         ``exact_max_templates`` with a built index is searched approximately (re-ranked
-        exactly); ``deep=True`` scans ``ann_recheck_nprobe`` lists for ``ann_recheck_pool``
-        candidates instead, and ``exact=True`` forces exact search.
+        exactly), repeated deeper (``ann_recheck_nprobe`` lists, ``ann_recheck_pool``
+        candidates) when the best score is weak (``_weak``); ``deep=True`` searches deeper
+        at once, and ``exact=True`` forces exact search.
         """
+        return self.search_via(probe, k, candidates, tag_filter, exact, deep).matches
+
+    def search_via(
+        self,
+        probe: FloatArray,
+        k: int = 5,
+        candidates: Candidates | None = None,
+        tag_filter: Mapping[str, str] | None = None,
+        exact: bool = False,
+        deep: bool = False,
+    ) -> Searched:
+        """``search``, also saying how it searched: "exact", "index" or "deep"."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        vec = self._check_matrix(np.asarray(probe, dtype=np.float32)[None], "probe")[0]
+        vec = unit_rows(np.asarray(probe, dtype=np.float32)[None], self.dim, "probe")[0]
         cfg = self.config
         with self._lock:
             n = self._count
             rows = self._narrowed_rows(candidates, tag_filter)
             ann = None if exact or n < cfg.exact_max_templates else self._ann
             if rows is None and ann is not None:
-                nprobe, pool = (
-                    (cfg.ann_recheck_nprobe, cfg.ann_recheck_pool)
-                    if deep
-                    else (cfg.ann_nprobe, cfg.ann_pool)
-                )
-                rows = self._candidate_rows(ann, vec, max(pool, 4 * k), nprobe)
-            if rows is None:
-                scores = self._vectors[:n] @ vec
-                owners = self._owner[:n]
-            else:
-                scores = self._vectors[rows] @ vec
-                owners = self._owner[rows]
+                if not deep:
+                    found = self._ann_matches(ann, vec, k, cfg.ann_pool, cfg.ann_nprobe)
+                    if not self._weak(found):
+                        return Searched(found, "index")
+                self.deep_searches += 1
+                pool, nprobe = cfg.ann_recheck_pool, cfg.ann_recheck_nprobe
+                return Searched(self._ann_matches(ann, vec, k, pool, nprobe), "deep")
+            scores = (self._vectors[:n] if rows is None else self._vectors[rows]) @ vec
+            owners = self._owner[:n] if rows is None else self._owner[rows]
             if scores.size == 0:
-                return []
-            return self._top_subjects(scores, owners, k)
+                return Searched([], "exact")
+            return Searched(self._top_subjects(scores, owners, k), "exact")
 
     # -- the ANN index -----------------------------------------------------------------
 
@@ -292,7 +311,7 @@ class Gallery:
                 vecs = self._vectors[start:stop].copy()
                 tids = self._tid_of_row[start:stop].copy()
                 size = self._next_tid
-            added = _resized(added, size)
+            added = resized(added, size)
             # A removal may move a row from the unread tail into the read head (never the
             # other way), so nothing is read twice; what moved is caught below.
             fresh = ~added[tids]
@@ -300,7 +319,7 @@ class Gallery:
             added[tids] = True
             start = stop
         with self._lock:
-            added = _resized(added, self._next_tid)
+            added = resized(added, self._next_tid)
             live = self._tid_of_row[: self._count]
             missing = live[~added[live]]
             index.add(self._vectors[self._row_by_tid[missing]], missing)
@@ -314,28 +333,24 @@ class Gallery:
     def _top_subjects(
         self, scores: FloatArray, owners: npt.NDArray[np.int64], k: int
     ) -> list[Match]:
-        """Best ``k`` distinct subjects: scan rows by descending score, widening as needed.
+        return [Match(self._ids[o], score) for o, score in top_subjects(scores, owners, k)]
 
-        A full sort of 100k scores costs more than the product itself; usually the top
-        few rows already name ``k`` different subjects, so partition a small head first.
-        """
-        total = scores.size
-        neg = -scores
-        head = min(total, 4 * k)
-        while True:
-            part = np.argpartition(neg, head - 1)[:head] if head < total else np.arange(total)
-            order = part[np.argsort(neg[part], kind="stable")]
-            found: dict[int, float] = {}
-            for row in order:
-                owner = int(owners[row])
-                if owner not in found:
-                    found[owner] = float(scores[row])
-                    if len(found) == k:
-                        break
-            if len(found) == k or head == total:
-                break
-            head = min(total, head * 4)
-        return [Match(self._ids[o], min(1.0, max(-1.0, s))) for o, s in found.items()]
+    def _weak(self, found: list[Match]) -> bool:
+        """Whether an index search's best score is weak enough to search again, deeper:
+        below ``ann_deep_below`` but not from the threshold up to ``ann_decline_below``,
+        where identify declines a match whatever a deeper search finds (MatchConfig)."""
+        cfg = self.config
+        best = found[0].score if found else -1.0
+        return best < cfg.threshold or cfg.ann_decline_below <= best < cfg.ann_deep_below
+
+    def _ann_matches(
+        self, ann: IvfIndex, vec: FloatArray, k: int, pool: int, nprobe: int
+    ) -> list[Match]:
+        """Top-``k`` subjects among the index's candidates, scored exactly."""
+        rows = self._candidate_rows(ann, vec, max(pool, 4 * k), nprobe)
+        if rows.size == 0:
+            return []
+        return self._top_subjects(self._vectors[rows] @ vec, self._owner[rows], k)
 
     def _candidate_rows(
         self, ann: IvfIndex, vec: FloatArray, pool: int, nprobe: int
@@ -374,34 +389,11 @@ class Gallery:
         tids = [t for s in names for t in self._tids_of[self._index[s]]]
         return np.sort(self._row_by_tid[np.asarray(tids, dtype=np.int64)])
 
-    def _check_matrix(self, vecs: FloatArray, what: str) -> FloatArray:
-        """Rows of ``vecs`` as unit float32 vectors; ValueError if any row is unusable."""
-        if vecs.ndim != 2 or vecs.shape[1] != self.dim or len(vecs) == 0:
-            raise ValueError(f"{what} must have shape ({self.dim},), got {vecs.shape[1:]}")
-        if not np.all(np.isfinite(vecs)):
-            raise ValueError(f"{what} contains NaN or infinity")
-        norms = np.linalg.norm(vecs, axis=1, keepdims=True)
-        if np.any(norms == 0.0):
-            raise ValueError(f"{what} is the zero vector")
-        return (vecs / norms).astype(np.float32)
-
     def _grow(self) -> None:
         capacity = 2 * len(self._vectors)
         vectors = np.zeros((capacity, self.dim), dtype=np.float32)
         vectors[: self._count] = self._vectors[: self._count]
         self._vectors.fill(0.0)  # freed memory is not cleared: no stray copy of the templates
         self._vectors = vectors
-        self._owner = _resized(self._owner, capacity)
-        self._tid_of_row = _resized(self._tid_of_row, capacity)
-
-
-_A = TypeVar("_A", bound=np.generic)
-
-
-def _resized(array: npt.NDArray[_A], size: int, fill: int = 0) -> npt.NDArray[_A]:
-    """``array`` extended to ``size`` elements with ``fill`` (returned as is when big enough)."""
-    if len(array) >= size:
-        return array
-    grown = np.full(size, fill, dtype=array.dtype)
-    grown[: len(array)] = array
-    return grown
+        self._owner = resized(self._owner, capacity)
+        self._tid_of_row = resized(self._tid_of_row, capacity)

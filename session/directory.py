@@ -35,6 +35,7 @@ class Directory:
         self.gallery = Gallery(dim=dim, config=match)
         self._rebuilder: threading.Thread | None = None
         self.rechecks = 0  # index matches searched again, deeper (see identify)
+        self.declined = 0  # index matches declined as ambiguous, too close to the threshold
         # One journal per load in progress: the adds and removals made while the store is
         # read, replayed onto the fresh gallery just before it replaces the current one.
         self._journals: list[list[_Change]] = []
@@ -99,24 +100,40 @@ class Directory:
         self._maybe_rebuild()
 
     def identify(self, probe: FloatArray, phone_last4: str | None = None) -> Decision:
-        """Search and decide: match only above threshold AND ahead of the second by margin."""
+        """Search and decide: match only above threshold AND ahead of the second by margin.
+
+        A match found through the index is checked against what the index can miss
+        (MatchConfig, docs/gallery.md): a narrow lead is searched again deeper, and a best
+        score below ``ann_decline_below`` is declined as ambiguous, since no index search
+        can rule out a runner-up within the margin down there. Declining is the safe side:
+        the phone digits then decide with an exact search.
+        """
         cfg, gallery = self.match, self.gallery
         tag_filter = {"phone_last4": phone_last4} if phone_last4 else None
-        matches = gallery.search(probe, k=cfg.top_k, tag_filter=tag_filter)
-        decision = decide(matches, cfg.threshold, cfg.margin)
+        found = gallery.search_via(probe, k=cfg.top_k, tag_filter=tag_filter)
+        decision = decide(found.matches, cfg.threshold, cfg.margin)
+        if decision.status != "match" or found.via == "exact":
+            return decision
         lead = decision.score - decision.second_score
         if (
-            decision.status == "match"
-            and tag_filter is None
+            found.via == "index"
+            and decision.score >= cfg.ann_decline_below
             and lead < cfg.margin + cfg.ann_recheck_band
-            and gallery.approximate()
         ):
             # The index may have missed the runner-up this lead is measured against, and
             # the next one found is usually only a little lower: a narrow lead is searched
             # again, deeper, so that a miss does not turn an ambiguous search into a match.
             self.rechecks += 1
-            matches = gallery.search(probe, k=cfg.top_k, deep=True)
-            decision = decide(matches, cfg.threshold, cfg.margin)
+            found = gallery.search_via(probe, k=cfg.top_k, deep=True)
+            decision = decide(found.matches, cfg.threshold, cfg.margin)
+        unsure = decision.score < cfg.ann_decline_below and found.via != "exact"
+        if decision.status == "match" and unsure:
+            self.declined += 1
+            reason = (
+                f"index match {decision.score:.4f} below {cfg.ann_decline_below:.4f}: "
+                "a runner-up within the margin could have been missed"
+            )
+            return Decision("ambiguous", None, decision.score, decision.second_score, reason)
         return decision
 
     def wait_index(self, timeout: float | None = None) -> bool:
