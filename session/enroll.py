@@ -25,6 +25,7 @@ from pipeline.errors import (
     IllegalTransition,
     InvalidRequest,
     StoreUnavailable,
+    TemplateKeyMismatch,
 )
 from pipeline.stream import TrackReport
 from pipeline.types import FloatArray
@@ -315,6 +316,11 @@ class EnrollSession(VideoSession):
             )
         except AuthError:
             await self._finish("declined", "terminal_revoked")
+        except TemplateKeyMismatch:
+            # This server's key is not the data's (a rotation begun while it runs): nothing
+            # is written, as when Redis is down.
+            log.warning("enrolment refused: the template key check in Redis names another key")
+            await self._finish("declined", "unavailable")
         except AlreadyEnrolled:
             await self._finish("declined", "already_enrolled")
         except Conflict:

@@ -89,9 +89,14 @@ class BenchServer:
             config = with_sections(read_config_data(self.args.config), self.config)
         except ConfigError as exc:
             raise BenchError(str(exc)) from exc
-        # The server's Redis is the bench's alone: --redis-url (checked empty) or its own.
-        if config.get("server", {}).pop("redis_url", None):
+        # The server's Redis is the bench's alone: --redis-url (checked empty) or its own;
+        # and its template key a throwaway one (the dev key in its own data folder), never
+        # the operator's, so that nothing the bench seals is readable with a real key.
+        server = config.get("server", {})
+        if server.pop("redis_url", None):
             say("bench: ignoring server.redis_url in --config (the bench's Redis: --redis-url)")
+        if server.pop("template_key", None):
+            say("bench: ignoring server.template_key in --config (the bench's key is its own)")
         self.tmp = Path(tempfile.mkdtemp(prefix="facepay-bench-"))
         cmd = [sys.executable, "-m", "stream_server.cli", "serve", "--dev", "--port", "0"]
         cmd += ["--data-dir", str(self.tmp / "data")]
@@ -100,7 +105,8 @@ class BenchServer:
         config_path = self.tmp / "bench-config.json"
         config_path.write_text(json.dumps(config))
         cmd += ["--config", str(config_path)]
-        env = {k: v for k, v in os.environ.items() if k not in ("FACEPAY_ADMIN_TOKEN", ENV_REDIS)}
+        dropped = ("FACEPAY_ADMIN_TOKEN", ENV_REDIS, "FACEPAY_TEMPLATE_KEY")
+        env = {k: v for k, v in os.environ.items() if k not in dropped}
         if self.args.redis_url:  # in the environment: an argv (and its password) shows in ps
             env[ENV_REDIS] = self.args.redis_url
         log = (self.tmp / "server.log").open("w")
@@ -161,12 +167,14 @@ class BenchServer:
 
     def redis_cpu_s(self) -> float | None:
         """CPU seconds of the server's child processes (its embedded Redis): not server CPU,
-        reported beside it so a run's whole cost is visible."""
+        reported beside it so a run's whole cost is visible. None without one."""
         if self.proc is None:
             return None
         import psutil
 
         children = psutil.Process(self.proc.pid).children(recursive=True)
+        if not children:
+            return None  # an external Redis (--redis-url): not the bench's to measure
         total = 0.0
         for child in children:
             try:

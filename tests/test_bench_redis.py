@@ -71,7 +71,8 @@ def test_bench_server_takes_its_redis_url_in_its_environment_not_argv(
 ) -> None:
     """The server process ``facepay bench`` starts: ``--redis-url`` reaches it in its
     environment (an argv, password included, shows in ``ps``); without one it gets neither
-    the operator's FACEPAY_REDIS_URL nor a ``server.redis_url`` from ``--config``."""
+    the operator's FACEPAY_REDIS_URL nor a ``server.redis_url`` from ``--config``; never
+    the operator's template key."""
     seen: list[tuple[list[str], dict[str, str], dict]] = []
 
     class Started(Exception):
@@ -86,8 +87,10 @@ def test_bench_server_takes_its_redis_url_in_its_environment_not_argv(
 
     monkeypatch.setattr(bench_server.subprocess, "Popen", popen)
     monkeypatch.setenv("FACEPAY_REDIS_URL", "redis://:prod-secret@10.0.0.5:6379/0")
+    monkeypatch.setenv("FACEPAY_TEMPLATE_KEY", "11" * 32)
     user_config = tmp_path / "prod.json"
-    user_config.write_text(json.dumps({"server": {"redis_url": "redis://10.0.0.5:6379/0"}}))
+    prod = {"server": {"redis_url": "redis://10.0.0.5:6379/0", "template_key": "22" * 32}}
+    user_config.write_text(json.dumps(prod))
     explicit = "redis://:bench-secret@127.0.0.1:6399/0"
     for url in (explicit, None):
         args = argparse.Namespace(
@@ -105,3 +108,6 @@ def test_bench_server_takes_its_redis_url_in_its_environment_not_argv(
     assert env["FACEPAY_REDIS_URL"] == explicit
     assert "FACEPAY_REDIS_URL" not in env2
     assert "redis_url" not in config.get("server", {}) and "redis_url" not in config2["server"]
+    # Nor the operator's template key: what the bench seals is sealed with its own dev key.
+    assert "FACEPAY_TEMPLATE_KEY" not in env and "FACEPAY_TEMPLATE_KEY" not in env2
+    assert "template_key" not in config["server"] and "template_key" not in config2["server"]

@@ -205,6 +205,19 @@ async def test_a_terminal_revoked_during_capture_enrols_no_one(make_env, analyze
     assert [e for e in await env.store.read_audit() if e["event"] == "enrolled"] == []
 
 
+async def test_a_key_rotation_begun_during_capture_stores_nothing(make_env, analyzer, photo):
+    """A rotation marks itself open in Redis before it rewrites anything: this server's
+    enrolment is then refused at the write (declined unavailable, not internal_error)."""
+    env = await make_env()
+    term = await _enroll_terminal(env, analyzer, photo)
+    await _capture(term)
+    await env.app[REDIS].set("fp:template_key_check:next", "0" * 32)
+    await term.send({"type": "enroll_passphrase", "passphrase": SECRET, "confirm": SECRET})
+    declined = await term.expect("declined", "enrolled", timeout=30)
+    assert declined == {"type": "declined", "reason": "unavailable"}, term.events
+    assert await _accounts(env) == []
+
+
 async def test_an_enrolled_face_is_declined_already_enrolled(make_env, analyzer, photo):
     """The same person again, under a new account id and a phone with the same last four
     digits: no checkout could tell the two accounts apart, so nothing is written."""
