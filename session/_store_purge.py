@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, ResponseError
 
 from session import _store_lua as h
+from session._store_ledger import StoreCore
 
 log = logging.getLogger(__name__)
 
@@ -138,3 +139,41 @@ async def _start(
                 )
                 return "busy"
             await asyncio.sleep(_POLL_S)
+
+
+class StorePurge(StoreCore):
+    """The store's side of purging: run one, and whether one is owed."""
+
+    async def purge_history(
+        self, wait_s: float = 10.0, *, exclusive: bool = False
+    ) -> tuple[str, ...]:
+        """Ask Redis to drop erased data from its own files and logs; return what it started.
+
+        Starts an append-only file rewrite where AOF is on ("aof_rewrite"), a fresh snapshot
+        where snapshots are configured ("snapshot") and clears SLOWLOG ("slowlog"); Redis
+        writes the files in the background. Waits up to ``wait_s`` only if a job of the same
+        kind is already running (it would keep the data). What this Redis refuses is left out
+        and logged (session._store_purge); a lost connection raises StoreUnavailable.
+        A purge that finished settles every erasure before it; one that did not stays owed
+        (:meth:`purge_owed`). ``exclusive`` (the owed-purge retry) starts nothing while
+        another server's exclusive purge runs, so that servers do not each start a rewrite.
+        """
+        erasures_key, done_key = self._purge_keys()
+        ttl_ms = int((wait_s + 30) * 1000)
+        with h.unavailable("purge_history"):
+            async with h.held(self._r, self._k("purge", "running"), ttl_ms) as mine:
+                if exclusive and not mine:
+                    return ()
+                erasures, _ = await purge_owed(self._r, erasures_key, done_key)
+                started, finished = await purge_history(self._r, wait_s)
+                if finished:
+                    await mark_done(self._r, done_key, erasures)
+                return started
+
+    async def purge_owed(self) -> bool:
+        """Whether an erasure has not yet been followed by a purge that finished."""
+        with h.unavailable("purge_owed"):
+            return (await purge_owed(self._r, *self._purge_keys()))[1]
+
+    def _purge_keys(self) -> tuple[str, str]:
+        return self._k("purge", "erasures"), self._k("purge", "done")

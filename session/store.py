@@ -50,9 +50,7 @@ from pipeline.errors import AuthError, Conflict, InvalidRequest, NotFound, Payme
 from pipeline.types import FloatArray
 from session import _store_audit as _audit
 from session import _store_lua as h
-from session._store_purge import mark_done as _mark_purged
-from session._store_purge import purge_history as _purge_history
-from session._store_purge import purge_owed as _purge_owed
+from session._store_purge import StorePurge
 from session._store_terminals import StoreTerminals
 from session.config import RateLimitConfig
 from session.crypto import AuditSealKey, TemplateCipher
@@ -66,14 +64,16 @@ _WATCH_RETRIES = 8
 _PII_FIELDS = ("name", "phone", "phone_last4", "passhash")
 
 
-class Store(StoreTerminals):
+class Store(StoreTerminals, StorePurge):
     """Async access to FacePay's Redis records.
 
     Lockout (``locked_until``, ``record_failure``, ``clear_failures``), payments
     (``find_payment``, ``create_payment``, ``get_payment``) and the audit stream (``audit``,
     ``read_audit``) are inherited from ``session._store_ledger.StoreCore``; secret rotation
     (``rotate_terminal_token``, ``rekey_templates``) from ``session._store_keys.StoreKeys``;
-    merchants and terminals from ``session._store_terminals.StoreTerminals``.
+    merchants and terminals from ``session._store_terminals.StoreTerminals``; purging
+    erased data from Redis's own files (``purge_history``, ``purge_owed``) from
+    ``session._store_purge.StorePurge``.
     """
 
     def __init__(
@@ -351,40 +351,6 @@ class Store(StoreTerminals):
                     except WatchError:
                         continue
         raise Conflict("account is being changed concurrently; try again")
-
-    async def purge_history(
-        self, wait_s: float = 10.0, *, exclusive: bool = False
-    ) -> tuple[str, ...]:
-        """Ask Redis to drop erased data from its own files and logs; return what it started.
-
-        Starts an append-only file rewrite where AOF is on ("aof_rewrite"), a fresh snapshot
-        where snapshots are configured ("snapshot") and clears SLOWLOG ("slowlog"); Redis
-        writes the files in the background. Waits up to ``wait_s`` only if a job of the same
-        kind is already running (it would keep the data). What this Redis refuses is left out
-        and logged (session._store_purge); a lost connection raises StoreUnavailable.
-        A purge that finished settles every erasure before it; one that did not stays owed
-        (:meth:`purge_owed`). ``exclusive`` (the owed-purge retry) starts nothing while
-        another server's exclusive purge runs, so that servers do not each start a rewrite.
-        """
-        erasures_key, done_key = self._purge_keys()
-        ttl_ms = int((wait_s + 30) * 1000)
-        with h.unavailable("purge_history"):
-            async with h.held(self._r, self._k("purge", "running"), ttl_ms) as mine:
-                if exclusive and not mine:
-                    return ()
-                erasures, _ = await _purge_owed(self._r, erasures_key, done_key)
-                started, finished = await _purge_history(self._r, wait_s)
-                if finished:
-                    await _mark_purged(self._r, done_key, erasures)
-                return started
-
-    async def purge_owed(self) -> bool:
-        """Whether an erasure has not yet been followed by a purge that finished."""
-        with h.unavailable("purge_owed"):
-            return (await _purge_owed(self._r, *self._purge_keys()))[1]
-
-    def _purge_keys(self) -> tuple[str, str]:
-        return self._k("purge", "erasures"), self._k("purge", "done")
 
     async def seal_audit(self) -> int:
         """Append a seal over the audit records since the last one (session._store_audit);

@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     from stream_server import (
         cli_admin,
         cli_bench,
+        cli_enroll,
         cli_gallery,
         cli_gate,
         cli_keys,
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         cli_pipeline,
         cli_server,
         cli_admin,
+        cli_enroll,
         cli_replay,
         cli_scene,
         cli_gate,
