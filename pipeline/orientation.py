@@ -47,7 +47,8 @@ def turned_scores(
     of ``faces`` stands in (None if there is none): a face that is not found the other way
     up is upright unless the turned copy shows a better face elsewhere, which happened once
     in 500 LFW photos (an upside-down photo whose only detection was a weak one beside the
-    real face).
+    real face). So ``faces`` must be every face found in the image, not only those the
+    caller asks about: a face left out would have its turned copy stand in for another.
     """
     if not faces:
         return []

@@ -14,10 +14,11 @@ memory or time before noticing a lie:
   small SOF inside what libjpeg skips while libjpeg decodes a huge real one. Progressive
   files are limited to ``MAX_SCANS`` scans: each scan is a pass over the whole coefficient
   buffer, and libjpeg feeds zeros when the data runs out, so a 1.3 MB file repeating one
-  59-byte scan 20,000 times took 45 s of a pipeline worker.
+  59-byte scan 20,000 times took 45 s of a pipeline worker. Scans are counted up to EOI,
+  where the decoder stops: a phone's motion photo appends an MP4 of several MB there.
 - WebP and BMP: their fixed headers.
 
-Scanning uses ``bytes.find``/``bytes.count`` (C loops), never a per-byte Python loop.
+Scanning uses regular expressions and ``bytes.count`` (C loops), never a per-byte Python loop.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ MAX_PIXELS = 40_000_000
 #: (progressive; libjpeg's default script has 10 for colour, mozjpeg fewer than 70).
 #: libjpeg-turbo's ``djpeg -maxscans`` exists for the same reason.
 MAX_SCANS = 100
-#: Most segments before the first scan (real photos have 10-30), so that the Python loop
-#: below stays short on a 10 MB file of empty comment segments.
+#: Most segments before the first scan (real photos have 10-30), and again between the scans,
+#: so that the Python loops below stay short on a 10 MB file of empty comment segments.
 MAX_SEGMENTS = 1000
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -48,6 +49,10 @@ _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
 _SOS = 0xDA
 _FILL = re.compile(rb"\xff+")
+#: The next marker in or after entropy-coded data: FF, then a code that is neither a stuffed
+#: zero (FF 00), a restart marker (RST0..RST7, which stay inside a scan) nor a fill byte (the
+#: last FF of a run of fill bytes matches). One FF, not ``\xff+``: 3-10 times faster.
+_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 
 def peek_size(data: bytes) -> tuple[int, int] | None:
@@ -120,12 +125,51 @@ def _peek_jpeg(data: bytes) -> tuple[int, int] | None:
         return None  # more than MAX_SEGMENTS segments before the first scan
     if size is None:
         return None  # a scan before any frame header
-    # Every later scan starts with FF DA. Entropy-coded data stuffs a zero after each FF,
-    # so FF DA occurs there only as a real marker; inside a segment between scans it can
-    # appear by chance, which only over-counts (refuses sooner), never under-counts.
-    if 1 + data.count(b"\xff\xda", pos) > MAX_SCANS:
+    scans = _count_scans(data, pos)
+    if scans is None:
+        return None
+    if scans > MAX_SCANS:
         raise ImageError(f"JPEG has more than {MAX_SCANS} scans (progressive passes)")
     return size
+
+
+def _count_scans(data: bytes, pos: int) -> int | None:
+    """The JPEG's scans up to EOI (counting stops past MAX_SCANS), from the first scan's data
+    at ``pos``; None (refuse) for markers libjpeg refuses or endless segments between scans.
+
+    The decoder stops at EOI: whatever follows (the MP4 of a phone's motion photo, the gain
+    map of an Ultra HDR photo, megabytes where random bytes hold FF DA once per 64 KiB) is
+    not counted. Entropy-coded data stuffs a zero after each FF and holds RST markers, so the
+    next ``_MARKER`` match after a scan is the marker that ends it.
+    """
+    scans = 1
+    end = len(data)
+    for _ in range(MAX_SCANS + MAX_SEGMENTS):
+        found = _MARKER.search(data, pos)
+        if found is None:
+            return scans  # no EOI: a cut-off file, left to the decoder (which refuses it)
+        marker = data[found.end() - 1]
+        pos = found.end()
+        if marker == 0xD9:
+            return scans
+        if marker in _JPEG_STANDALONE:
+            continue
+        if marker == 0xD8 or marker in _JPEG_SOF:
+            return None  # libjpeg refuses a second SOI or SOF
+        if pos + 2 > end:
+            return scans  # cut off inside a marker
+        (seg_len,) = struct.unpack_from(">H", data, pos)
+        if seg_len < 2:
+            return None
+        if pos + seg_len > end:
+            # Cut off inside a segment: count as before, every FF DA left in the file.
+            return scans + data.count(b"\xff\xda", pos)
+        if marker == _SOS:
+            scans += 1
+            if scans > MAX_SCANS:
+                return scans
+        pos += seg_len
+    return None  # more than MAX_SEGMENTS segments between scans
 
 
 def _peek_webp(data: bytes) -> tuple[int, int] | None:

@@ -155,10 +155,19 @@ class StreamAnalyzer:
         return plan
 
     def _check_orientation(
-        self, frame: ImageArray, updates: list[TrackUpdate], by_face: dict[int, FaceAnalysis]
+        self,
+        frame: ImageArray,
+        faces: list[Face],
+        updates: list[TrackUpdate],
+        by_face: dict[int, FaceAnalysis],
     ) -> None:
         """Look for upside-down faces: once per track, on its first frame that passes the
-        quality gate, and again every ``recheck_every`` frames while found upside down."""
+        quality gate, and again every ``recheck_every`` frames while found upside down.
+
+        Every face of the frame goes to ``upside_down``, due or not, so that none of their
+        turned copies stands in for a due face the turned frame misses (an upright face
+        beside an already checked one was otherwise judged against that one's turned score);
+        only the due tracks' flags are kept."""
         every = self.config.selection.recheck_every
         due = []
         for update in updates:
@@ -170,9 +179,10 @@ class StreamAnalyzer:
         if not due:
             return
         margin = self.config.quality.upside_down_margin
-        flags = upside_down(self.analyzer.detect, frame, [u.face for u in due], margin)
-        for update, flag in zip(due, flags, strict=True):
-            self.orientation[update.track_id] = (flag, self.frames)
+        flags = upside_down(self.analyzer.detect, frame, faces, margin)
+        flag_of = {id(f): flag for f, flag in zip(faces, flags, strict=True)}
+        for update in due:
+            self.orientation[update.track_id] = (flag_of[id(update.face)], self.frames)
 
     def process(self, frame: ImageArray, t: float, since: float | None = None) -> list[TrackReport]:
         """Analyse one frame taken at ``t`` seconds; returns a report per tracked face.
@@ -205,7 +215,7 @@ class StreamAnalyzer:
             )
         updates = self.tracker.update(faces, t, [a.embedding for a in analyses])
         by_face = {id(f): a for f, a in zip(faces, analyses, strict=True)}
-        self._check_orientation(frame, updates, by_face)
+        self._check_orientation(frame, faces, updates, by_face)
         reports = []
         for update in updates:
             analysis = by_face[id(update.face)]

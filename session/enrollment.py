@@ -86,8 +86,9 @@ def template_from_image(analyzer: FaceAnalyzer, image: ImageArray, index: int) -
         )
     # Its landmarks look upright either way, so only the detector, run again on the photo
     # turned round, can tell (pipeline/orientation.py): an upside-down template matches
-    # neither its person nor safely anyone else.
-    if analyzer.upside_down(image, [main])[0]:
+    # neither its person nor safely anyone else. Every face goes in, so that another face's
+    # turned copy cannot stand in for the main face's (main is faces[0]).
+    if analyzer.upside_down(image, faces)[0]:
         raise ImageQualityError(
             index, "face is upside down; turn the photo the right way up", ("upside_down",)
         )

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from pipeline.analyzer import quality_limits
+from pipeline.analyzer import FaceAnalyzer, quality_limits
 from pipeline.config import MatchConfig
 from pipeline.errors import Conflict, InvalidRequest, NotFound, QualityError
+from pipeline.orientation import turned_box
+from pipeline.types import Box, Face
 from session.crypto import PassphraseHasher, TemplateCipher, generate_key
 from session.directory import Directory
 from session.enrollment import ImageQualityError, enroll_from_images, template_from_image
@@ -126,6 +128,30 @@ def test_upside_down_is_told_from_upright(analyzer, photo, rel):
     with pytest.raises(ImageQualityError) as caught:
         template_from_image(analyzer, cv2.rotate(image, cv2.ROTATE_180), 0)
     assert caught.value.reasons == ("upside_down",)
+
+
+def test_another_face_does_not_stand_in_for_the_main_one(analyzer):
+    # The main face (largest, upright, weak) is missed in the turned photo, which shows a
+    # small upright face of someone else upside down (0.85, below its 0.95). Asked about the
+    # main face alone, the check let that face's turned copy stand in (0.85 > 0.75): the
+    # photo was refused as upside down. Now every face goes in and the main one is upright
+    # (refused here only by the quality gate: the fake faces lie on a black photo).
+    width, height = 640, 480
+    main = Face(Box(100, 100, 300, 340), ((150.0, 180.0),) * 5, 0.75)
+    small = Face(Box(450, 100, 490, 150), ((460.0, 110.0),) * 5, 0.95)
+    image = np.zeros((height, width, 3), np.uint8)
+    image[0, 0] = 255  # at the bottom right once turned
+
+    class Detector:
+        def detect(self, img: np.ndarray) -> list[Face]:
+            if img[0, 0].any():
+                return [main, small]
+            return [Face(turned_box(small.box, width, height), small.landmarks, 0.85)]
+
+    fake = FaceAnalyzer(Detector(), analyzer.embedder, analyzer.liveness_model, analyzer.config)
+    with pytest.raises(ImageQualityError) as caught:
+        template_from_image(fake, image, 0)
+    assert "upside_down" not in caught.value.reasons
 
 
 @pytest.mark.parametrize(("side", "frac"), [("left", 0.45), ("left", 0.35), ("top", 0.45)])

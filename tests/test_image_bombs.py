@@ -189,6 +189,44 @@ def test_progressive_jpeg_within_the_scan_limit_is_decoded() -> None:
     assert decode_image(data).shape == (48, 64, 3)
 
 
+def test_scan_bomb_cut_off_before_eoi_is_refused(no_decode: None) -> None:
+    data = progressive_repeating_last_scan(MAX_SCANS + 1)[:-2]
+    with pytest.raises(ImageError, match=f"more than {MAX_SCANS} scans"):
+        decode_image(data)
+
+
+def _motion_photo(megabytes: int = 8) -> bytes:
+    """A progressive JPEG followed by random bytes, as a phone's motion photo appends an MP4
+    (3-10 MB) after EOI. Random bytes hold FF DA once per 64 KiB: 8 MB hold about 128."""
+    good = _encode(".jpg", _noise(), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    trailer = np.random.default_rng(0).integers(0, 256, megabytes << 20, dtype=np.uint8)
+    return good + trailer.tobytes()
+
+
+def test_motion_photo_trailer_after_eoi_is_not_counted() -> None:
+    data = _motion_photo()
+    assert data.count(b"\xff\xda") > MAX_SCANS  # the old count over the whole file refused it
+    assert peek_size(data) == (64, 48)
+    assert decode_image(data).shape == (48, 64, 3)
+
+
+def test_scans_after_eoi_are_ignored() -> None:
+    # The decoder stops at EOI: scans after it (another image, an Ultra HDR gain map) cost
+    # nothing, while the same scans before EOI are refused (the scan bomb above).
+    good = _encode(".jpg", _noise(), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    last = good.rindex(b"\xff\xda")
+    data = good + good[last:-2] * (MAX_SCANS + 1) + b"\xff\xd9"
+    assert decode_image(data).shape == (48, 64, 3)
+
+
+@pytest.mark.parametrize("marker", [b"\xff\xd8", b"\xff\xc0\x00\x0b"], ids=["soi", "sof"])
+def test_jpeg_second_soi_or_frame_between_scans_is_refused(no_decode: None, marker: bytes) -> None:
+    good = _encode(".jpg", _noise(), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    last = good.rindex(b"\xff\xda")
+    with pytest.raises(ImageError, match="corrupt"):
+        decode_image(good[:last] + marker + b"\x08" * 9 + good[last:])
+
+
 def test_peek_is_fast_on_large_hostile_files() -> None:
     # bytes.find / count / a regex for fill bytes: no per-byte Python loop.
     good = _encode(".jpg", _noise())
@@ -197,6 +235,8 @@ def test_peek_is_fast_on_large_hostile_files() -> None:
         b"\xff\xd8" + b"\xff" * size,  # fill bytes without end
         good[:-2] + b"\xff\x00" * (size // 2) + b"\xff\xd9",  # long entropy-coded data
         b"\xff\xd8" + b"\xff\xfe\x00\x02" * (size // 4),  # empty comment segments
+        good[:-2] + b"\xff\xfe\x00\x02" * (size // 4) + b"\xff\xd9",  # ... after a scan
+        _motion_photo(10),  # 10 MB after EOI
     ]
     for data in files:
         started = time.perf_counter()

@@ -6,8 +6,10 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.analyzer import FaceAnalyzer
+from pipeline.analyzer import FaceAnalysis, FaceAnalyzer
+from pipeline.config import PipelineConfig
 from pipeline.orientation import turned_box, turned_scores, upside_down
+from pipeline.quality import QualityReport
 from pipeline.stream import StreamAnalyzer
 from pipeline.streamgen import StreamSpec, generate_frames
 from pipeline.types import Box, Face, ImageArray
@@ -50,6 +52,47 @@ def test_a_better_face_elsewhere_in_the_turned_image_stands_in():
     # A turned face that is another of ``faces`` (here upside down) stands in for no other.
     other = _face(turned_box(real.box, 200, 100), 0.80)
     assert upside_down(lambda _: [real], image, [weak, other], 0.0) == [False, True]
+
+
+class _TwoFaces:
+    """A fake analyzer for the reviewer's frame: B (close, upright, 0.95) alone in the first
+    frame, then B and A (far, weak, upright, 0.75). The turned frame (told by its marked
+    corner pixel) shows B upside down (0.85, below its 0.95) and misses A."""
+
+    width, height = 640, 480
+    a = _face(Box(400, 100, 460, 170), 0.75)
+    b = _face(Box(100, 100, 260, 300), 0.95)
+
+    def __init__(self) -> None:
+        self.config = PipelineConfig()
+        self.frames = 0
+
+    def frame(self) -> ImageArray:
+        image = np.zeros((self.height, self.width, 3), np.uint8)
+        image[0, 0] = 255  # at the bottom right once turned
+        return image
+
+    def detect(self, image: ImageArray) -> list[Face]:
+        if not image[0, 0].any():
+            return [_face(turned_box(self.b.box, self.width, self.height), 0.85)]
+        self.frames += 1
+        return [self.b] if self.frames == 1 else [self.b, self.a]
+
+    def analyze_face(self, image: ImageArray, face: Face, **_: object) -> FaceAnalysis:
+        quality = QualityReport(True, (), face.box.width, 100.0, 0.0, 0.0, 120.0, 1.0)
+        return FaceAnalysis(face, quality, None, None)
+
+
+def test_a_face_already_checked_stands_in_for_no_new_face():
+    # Given only the due face A, the upside-down check let B's turned copy stand in for A
+    # (0.85 > 0.75): A was refused as upside down. The stream now hands every face of the
+    # frame to the check and keeps only the due tracks' flags.
+    fake = _TwoFaces()
+    stream = StreamAnalyzer(fake)  # type: ignore[arg-type]
+    reports = [stream.process(fake.frame(), t) for t in (0.0, 0.1)]
+    assert [len(r) for r in reports] == [1, 2]
+    assert not any("upside_down" in r.analysis.quality.reasons for rs in reports for r in rs)
+    assert [flag for flag, _ in stream.orientation.values()] == [False, False]
 
 
 class _Counting:
