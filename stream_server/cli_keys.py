@@ -90,7 +90,7 @@ def cmd_rotate_template_key(args: argparse.Namespace) -> int:
         elif _read_secret(retired, "retired audit key") != kept:  # same: a run resumed
             raise UsageError(f"{retired} holds another key; choose a new file")
     try:
-        if url is None and embedded is not None:
+        if embedded is not None:  # set exactly when no URL was given
             url = embedded.start()
             say(f"facepay: started the embedded Redis in {embedded.dir} for the rotation")
         assert url is not None

@@ -56,9 +56,9 @@ def security_headers(request: web.Request) -> dict[str, str]:
     ``'self'`` cover that, but browsers that still follow CSP level 2 (where ``'self'``
     never matches ``ws:``) would refuse the socket, so it is allowed by name: only this
     Host, not WebSockets to any host (an injected script could otherwise send what the
-    page shows anywhere). The server's
-    Origin check compares with the same Host header (``ws_messages.origin_allowed``). A
-    Host that is not a plain host[:port] gets ``'self'`` alone.
+    page shows anywhere). The server's Origin check compares with the same Host header
+    (``ws_messages.origin_allowed``). A Host that is not a plain host[:port] gets
+    ``'self'`` alone.
     """
     host = request.host
     connect = f"'self' ws://{host} wss://{host}" if _HOST.fullmatch(host) else "'self'"
