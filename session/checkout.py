@@ -27,6 +27,7 @@ from pipeline.types import FloatArray
 from session.checkout_ledger import Refused, checked, write_payment
 from session.crypto import WrongAnswers
 from session.frames import FrameSlot
+from session.hints import checkout_hint
 from session.models import Account, CheckoutRequest, format_amount
 from session.services import SessionServices
 from session.states import CheckoutMachine, CheckoutState
@@ -66,8 +67,8 @@ class CheckoutSession(VideoSession):
         self.payment_id: str | None = None
         self._crowded = False
         self._crowd_until = 0.0
-        #: The distance hint last sent while scanning ("farther" or None), sent on change.
-        self._distance_hint: str | None = None
+        #: The face hint last sent while scanning (session.hints), sent on change.
+        self._face_hint: str | None = None
         #: A cancel arrived (it may wait in the inbox while the passphrase is checked).
         self._cancel_asked = False
 
@@ -220,13 +221,14 @@ class CheckoutSession(VideoSession):
         if self._crowded:
             self._crowded = False
             await self._scanning_hint("one_person_at_a_time")
-        # A face too close for liveness adds no evidence: without a word the shopper would
-        # wait for a timeout, so ask them to step back (and say when they have).
+        # A face too close for liveness, cut off by the frame's edge or upside down adds no
+        # evidence: without a word the shopper would wait for a timeout, so say why (and
+        # say when it has passed).
         main = nearest(reports)
-        close = main is not None and "too_close" in main.analysis.quality.reasons
-        hint = "farther" if close else None
-        if hint != self._distance_hint:
-            self._distance_hint = hint
+        reasons = () if main is None else main.analysis.quality.reasons
+        hint = checkout_hint(reasons)
+        if hint != self._face_hint:
+            self._face_hint = hint
             await self._scanning_hint(hint)
         if not self._faces_due():
             return

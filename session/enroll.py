@@ -33,24 +33,12 @@ from session import _store_lua as _store_rules
 from session.crypto import check_passphrase
 from session.enrollment import refuse_duplicate, refuse_taken_id
 from session.frames import FrameSlot
+from session.hints import enrol_hint
 from session.services import SessionServices
 from session.video import Emit, VideoSession, nearest
 
 log = logging.getLogger(__name__)
 
-#: Quality reasons -> the hint shown to the person, first match wins.
-HINTS: tuple[tuple[str, str], ...] = (
-    # Nothing the person can do helps an upside-down picture (a camera mounted upside down).
-    ("upside_down", "upside_down"),
-    ("too_close", "farther"),
-    ("cut_off", "move_to_centre"),
-    ("too_small", "closer"),
-    ("too_dark", "more_light"),
-    ("too_bright", "less_light"),
-    ("turned_away", "look_at_camera"),
-    ("head_tilted", "look_at_camera"),
-    ("blurry", "hold_still"),
-)
 FINAL_STATES = frozenset({"enrolled", "declined", "cancelled"})
 
 
@@ -67,14 +55,6 @@ class EnrollRequest:
 
 class _Ended(Exception):
     """Internal: the enrolment reached a final state."""
-
-
-def hint_for(reasons: tuple[str, ...]) -> str:
-    """The hint for a face's quality reasons (``ok`` when none applies)."""
-    for reason, hint in HINTS:
-        if reason in reasons:
-            return hint
-    return "ok"
 
 
 class EnrollSession(VideoSession):
@@ -230,7 +210,7 @@ class EnrollSession(VideoSession):
         ratio = self.svc.config.policy.crowd_area_ratio
         if any(r is not main and r.face.box.area >= ratio * main.face.box.area for r in reports):
             return "one_person", None
-        return hint_for(main.analysis.quality.reasons), main
+        return enrol_hint(main.analysis.quality.reasons), main
 
     def _collect(self, main: TrackReport, t: float) -> None:
         """Keep the main track's embedding from a good frame (another track starts over)."""

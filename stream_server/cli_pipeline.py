@@ -81,6 +81,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     for path in args.images:
         image = load_image(path)
         results = analyzer.analyze(image)
+        # An upside-down face is detected and even embedded, but its embedding matches
+        # nobody (enrolment refuses such a photo): flag it and leave it out of the pairs.
+        turned = analyzer.upside_down(image, [r.face for r in results]) if results else []
         emit(
             {
                 "image": str(path),
@@ -93,12 +96,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                         "live": None
                         if r.p_real is None
                         else r.p_real >= analyzer.config.liveness.threshold,
+                        "upside_down": flag,
                     }
-                    for r in results
+                    for r, flag in zip(results, turned, strict=True)
                 ],
             }
         )
-        usable = [r for r in results if r.embedding is not None]
+        flagged = zip(results, turned, strict=True)
+        usable = [r for r, flag in flagged if r.embedding is not None and not flag]
         if usable:
             firsts.append((str(path), max(usable, key=lambda r: r.face.box.area).embedding))
     if len(firsts) > 1:

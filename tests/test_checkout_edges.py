@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
+from session.hints import CHECKOUT_HINTS, ENROL_HINTS, checkout_hint
 from stream_server.app import CONNECTIONS
 from tests.e2e import PASSPHRASE, camera_frames, empty_frames
 from tests.faultkit import fail_payment_writes
@@ -75,6 +76,54 @@ async def test_a_face_too_close_is_asked_to_step_back_then_pays(make_env, analyz
     assert cleared["state"] == "scanning" and "hint" not in cleared, term.events
     confirm = await term.expect("confirm", "declined")
     assert confirm["type"] == "confirm", term.events
+    await term.send(
+        {"type": "passphrase", "prompt_id": confirm["prompt_id"], "passphrase": PASSPHRASE}
+    )
+    end = await term.until_end()
+    assert end["state"] == "approved", term.events
+    assert len(await env.payments()) == 1
+
+
+def _cut_off(frame):
+    """The frame's content moved 300 px left: the face's left half leaves the picture."""
+    moved = np.full_like(frame, 110)
+    moved[:, :-300] = frame[:, 300:]
+    return moved
+
+
+def turned_then_cut_off_then_framed(analyzer, photo):
+    """A camera mounted upside down (2 s), then one aimed off to the side (2 s), then right."""
+    shopper = photo(SHOPPER)
+    turned = (cv2.rotate(f, cv2.ROTATE_180) for f in camera_frames(analyzer, shopper, 2))
+    aside = (_cut_off(f) for f in camera_frames(analyzer, shopper, 2, seed=1))
+    return itertools.chain(turned, aside, camera_frames(analyzer, shopper, seed=2))
+
+
+def test_checkout_hints_only_the_reasons_that_never_pass_on_their_own():
+    assert checkout_hint(("upside_down", "too_close")) == "upside_down"
+    assert checkout_hint(("too_small", "cut_off")) == "move_to_centre"
+    assert checkout_hint(("too_close",)) == "farther"
+    # Walking up to the till, a face is small or blurred for a moment: no hint for that.
+    assert checkout_hint(("too_small", "blurry", "turned_away")) is None
+    assert {h for _, h in CHECKOUT_HINTS} <= {h for _, h in ENROL_HINTS}
+
+
+async def test_a_turned_or_cut_off_face_is_told_why_then_pays(make_env, analyzer, photo):
+    # Neither an upside-down face nor one the frame's edge cuts off ever counts as evidence;
+    # the shopper (or staff, for a camera mounted upside down) is told why instead of
+    # waiting for the timeout, and the checkout goes on once the camera sees them right.
+    env = await make_env(session_timeout_s=20.0)
+    await env.enroll("acct-obama", "Barack Obama", "+12025550101", photo(ENROLL))
+    term = await env.terminal()
+    await term.start_video(turned_then_cut_off_then_framed(analyzer, photo))
+    await term.checkout("2.40", "o-turned")
+    await _scanning_until_hint(term, "upside_down")
+    await _scanning_until_hint(term, "move_to_centre")
+    confirm = await term.expect("confirm", "declined", timeout=30)
+    assert confirm["type"] == "confirm", term.events
+    # Framed right, the last hint was withdrawn before the face was matched.
+    scanning = [e for e in term.events if e.get("state") == "scanning"]
+    assert "hint" not in scanning[-1], term.events
     await term.send(
         {"type": "passphrase", "prompt_id": confirm["prompt_id"], "passphrase": PASSPHRASE}
     )

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import cv2
 import pytest
 
 from stream_server.cli import main
@@ -63,6 +64,23 @@ def test_analyze_compares_faces(
     threshold = similarity["threshold"]
     assert verdict[(str(obama), str(obama2))]["cosine"] >= threshold
     assert verdict[(str(obama), str(biden))]["cosine"] < threshold
+
+
+def test_analyze_flags_an_upside_down_face_and_compares_it_with_nobody(
+    capsys: pytest.CaptureFixture[str], models_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    obama = data_dir / "faces/obama/obama.jpg"
+    turned = tmp_path / "turned.png"
+    cv2.imwrite(str(turned), cv2.rotate(cv2.imread(str(obama)), cv2.ROTATE_180))
+    code, lines, err = run(
+        capsys, "analyze", "--models-dir", str(models_dir), str(obama), str(turned)
+    )
+    assert code == 0, err
+    upright, upside = lines[0]["faces"], lines[1]["faces"]
+    assert [f["upside_down"] for f in upright] == [False]
+    assert upside and all(f["upside_down"] for f in upside), upside
+    # Only one usable face is left, so there is no pair to compare (and no false "match").
+    assert len(lines) == 2, lines
 
 
 def test_analyze_single_image_emits_no_similarity(

@@ -6,8 +6,7 @@ import asyncio
 
 import pytest
 
-from session.enroll import HINTS as ENROLL_HINTS
-from session.enroll import hint_for
+from session.hints import ENROL_HINTS, enrol_hint
 from stream_server.app import CONNECTIONS, REDIS
 from tests.e2e import camera_frames
 
@@ -24,13 +23,13 @@ pytestmark = pytest.mark.usefixtures("loopback_ice")
 
 
 def test_quality_reasons_map_to_the_documented_hints():
-    assert hint_for(("too_close",)) == "farther"
-    assert hint_for(("too_small",)) == "closer"
-    assert hint_for(("cut_off", "too_small")) == "move_to_centre"
-    assert hint_for(("upside_down",)) == "upside_down"
-    assert hint_for(("too_dark", "blurry")) == "more_light"  # the first match wins
-    assert hint_for(()) == "ok"
-    assert {hint for _, hint in ENROLL_HINTS} | {"one_person", "no_face", "ok"} == HINTS
+    assert enrol_hint(("too_close",)) == "farther"
+    assert enrol_hint(("too_small",)) == "closer"
+    assert enrol_hint(("cut_off", "too_small")) == "move_to_centre"
+    assert enrol_hint(("upside_down",)) == "upside_down"
+    assert enrol_hint(("too_dark", "blurry")) == "more_light"  # the first match wins
+    assert enrol_hint(()) == "ok"
+    assert {hint for _, hint in ENROL_HINTS} | {"one_person", "no_face", "ok"} == HINTS
 
 
 async def _enroll_terminal(env, analyzer, photo, rel=ENROLL, fps=15):

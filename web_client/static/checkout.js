@@ -213,6 +213,8 @@ function onFaces(msg) {
 const SCAN_HINTS = {
   one_person_at_a_time: "Only one person in front of the camera please.",
   farther: "Please step back a little: you are too close to the camera.",
+  move_to_centre: "Please move to the middle of the picture.",
+  upside_down: "The camera picture is upside down: please ask staff for help.",
 };
 
 function showHint(name) {
