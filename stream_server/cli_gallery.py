@@ -102,6 +102,8 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument("--nprobe", type=int, default=None, help="override MatchConfig.ann_nprobe")
     p.add_argument("--pool", type=int, default=None, help="override MatchConfig.ann_pool")
+    p.add_argument("--recheck-nprobe", type=int, default=None, help="override ann_recheck_nprobe")
+    p.add_argument("--recheck-pool", type=int, default=None, help="override ann_recheck_pool")
     p.add_argument("--codec", choices=("sq8", "flat"), default=None, help="index codes")
     p.add_argument("--lists-factor", type=float, default=None, help="override ann_lists_factor")
     p.set_defaults(handler=cmd_bench_gallery)
@@ -122,6 +124,8 @@ def cmd_bench_gallery(args: argparse.Namespace) -> int:
     overrides = {
         "ann_nprobe": args.nprobe,
         "ann_pool": args.pool,
+        "ann_recheck_nprobe": args.recheck_nprobe,
+        "ann_recheck_pool": args.recheck_pool,
         "ann_codec": args.codec,
         "ann_lists_factor": args.lists_factor,
     }
