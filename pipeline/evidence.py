@@ -21,6 +21,12 @@ The embedding is the quality-weighted mean of the embeddings of the frames that 
 themselves scored live, re-normalised: a frame whose own score says photo or screen may show
 someone else, and must not pull the track's identity towards them (a look-alike alternating
 their own face with a victim's print in one box).
+The evidence belongs to one person: a frame whose embedding is below ``same_person_min_cos``
+to the mean of the window's live frames drops the window, and the evidence starts again
+from it. Without that, someone stepping into the box of a face that left before its verdict
+(and close enough to it to pass the tracker's 0.3 veto) completed that face's evidence with
+a frame or two of their own: the verdict's embedding was mostly the first face's, so a gate
+charged the first person and opened for the second.
 A borderline track (its fused score below the threshold once it had ``min_frames`` scores,
 but not yet ``spoof_min_frames`` to call it a spoof) needs ``spoof_min_frames`` scores for a
 live verdict as well: otherwise a verdict recomputed on every frame gives a moderately low
@@ -136,6 +142,8 @@ class EvidenceAccumulator:
         #: ``spoof_min_frames`` scores. Set by ``verdict``: only a verdict is a chance to
         #: cross the threshold, and it has the fused score at hand.
         self.doubted = False
+        #: How often the window was dropped because a frame showed someone else.
+        self.restarts = 0
 
     def add(self, t: float, analysis: FaceAnalysis) -> bool:
         """Add one frame's analysis; returns whether it counted (quality passed)."""
@@ -150,6 +158,10 @@ class EvidenceAccumulator:
                 self.too_close.append((t, analysis.p_real))
                 self._slide(t)
             return False
+        if analysis.embedding is not None and self._someone_else(analysis.embedding):
+            self.frames.clear()
+            self.too_close.clear()
+            self.restarts += 1
         self.frames.append(
             FrameEvidence(
                 t=t,
@@ -161,6 +173,16 @@ class EvidenceAccumulator:
         )
         self._slide(t)
         return True
+
+    def _someone_else(self, embedding: FloatArray) -> bool:
+        """Whether ``embedding`` is another person than the window's live frames show.
+
+        ``doubted`` survives a restart on purpose: a spoof could otherwise win a fresh
+        chance to cross the threshold by showing another face in between."""
+        reference = self.mean_embedding()
+        if reference is None:
+            return False
+        return float(reference @ embedding) < self.config.same_person_min_cos
 
     def _slide(self, t: float) -> None:
         # The window slides: old evidence about a face that has since changed must not count.

@@ -87,6 +87,9 @@ class StreamAnalyzer:
         self.ready_since: dict[int, float] = {}
         self.ended: dict[int, Verdict] = {}
         self.decided: set[int] = set()
+        #: The tracks the last ``process`` call ended (their ids never come back), so that a
+        #: caller can drop what it keeps per track.
+        self.just_ended: list[int] = []
         #: Per track: (upside down, frame number of the look) (``pipeline.orientation``).
         self.orientation: dict[int, tuple[bool, int]] = {}
         self.ready_px = self.config.quality.min_face_px
@@ -193,6 +196,7 @@ class StreamAnalyzer:
         decision clock errs long, never short.
         """
         self.frames += 1
+        self.just_ended = []
         # Nobody tracked: a view unchanged since it was last found empty needs no detector.
         idle = self.idle_check if not self.evidence else None
         self.detector_ran = idle is None or not idle.unchanged(frame, t)
@@ -242,7 +246,8 @@ class StreamAnalyzer:
                     ready_since=self.ready_since.get(update.track_id),
                 )
             )
-        for track_id in self.tracker.pop_ended():
+        self.just_ended = self.tracker.pop_ended()
+        for track_id in self.just_ended:
             acc = self.evidence.pop(track_id, None)
             self.first_seen.pop(track_id, None)
             self.ready_since.pop(track_id, None)

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +77,11 @@ class GateSession(VideoSession):
         super().__init__(services, frames, emit, services.config.gate_pipeline())
         self.gate = gate
         self.policy = services.config.policy
+        #: Track id -> "open", "deny" or "repeat", for the tracks still in view (a gate's
+        #: session lives for days: ended tracks are dropped, as the stream drops them).
         self.decisions: dict[int, str] = {}
+        #: How many of each decision this session made (bounded: one counter per kind).
+        self.outcomes: Counter[str] = Counter()
         self.admitted_repeat = 0
         self.idle_fps = services.config.gate.idle_scan_fps
         if services.config.gate.idle_change.enabled:
@@ -119,7 +123,9 @@ class GateSession(VideoSession):
             )
             for report in reports:
                 if report.track_id not in self.decisions and report.verdict.status != "undecided":
-                    await self._decide(report)
+                    await self._decide_or_deny(report)
+            for track_id in self.stream.just_ended:
+                self.decisions.pop(track_id, None)
             await self._faces_event(reports, size)
             await self._pace_camera(reports, item.t)
             if not reports and not self.stream.evidence:
@@ -205,6 +211,7 @@ class GateSession(VideoSession):
 
     async def _deny(self, report: TrackReport, reason: str, message: str) -> None:
         self.decisions[report.track_id] = "deny"
+        self.outcomes["deny"] += 1
         ms = self._decision_ms(report)
         await self._send(
             {
@@ -220,6 +227,21 @@ class GateSession(VideoSession):
 
     def _observe_latency(self, ms: float) -> None:
         self.svc.observer.gate_decision(ms / 1000.0)
+
+    async def _decide_or_deny(self, report: TrackReport) -> None:
+        """``_decide``, and a denial if it fails unexpectedly: one person's failed decision
+        (a subject link that no longer opens during a key rotation, an answer from the
+        ledger nobody foresaw) must not end the gate's loop and leave everyone after them
+        undecided while the socket stays up. Fails closed: nobody passes for it."""
+        try:
+            await self._decide(report)
+        except Exception:
+            log.exception("gate %s: decision failed", self.gate.terminal_id)
+            if report.track_id not in self.decisions:
+                try:
+                    await self._deny(report, "unavailable", "Please use the ticket gate")
+                except Exception:  # the socket is gone: nobody to tell
+                    log.warning("gate %s: could not send a denial", self.gate.terminal_id)
 
     async def _decide(self, report: TrackReport) -> None:
         """One decision for one track (called once per track)."""
@@ -264,6 +286,7 @@ class GateSession(VideoSession):
             # Same person again inside the entry window (a re-formed track or a second gate):
             # never charge twice, and do not announce a second opening for one person.
             self.decisions[report.track_id] = "repeat"
+            self.outcomes["repeat"] += 1
             self.admitted_repeat += 1
             self.svc.observer.decision("gate", "repeat", "entry_window")
             return
@@ -298,6 +321,7 @@ class GateSession(VideoSession):
                 raise
             payment = written  # charged after all: the person has paid, so open
         self.decisions[report.track_id] = "open"
+        self.outcomes["open"] += 1
         ms = self._decision_ms(report)
         await self._send(
             {

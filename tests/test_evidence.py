@@ -31,9 +31,25 @@ def _unit(seed: int) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
+def _near(base: np.ndarray, cos: float, seed: int) -> np.ndarray:
+    """A unit vector at exactly ``cos`` to ``base``."""
+    other = _unit(seed)
+    other = other - (other @ base) * base
+    other /= np.linalg.norm(other)
+    return (cos * base + np.sqrt(1 - cos**2) * other).astype(np.float32)
+
+
+PERSON = _unit(1000)
+
+
+def _same(i: int) -> np.ndarray:
+    """Frame ``i``'s embedding of one person (0.9 to their face, ~0.8 to each other)."""
+    return _near(PERSON, 0.9, seed=i)
+
+
 def _feed(acc, scores, fps=30.0, start=0):
     for i, p in enumerate(scores, start=start):
-        acc.add(i / fps, _analysis(p, _unit(i)))
+        acc.add(i / fps, _analysis(p, _same(i)))
 
 
 def test_single_frame_dips_of_a_live_face_do_not_flip_the_verdict():
@@ -75,7 +91,7 @@ def test_fast_spoof_exit_before_the_full_window():
 def test_quality_failures_add_no_evidence_and_are_counted():
     acc = EvidenceAccumulator(EvidenceConfig(), 0.5)
     for i in range(10):
-        acc.add(i / 30, _analysis(0.99, _unit(i), ok=False))
+        acc.add(i / 30, _analysis(0.99, _same(i), ok=False))
     verdict = acc.verdict()
     assert verdict.status == "undecided" and verdict.frames == 0
     assert acc.rejected == {"blurry": 10}
@@ -84,16 +100,17 @@ def test_quality_failures_add_no_evidence_and_are_counted():
 def test_window_slides_old_frames_out():
     acc = EvidenceAccumulator(EvidenceConfig(window_s=1.0), 0.5)
     for i in range(30):
-        acc.add(i * 0.1, _analysis(0.05, _unit(i)))  # spoof-like for 3 s
+        acc.add(i * 0.1, _analysis(0.05, _same(i)))  # spoof-like for 3 s
     for i in range(30, 45):
-        acc.add(i * 0.1, _analysis(0.99, _unit(i)))  # then live-like for 1.5 s
+        acc.add(i * 0.1, _analysis(0.99, _same(i)))  # then live-like for 1.5 s
     assert all(f.t >= 3.4 for f in acc.frames)
     assert acc.verdict().status == "live"
 
 
 def test_mean_embedding_is_quality_weighted_and_normalised():
     acc = EvidenceAccumulator(EvidenceConfig(), 0.5)
-    a, b = _unit(1), _unit(2)
+    a = _unit(1)
+    b = _near(a, 0.7, seed=2)  # the same person (below 0.5 would restart the evidence)
     acc.add(0.0, _analysis(0.9, a, weight=0.9))
     acc.add(0.1, _analysis(0.9, b, weight=0.1))
     mean = acc.mean_embedding()
@@ -167,7 +184,7 @@ def test_rigidity_cue_flags_a_moved_plane_only_when_enabled():
         acc = EvidenceAccumulator(cfg, 0.5)
         for i in range(12):
             moved = tuple((x * (1 + 0.02 * i) + 4 * i, y) for x, y in LANDMARKS)
-            acc.add(i / 30, _analysis(0.95, _unit(i), landmarks=moved))
+            acc.add(i / 30, _analysis(0.95, _same(i), landmarks=moved))
         assert acc.verdict().status == expected
 
 
@@ -249,15 +266,59 @@ def test_a_borderline_track_needs_the_spoof_frame_count_to_become_live():
 
 def test_the_identity_comes_only_from_frames_scored_live():
     """A look-alike alternating their own face with a victim's print in one box: the print's
-    frames (scored as a photo) must not pull the verdict's identity towards the victim."""
-    attacker, victim = _unit(1), _unit(2)
+    frames (scored as a photo) must not pull the verdict's identity towards the victim. A
+    look-alike this close (0.6) stays within ``same_person_min_cos``, so the window is kept
+    and only the identity rule stands between them."""
+    attacker = _unit(1)
+    victim = _near(attacker, 0.6, seed=2)
     acc = EvidenceAccumulator(EvidenceConfig(), 0.5)
     for i in range(10):
         own = i % 2 == 0
         acc.add(i / 30, _analysis(0.99 if own else 0.3, attacker if own else victim))
     verdict = acc.verdict()
+    assert acc.restarts == 0
     assert verdict.status == "live"  # trimmed fusion forgives the dips ...
     assert float(verdict.embedding @ attacker) == pytest.approx(1.0, abs=1e-5)  # ... not who
+
+
+@pytest.mark.parametrize("p_real_y", [0.99, 0.3, 0.02])  # live, borderline, a print
+def test_another_persons_frame_restarts_the_evidence(p_real_y):
+    """x is seen live one frame short of a verdict; then y (0.45 to x: a stranger who
+    passes the tracker's 0.3 veto) is in the box. y's frame, live or not, must not complete
+    x's evidence: the window restarts from it, and no verdict carries x's identity."""
+    cfg = EvidenceConfig(min_frames=4, min_span_s=0.1)
+    x = _unit(1)
+    y = _near(x, 0.45, seed=2)
+    acc = EvidenceAccumulator(cfg, 0.5)
+    for i in range(3):
+        acc.add(i / 10, _analysis(0.99, _near(x, 0.95, seed=10 + i)))
+    acc.add(0.3, _analysis(p_real_y, y))
+    assert acc.restarts == 1 and len(acc.frames) == 1
+    assert acc.verdict().status == "undecided"
+    for i in range(4, 8):  # y stays: their own evidence decides, on their own frames
+        acc.add(i / 10, _analysis(p_real_y, _near(y, 0.95, seed=10 + i)))
+    verdict = acc.verdict()
+    assert acc.restarts == 1
+    if p_real_y >= 0.5:
+        assert verdict.status == "live" and float(verdict.embedding @ y) > 0.95
+    else:
+        assert verdict.status in ("spoof", "undecided") and verdict.embedding is None
+
+
+def test_a_restart_keeps_the_doubt():
+    """A borderline face that shows another face in between does not win a fresh chance to
+    cross the threshold with fewer frames: ``doubted`` survives the restart."""
+    cfg = EvidenceConfig(min_frames=4, min_span_s=0.1, spoof_min_frames=10)
+    x = _unit(1)
+    acc = EvidenceAccumulator(cfg, 0.5)
+    for i in range(4):
+        acc.add(i / 10, _analysis(0.45 if i else 0.6, _near(x, 0.95, seed=20 + i)))
+    assert acc.verdict().status == "undecided" and acc.doubted
+    other = _near(x, 0.2, seed=3)
+    for i in range(4, 8):
+        acc.add(i / 10, _analysis(0.9, _near(other, 0.95, seed=20 + i)))
+    assert acc.restarts == 1 and len(acc.frames) == 4
+    assert acc.verdict().status == "undecided"  # 4 live frames, but 10 are needed now
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.1, 1.5])
@@ -265,5 +326,5 @@ def test_a_liveness_score_that_is_not_a_probability_is_refused(bad):
     acc = EvidenceAccumulator(EvidenceConfig(), 0.5)
     _feed(acc, [0.2, 0.1, 0.2])
     with pytest.raises(ValueError):
-        acc.add(1.0, _analysis(bad, _unit(9)))
+        acc.add(1.0, _analysis(bad, _same(9)))
     assert len(acc.frames) == 3
