@@ -27,9 +27,11 @@ class TestTerminal:
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, ws_url: str, token: str) -> None:
+    def __init__(self, ws_url: str, token: str, origin: str | None = None) -> None:
         self.ws_url = ws_url
         self.token = token
+        #: The ``Origin`` a browser page would send (None: a kiosk app or tool sends none).
+        self.origin = origin
         self.events: list[dict[str, Any]] = []
         #: (time.monotonic(), max_fps) of every ``camera`` request, as it arrived.
         self.camera: list[tuple[float, float | None]] = []
@@ -48,7 +50,7 @@ class TestTerminal:
         # reader silently whenever the server was quiet for 5 s, e.g. while it waited out a
         # dead Redis, and the events that followed were never seen.
         self.ws = await self.http.ws_connect(
-            self.ws_url, timeout=aiohttp.ClientWSTimeout(ws_close=5)
+            self.ws_url, timeout=aiohttp.ClientWSTimeout(ws_close=5), origin=self.origin
         )
         self._reader = asyncio.create_task(self._read())
         if not hello:
