@@ -28,7 +28,7 @@ from session.ratelimit import RateLimiter
 from session.store import Store
 from stream_server.metrics import Metrics, TimedHasher
 from stream_server.redis_client import connect as connect_redis
-from stream_server.webrtc import BgrConverter
+from stream_server.webrtc import BgrConverter, restrict_host_addresses, unrestrict_host_addresses
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +107,16 @@ def create_app(
         yield
 
     async def peers_ctx(app: web.Application) -> AsyncIterator[None]:
+        addresses = config.server.ice_addresses
+        if addresses:  # before any peer connection gathers its candidates
+            restrict_host_addresses(addresses)
         yield
         peers = app[PEERS]
         for pc in list(peers):
             await pc.close()
         peers.clear()
+        if addresses:
+            unrestrict_host_addresses()
 
     app.cleanup_ctx.extend([redis_ctx, executor_ctx, models_ctx, peers_ctx])
     _add_routes(app)

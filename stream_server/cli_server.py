@@ -268,11 +268,14 @@ async def _serve(
 # --- registration ------------------------------------------------------------------------------
 
 
-def redis_arg(parser: argparse.ArgumentParser) -> None:
+def redis_arg(parser: argparse.ArgumentParser, *, serve: bool = False) -> None:
+    default = (
+        "start an embedded Redis in DATA_DIR"
+        if serve
+        else "the one a running `facepay serve` wrote to DATA_DIR/redis.url"
+    )
     parser.add_argument(
-        "--redis-url",
-        default=None,
-        help=f"Redis URL (env {ENV_REDIS}; default: the embedded server's DATA_DIR/redis.url)",
+        "--redis-url", default=None, help=f"Redis URL (env {ENV_REDIS}; default: {default})"
     )
     parser.add_argument("--data-dir", default=None, help=f"data folder (env {ENV_DATA}; data)")
 
@@ -290,7 +293,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the FacePay server (embedded Redis by default)")
     p.add_argument("--host", default=None, help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8080; 0 = any free)")
-    redis_arg(p)
+    redis_arg(p, serve=True)
     models_arg(p)
     p.add_argument(
         "--dev",

@@ -69,7 +69,8 @@ def restrict_host_addresses(addresses: Sequence[str]) -> None:
     Process-wide: it replaces ``aioice.ice.get_host_addresses`` for every peer connection
     created afterwards, server and client alike. Idempotent: a later call replaces the list;
     :func:`unrestrict_host_addresses` restores aioice's own discovery. Never called at import:
-    the server calls it at start-up from configuration, tests from a fixture.
+    the server calls it at start-up when ``server.ice_addresses`` is set (the app's peer
+    connection context), the client tools from their options, tests from a fixture.
     """
     parsed = [ipaddress.ip_address(a) for a in addresses]
     if not parsed:

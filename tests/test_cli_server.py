@@ -314,6 +314,19 @@ def test_serve_refuses_a_short_admin_token_and_does_not_print_it(
     FacePayConfig().with_server(admin_token=short + "y")
 
 
+@pytest.mark.parametrize("section", [None, "x", [1, 2], 3])
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["admin", "merchant-add", "Shop"]])
+def test_a_config_section_that_is_not_an_object_is_a_usage_error(
+    section: object, command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """{"server": null} used to end in a TypeError's traceback and exit 1."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"server": section}))
+    code, _, err = run(capsys, *command, "--config", str(path))
+    assert code == 2, err
+    assert '"server" must be a JSON object' in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     ("server", "message"),
     [
