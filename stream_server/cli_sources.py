@@ -7,8 +7,9 @@ an option wins over its environment variable, which wins over the config file (`
   without one use the URL that embedded server wrote to ``DATA_DIR/redis.url``
   (``rotate-template-key`` starts the embedded server itself when none runs).
 - Data folder: ``--data-dir`` / ``FACEPAY_DATA_DIR`` / config ``server.data_dir`` (``data``).
-- Template key: ``FACEPAY_TEMPLATE_KEY`` / config; else, in dev mode (``--dev`` or
-  ``FACEPAY_DEV=1``), ``DATA_DIR/template.key`` (made once, mode 0600); else refused (exit 2).
+- Template key: ``FACEPAY_TEMPLATE_KEY`` / config; else ``DATA_DIR/template.key`` if it
+  exists (dev mode, ``--dev`` or ``FACEPAY_DEV=1``, makes it once, mode 0600; any command
+  reads it, so the client commands find the dev server's key); else refused (exit 2).
   Redis keeps a check value of the key its data is sealed under (session/_store_keycheck.py):
   a key that does not match it is refused (exit 2).
 - Admin token: ``--admin-token-file`` / ``FACEPAY_ADMIN_TOKEN`` / config; else, in dev mode,
