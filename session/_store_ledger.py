@@ -141,11 +141,18 @@ class StoreCore:
 
     @staticmethod
     def _lock_end(raw: Any) -> float | None:
-        """The lock key's value as its end (epoch seconds), None if unset or past."""
+        """The lock key's value as its end (epoch seconds), None if the key is unset.
+
+        Whether the account is locked is whether the key exists: Redis expires it on its own
+        clock, and the scripts that count failures and write payments go by the key. The
+        end it stores is the locking server's clock; comparing it with this server's clock
+        too would, on a server whose clock runs ahead, end the lock early here alone: a
+        prompt for a locked account, whose wrong answers the failure script then does not
+        count, and whose right answer alone came back without ``locked_until``.
+        """
         if raw is None:
             return None
-        until = float(h.text(raw))
-        return until if until > time.time() else None
+        return float(h.text(raw))
 
     async def account_with_lock(self, account_id: str) -> tuple[Account, float | None]:
         """The account (NotFound as ``get_account``) and when its lock ends (None: not

@@ -81,6 +81,12 @@ class RateLimitConfig(_Strict):
     offers_per_terminal: Limit = Limit(count=30, window_s=60.0)
     #: ``passphrase`` answers per terminal (brute force across accounts from one kiosk).
     passphrase_attempts_per_terminal: Limit = Limit(count=20, window_s=300.0)
+    #: ``phone_digits`` answers per terminal. A checkout allows ``policy.phone_digit_attempts``
+    #: but a new checkout allowed as many again, so a look-alike could work through all
+    #: 10,000 last-four values at a kiosk; this budget spans checkouts (and servers): at 10
+    #: per 5 minutes that is ~40 hours of standing at one kiosk on average, where an honest
+    #: one needs a few an hour (only look-alikes are asked).
+    phone_digits_per_terminal: Limit = Limit(count=10, window_s=300.0)
     #: Wrong passphrases per account over a day, on top of the lockout: reaching it locks
     #: the account for the longest lockout (``max_lockout_s``).
     passphrase_failures_per_account: Limit = Limit(count=12, window_s=86400.0)

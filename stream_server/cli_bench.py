@@ -58,6 +58,7 @@ BENCH_CONFIG = {
     "limits": {
         "session_starts_per_terminal": {"count": 100_000, "window_s": 60.0},
         "passphrase_attempts_per_terminal": {"count": 100_000, "window_s": 300.0},
+        "phone_digits_per_terminal": {"count": 100_000, "window_s": 300.0},
     }
 }
 #: Seconds given to the terminal processes to encode their video before the common start.

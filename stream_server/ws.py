@@ -196,6 +196,8 @@ class TerminalConnection:
                 raise InvalidRequest(f"no checkout in progress for {getattr(message, 'type', '?')}")
             if isinstance(message, Passphrase) and self.terminal is not None:
                 await self._limit("passphrase_attempts_per_terminal", self.terminal.terminal_id)
+            if isinstance(message, PhoneDigits) and self.terminal is not None:
+                await self._limit("phone_digits_per_terminal", self.terminal.terminal_id)
             self.session.deliver(message.model_dump())
 
     async def _offer(self, offer: Offer) -> None:

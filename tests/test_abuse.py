@@ -174,6 +174,25 @@ async def test_failures_per_account_over_the_day_lock_for_the_longest_time(
         await client.aclose()
 
 
+async def test_a_lock_lasts_as_long_as_its_key_whatever_this_servers_clock(redis_url: str) -> None:
+    """The server that locked the account wrote its end by its own clock; a server whose
+    clock runs 1 s ahead reads that end as past while Redis still holds the lock. It must
+    still see the lock (it used to give a prompt whose wrong answers went uncounted)."""
+    client = aioredis.from_url(redis_url)
+    db = Store(client, TemplateCipher(generate_key()))
+    try:
+        end = time.time() - 1.0  # past by this clock
+        await client.set("fp:lock:alice", repr(end), px=3000)  # Redis: 3 s to go
+        assert await db.locked_until("alice") == pytest.approx(end)
+        # A failure during the lock counts nothing and reports the same lock.
+        assert await db.record_failure("alice", 3, 5.0) == (0, pytest.approx(end))
+        assert await client.get("fp:fail:alice") is None
+        await client.delete("fp:lock:alice")  # Redis let it go: unlocked
+        assert await db.locked_until("alice") is None
+    finally:
+        await client.aclose()
+
+
 # --- rate limits at the terminal protocol ---------------------------------------------------------
 
 
@@ -278,6 +297,36 @@ async def test_passphrase_answers_are_limited_per_terminal(make_server, analyzer
     assert await env.payments() == []
     await term.send({"type": "cancel"})
     assert (await term.until_end())["state"] == "cancelled"
+
+
+async def test_phone_digit_guesses_are_limited_per_terminal_across_checkouts(
+    make_server, analyzer, photo
+) -> None:
+    """Each checkout allows two phone-digit answers; a new checkout used to allow two more,
+    so a look-alike could walk through every last-four value. The terminal's budget spans
+    checkouts."""
+    env = await make_server(**_limits(phone_digits_per_terminal={"count": 3, "window_s": 300}))
+    # Two accounts with nearly identical templates: every search is ambiguous.
+    await env.enroll("acct-a", "Barack Obama", "+12025550101", photo(ENROLL))
+    await env.enroll("acct-b", "Twin", "+12025559999", photo("faces/obama/obama-480p.jpg"))
+    term = await env.terminal()
+    await term.start_video(camera_frames(analyzer, photo(SHOPPER)))
+    await term.checkout("1.00", "o-1")
+    for digits in ("0000", "0001"):
+        assert (await term.expect("need_phone_digits", "confirm"))["type"] == "need_phone_digits"
+        await term.send({"type": "phone_digits", "digits": digits})
+    end = await term.until_end()
+    assert (end["state"], end.get("reason")) == ("declined", "ambiguous"), term.events
+    await term.checkout("1.00", "o-2")
+    await term.expect("need_phone_digits")
+    await term.send({"type": "phone_digits", "digits": "0002"})  # the third: within budget
+    await term.expect("need_phone_digits")
+    await term.send({"type": "phone_digits", "digits": "9999"})  # right, but over budget
+    error = await term.expect("error", "confirm")
+    assert error["type"] == "error" and error["code"] == "rate_limited", term.events
+    await term.send({"type": "cancel"})
+    assert (await term.until_end())["state"] == "cancelled"
+    assert await env.payments() == []
 
 
 async def test_rate_limits_fail_closed_when_redis_is_down(make_server, redis_server) -> None:
