@@ -22,8 +22,9 @@ themselves scored live, re-normalised: a frame whose own score says photo or scr
 someone else, and must not pull the track's identity towards them (a look-alike alternating
 their own face with a victim's print in one box).
 The evidence belongs to one person: a frame whose embedding is below ``same_person_min_cos``
-to the mean of the window's live frames drops the window, and the evidence starts again
-from it. Without that, someone stepping into the box of a face that left before its verdict
+to the mean of the window's live frames drops those live frames (the frames scored as a photo
+or a screen stay, as evidence against the track), so the live evidence starts again from
+it. Without that, someone stepping into the box of a face that left before its verdict
 (and close enough to it to pass the tracker's 0.3 veto) completed that face's evidence with
 a frame or two of their own: the verdict's embedding was mostly the first face's, so a gate
 charged the first person and opened for the second.
@@ -159,8 +160,14 @@ class EvidenceAccumulator:
                 self._slide(t)
             return False
         if analysis.embedding is not None and self._someone_else(analysis.embedding):
-            self.frames.clear()
-            self.too_close.clear()
+            # The live frames show someone else: their identity and their liveness are that
+            # person's, so they go. Frames scored as a photo or a screen stay: they are
+            # evidence against the track whoever is in them, and dropping them too let a
+            # photo shown between glimpses of one's own face restart the window for ever,
+            # never judged a spoof.
+            live = self.liveness_threshold
+            kept = [f for f in self.frames if f.p_real is None or f.p_real < live]
+            self.frames = deque(kept, maxlen=self.config.max_frames)
             self.restarts += 1
         self.frames.append(
             FrameEvidence(
@@ -178,7 +185,9 @@ class EvidenceAccumulator:
         """Whether ``embedding`` is another person than the window's live frames show.
 
         ``doubted`` survives a restart on purpose: a spoof could otherwise win a fresh
-        chance to cross the threshold by showing another face in between."""
+        chance to cross the threshold by showing another face in between. Frames without
+        an embedding carry no liveness score either (``pipeline.stream``), so they cannot
+        slip another person's liveness in unchecked."""
         reference = self.mean_embedding()
         if reference is None:
             return False

@@ -28,7 +28,7 @@ from session.ratelimit import RateLimiter
 from session.store import Store
 from stream_server.metrics import Metrics, TimedHasher
 from stream_server.redis_client import connect as connect_redis
-from stream_server.webrtc import BgrConverter, restrict_host_addresses, unrestrict_host_addresses
+from stream_server.webrtc import BgrConverter, restore_host_addresses, restrict_host_addresses
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +108,16 @@ def create_app(
 
     async def peers_ctx(app: web.Application) -> AsyncIterator[None]:
         addresses = config.server.ice_addresses
-        if addresses:  # before any peer connection gathers its candidates
-            restrict_host_addresses(addresses)
+        # Before any peer connection gathers its candidates; undone at shutdown to what was
+        # in force before (process-wide: another app in this process may have set it).
+        previous = restrict_host_addresses(addresses) if addresses else None
         yield
         peers = app[PEERS]
         for pc in list(peers):
             await pc.close()
         peers.clear()
-        if addresses:
-            unrestrict_host_addresses()
+        if previous is not None:
+            restore_host_addresses(previous)
 
     app.cleanup_ctx.extend([redis_ctx, executor_ctx, models_ctx, peers_ctx])
     _add_routes(app)

@@ -63,14 +63,16 @@ def rtc_configuration() -> RTCConfiguration:
     return RTCConfiguration(iceServers=[])
 
 
-def restrict_host_addresses(addresses: Sequence[str]) -> None:
+def restrict_host_addresses(addresses: Sequence[str]) -> Callable[[bool, bool], list[str]]:
     """Make aioice gather host candidates only on ``addresses`` (e.g. ``["127.0.0.1"]``).
 
     Process-wide: it replaces ``aioice.ice.get_host_addresses`` for every peer connection
     created afterwards, server and client alike. Idempotent: a later call replaces the list;
-    :func:`unrestrict_host_addresses` restores aioice's own discovery. Never called at import:
-    the server calls it at start-up when ``server.ice_addresses`` is set (the app's peer
-    connection context), the client tools from their options, tests from a fixture.
+    :func:`unrestrict_host_addresses` restores aioice's own discovery, and
+    :func:`restore_host_addresses` what the call returned (what was in force before it).
+    Never called at import: the server calls it at start-up when ``server.ice_addresses`` is
+    set (the app's peer connection context), the client tools from their options, tests
+    from a fixture.
     """
     parsed = [ipaddress.ip_address(a) for a in addresses]
     if not parsed:
@@ -82,8 +84,17 @@ def restrict_host_addresses(addresses: Sequence[str]) -> None:
             a for a in allowed if (use_ipv6 if ipaddress.ip_address(a).version == 6 else use_ipv4)
         ]
 
+    previous: Callable[[bool, bool], list[str]] = aioice.ice.get_host_addresses
     aioice.ice.get_host_addresses = get_host_addresses
     log.info("ICE host candidates restricted to %s", ", ".join(allowed))
+    return previous
+
+
+def restore_host_addresses(previous: Callable[[bool, bool], list[str]]) -> None:
+    """Put back what :func:`restrict_host_addresses` returned: whatever was in force before
+    it (another app's restriction, a test's), not necessarily aioice's own discovery."""
+    # mypy knows the attribute as a def with named parameters; this is one of those.
+    aioice.ice.get_host_addresses = previous  # type: ignore[assignment]
 
 
 def unrestrict_host_addresses() -> None:

@@ -317,8 +317,25 @@ def test_a_restart_keeps_the_doubt():
     other = _near(x, 0.2, seed=3)
     for i in range(4, 8):
         acc.add(i / 10, _analysis(0.9, _near(other, 0.95, seed=20 + i)))
-    assert acc.restarts == 1 and len(acc.frames) == 4
-    assert acc.verdict().status == "undecided"  # 4 live frames, but 10 are needed now
+    # x's live frame went; its three borderline frames stay, as evidence against the track.
+    assert acc.restarts == 1 and len(acc.frames) == 7
+    assert acc.verdict().status == "undecided"  # live enough, but 10 frames are needed now
+
+
+def test_a_photo_shown_between_glimpses_of_ones_own_face_is_still_a_spoof():
+    """Own face (live), then a photo of someone at 0.45 to it, in turn in one box. Each
+    photo frame drops the live frames before it, but the photo frames themselves stay, so
+    the track is judged a spoof (a first version dropped them too: never judged at all)."""
+    own = _unit(1)
+    photo = _near(own, 0.45, seed=2)
+    acc = EvidenceAccumulator(EvidenceConfig(), 0.5)
+    statuses = set()
+    for i in range(60):
+        mine = i % 2 == 0
+        acc.add(i / 30, _analysis(0.99 if mine else 0.02, own if mine else photo))
+        statuses.add(acc.verdict().status)
+    assert acc.restarts > 10
+    assert "spoof" in statuses and "live" not in statuses, statuses
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.1, 1.5])

@@ -14,7 +14,11 @@ from pydantic import ValidationError
 
 from session.config import FacePayConfig
 from stream_server.replay_source import ReplayTrack
-from stream_server.webrtc import rtc_configuration
+from stream_server.webrtc import (
+    restore_host_addresses,
+    restrict_host_addresses,
+    rtc_configuration,
+)
 from tests.e2e import empty_frames, start_env
 
 
@@ -48,6 +52,25 @@ async def test_the_answer_offers_only_the_configured_addresses(
         await env.close()
         await env.server.close()
     assert aioice.ice.get_host_addresses is discovered  # lifted when the app stopped
+
+
+async def test_stopping_restores_the_restriction_that_was_in_force_before(
+    aiohttp_server, redis_url, models_dir
+):
+    """Process-wide: an app with ``ice_addresses`` that stops puts back what was there
+    before it (another app's restriction, a test's), not aioice's own discovery."""
+    discovered = restrict_host_addresses(["127.0.0.1"])
+    before = aioice.ice.get_host_addresses
+    try:
+        env = await start_env(
+            aiohttp_server, redis_url, models_dir, server={"ice_addresses": ["127.0.0.2"]}
+        )
+        assert aioice.ice.get_host_addresses(True, True) == ["127.0.0.2"]
+        await env.close()
+        await env.server.close()
+        assert aioice.ice.get_host_addresses is before
+    finally:
+        restore_host_addresses(discovered)
 
 
 @pytest.mark.parametrize("bad", [["localhost"], ["10.0.0.300"], ["127.0.0.1"] * 17])

@@ -140,14 +140,12 @@ def test_a_look_alike_alternating_with_a_victims_print_is_never_the_victim(mode,
         for report in stream.process(FRAME, i / 30):
             if report.verdict.status == "live":
                 lives.append(float(report.verdict.embedding @ victim))
+    assert lives, "the attacker's own live face was never decided"
+    assert max(lives) <= cos + 1e-4  # never closer to the victim than the attacker is
     if veto is None:
-        # Both share one track (cos is above the 0.3 veto), and each print frame restarts
-        # the evidence (cos is below evidence.same_person_min_cos): nobody is decided.
-        restarts = sum(acc.restarts for acc in stream.evidence.values())
-        assert not lives and restarts >= 10, (lives, restarts)
-    else:
-        assert lives, "the attacker's own live face was never decided"
-        assert max(lives) <= cos + 1e-4  # never closer to the victim than the attacker is
+        # Both share one track (cos is above the 0.3 veto), and each print frame drops the
+        # attacker's live frames (cos is below evidence.same_person_min_cos).
+        assert sum(acc.restarts for acc in stream.evidence.values()) > 0
 
 
 @pytest.mark.parametrize("mode", CONFIGS)
