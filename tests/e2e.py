@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from aiohttp.test_utils import TestServer
+from aiortc import RTCPeerConnection
 
 from pipeline.align import align
 from pipeline.streamgen import StreamSpec, generate_frames
@@ -24,6 +25,8 @@ from session.crypto import TemplateCipher, generate_key
 from session.models import Merchant
 from session.store import Store
 from stream_server.app import ANALYZER, DIRECTORY, HASHER, REDIS, STORE, create_app
+from stream_server.replay_source import ReplayTrack
+from stream_server.webrtc import rtc_configuration
 from tests.terminal import TestTerminal
 
 PASSPHRASE = "correct horse 42"
@@ -79,6 +82,16 @@ def empty_frames(seconds: float = 20, fps: float = 15) -> Iterator[ImageArray]:
     """A camera that sees nobody."""
     frame = np.full((480, 640, 3), 110, np.uint8)
     return itertools.repeat(frame, int(seconds * fps))
+
+
+async def offer_sdp() -> str:
+    """A real aiortc offer with one video track (no connection is ever made)."""
+    pc = RTCPeerConnection(rtc_configuration())
+    pc.addTrack(ReplayTrack(empty_frames(1), fps=5))
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    return sdp
 
 
 @dataclass

@@ -15,7 +15,6 @@ import aiohttp
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
-from aiortc import RTCPeerConnection
 
 from pipeline.errors import InvalidRequest, RateLimited, StoreUnavailable
 from session.config import FacePayConfig, Limit, RateLimitConfig
@@ -24,9 +23,13 @@ from session.ratelimit import RateLimiter
 from session.store import Store
 from stream_server import admin
 from stream_server.app import CONNECTIONS, PEERS, REDIS, STORE, create_app
-from stream_server.replay_source import ReplayTrack
-from stream_server.webrtc import rtc_configuration
-from tests.e2e import PASSPHRASE, SERVER_ENV_VARS, Env, camera_frames, empty_frames
+from tests.e2e import (
+    PASSPHRASE,
+    SERVER_ENV_VARS,
+    Env,
+    camera_frames,
+    offer_sdp,
+)
 
 ADMIN = "admin-token-for-abuse-tests-0123"
 OLD_ADMIN = "previous-admin-token-9876543210abc"
@@ -61,16 +64,6 @@ async def make_server(aiohttp_server, redis_url, models_dir):  # type: ignore[no
 
 def _limits(**values: Any) -> dict[str, Any]:
     return {"limits": values}
-
-
-async def _offer_sdp() -> str:
-    """A real aiortc offer with one video track (no connection is ever made)."""
-    pc = RTCPeerConnection(rtc_configuration())
-    pc.addTrack(ReplayTrack(empty_frames(1), fps=5))
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp
-    await pc.close()
-    return sdp
 
 
 # --- the limiter itself ---------------------------------------------------------------------
@@ -227,7 +220,7 @@ async def test_invalid_requests_do_not_use_up_the_budget(make_server) -> None:
 async def test_offers_are_limited_per_terminal(make_server) -> None:
     env = await make_server(**_limits(offers_per_terminal={"count": 1, "window_s": 60}))
     term = await env.terminal()
-    sdp = await _offer_sdp()
+    sdp = await offer_sdp()
     await term.send({"type": "offer", "sdp": "v=0 garbage", "sdp_type": "offer"})
     assert (await term.expect("error"))["code"] == "bad_sdp"  # not counted
     await term.send({"type": "offer", "sdp": sdp, "sdp_type": "offer"})

@@ -9,26 +9,14 @@ from __future__ import annotations
 
 import aioice.ice
 import pytest
-from aiortc import RTCPeerConnection
 from pydantic import ValidationError
 
 from session.config import FacePayConfig
-from stream_server.replay_source import ReplayTrack
 from stream_server.webrtc import (
     restore_host_addresses,
     restrict_host_addresses,
-    rtc_configuration,
 )
-from tests.e2e import empty_frames, start_env
-
-
-async def _offer_sdp() -> str:
-    pc = RTCPeerConnection(rtc_configuration())
-    pc.addTrack(ReplayTrack(empty_frames(1), fps=5))
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp
-    await pc.close()
-    return sdp
+from tests.e2e import offer_sdp, start_env
 
 
 def _candidate_hosts(sdp: str) -> set[str]:
@@ -45,7 +33,7 @@ async def test_the_answer_offers_only_the_configured_addresses(
     )
     try:
         term = await env.terminal()
-        await term.send({"type": "offer", "sdp": await _offer_sdp(), "sdp_type": "offer"})
+        await term.send({"type": "offer", "sdp": await offer_sdp(), "sdp_type": "offer"})
         answer = await term.expect("answer")
         assert _candidate_hosts(answer["sdp"]) == {"127.0.0.1"}, answer["sdp"]
     finally:
