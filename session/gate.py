@@ -82,7 +82,6 @@ class GateSession(VideoSession):
         self.decisions: dict[int, str] = {}
         #: How many of each decision this session made (bounded: one counter per kind).
         self.outcomes: Counter[str] = Counter()
-        self.admitted_repeat = 0
         self.idle_fps = services.config.gate.idle_scan_fps
         if services.config.gate.idle_change.enabled:
             self.stream.idle_check = ViewChange(services.config.gate.idle_change)
@@ -287,7 +286,6 @@ class GateSession(VideoSession):
             # never charge twice, and do not announce a second opening for one person.
             self.decisions[report.track_id] = "repeat"
             self.outcomes["repeat"] += 1
-            self.admitted_repeat += 1
             self.svc.observer.decision("gate", "repeat", "entry_window")
             return
         if self._stopped:
