@@ -145,6 +145,8 @@ class EvidenceAccumulator:
         self.doubted = False
         #: How often the window was dropped because a frame showed someone else.
         self.restarts = 0
+        #: Whether a verdict has been ``live`` since the last restart (see ``verdict``).
+        self.judged_live = False
 
     def add(self, t: float, analysis: FaceAnalysis) -> bool:
         """Add one frame's analysis; returns whether it counted (quality passed)."""
@@ -169,6 +171,7 @@ class EvidenceAccumulator:
             kept = [f for f in self.frames if f.p_real is None or f.p_real < live]
             self.frames = deque(kept, maxlen=self.config.max_frames)
             self.restarts += 1
+            self.judged_live = False  # the newcomer is judged on their own frames
         self.frames.append(
             FrameEvidence(
                 t=t,
@@ -285,6 +288,16 @@ class EvidenceAccumulator:
             return make("spoof", "liveness_low")
         if self.doubted and len(scored) < needed:
             return make("undecided", "need_more_frames")
+        newest = scored[-1].p_real
+        if not self.judged_live and newest is not None and newest < self.liveness_threshold:
+            # A first "live" says the face in front of the camera now is live: callers act
+            # on it at once. Trimmed fusion forgives a dip, but not as the newest frame: a
+            # print of the same person held up where they stood a moment ago (their live
+            # frames still in the window, and the same identity, so no restart) would
+            # otherwise be judged live on its first frame. A live face's dip costs one
+            # frame. Once judged live the verdict is as before (offline evaluation reads
+            # the verdict a track ends with, often on a face turning away).
+            return make("undecided", "latest_not_live")
         if cfg.use_rigidity and len(self.frames) >= cfg.rigidity_min_frames:
             nonrigid, motion = rigid()
             if (
@@ -297,4 +310,5 @@ class EvidenceAccumulator:
         embedding = self.mean_embedding()
         if embedding is None:
             return make("undecided", "no_embedding")
+        self.judged_live = True
         return make("live", embedding=embedding)

@@ -272,7 +272,7 @@ def test_the_identity_comes_only_from_frames_scored_live():
     attacker = _unit(1)
     victim = _near(attacker, 0.6, seed=2)
     acc = EvidenceAccumulator(EvidenceConfig(), 0.5)
-    for i in range(10):
+    for i in range(11):  # ends on the attacker's own (live) frame
         own = i % 2 == 0
         acc.add(i / 30, _analysis(0.99 if own else 0.3, attacker if own else victim))
     verdict = acc.verdict()
@@ -320,6 +320,35 @@ def test_a_restart_keeps_the_doubt():
     # x's live frame went; its three borderline frames stay, as evidence against the track.
     assert acc.restarts == 1 and len(acc.frames) == 7
     assert acc.verdict().status == "undecided"  # live enough, but 10 frames are needed now
+
+
+def test_a_print_held_up_where_its_owner_stood_is_not_live_on_their_frames():
+    """A gate needs 4 frames. Its owner is seen live for 3 and turns away; someone holds up
+    their print in the same place. Same identity, so no restart: the fused score of
+    [0.99, 0.99, 0.99, 0.02] is 0.75, and the first print frame used to make the track live
+    (the gate would charge the owner and open for the print's holder)."""
+    cfg = EvidenceConfig(min_frames=4, min_span_s=0.1)
+    acc = EvidenceAccumulator(cfg, 0.5)
+    for i in range(3):
+        acc.add(i / 10, _analysis(0.99, _same(i)))
+    statuses = []
+    for i in range(3, 12):
+        acc.add(i / 10, _analysis(0.02, _same(i)))  # the print: the same face, scored low
+        statuses.append(acc.verdict().status)
+    assert "live" not in statuses, statuses
+    assert statuses[0] == "undecided" and statuses[-1] == "spoof", statuses
+
+
+def test_a_live_face_whose_newest_frame_dips_waits_one_frame():
+    acc = EvidenceAccumulator(EvidenceConfig(), 0.5)
+    _feed(acc, [0.97, 0.95, 0.98, 0.96, 0.94, 0.35], fps=10.0)
+    verdict = acc.verdict()
+    assert (verdict.status, verdict.reasons) == ("undecided", ("latest_not_live",))
+    _feed(acc, [0.97], fps=10.0, start=6)
+    assert acc.verdict().status == "live"
+    # Once judged live, a later dip does not take it back (callers have acted on it).
+    _feed(acc, [0.35], fps=10.0, start=7)
+    assert acc.verdict().status == "live"
 
 
 def test_a_photo_shown_between_glimpses_of_ones_own_face_is_still_a_spoof():
