@@ -29,6 +29,7 @@ from session.crypto import WrongAnswers
 from session.frames import FrameSlot
 from session.hints import checkout_hint
 from session.models import Account, CheckoutRequest, format_amount
+from session.phone_digits import ambiguous_subjects, budget_spent, count_miss
 from session.services import SessionServices
 from session.states import CheckoutMachine, CheckoutState
 from session.video import Emit, VideoSession, nearest
@@ -253,18 +254,24 @@ class CheckoutSession(VideoSession):
         return account, subject
 
     async def _narrow_by_phone(self, embedding: FloatArray) -> Decision:
-        """Ambiguous top-2: ask for the last four phone digits and search again."""
+        """Ambiguous top-2: ask for the last four phone digits and search again, within the
+        wrong-digit budget of every person the search named (session/phone_digits.py)."""
         self.machine.move(S.AWAITING_PHONE)
+        budget, limiter = self.svc.config.limits.phone_digit_misses_per_subject, self.svc.limiter
+        named = ambiguous_subjects(self.svc.directory, embedding)
         attempts = self.policy.phone_digit_attempts
         deadline = time.monotonic() + self.policy.prompt_expiry_s
-        while attempts > 0:
+        while attempts > 0 and not await budget_spent(limiter, named, budget):
             await self._send({"type": "need_phone_digits", "attempts_left": attempts})
             await self._send_state(S.AWAITING_PHONE)
             msg = await self._next_message(deadline, "phone_digits")
+            if await budget_spent(limiter, named, budget):  # spent elsewhere meanwhile
+                break
             digits = str(msg.get("digits", ""))
             decision = self.svc.directory.identify(embedding, phone_last4=digits)
             if decision.status == "match":
                 return decision
+            await count_miss(limiter, named, budget)
             attempts -= 1
         await self._finish(S.DECLINED, "ambiguous")
 

@@ -87,6 +87,10 @@ class RateLimitConfig(_Strict):
     #: per 5 minutes that is ~40 hours of standing at one kiosk on average, where an honest
     #: one needs a few an hour (only look-alikes are asked).
     phone_digits_per_terminal: Limit = Limit(count=10, window_s=300.0)
+    #: Wrong ``phone_digits`` answers counted against each person an ambiguous search named,
+    #: from any terminal (session/phone_digits.py): once spent, such searches are declined
+    #: before digits are checked. 20 a day: ~250 days on average for all 10,000 values.
+    phone_digit_misses_per_subject: Limit = Limit(count=20, window_s=86400.0)
     #: Wrong passphrases per account over a day, on top of the lockout: reaching it locks
     #: the account for the longest lockout (``max_lockout_s``).
     passphrase_failures_per_account: Limit = Limit(count=12, window_s=86400.0)

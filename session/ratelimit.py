@@ -69,6 +69,12 @@ class RateLimiter:
             )
         return limit.count - count
 
+    async def remaining(self, bucket: str, key: str, limit: Limit) -> int:
+        """How many events ``key`` has left in ``bucket``'s current window (counts none)."""
+        with h.unavailable(f"rate limit {bucket}"):
+            count = await self._r.get(self.key(bucket, key))
+        return limit.count - (0 if count is None else int(count))
+
     async def reset(self, bucket: str, key: str) -> None:
         """Forget the count of ``key`` in ``bucket`` (tests, an operator's unlock)."""
         with h.unavailable(f"rate limit reset {bucket}"):

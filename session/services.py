@@ -12,6 +12,7 @@ from pipeline.types import ImageArray
 from session.config import FacePayConfig
 from session.crypto import PassphraseHasher
 from session.directory import Directory
+from session.ratelimit import RateLimiter
 from session.store import Store
 
 
@@ -40,3 +41,5 @@ class SessionServices:
     executor: Executor
     to_bgr: Callable[[Any], ImageArray]
     observer: Observer
+    #: Budgets counted in Redis that a session spends itself (wrong phone digits per person).
+    limiter: RateLimiter

@@ -322,6 +322,7 @@ class TerminalConnection:
             executor=app[EXECUTOR],
             to_bgr=app[FRAME_CONVERTER],
             observer=MetricsObserver(self.metrics),
+            limiter=app[LIMITER],
         )
 
     def _start_gate(self) -> None:

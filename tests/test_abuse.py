@@ -322,6 +322,36 @@ async def test_phone_digit_guesses_are_limited_per_terminal_across_checkouts(
     assert await env.payments() == []
 
 
+async def test_wrong_digits_are_counted_per_person_across_terminals(
+    make_server, analyzer, photo
+) -> None:
+    """The per-terminal budget alone lets a look-alike guess faster by moving between kiosks;
+    each person an ambiguous search names has a budget of wrong digits of their own. Once
+    it is spent, a search naming them is declined before any digits are checked, even the
+    right ones, from any terminal."""
+    env = await make_server(
+        **_limits(phone_digit_misses_per_subject={"count": 2, "window_s": 3600})
+    )
+    await env.enroll("acct-a", "Barack Obama", "+12025550101", photo(ENROLL))
+    await env.enroll("acct-b", "Twin", "+12025559999", photo("faces/obama/obama-480p.jpg"))
+    first = await env.terminal()
+    await first.start_video(camera_frames(analyzer, photo(SHOPPER)))
+    await first.checkout("1.00", "o-1")
+    for digits in ("0000", "0001"):
+        assert (await first.expect("need_phone_digits", "confirm"))["type"] == "need_phone_digits"
+        await first.send({"type": "phone_digits", "digits": digits})
+    end = await first.until_end()
+    assert (end["state"], end.get("reason")) == ("declined", "ambiguous"), first.events
+    _, token = await env.store.add_terminal(env.merchant.merchant_id, "checkout")
+    second = await env.terminal(token)  # another kiosk
+    await second.start_video(camera_frames(analyzer, photo(SHOPPER), seed=1))
+    await second.checkout("1.00", "o-2")
+    end = await second.until_end()
+    assert (end["state"], end.get("reason")) == ("declined", "ambiguous"), second.events
+    assert "need_phone_digits" not in second.types()  # not even asked
+    assert await env.payments() == []
+
+
 async def test_rate_limits_fail_closed_when_redis_is_down(make_server, redis_server) -> None:
     env = await make_server()
     term = await env.terminal()

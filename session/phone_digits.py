@@ -1,0 +1,55 @@
+"""The budget of wrong phone digits per enrolled person, across terminals and servers.
+
+An ambiguous search (a look-alike within the margin) asks for the last four phone digits.
+``limits.phone_digits_per_terminal`` bounds the answers one kiosk may send; this bounds the
+wrong answers counted against each person the ambiguous search named, wherever they were
+sent from, so a look-alike who moves between kiosks still cannot walk through the 10,000
+values. Counted in Redis (``RateLimiter``), so every server shares the budget.
+
+Once a person's budget is spent, a search naming them is declined ``ambiguous`` before any
+digits are checked: a right guess must not get through either. The price, accepted: a
+look-alike can spend their twin's budget, and the twin's own ambiguous checkouts are then
+declined until the window ends (a person is only ever asked for digits when someone enrolled
+looks like them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+from pipeline.errors import RateLimited
+from pipeline.types import FloatArray
+from session.config import Limit
+from session.directory import Directory
+from session.ratelimit import RateLimiter
+
+BUCKET = "phone_digit_misses"
+
+
+def ambiguous_subjects(directory: Directory, probe: FloatArray) -> list[str]:
+    """The subjects an ambiguous search could not tell apart: the best and every other
+    within ``match.margin`` of it."""
+    match = directory.match
+    found = directory.gallery.search(probe, k=match.top_k)
+    if not found:
+        return []
+    floor = found[0].score - match.margin
+    return [m.subject_id for m in found if m.score >= floor]
+
+
+async def budget_spent(limiter: RateLimiter, subjects: Sequence[str], limit: Limit) -> bool:
+    """Whether any of ``subjects`` has no wrong answers left in this window."""
+    for sid in subjects:
+        if await limiter.remaining(BUCKET, sid, limit) <= 0:
+            return True
+    return False
+
+
+async def count_miss(limiter: RateLimiter, subjects: Sequence[str], limit: Limit) -> None:
+    """Count one wrong answer against each of ``subjects``."""
+    for sid in subjects:
+        # Past the budget, hit() raises; the count is what matters here, and the next
+        # ``budget_spent`` reads it.
+        with contextlib.suppress(RateLimited):
+            await limiter.hit(BUCKET, sid, limit)
