@@ -292,6 +292,21 @@ async def test_passphrase_answers_are_limited_per_terminal(make_server, analyzer
     assert (await term.until_end())["state"] == "cancelled"
 
 
+async def _enrol_twins(env: Env, photo: Any) -> None:
+    """Two accounts with nearly identical templates: every search is ambiguous."""
+    await env.enroll("acct-a", "Barack Obama", "+12025550101", photo(ENROLL))
+    await env.enroll("acct-b", "Twin", "+12025559999", photo("faces/obama/obama-480p.jpg"))
+
+
+async def _two_wrong_guesses(term: Any) -> None:
+    """The checkout already started asks for digits twice, gets wrong ones, and declines."""
+    for digits in ("0000", "0001"):
+        assert (await term.expect("need_phone_digits", "confirm"))["type"] == "need_phone_digits"
+        await term.send({"type": "phone_digits", "digits": digits})
+    end = await term.until_end()
+    assert (end["state"], end.get("reason")) == ("declined", "ambiguous"), term.events
+
+
 async def test_phone_digit_guesses_are_limited_per_terminal_across_checkouts(
     make_server, analyzer, photo
 ) -> None:
@@ -299,17 +314,11 @@ async def test_phone_digit_guesses_are_limited_per_terminal_across_checkouts(
     so a look-alike could walk through every last-four value. The terminal's budget spans
     checkouts."""
     env = await make_server(**_limits(phone_digits_per_terminal={"count": 3, "window_s": 300}))
-    # Two accounts with nearly identical templates: every search is ambiguous.
-    await env.enroll("acct-a", "Barack Obama", "+12025550101", photo(ENROLL))
-    await env.enroll("acct-b", "Twin", "+12025559999", photo("faces/obama/obama-480p.jpg"))
+    await _enrol_twins(env, photo)
     term = await env.terminal()
     await term.start_video(camera_frames(analyzer, photo(SHOPPER)))
     await term.checkout("1.00", "o-1")
-    for digits in ("0000", "0001"):
-        assert (await term.expect("need_phone_digits", "confirm"))["type"] == "need_phone_digits"
-        await term.send({"type": "phone_digits", "digits": digits})
-    end = await term.until_end()
-    assert (end["state"], end.get("reason")) == ("declined", "ambiguous"), term.events
+    await _two_wrong_guesses(term)
     await term.checkout("1.00", "o-2")
     await term.expect("need_phone_digits")
     await term.send({"type": "phone_digits", "digits": "0002"})  # the third: within budget
@@ -332,16 +341,11 @@ async def test_wrong_digits_are_counted_per_person_across_terminals(
     env = await make_server(
         **_limits(phone_digit_misses_per_subject={"count": 2, "window_s": 3600})
     )
-    await env.enroll("acct-a", "Barack Obama", "+12025550101", photo(ENROLL))
-    await env.enroll("acct-b", "Twin", "+12025559999", photo("faces/obama/obama-480p.jpg"))
+    await _enrol_twins(env, photo)
     first = await env.terminal()
     await first.start_video(camera_frames(analyzer, photo(SHOPPER)))
     await first.checkout("1.00", "o-1")
-    for digits in ("0000", "0001"):
-        assert (await first.expect("need_phone_digits", "confirm"))["type"] == "need_phone_digits"
-        await first.send({"type": "phone_digits", "digits": digits})
-    end = await first.until_end()
-    assert (end["state"], end.get("reason")) == ("declined", "ambiguous"), first.events
+    await _two_wrong_guesses(first)
     _, token = await env.store.add_terminal(env.merchant.merchant_id, "checkout")
     second = await env.terminal(token)  # another kiosk
     await second.start_video(camera_frames(analyzer, photo(SHOPPER), seed=1))
