@@ -34,6 +34,7 @@ from session.crypto import check_passphrase
 from session.enrollment import refuse_duplicate, refuse_taken_id
 from session.frames import FrameSlot
 from session.hints import enrol_hint
+from session.phone_digits import budget_spent, count_miss, lookalikes
 from session.services import SessionServices
 from session.video import Emit, VideoSession, nearest
 
@@ -275,6 +276,22 @@ class EnrollSession(VideoSession):
             if msg.get("type") == "enroll_passphrase":
                 return msg
 
+    async def _check_duplicate(self, templates: list[FloatArray]) -> None:
+        """``refuse_duplicate`` within the wrong-digit budget of every look-alike the face
+        matches (session/phone_digits.py): whether it refuses says whether the phone digits
+        given are a look-alike's, so this answer is a guess of them like a checkout's."""
+        budget, limiter = self.svc.config.limits.phone_digit_misses_per_subject, self.svc.limiter
+        loop = asyncio.get_running_loop()
+        named = await loop.run_in_executor(
+            self.svc.executor, lookalikes, self.svc.directory, templates
+        )
+        if await budget_spent(limiter, named, budget):
+            await self._finish("declined", "ambiguous")
+        await refuse_duplicate(self.svc.directory, self.svc.executor, templates, self.req.phone)
+        # Digits unlike every look-alike's: a wrong guess if it was one. A twin enrolling
+        # honestly spends one of the look-alike's answers too, once.
+        await count_miss(limiter, named, budget)
+
     async def _create(self, passhash: str) -> None:
         await self._check()  # a gone or cancelling terminal gets no account
         templates, self._templates = self._templates, []
@@ -284,7 +301,7 @@ class EnrollSession(VideoSession):
             "time": repr(self.consent_time),
         }
         try:
-            await refuse_duplicate(self.svc.directory, self.svc.executor, templates, self.req.phone)
+            await self._check_duplicate(templates)
             account, subject = await self.svc.store.create_account(
                 self.req.account_id,
                 self.req.name,

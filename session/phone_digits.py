@@ -11,6 +11,13 @@ digits are checked: a right guess must not get through either. The price, accept
 look-alike can spend their twin's budget, and the twin's own ambiguous checkouts are then
 declined until the window ends (a person is only ever asked for digits when someone enrolled
 looks like them).
+
+A live enrolment's duplicate check compares the face only with the enrolled people whose
+phone ends in the digits given (``session.enrollment.refuse_duplicate``), so its answer,
+``already_enrolled`` or a new account, would confirm or deny a look-alike's guess of those
+digits. The same budget bounds it: digits that differ from those of every look-alike the
+face matches count as one wrong answer against each (``lookalikes``), and once a look-alike's
+budget is spent such an enrolment is declined ``ambiguous`` before the digits are compared.
 """
 
 from __future__ import annotations
@@ -36,6 +43,19 @@ def ambiguous_subjects(directory: Directory, probe: FloatArray) -> list[str]:
         return []
     floor = found[0].score - match.margin
     return [m.subject_id for m in found if m.score >= floor]
+
+
+def lookalikes(directory: Directory, templates: Sequence[FloatArray]) -> list[str]:
+    """The enrolled subjects any of ``templates`` matches at ``match.threshold`` or above,
+    whatever their phone digits: those an enrolment's duplicate check would compare the
+    digits of. Searched deep, since a look-alike the index misses here escapes the budget."""
+    match = directory.match
+    named: list[str] = []
+    for template in templates:
+        for found in directory.gallery.search(template, k=match.top_k, deep=True):
+            if found.score >= match.threshold and found.subject_id not in named:
+                named.append(found.subject_id)
+    return named
 
 
 async def budget_spent(limiter: RateLimiter, subjects: Sequence[str], limit: Limit) -> bool:

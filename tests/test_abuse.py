@@ -356,6 +356,41 @@ async def test_wrong_digits_are_counted_per_person_across_terminals(
     assert await env.payments() == []
 
 
+async def _enrol_live(term: Any, account_id: str, phone: str) -> dict[str, Any]:
+    """One live enrolment from consent to its end; the terminal's final message."""
+    fields = {"account_id": account_id, "name": "Look Alike", "phone": phone}
+    await term.send({"type": "start_enroll", "consent": True, **fields})
+    assert (await term.expect("state"))["state"] == "capturing", term.events
+    assert (await term.expect("state", timeout=40))["state"] == "passphrase", term.events
+    await term.send({"type": "enroll_passphrase", "passphrase": PASSPHRASE, "confirm": PASSPHRASE})
+    end = await term.expect("declined", "enrolled", timeout=30)
+    await term.expect("state")
+    return end
+
+
+async def test_a_live_enrolment_cannot_confirm_a_look_alikes_phone_digits(
+    make_server, analyzer, photo
+) -> None:
+    """An enrolment's duplicate check compares the face only with enrolled people whose
+    phone ends in the digits given: `already_enrolled` used to confirm a look-alike's guess
+    of those digits, and a new account deny it, as often as the guesser liked. Wrong digits
+    now spend the look-alike's budget; once it is spent, the right ones are declined
+    `ambiguous` like the wrong ones, and nothing is written."""
+    env = await make_server(
+        **_limits(phone_digit_misses_per_subject={"count": 1, "window_s": 3600})
+    )
+    await env.enroll("acct-victim", "Barack Obama", "+12025550101", photo(ENROLL))
+    _, token = await env.store.add_terminal(env.merchant.merchant_id, "enroll")
+    term = await env.terminal(token)
+    await term.start_video(camera_frames(analyzer, photo(SHOPPER)), fps=15)
+    first = await _enrol_live(term, "acct-guess-1", "+12025550000")  # wrong: a twin may enrol
+    assert first["type"] == "enrolled", term.events
+    second = await _enrol_live(term, "acct-guess-2", "+12025550101")  # right, budget spent
+    assert second == {"type": "declined", "reason": "ambiguous"}, term.events
+    accounts = [k async for k in env.app[REDIS].scan_iter("fp:account:*")]
+    assert sorted(accounts) == [b"fp:account:acct-guess-1", b"fp:account:acct-victim"]
+
+
 async def test_rate_limits_fail_closed_when_redis_is_down(make_server, redis_server) -> None:
     env = await make_server()
     term = await env.terminal()

@@ -23,6 +23,7 @@ const DECLINES = {
   timeout: "We could not capture your face in time. Please try again.",
   conflict: "That account id is already taken. Choose another.",
   already_enrolled: "You are already enrolled with this phone number.",
+  ambiguous: "We cannot enrol this face today. Please try again tomorrow or ask staff.",
   unavailable: "The service is unavailable right now. Nothing was stored.",
   terminal_revoked: "This kiosk is no longer allowed to enrol. Nothing was stored.",
 };
