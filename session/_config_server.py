@@ -23,7 +23,8 @@ DEFAULT_OPERATOR = "admin"
 OPERATOR_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 
 
-def _check_admin_token(token: SecretStr) -> None:
+def check_admin_token(token: SecretStr) -> None:
+    """ValueError if ``token`` is too short to stand unguessed (ADMIN_TOKEN_MIN_CHARS)."""
     if len(token.get_secret_value()) < ADMIN_TOKEN_MIN_CHARS:
         raise ValueError(
             f"an admin token needs at least {ADMIN_TOKEN_MIN_CHARS} characters; make one "
@@ -104,7 +105,7 @@ class ServerConfig(_Strict):
     @classmethod
     def _admin_token_long_enough(cls, token: SecretStr | None) -> SecretStr | None:
         if token is not None:
-            _check_admin_token(token)
+            check_admin_token(token)
         return token
 
     @field_validator("ice_addresses")
@@ -126,7 +127,7 @@ class ServerConfig(_Strict):
                     "an admin operator's name is 1-64 letters, digits or _.@- (and not "
                     f"{DEFAULT_OPERATOR!r}, the name of admin_token)"
                 )
-            _check_admin_token(token)
+            check_admin_token(token)
         return operators
 
     @model_validator(mode="after")

@@ -25,6 +25,7 @@ from session._config_base import _Strict
 # The server section lives in its own module for size; it is part of this one's interface.
 from session._config_server import OPERATOR_NAME as OPERATOR_NAME
 from session._config_server import ServerConfig as ServerConfig
+from session._config_server import check_admin_token as check_admin_token
 
 
 class PolicyConfig(_Strict):

@@ -23,8 +23,10 @@ import os
 import secrets
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from pipeline.errors import ConfigError
-from session.config import FacePayConfig
+from session.config import FacePayConfig, check_admin_token
 from session.crypto import generate_key, parse_key
 from stream_server.cli import say
 from stream_server.embedded_redis import read_url_file
@@ -95,13 +97,25 @@ def resolve_template_key(config: FacePayConfig, data_dir: Path, *, create: bool)
     )
 
 
+def _long_enough(token: str, source: str) -> str:
+    """``token`` if long enough, else ConfigError naming where it came from (the config
+    file's own token is checked when the file is read, under its field's name)."""
+    try:
+        check_admin_token(SecretStr(token))
+    except ValueError as exc:
+        raise ConfigError(f"the admin token from {source} is too short: {exc}") from exc
+    return token
+
+
 def resolve_admin_token(args: argparse.Namespace, config: FacePayConfig, data_dir: Path) -> str:
     """The admin token, or "" (admin API disabled)."""
     if args.admin_token_file:
-        return _read_secret(Path(args.admin_token_file), "admin token")
-    token = os.environ.get(ENV_ADMIN) or (
-        config.server.admin_token.get_secret_value() if config.server.admin_token else ""
-    )
+        return _long_enough(
+            _read_secret(Path(args.admin_token_file), "admin token"), "--admin-token-file"
+        )
+    if os.environ.get(ENV_ADMIN):
+        return _long_enough(os.environ[ENV_ADMIN], ENV_ADMIN)
+    token = config.server.admin_token.get_secret_value() if config.server.admin_token else ""
     if token or not config.server.dev_mode:
         return token
     path = data_dir / ADMIN_TOKEN_FILE

@@ -292,7 +292,8 @@ def test_enroll_needs_a_template_key(redis_url, models_dir, data_dir, tmp_path, 
 def test_serve_refuses_a_short_admin_token_and_does_not_print_it(
     source: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An admin token under 32 characters stops `facepay serve` (exit 2) before it starts."""
+    """An admin token under 32 characters stops `facepay serve` (exit 2) before it starts,
+    and the message names where the token came from."""
     short = "weak-token-31-characters-long-x"
     assert len(short) == 31
     monkeypatch.setenv("FACEPAY_TEMPLATE_KEY", "00" * 32)
@@ -307,7 +308,8 @@ def test_serve_refuses_a_short_admin_token_and_does_not_print_it(
         argv += ["--config", str(tmp_path / "config.json")]
     code, out, err = run(capsys, *argv)
     assert code == 2
-    assert "at least 32 characters" in err and "admin_token" in err
+    named = {"env": "FACEPAY_ADMIN_TOKEN", "file": "--admin-token-file", "config": "admin_token"}
+    assert "at least 32 characters" in err and named[source] in err
     assert short not in err and short not in json.dumps(out)
     assert not (tmp_path / "data" / "redis.url").exists()  # nothing was started
     # One character more is enough for the rule (the server would then start: not here).
