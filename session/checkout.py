@@ -237,7 +237,7 @@ class CheckoutSession(VideoSession):
 
     async def _identify(self, embedding: FloatArray) -> tuple[Account, str]:
         await self._set(S.VERIFYING)
-        decision = self.svc.directory.identify(embedding)
+        decision = await self.svc.identify(embedding)
         if decision.status == "ambiguous":
             decision = await self._narrow_by_phone(embedding)
         if decision.status != "match" or decision.subject_id is None:
@@ -258,7 +258,7 @@ class CheckoutSession(VideoSession):
         wrong-digit budget of every person the search named (session/phone_digits.py)."""
         self.machine.move(S.AWAITING_PHONE)
         budget, limiter = self.svc.config.limits.phone_digit_misses_per_subject, self.svc.limiter
-        named = ambiguous_subjects(self.svc.directory, embedding)
+        named = await self.svc.search(ambiguous_subjects, embedding)
         attempts = self.policy.phone_digit_attempts
         deadline = time.monotonic() + self.policy.prompt_expiry_s
         while attempts > 0 and not await budget_spent(limiter, named, budget):
@@ -268,7 +268,7 @@ class CheckoutSession(VideoSession):
             if await budget_spent(limiter, named, budget):  # spent elsewhere meanwhile
                 break
             digits = str(msg.get("digits", ""))
-            decision = self.svc.directory.identify(embedding, phone_last4=digits)
+            decision = await self.svc.identify(embedding, phone_last4=digits)
             if decision.status == "match":
                 return decision
             await count_miss(limiter, named, budget)

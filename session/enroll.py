@@ -281,13 +281,12 @@ class EnrollSession(VideoSession):
         matches (session/phone_digits.py): whether it refuses says whether the phone digits
         given are a look-alike's, so this answer is a guess of them like a checkout's."""
         budget, limiter = self.svc.config.limits.phone_digit_misses_per_subject, self.svc.limiter
-        loop = asyncio.get_running_loop()
-        named = await loop.run_in_executor(
-            self.svc.executor, lookalikes, self.svc.directory, templates
-        )
+        named = await self.svc.search(lookalikes, templates)
         if await budget_spent(limiter, named, budget):
             await self._finish("declined", "ambiguous")
-        await refuse_duplicate(self.svc.directory, self.svc.executor, templates, self.req.phone)
+        await refuse_duplicate(
+            self.svc.directory, self.svc.search_executor, templates, self.req.phone
+        )
         # Digits unlike every look-alike's: a wrong guess if it was one. A twin enrolling
         # honestly spends one of the look-alike's answers too, once.
         await count_miss(limiter, named, budget)

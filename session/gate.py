@@ -254,7 +254,7 @@ class GateSession(VideoSession):
             return
         embedding = report.verdict.embedding
         assert embedding is not None  # a live verdict carries its embedding
-        decision = self.svc.directory.identify(embedding)
+        decision = await self.svc.identify(embedding)
         if decision.status == "ambiguous":
             await self._deny(report, "ambiguous", "Please use the ticket gate")
             return

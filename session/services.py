@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pipeline.analyzer import FaceAnalyzer
-from pipeline.types import ImageArray
+from pipeline.decision import Decision
+from pipeline.types import FloatArray, ImageArray
 from session.config import FacePayConfig
 from session.crypto import PassphraseHasher
 from session.directory import Directory
@@ -43,3 +45,19 @@ class SessionServices:
     observer: Observer
     #: Budgets counted in Redis that a session spends itself (wrong phone digits per person).
     limiter: RateLimiter
+    #: Where gallery searches run (``identify``, ``search``): off the event loop, and not
+    #: queued behind the inference in ``executor``.
+    search_executor: Executor
+
+    async def identify(self, probe: FloatArray, phone_last4: str | None = None) -> Decision:
+        """``directory.identify`` in ``search_executor``."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.search_executor, self.directory.identify, probe, phone_last4
+        )
+
+    async def search(self, fn: Callable[[Directory, Any], list[str]], probe: Any) -> list[str]:
+        """``fn(directory, probe)``, a function of the gallery such as
+        ``session.phone_digits.lookalikes``, in ``search_executor``."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.search_executor, fn, self.directory, probe)

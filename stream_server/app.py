@@ -38,6 +38,8 @@ REDIS = web.AppKey("redis", aioredis.Redis)
 STORE = web.AppKey("store", Store)
 LIMITER = web.AppKey("limiter", RateLimiter)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
+#: One thread for gallery searches (session.services.SessionServices.identify).
+SEARCH_EXECUTOR = web.AppKey("search_executor", ThreadPoolExecutor)
 ANALYZER = web.AppKey("analyzer", FaceAnalyzer)
 DIRECTORY = web.AppKey("directory", Directory)
 HASHER = web.AppKey("hasher", PassphraseHasher)
@@ -99,6 +101,16 @@ def create_app(
         yield
         pool.shutdown(wait=True, cancel_futures=True)
 
+    async def search_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Gallery searches leave the event loop (up to ~6 ms each at a million templates,
+        # longer while an index rebuild's step holds the gallery lock) but not for the
+        # inference pool, where a decision's search would queue behind every terminal's
+        # frame. One thread: a search is short, and it spares the workers' cores.
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="facepay-search")
+        app[SEARCH_EXECUTOR] = pool
+        yield
+        pool.shutdown(wait=True, cancel_futures=True)
+
     async def models_ctx(app: web.Application) -> AsyncIterator[None]:
         store = ModelStore(models_dir, intra_op_threads=1, clock=app[METRICS].model_clock)
         app[ANALYZER] = FaceAnalyzer.from_config(config.pipeline, store)
@@ -119,7 +131,7 @@ def create_app(
         if previous is not None:
             restore_host_addresses(previous)
 
-    app.cleanup_ctx.extend([redis_ctx, executor_ctx, models_ctx, peers_ctx])
+    app.cleanup_ctx.extend([redis_ctx, executor_ctx, search_ctx, models_ctx, peers_ctx])
     _add_routes(app)
     return app
 

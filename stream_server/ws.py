@@ -42,6 +42,7 @@ from stream_server.app import (
     LIMITER,
     METRICS,
     PEERS,
+    SEARCH_EXECUTOR,
     STORE,
 )
 from stream_server.revocation import revoked_close
@@ -320,6 +321,7 @@ class TerminalConnection:
             analyzer=app[ANALYZER],
             hasher=app[HASHER],
             executor=app[EXECUTOR],
+            search_executor=app[SEARCH_EXECUTOR],
             to_bgr=app[FRAME_CONVERTER],
             observer=MetricsObserver(self.metrics),
             limiter=app[LIMITER],

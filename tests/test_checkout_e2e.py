@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
 
 from stream_server import replay
-from stream_server.app import CONNECTIONS, EXECUTOR, REDIS
+from stream_server.app import CONNECTIONS, DIRECTORY, EXECUTOR, REDIS
 from tests.e2e import PASSPHRASE, camera_frames, empty_frames
 
 ENROLL = "faces/obama/obama.jpg"
@@ -55,6 +56,26 @@ async def test_enrolled_shopper_pays_once(make_env, analyzer, photo):
     await term.send({"type": "cancel"})
     assert (await term.until_end())["state"] == "cancelled"
     assert len(await env.payments()) == 1
+
+
+async def test_the_gallery_search_runs_in_its_own_thread(make_env, analyzer, photo, monkeypatch):
+    """A search at a million templates takes up to ~6 ms, longer while an index rebuild's
+    step holds the gallery lock: it used to run on the event loop and stall every
+    terminal's packets and messages meanwhile. Nor may it queue behind the inference pool."""
+    env = await make_env()
+    await env.enroll("acct-obama", "Barack Obama", "+1 202 555 0101", photo(ENROLL))
+    directory = env.app[DIRECTORY]
+    identify = directory.identify
+    threads = []
+
+    def recorded(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return identify(*args, **kwargs)
+
+    monkeypatch.setattr(directory, "identify", recorded)
+    term = await _shopper_session(env, analyzer, photo)
+    assert (await term.expect("confirm", "declined"))["type"] == "confirm", term.events
+    assert threads and all(name.startswith("facepay-search") for name in threads), threads
 
 
 async def test_a_checkout_camera_is_capped_at_the_rate_its_evidence_needs(

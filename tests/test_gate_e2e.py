@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import threading
 
 import pytest
 
@@ -15,7 +16,7 @@ from pipeline.errors import InvalidRequest
 from pipeline.scene import Actor, SceneSpec, render_scene
 from pipeline.scene_presets import largest_face_box, preset_scene, preset_turn_away
 from session.store import Store
-from stream_server.app import CONNECTIONS, METRICS
+from stream_server.app import CONNECTIONS, DIRECTORY, METRICS
 from tests.faultkit import fail_payment_writes
 
 pytestmark = pytest.mark.usefixtures("loopback_ice")
@@ -59,9 +60,19 @@ def _expect(spec: SceneSpec):
 
 
 @pytest.mark.parametrize("people", [1, 3, 5])
-async def test_each_person_gets_one_right_decision(env, analyzer, photo, people):
+async def test_each_person_gets_one_right_decision(env, analyzer, photo, people, monkeypatch):
     spec = preset_scene(people)
+    directory = env.app[DIRECTORY]
+    identify, threads = directory.identify, []
+
+    def recorded(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return identify(*args, **kwargs)
+
+    monkeypatch.setattr(directory, "identify", recorded)
     events, opened, session, _ = await _run_gate(env, analyzer, photo, spec)
+    # Each search ran in the search thread, off the event loop and the inference pool.
+    assert threads and all(name.startswith("facepay-search") for name in threads), threads
     live_enrolled, unknown, prints = _expect(spec)
     assert sorted(opened) == live_enrolled, events  # each enrolled walker exactly once
     denies = [e["reason"] for e in events if e["type"] == "gate_deny"]
