@@ -186,6 +186,32 @@ def unavailable(what: str) -> Iterator[None]:
         raise err from exc
 
 
+class Sent:
+    """Whether a WATCH/MULTI transaction's EXEC has gone out (``unavailable_tx``)."""
+
+    def __init__(self) -> None:
+        self.exec = False
+
+
+@contextmanager
+def unavailable_tx(what: str, sent: Sent) -> Iterator[None]:
+    """``unavailable`` for a transaction, which writes only with its EXEC: a failure before
+    ``sent.exec`` is set certainly wrote nothing (``unsent``), one after it may have
+    committed with only the reply lost, and says so."""
+    try:
+        with unavailable(what):
+            yield
+    except StoreUnavailable as exc:
+        if not sent.exec:
+            exc.unsent = True
+            raise
+        err = StoreUnavailable(
+            f"redis failed after {what} was sent: it may have been done; look before trying again"
+        )
+        err.unsent = False
+        raise err from exc
+
+
 def _while_connecting(exc: BaseException) -> bool:
     """Whether redis-py failed before sending: no connection could be made, or none came
     free in the pool. The command then certainly never ran.

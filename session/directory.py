@@ -3,11 +3,12 @@
 Only random subject ids and templates live here; the account behind a subject is looked up
 in the store when (and only when) a search accepts it.
 
-Searches run in executor threads (or on the loop) while enrolments and ``fp:events`` add and
-erase subjects from the loop thread; the gallery is thread-safe for exactly that. Once the
-gallery passes ``MatchConfig.exact_max_templates`` (or outgrows its index) a background thread
-retrains the ANN index; until it is swapped in, searches use the old index or exact search,
-which is slower but never wrong (docs/gallery.md).
+Searches run in the server's search thread (``SessionServices.search_executor``) while
+enrolments and ``fp:events`` add and erase subjects from the loop thread; the gallery is
+thread-safe for exactly that. Once the gallery passes ``MatchConfig.exact_max_templates``
+(or outgrows its index) a background thread retrains the ANN index; until it is swapped
+in, searches use the old index or exact search, which is slower but never wrong
+(docs/gallery.md).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 
 from pipeline.config import MatchConfig
 from pipeline.gallery import Decision, Gallery, decide
@@ -22,6 +24,10 @@ from pipeline.types import FloatArray
 from session.store import Store
 
 log = logging.getLogger(__name__)
+
+#: How long an erased subject id is remembered, and refused by ``Directory.add``: far longer
+#: than an enrolment's write and its local add can be apart.
+ERASED_MEMORY_S = 600.0
 
 #: A change made during a load: (subject id, (templates, phone_last4)) added, or None removed.
 _Change = tuple[str, tuple[list[FloatArray], str] | None]
@@ -40,6 +46,15 @@ class Directory:
         # read, replayed onto the fresh gallery just before it replaces the current one.
         self._journals: list[list[_Change]] = []
         self._loads = 0  # loads started: only the newest may swap its gallery in
+        #: Held by an enrolment from its duplicate check to its ``add`` (session.enroll,
+        #: session.enrollment), so that two enrolments of one face on this server cannot
+        #: both pass the check. Across servers the check stays best effort.
+        self.enrolling = asyncio.Lock()
+        # Subjects erased lately (id -> time.monotonic()), refused by ``add``: the erasure's
+        # event can overtake an enrolment's own ``add`` after its write (an erasure through
+        # another server a moment later), which would put the subject back in this index.
+        # Subject ids are never reused; ERASED_MEMORY_S bounds the memory.
+        self._erased: dict[str, float] = {}
 
     async def load(self, store: Store) -> int:
         """Replace the index with every subject in the store; returns how many.
@@ -86,7 +101,10 @@ class Directory:
         return count
 
     def add(self, subject_id: str, templates: list[FloatArray], phone_last4: str) -> None:
-        """Index a newly enrolled subject (searchable as soon as this returns)."""
+        """Index a newly enrolled subject (searchable as soon as this returns); nothing if it
+        is indexed already or was erased lately."""
+        if subject_id in self.gallery or subject_id in self._erased:
+            return
         self.gallery.add_many(subject_id, templates, tags={"phone_last4": phone_last4})
         for journal in self._journals:
             journal.append((subject_id, (templates, phone_last4)))
@@ -94,6 +112,13 @@ class Directory:
 
     def remove(self, subject_id: str) -> None:
         """Drop an erased subject (never returned by a search once this returns)."""
+        now = time.monotonic()
+        while self._erased:  # oldest first (insertion order)
+            oldest, at = next(iter(self._erased.items()))
+            if now - at < ERASED_MEMORY_S:
+                break
+            del self._erased[oldest]
+        self._erased[subject_id] = now
         self.gallery.remove(subject_id)
         for journal in self._journals:
             journal.append((subject_id, None))

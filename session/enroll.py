@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+import numpy as np
+
 from pipeline.errors import (
     AlreadyEnrolled,
     AuthError,
@@ -34,7 +36,8 @@ from session.crypto import check_passphrase
 from session.enrollment import refuse_duplicate, refuse_taken_id
 from session.frames import FrameSlot
 from session.hints import enrol_hint
-from session.phone_digits import budget_spent, count_miss, lookalikes
+from session.models import Account
+from session.phone_digits import lookalikes, spend_answer
 from session.services import SessionServices
 from session.video import Emit, VideoSession, nearest
 
@@ -227,10 +230,26 @@ class EnrollSession(VideoSession):
         threshold = self.svc.config.pipeline.liveness.threshold
         if analysis.p_real is None or analysis.p_real < threshold:
             return
+        if self._templates and not self._same_person(analysis.embedding):
+            # Someone else in this track's box (the tracker keeps a face on its track down to
+            # cosine 0.3): their templates would let them pay from this account. Start over
+            # from them, as a checkout's evidence does (pipeline/evidence.py).
+            self._templates = []
+            self._last_take = -1e9
         if len(self._templates) >= self.cfg.templates or t - self._last_take < self.cfg.min_gap_s:
             return
         self._templates.append(analysis.embedding)
         self._last_take = t
+
+    def _same_person(self, embedding: FloatArray) -> bool:
+        """Whether ``embedding`` scores ``evidence.same_person_min_cos`` or more against the
+        mean of the templates kept so far."""
+        mean = np.mean(self._templates, axis=0)
+        norm = float(np.linalg.norm(mean))
+        if norm == 0.0:
+            return False
+        floor = self.svc.config.pipeline.evidence.same_person_min_cos
+        return float(mean @ embedding) / norm >= floor
 
     async def _feedback(self, reports: list[TrackReport], size: tuple[int, int], hint: str) -> None:
         if not self._faces_due():
@@ -277,19 +296,19 @@ class EnrollSession(VideoSession):
                 return msg
 
     async def _check_duplicate(self, templates: list[FloatArray]) -> None:
-        """``refuse_duplicate`` within the wrong-digit budget of every look-alike the face
+        """``refuse_duplicate`` within the phone-digit budget of every look-alike the face
         matches (session/phone_digits.py): whether it refuses says whether the phone digits
-        given are a look-alike's, so this answer is a guess of them like a checkout's."""
+        given are a look-alike's, so this answer is a guess of them like a checkout's.
+
+        The answer is spent before it is given, in one atomic count per look-alike, so that
+        enrolments running at once on several kiosks cannot all pass one last check."""
         budget, limiter = self.svc.config.limits.phone_digit_misses_per_subject, self.svc.limiter
         named = await self.svc.search(lookalikes, templates)
-        if await budget_spent(limiter, named, budget):
+        if not await spend_answer(limiter, named, budget):
             await self._finish("declined", "ambiguous")
         await refuse_duplicate(
             self.svc.directory, self.svc.search_executor, templates, self.req.phone
         )
-        # Digits unlike every look-alike's: a wrong guess if it was one. A twin enrolling
-        # honestly spends one of the look-alike's answers too, once.
-        await count_miss(limiter, named, budget)
 
     async def _create(self, passhash: str) -> None:
         await self._check()  # a gone or cancelling terminal gets no account
@@ -299,29 +318,26 @@ class EnrollSession(VideoSession):
             "terminal": self.req.terminal_id,
             "time": repr(self.consent_time),
         }
-        try:
-            await self._check_duplicate(templates)
-            account, subject = await self.svc.store.create_account(
-                self.req.account_id,
-                self.req.name,
-                self.req.phone,
-                passhash,
-                templates,
-                consent,
-                terminal_id=self.req.terminal_id,
-            )
-        except AuthError:
-            await self._finish("declined", "terminal_revoked")
-        except TemplateKeyMismatch:
-            # This server's key is not the data's (a rotation begun while it runs): nothing
-            # is written, as when Redis is down.
-            log.warning("enrolment refused: the template key check in Redis names another key")
-            await self._finish("declined", "unavailable")
-        except AlreadyEnrolled:
-            await self._finish("declined", "already_enrolled")
-        except Conflict:
-            await self._finish("declined", "conflict")
-        if subject not in self.svc.directory.gallery:
+        # One enrolment at a time on this server from the duplicate check to the index, so
+        # that two of one face (two kiosks, a double submit) cannot both pass the check.
+        async with self.svc.directory.enrolling:
+            try:
+                await self._check_duplicate(templates)
+                # The duplicate check awaited Redis, where a disconnect's cancel can be lost
+                # (session/video.py): nothing may be written for a terminal that has gone.
+                await self._check()
+                account, subject = await self._write(passhash, templates, consent)
+            except AuthError:
+                await self._finish("declined", "terminal_revoked")
+            except TemplateKeyMismatch:
+                # This server's key is not the data's (a rotation begun while it runs):
+                # nothing is written, as when Redis is down.
+                log.warning("enrolment refused: the template key check in Redis names another key")
+                await self._finish("declined", "unavailable")
+            except AlreadyEnrolled:
+                await self._finish("declined", "already_enrolled")
+            except Conflict:
+                await self._finish("declined", "conflict")
             self.svc.directory.add(subject, templates, account.phone_last4)
         count = len(templates)
         del templates
@@ -330,3 +346,24 @@ class EnrollSession(VideoSession):
         await self._send({"type": "enrolled", "account_id": account.account_id, "templates": count})
         await self._send({"type": "state", "state": "enrolled", "session_id": self.session_id})
         self.svc.observer.decision("enroll", "enrolled", "enrolled")
+
+    async def _write(
+        self, passhash: str, templates: list[FloatArray], consent: dict[str, str]
+    ) -> tuple[Account, str]:
+        """``create_account``; a write whose reply was lost ends ``enrolment_unknown``: the
+        account may exist, so the person must not be told that nothing was stored."""
+        try:
+            return await self.svc.store.create_account(
+                self.req.account_id,
+                self.req.name,
+                self.req.phone,
+                passhash,
+                templates,
+                consent,
+                terminal_id=self.req.terminal_id,
+            )
+        except StoreUnavailable as exc:
+            if exc.unsent:
+                raise
+            log.warning("enrolment %s: the account's write may have been made", self.session_id)
+            await self._finish("declined", "enrolment_unknown")

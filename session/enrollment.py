@@ -210,15 +210,16 @@ async def enroll_from_images(
     check_account_fields(account_id, name, phone)
     await refuse_taken_id(store, account_id)
     templates = await templates_from_images(analyzer, executor, images)
-    await refuse_duplicate(directory, executor, templates, phone)
     loop = asyncio.get_running_loop()
     passhash = await loop.run_in_executor(executor, hasher.hash, passphrase)
-    account, subject_id = await store.create_account(
-        account_id, name, phone, passhash, templates, consent
-    )
-    # The store also publishes ``enrolled:{sid}``; stream_server.sync skips a subject that is
-    # already indexed, so adding it here at once does not index it twice.
-    if subject_id not in directory.gallery:
+    # From the duplicate check to the index one enrolment at a time (Directory.enrolling).
+    async with directory.enrolling:
+        await refuse_duplicate(directory, executor, templates, phone)
+        account, subject_id = await store.create_account(
+            account_id, name, phone, passhash, templates, consent
+        )
+        # The store also publishes ``enrolled:{sid}``; stream_server.sync skips a subject
+        # that is already indexed, so adding it here at once does not index it twice.
         directory.add(subject_id, templates, account.phone_last4)
     log.info("enrolled account %s with %s templates", account.account_id, len(templates))
     return account, len(templates)

@@ -15,9 +15,9 @@ looks like them).
 A live enrolment's duplicate check compares the face only with the enrolled people whose
 phone ends in the digits given (``session.enrollment.refuse_duplicate``), so its answer,
 ``already_enrolled`` or a new account, would confirm or deny a look-alike's guess of those
-digits. The same budget bounds it: digits that differ from those of every look-alike the
-face matches count as one wrong answer against each (``lookalikes``), and once a look-alike's
-budget is spent such an enrolment is declined ``ambiguous`` before the digits are compared.
+digits. The same budget bounds it: each such enrolment spends one answer of every
+look-alike the face matches (``lookalikes``, ``spend_answer``), right or wrong, before the
+digits are compared, and once a look-alike's budget is spent it is declined ``ambiguous``.
 """
 
 from __future__ import annotations
@@ -64,6 +64,20 @@ async def budget_spent(limiter: RateLimiter, subjects: Sequence[str], limit: Lim
         if await limiter.remaining(BUCKET, sid, limit) <= 0:
             return True
     return False
+
+
+async def spend_answer(limiter: RateLimiter, subjects: Sequence[str], limit: Limit) -> bool:
+    """Count one answer against each of ``subjects``; False if any budget was already spent.
+
+    One atomic count per subject (``RateLimiter.hit``), so that answers given at the same
+    moment on several kiosks cannot all pass a check made before any of them is counted."""
+    spent = False
+    for sid in subjects:
+        try:
+            await limiter.hit(BUCKET, sid, limit)
+        except RateLimited:
+            spent = True
+    return not spent
 
 
 async def count_miss(limiter: RateLimiter, subjects: Sequence[str], limit: Limit) -> None:

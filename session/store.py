@@ -143,7 +143,8 @@ class Store(StoreTerminals, StorePurge):
         watched = [akey, a2s, *self._check_keys()]
         if terminal_id is not None:
             watched.append(self._k("terminal", terminal_id))
-        with h.unavailable("create_account"):
+        sent = h.Sent()
+        with h.unavailable_tx("create_account", sent):
             async with self._r.pipeline(transaction=True) as pipe:
                 for _ in range(_WATCH_RETRIES):
                     try:
@@ -178,6 +179,7 @@ class Store(StoreTerminals, StorePurge):
                         self._queue_audit(pipe, consent_entry)
                         self._queue_audit(pipe, enrolled_entry)
                         pipe.publish(self.events_channel, f"enrolled:{sid}")
+                        sent.exec = True
                         await pipe.execute()
                         break
                     except WatchError:
@@ -309,7 +311,8 @@ class Store(StoreTerminals, StorePurge):
         reason = h.check_label(reason, "erasure reason", limit=64)
         by = h.by_operator(operator)
         akey, a2s = self._k("account", account_id), self._a2s_key(account_id)
-        with h.unavailable("erase_account"):
+        sent = h.Sent()
+        with h.unavailable_tx("erase_account", sent):
             async with self._r.pipeline(transaction=True) as pipe:
                 for _ in range(_WATCH_RETRIES):
                     try:
@@ -346,6 +349,7 @@ class Store(StoreTerminals, StorePurge):
                         pipe.incr(self._k("purge", "erasures"))  # a purge is owed for it
                         for sid in sids:
                             pipe.publish(self.events_channel, f"erased:{sid}")
+                        sent.exec = True
                         await pipe.execute()
                         return count
                     except WatchError:

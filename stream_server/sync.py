@@ -88,8 +88,9 @@ async def apply_event(
     except FacePayError as exc:
         log.warning("directory sync: cannot load subject %s: %s", subject_id, exc)
         return "failed"
-    if subject_id not in directory.gallery:  # an enrolment in this process may have won
-        directory.add(subject_id, templates, last4)
+    # Nothing if an enrolment in this process indexed it meanwhile, or it was erased while
+    # its templates were read (Directory.add).
+    directory.add(subject_id, templates, last4)
     return "added"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
 import weakref
@@ -209,6 +210,26 @@ async def test_enrol_from_photo_then_erase(client, data_dir, redis_url):
 
     resp = await client.delete("/api/accounts/alice", headers=AUTH)
     assert resp.status == 404
+
+
+async def test_two_enrolments_of_one_face_at_once_make_one_account(client, data_dir):
+    """Two kiosks, or a double submit: both requests used to pass the duplicate check before
+    either was written, and both accounts were then ambiguous at every checkout, even after
+    the phone digits. Checked and written one at a time, the second is refused."""
+    forms = [
+        _enrol_form([_jpeg(data_dir, f"obama/{name}")], account_id=account)
+        for name, account in (("obama.jpg", "alice"), ("obama3.jpg", "alice2"))
+    ]
+    responses = await asyncio.gather(
+        *(client.post("/api/accounts", data=form, headers=AUTH) for form in forms)
+    )
+    assert sorted(r.status for r in responses) == [201, 409], [r.status for r in responses]
+    assert len(client.app[DIRECTORY].gallery.subjects()) == 1
+    store, found = client.app[STORE], []
+    for account in ("alice", "alice2"):
+        with contextlib.suppress(NotFound):
+            found.append((await store.get_account(account)).account_id)
+    assert len(found) == 1, found
 
 
 async def test_the_same_face_is_not_enrolled_twice_with_the_same_phone_digits(client, data_dir):

@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from pipeline.config import MatchConfig
 from session.config import FacePayConfig, ServerConfig
 from session.crypto import PassphraseHasher, TemplateCipher, generate_key
-from session.directory import Directory
+from session.directory import ERASED_MEMORY_S, Directory
 from session.store import Store
 from stream_server.app import DIRECTORY, create_app
 
@@ -185,16 +185,35 @@ async def test_changes_during_a_load_are_replayed_onto_the_loaded_gallery(concur
     await asyncio.gather(*(s.paused.wait() for s in stores))
     directory.remove("a")  # read already: must not come back with the swap
     directory.add("c", [_template(2)], "0002")  # not in the rows read
-    directory.remove("c")
-    directory.add("c", [_template(2)], "0002")  # removed and added again: the last wins
+    directory.remove("c")  # added, then removed: the replay keeps the order
+    directory.add("c", [_template(2)], "0002")  # an erased subject never comes back
     directory.add("d", [_template(3)], "0003")
+    directory.add("e", [_template(4)], "0004")
     directory.remove("b")  # not read yet: it is read, then removed by the replay
     assert "a" not in directory.gallery  # at once, on the gallery being served
+    assert "c" not in directory.gallery
     for s in stores:
         s.release.set()
     assert await asyncio.gather(*loads) == [2] * concurrent_loads
-    assert set(directory.gallery.subjects()) == {"c", "d"}
+    assert set(directory.gallery.subjects()) == {"d", "e"}
     assert directory._journals == []
+
+
+async def test_an_erased_subject_is_not_put_back_by_a_late_add(monkeypatch):
+    """An erasure's event can overtake the add that follows an enrolment's own write (an
+    erasure through another server a moment later), or a sync's read of the templates: the
+    add must not put the erased subject back in this server's index. Subject ids are never
+    reused; the memory of erased ones is bounded in time."""
+    clock = [1000.0]
+    monkeypatch.setattr("session.directory.time.monotonic", lambda: clock[0])
+    directory = Directory(MatchConfig())
+    directory.remove("s_late")  # the erasure's event first
+    directory.add("s_late", [_template(0)], "0000")  # then the enrolment's own add
+    assert "s_late" not in directory.gallery
+    assert directory.identify(_template(0)).status == "no_match"
+    clock[0] += ERASED_MEMORY_S + 1
+    directory.remove("s_next")  # forgets what is older than the memory
+    assert set(directory._erased) == {"s_next"}
 
 
 async def test_a_load_overtaken_by_a_later_one_swaps_nothing():

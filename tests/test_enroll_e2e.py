@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
+from pipeline.errors import StoreUnavailable
+from session.config import FacePayConfig
+from session.enroll import EnrollRequest, EnrollSession
+from session.frames import FrameSlot
 from session.hints import ENROL_HINTS, enrol_hint
-from stream_server.app import CONNECTIONS, REDIS
+from stream_server.app import CONNECTIONS, LIMITER, REDIS, STORE
 from tests.e2e import camera_frames
 
 ENROLL = "faces/obama/obama.jpg"
@@ -228,6 +234,90 @@ async def test_an_enrolled_face_is_declined_already_enrolled(make_env, analyzer,
     declined = await term.expect("declined", "enrolled")
     assert declined == {"type": "declined", "reason": "already_enrolled"}, term.events
     assert len(await _accounts(env)) == 1
+
+
+async def test_a_cancel_during_the_duplicate_check_stores_nothing(
+    make_env, analyzer, photo, monkeypatch
+):
+    """The duplicate check waits on Redis (the look-alike's budget) after the last look at
+    the inbox: a cancel, or a disconnect whose task cancel redis-py swallowed, that came in
+    meanwhile used to be ignored, and the account was written anyway."""
+    env = await make_env()
+    await env.enroll("acct-twin", "Look Alike", "+1 202 555 0199", photo(SHOPPER))
+    term = await _enroll_terminal(env, analyzer, photo)
+    await _capture(term)
+    limiter = env.app[LIMITER]
+    hit = limiter.hit
+
+    async def cancelled_meanwhile(*args, **kwargs):
+        await term.send({"type": "cancel"})
+        await asyncio.sleep(0.3)  # the server has queued it
+        return await hit(*args, **kwargs)
+
+    monkeypatch.setattr(limiter, "hit", cancelled_meanwhile)
+    await term.send({"type": "enroll_passphrase", "passphrase": SECRET, "confirm": SECRET})
+    state = await term.expect("state", timeout=30)
+    assert state["state"] == "cancelled", term.events
+    assert "enrolled" not in term.types()
+    assert len(await _accounts(env)) == 1  # the twin's only
+
+
+@pytest.mark.parametrize("written", [True, False])
+async def test_a_write_whose_outcome_is_unknown_is_not_called_nothing_stored(
+    make_env, analyzer, photo, monkeypatch, written
+):
+    """Redis fails around the account's write. Only when the write certainly never left may
+    the person be told that nothing was stored (`unavailable`); a write whose reply was lost
+    may have committed (`enrolment_unknown`, and the account is there)."""
+    env = await make_env()
+    term = await _enroll_terminal(env, analyzer, photo)
+    await _capture(term)
+    store = env.app[STORE]
+    create = store.create_account
+
+    async def reply_lost(*args, **kwargs):
+        if written:
+            await create(*args, **kwargs)
+        err = StoreUnavailable("redis unavailable during create_account (ConnectionError)")
+        err.unsent = not written
+        raise err
+
+    monkeypatch.setattr(store, "create_account", reply_lost)
+    await term.send({"type": "enroll_passphrase", "passphrase": SECRET, "confirm": SECRET})
+    declined = await term.expect("declined", "enrolled", timeout=30)
+    reason = "enrolment_unknown" if written else "unavailable"
+    assert declined == {"type": "declined", "reason": reason}, term.events
+    assert len(await _accounts(env)) == int(written)
+
+
+def test_a_capture_keeps_templates_of_one_person(analyzer):
+    """The tracker keeps a face on its track down to cosine 0.3, so a look-alike stepping
+    into the enrolling person's box mid-capture stays on the same track: their templates
+    were kept with the first person's, and they could then pay from this account. Another
+    person's template starts the capture over from them."""
+    config = FacePayConfig()
+    services = SimpleNamespace(config=config, analyzer=analyzer)
+    request = EnrollRequest("m_1", "t_1", "acct-live", "Barack Obama", "+1 202 555 0101")
+    session = EnrollSession(services, request, FrameSlot(), lambda _msg: None)  # type: ignore[arg-type]
+    rng = np.random.default_rng(1)
+
+    def unit(v):
+        return (v / np.linalg.norm(v)).astype(np.float32)
+
+    first = unit(rng.normal(size=128))
+    same = unit(first + 0.3 * unit(rng.normal(size=128)))  # the same person, another frame
+    other = unit(0.35 * first + 0.94 * unit(rng.normal(size=128)))  # cosine ~0.35
+    assert float(first @ same) > 0.9 and 0.3 < float(first @ other) < 0.45
+
+    def report(embedding):
+        quality = SimpleNamespace(ok=True)
+        analysis = SimpleNamespace(quality=quality, embedding=embedding, p_real=0.95)
+        return SimpleNamespace(track_id=7, analysis=analysis)
+
+    gap = config.enrollment.min_gap_s
+    for i, embedding in enumerate([first, same, other]):
+        session._collect(report(embedding), i * gap)  # type: ignore[arg-type]
+    assert len(session._templates) == 1 and session._templates[0] is other
 
 
 async def test_cancel_while_capturing(make_env, analyzer, photo):

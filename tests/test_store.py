@@ -27,6 +27,7 @@ from pipeline.types import FloatArray
 from session import _store_lua as h
 from session.crypto import PassphraseHasher, TemplateCipher, generate_key
 from session.store import PaymentConflict, Store
+from stream_server.redis_client import connect
 from tests.privacy_scan import aof_bytes, aof_settled
 
 PASSPHRASE = "open sesame 42"
@@ -1167,6 +1168,66 @@ async def test_redis_down_is_store_unavailable_and_the_client_recovers(
     assert sid_b in [s async for s, _, _ in db.iter_subjects()]
     p = await db.create_payment(**_pay(order_id="o-3"))
     assert await db.get_payment(p.payment_id) == p
+
+
+class _ExecReplyLost:
+    """A relay to Redis that passes a transaction's EXEC on, then cuts its client off before
+    the reply and refuses every later connection: the write commits, its caller never
+    hears, and a retry cannot even connect."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.cut = False
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _relay(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        s_reader, s_writer = await asyncio.open_connection("127.0.0.1", self.port)
+
+        async def up() -> None:
+            while data := await c_reader.read(65536):
+                if b"EXEC" in data:
+                    self.cut = True  # before it is sent: its reply must never get back
+                    assert self.server is not None
+                    self.server.close()
+                s_writer.write(data)
+                await s_writer.drain()
+                if self.cut:
+                    await asyncio.sleep(0.2)  # Redis runs it
+                    c_writer.transport.abort()
+                    s_writer.close()
+                    return
+
+        async def down() -> None:
+            while (data := await s_reader.read(65536)) and not self.cut:
+                c_writer.write(data)
+                await c_writer.drain()
+
+        await asyncio.gather(up(), down(), return_exceptions=True)
+
+
+async def test_a_lost_reply_to_an_enrolment_write_never_says_nothing_was_written(
+    db: Store, redis_server: Any, passhash: str
+) -> None:
+    """The EXEC of create_account commits, its reply is lost, and the retry cannot connect:
+    the failure must not read as "never sent" (a live enrolment then told the person that
+    nothing was stored, while their account and templates were in Redis)."""
+    relay = _ExecReplyLost(redis_server.port)
+    url = await relay.start()
+    cut_off = Store(connect(url, max_connections=2, socket_timeout=2), db._cipher)
+    try:
+        with pytest.raises(StoreUnavailable) as info:
+            await cut_off.create_account(
+                "alice", "Alice Liddell", "+8613800001234", passhash, _templates(), CONSENT
+            )
+    finally:
+        await cut_off._r.aclose()
+    assert relay.cut
+    assert not info.value.unsent and "may have been done" in str(info.value)
+    assert (await db.get_account("alice")).status == "active"  # it was written
 
 
 async def test_phone_separators_are_normalised(db: Store, passhash: str) -> None:

@@ -25,6 +25,7 @@ const DECLINES = {
   already_enrolled: "You are already enrolled with this phone number.",
   ambiguous: "We cannot enrol this face today. Please try again tomorrow or ask staff.",
   unavailable: "The service is unavailable right now. Nothing was stored.",
+  enrolment_unknown: "We could not confirm whether your enrolment was saved. Please ask staff before trying again.",
   terminal_revoked: "This kiosk is no longer allowed to enrol. Nothing was stored.",
 };
 
