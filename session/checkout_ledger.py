@@ -16,6 +16,7 @@ from pipeline.errors import (
     Conflict,
     LimitExceeded,
     NotFound,
+    PaymentConflict,
     StoreUnavailable,
 )
 from session.models import CheckoutRequest, Payment
@@ -77,6 +78,11 @@ async def write_payment(
         if exc.unsent:  # never reached Redis: certainly nothing was written
             raise Refused("unavailable") from exc
         return await _written_after_all(store, req, payment_id)
+    except PaymentConflict as exc:
+        # Paid meanwhile by another session (a till that retried the order on a new
+        # connection while this write was in flight): the till must learn which payment
+        # settled the order (docs/protocol.md), as when the order was paid before the scan.
+        raise Refused("duplicate_order", payment_id=exc.payment_id) from exc
     except Conflict as exc:
         raise Refused("duplicate_order") from exc
     except LimitExceeded as exc:
