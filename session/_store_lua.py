@@ -154,9 +154,21 @@ return {0, ms, stored}
 """
 
 
-_RELEASE_LUA = """
+# KEYS: 1 a key holding its holder's token. ARGV: 1 the token. Deletes the key only while
+# it still holds that token: a holder whose key expired must not free the next holder's.
+RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+
+# KEYS: 1 a gate entry claim. ARGV: 1 its holder's token, 2 ms it has left (<= 0: none).
+# Cuts the claim to what is left of its entry window once its fare is written, only while
+# it is still this holder's (session._store_ledger: a claim is held longer while a fare may
+# be in flight).
+SHORTEN_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if tonumber(ARGV[2]) > 0 then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return redis.call('DEL', KEYS[1])
 """
 
 
@@ -172,7 +184,7 @@ async def held(r: Redis, key: str, ttl_ms: int) -> AsyncIterator[bool]:
     try:
         yield True
     finally:
-        await r.eval(_RELEASE_LUA, 1, key, token)
+        await r.eval(RELEASE_LUA, 1, key, token)
 
 
 @contextmanager
