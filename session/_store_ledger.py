@@ -17,6 +17,7 @@ from pipeline.errors import (
     AccountLocked,
     AuthError,
     Conflict,
+    Forbidden,
     InvalidRequest,
     LimitExceeded,
     NotFound,
@@ -287,7 +288,8 @@ class StoreCore:
         payment_id: str | None = None,
     ) -> Payment:
         """Write one payment atomically (Lua): Conflict if the order is already paid,
-        AuthError if the terminal is revoked (or unknown), AccountLocked if the account is
+        AuthError if the terminal is revoked (or unknown), Forbidden if it belongs to another
+        merchant or is not a checkout or gate terminal, AccountLocked if the account is
         locked, NotFound if it is erased or missing,
         LimitExceeded if the account's daily total would pass ``daily_limit``. Audit ``payment``.
 
@@ -331,6 +333,10 @@ class StoreCore:
             raise Conflict(f"payment id {pid} was voided after a lost reply")
         if status == "revoked":
             raise AuthError("terminal revoked")
+        if status == "foreign":
+            raise Forbidden(f"terminal {terminal_id} does not belong to merchant {merchant_id}")
+        if status == "not_paying":
+            raise Forbidden(f"a {value or 'modeless'} terminal cannot take payments")
         if status == "locked":
             raise AccountLocked("the account is locked", until=self._lock_end(value))
         if status == "inactive":

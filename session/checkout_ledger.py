@@ -14,6 +14,7 @@ from pipeline.errors import (
     AccountLocked,
     AuthError,
     Conflict,
+    Forbidden,
     LimitExceeded,
     NotFound,
     PaymentConflict,
@@ -96,6 +97,12 @@ async def write_payment(
         raise Refused("no_match") from exc
     except AuthError as exc:
         # This terminal was revoked after its hello (through any server).
+        raise Refused("terminal_revoked") from exc
+    except Forbidden as exc:
+        # The terminal's record does not allow this payment (another merchant's, or an
+        # enrolment terminal): the session took both from that record, so this is a bug or
+        # a tampered record. The till can only treat the terminal as out of service.
+        log.error("checkout for order %s refused by the ledger: %s", req.order_id, exc)
         raise Refused("terminal_revoked") from exc
 
 

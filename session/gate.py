@@ -32,6 +32,7 @@ from pipeline.errors import (
     AccountLocked,
     AuthError,
     FacePayError,
+    Forbidden,
     LimitExceeded,
     NotFound,
     StoreUnavailable,
@@ -55,6 +56,9 @@ _REFUSALS: tuple[tuple[type[FacePayError], str, str], ...] = (
     (NotFound, "unknown", "Not recognised: please use the ticket gate"),
     # The gate's own terminal was revoked (its socket is being closed): charge nobody.
     (AuthError, "revoked", "Gate out of service: please use the ticket gate"),
+    # Its record does not allow the fare (another merchant's, or an enrolment terminal):
+    # out of service as well; never expected, the session takes both from that record.
+    (Forbidden, "revoked", "Gate out of service: please use the ticket gate"),
 )
 _REFUSED = tuple(kind for kind, _, _ in _REFUSALS)
 
