@@ -26,7 +26,9 @@ class StoreKeys(StoreKeyCheck):
     _cipher: TemplateCipher
 
     async def rotate_terminal_token(self, terminal_id: str, *, operator: str | None = None) -> str:
-        """Give an active terminal a new token; the old one stops working at once.
+        """Give an active terminal a new token; the old one stops working at once, and
+        ``rotated:{id}`` on the events channel tells every server to close the sockets
+        opened with it (stream_server.revocation): a rotation answers a stolen token.
 
         Returns the new token (shown once). NotFound if unknown, Conflict if revoked.
         """
@@ -52,6 +54,7 @@ class StoreKeys(StoreKeyCheck):
                             {"terminal_id": terminal_id, **h.by_operator(operator)},
                         )
                         self._queue_audit(pipe, entry)
+                        pipe.publish(self.events_channel, f"rotated:{terminal_id}")
                         await pipe.execute()
                         return token
                     except WatchError:

@@ -17,6 +17,7 @@ from pipeline.errors import (
     AccountLocked,
     AuthError,
     Conflict,
+    Forbidden,
     InvalidRequest,
     LimitExceeded,
     NotFound,
@@ -38,11 +39,20 @@ class StoreCore:
     events_channel: str
     _fail_script: AsyncScript
     _void_script: AsyncScript
+    _release_script: AsyncScript
+    _shorten_script: AsyncScript
     #: Lockout back-off and per-account failure budget (Store takes it from the config).
     limits: RateLimitConfig = RateLimitConfig()
     #: About how many records the audit stream keeps (Redis trims whole nodes, so a few
     #: more); the server takes it from ``server.audit_max_records``.
     audit_maxlen: int = h.AUDIT_MAXLEN
+    #: The least a gate entry claim lasts, whatever ``policy.gate_entry_window_s``: longer
+    #: than the fare's write can still land after the claim. The server's Redis client
+    #: (stream_server.redis_client) waits up to 5 s for a pooled connection, 2 s to connect
+    #: and 5 s for a reply: 12 s a command; the write and, should it fail, the lookup that
+    #: fences it off (``payment_or_void``) take at most 24 s. A shorter window (a bench's
+    #: few seconds) is restored once the fare is written (``settle_gate_entry``).
+    gate_claim_hold_s: float = 30.0
 
     def _init_core(self, redis: Redis, prefix: str) -> None:
         self._r = redis
@@ -50,6 +60,8 @@ class StoreCore:
         self._pay_script = redis.register_script(h.PAY_LUA)
         self._fail_script = redis.register_script(h.FAIL_LUA)
         self._void_script = redis.register_script(h.VOID_LUA)
+        self._release_script = redis.register_script(h.RELEASE_LUA)
+        self._shorten_script = redis.register_script(h.SHORTEN_LUA)
 
     def _k(self, *parts: str) -> str:
         """A key under this store's prefix: ``_k("pay", mid, order)`` -> ``fp:pay:mid:order``."""
@@ -205,24 +217,50 @@ class StoreCore:
             await self._r.delete(self._k("fail", account_id))
 
     # --- gate entries -----------------------------------------------------------------------
-    async def claim_gate_entry(self, merchant_id: str, account_id: str, window_s: float) -> bool:
+    async def claim_gate_entry(
+        self, merchant_id: str, account_id: str, window_s: float
+    ) -> str | None:
         """Atomically claim this account's entry at this merchant for ``window_s`` seconds.
 
-        True for the first claim in the window (charge the fare), False if the account
-        already entered (a track that broke and re-formed, or a second gate): never charge
-        twice. SET NX with an expiry, so concurrent gates cannot both win.
+        The claim's token for the first claim in the window (charge the fare, then
+        ``settle_gate_entry`` or ``release_gate_entry`` with it), None if the account already
+        entered (a track that broke and re-formed, or a second gate): never charge twice.
+        SET NX with an expiry, so concurrent gates cannot both win. The claim lasts at
+        least ``gate_claim_hold_s``, however short the window: it must not lapse while its
+        fare may still be written, or another gate would claim and charge the same person.
         """
-        ttl_ms = max(1, int(window_s * 1000))
+        token = h.new_id("g", 12)
+        ttl_ms = max(1, math.ceil(max(window_s, self.gate_claim_hold_s) * 1000))
         with h.unavailable("claim_gate_entry"):
             won = await self._r.set(
-                self._k("gate", merchant_id, account_id), "1", nx=True, px=ttl_ms
+                self._k("gate", merchant_id, account_id), token, nx=True, px=ttl_ms
             )
-        return bool(won)
+        return token if won else None
 
-    async def release_gate_entry(self, merchant_id: str, account_id: str) -> None:
-        """Undo a claim whose fare could not be charged (limit, outage): the person may retry."""
+    async def settle_gate_entry(
+        self, merchant_id: str, account_id: str, token: str, window_s: float, age_s: float
+    ) -> None:
+        """The claim's fare is written: cut a claim held past its window (one shorter than
+        ``gate_claim_hold_s``) to what is left of ``window_s``, the claim being ``age_s``
+        seconds old. Only the holder's claim is touched."""
+        if window_s >= self.gate_claim_hold_s:
+            return  # it expires with its window already
+        left_ms = math.floor((window_s - age_s) * 1000)
+        with h.unavailable("settle_gate_entry"):
+            await self._shorten_script(
+                keys=[self._k("gate", merchant_id, account_id)], args=[token, left_ms]
+            )
+
+    async def release_gate_entry(self, merchant_id: str, account_id: str, token: str) -> None:
+        """Undo a claim whose fare could not be charged (limit, outage): the person may retry.
+
+        Compare-and-delete: a claim that expired (its fare's write outlasted it) may have been
+        taken by another gate since, and freeing that one would let a third charge again.
+        """
         with h.unavailable("release_gate_entry"):
-            await self._r.delete(self._k("gate", merchant_id, account_id))
+            await self._release_script(
+                keys=[self._k("gate", merchant_id, account_id)], args=[token]
+            )
 
     # --- payments -------------------------------------------------------------------------
     async def find_payment(self, merchant_id: str, order_id: str) -> Payment | None:
@@ -250,7 +288,8 @@ class StoreCore:
         payment_id: str | None = None,
     ) -> Payment:
         """Write one payment atomically (Lua): Conflict if the order is already paid,
-        AuthError if the terminal is revoked (or unknown), AccountLocked if the account is
+        AuthError if the terminal is revoked (or unknown), Forbidden if it belongs to another
+        merchant or is not a checkout or gate terminal, AccountLocked if the account is
         locked, NotFound if it is erased or missing,
         LimitExceeded if the account's daily total would pass ``daily_limit``. Audit ``payment``.
 
@@ -294,6 +333,10 @@ class StoreCore:
             raise Conflict(f"payment id {pid} was voided after a lost reply")
         if status == "revoked":
             raise AuthError("terminal revoked")
+        if status == "foreign":
+            raise Forbidden(f"terminal {terminal_id} does not belong to merchant {merchant_id}")
+        if status == "not_paying":
+            raise Forbidden(f"a {value or 'modeless'} terminal cannot take payments")
         if status == "locked":
             raise AccountLocked("the account is locked", until=self._lock_end(value))
         if status == "inactive":

@@ -57,11 +57,14 @@ _CURRENCY = re.compile(r"[A-Z]{3}")
 # ARGV: 1 payment_id, 2 merchant_id, 3 order_id, 4 account_id, 5 terminal_id, 6 amount,
 #       7 currency, 8 created, 9 daily_limit, 10 payid value, 11 daily ttl, 12 audit maxlen
 # Returns {"ok", pid} | {"exists", existing_pid} | {"void", ""} | {"revoked", ""}
-# | {"locked", lock end}
+# | {"foreign", ""} | {"not_paying", mode} | {"locked", lock end}
 # | {"inactive", ""} | {"limit", spent_today}. The terminal, the lock and the account are
 # read here, in the same step as the write, because a session reads them once (the terminal
 # at its hello, the account before a prompt that may stay open for half a minute): a
 # revocation, a lockout or an erasure meanwhile (through any server) must still stop it.
+# The terminal must also belong to the payment's merchant and be one that takes payments
+# (checkout or gate): the sessions take both from the terminal's record today, and the
+# ledger must not depend on every caller doing so (defence in depth).
 PAY_LUA = """
 local existing = redis.call('HGET', KEYS[1], 'payment_id')
 if existing then
@@ -70,8 +73,15 @@ end
 if redis.call('EXISTS', KEYS[8]) == 1 then
   return {'void', ''}
 end
-if redis.call('HGET', KEYS[7], 'status') ~= 'active' then
+local terminal = redis.call('HMGET', KEYS[7], 'status', 'merchant_id', 'mode')
+if terminal[1] ~= 'active' then
   return {'revoked', ''}
+end
+if terminal[2] ~= ARGV[2] then
+  return {'foreign', ''}
+end
+if terminal[3] ~= 'checkout' and terminal[3] ~= 'gate' then
+  return {'not_paying', terminal[3] or ''}
 end
 local lock = redis.call('GET', KEYS[5])
 if lock then
@@ -154,9 +164,21 @@ return {0, ms, stored}
 """
 
 
-_RELEASE_LUA = """
+# KEYS: 1 a key holding its holder's token. ARGV: 1 the token. Deletes the key only while
+# it still holds that token: a holder whose key expired must not free the next holder's.
+RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+
+# KEYS: 1 a gate entry claim. ARGV: 1 its holder's token, 2 ms it has left (<= 0: none).
+# Cuts the claim to what is left of its entry window once its fare is written, only while
+# it is still this holder's (session._store_ledger: a claim is held longer while a fare may
+# be in flight).
+SHORTEN_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if tonumber(ARGV[2]) > 0 then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return redis.call('DEL', KEYS[1])
 """
 
 
@@ -172,7 +194,7 @@ async def held(r: Redis, key: str, ttl_ms: int) -> AsyncIterator[bool]:
     try:
         yield True
     finally:
-        await r.eval(_RELEASE_LUA, 1, key, token)
+        await r.eval(RELEASE_LUA, 1, key, token)
 
 
 @contextmanager

@@ -105,6 +105,22 @@ class StoreTerminals(StoreKeys):
                 pipe.publish(self.events_channel, f"revoked:{terminal_id}")
                 await pipe.execute()
 
+    @staticmethod
+    def token_sha256(token: str) -> str:
+        """The digest a terminal token is stored under. A connection keeps its token's, to
+        tell after a rotation whether it was opened with the terminal's current token."""
+        return h.token_sha256(token)
+
+    async def current_token_sha256(self, terminal_id: str) -> str | None:
+        """The digest of the terminal's current token; None if it is revoked or unknown."""
+        with h.unavailable("current_token_sha256"):
+            digest, status = await self._r.hmget(
+                self._k("terminal", terminal_id), ["token_sha256", "status"]
+            )
+        if digest is None or status is None or h.text(status) != "active":
+            return None
+        return h.text(digest)
+
     async def authenticate_terminal(self, token: str) -> Terminal:
         """The active terminal whose token this is, or AuthError (constant-time compare)."""
         if not isinstance(token, str) or not token or len(token) > 256:

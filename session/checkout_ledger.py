@@ -14,8 +14,10 @@ from pipeline.errors import (
     AccountLocked,
     AuthError,
     Conflict,
+    Forbidden,
     LimitExceeded,
     NotFound,
+    PaymentConflict,
     StoreUnavailable,
 )
 from session.models import CheckoutRequest, Payment
@@ -77,6 +79,11 @@ async def write_payment(
         if exc.unsent:  # never reached Redis: certainly nothing was written
             raise Refused("unavailable") from exc
         return await _written_after_all(store, req, payment_id)
+    except PaymentConflict as exc:
+        # Paid meanwhile by another session (a till that retried the order on a new
+        # connection while this write was in flight): the till must learn which payment
+        # settled the order (docs/protocol.md), as when the order was paid before the scan.
+        raise Refused("duplicate_order", payment_id=exc.payment_id) from exc
     except Conflict as exc:
         raise Refused("duplicate_order") from exc
     except LimitExceeded as exc:
@@ -90,6 +97,12 @@ async def write_payment(
         raise Refused("no_match") from exc
     except AuthError as exc:
         # This terminal was revoked after its hello (through any server).
+        raise Refused("terminal_revoked") from exc
+    except Forbidden as exc:
+        # The terminal's record does not allow this payment (another merchant's, or an
+        # enrolment terminal): the session took both from that record, so this is a bug or
+        # a tampered record. The till can only treat the terminal as out of service.
+        log.error("checkout for order %s refused by the ledger: %s", req.order_id, exc)
         raise Refused("terminal_revoked") from exc
 
 

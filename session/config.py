@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import (
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -27,10 +28,46 @@ from session._config_server import OPERATOR_NAME as OPERATOR_NAME
 from session._config_server import ServerConfig as ServerConfig
 from session._config_server import check_admin_token as check_admin_token
 
+#: ISO 4217 codes whose minor unit is not a hundredth: none (JPY, KRW...), thousandths
+#: (BHD, KWD...), ten-thousandths (CLF, UYW), or none defined (metals, special units).
+#: Every amount is read, stored and shown in hundredths (session.models.parse_amount,
+#: format_amount), so with one of these ``amount_minor`` would be wrong 10 or 100 times over.
+NOT_TWO_DECIMAL_CURRENCIES: dict[str, str] = {
+    **dict.fromkeys(
+        [
+            "BIF",
+            "CLP",
+            "DJF",
+            "GNF",
+            "ISK",
+            "JPY",
+            "KMF",
+            "KRW",
+            "PYG",
+            "RWF",
+            "UGX",
+            "UYI",
+            "VND",
+            "VUV",
+            "XAF",
+            "XOF",
+            "XPF",
+        ],
+        "no decimals",
+    ),
+    **dict.fromkeys(["BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"], "three decimals"),
+    **dict.fromkeys(["CLF", "UYW"], "four decimals"),
+    **dict.fromkeys(
+        ["XAG", "XAU", "XBA", "XBB", "XBC", "XBD", "XDR", "XPD", "XPT", "XSU", "XTS", "XUA", "XXX"],
+        "no minor unit",
+    ),
+}
+
 
 class PolicyConfig(_Strict):
     """Payment policy. Amounts are in minor units (cents, fen)."""
 
+    #: ISO 4217 code of a currency with two decimals (amounts are kept in hundredths).
     currency: str = Field("CNY", pattern=r"^[A-Z]{3}$")
     #: Wrong passphrases before the account is locked, and for how long.
     passphrase_attempts: int = Field(3, ge=1, le=10)
@@ -55,6 +92,19 @@ class PolicyConfig(_Strict):
     #: Optional merchant offer pushed to the terminal after ``approved`` (None: none).
     offer_text: str | None = Field(None, min_length=1, max_length=200)
     offer_kind: Literal["membership", "coupon"] = "membership"
+
+    @field_validator("currency")
+    @classmethod
+    def _two_decimals(cls, value: str) -> str:
+        # Refused rather than converted: amounts in tills, in the ledger and in the admin
+        # API's ``amount_minor`` would all have to change with it.
+        kind = NOT_TWO_DECIMAL_CURRENCIES.get(value)
+        if kind is not None:
+            raise ValueError(
+                f"{value} has {kind} in ISO 4217; FacePay keeps amounts in hundredths "
+                "and supports only currencies with two decimals"
+            )
+        return value
 
     @model_validator(mode="after")
     def _gate_fare_fits(self) -> PolicyConfig:

@@ -8,9 +8,10 @@ whose verdict becomes ``live`` or ``spoof`` is decided at once:
 - live -> 1:N search: no match -> ``unknown``, top-2 too close -> ``ambiguous`` (a gate
   cannot stop to ask for phone digits), locked account -> ``locked``, fare above the gate
   limit or over the daily limit -> ``limit``;
-- match -> the account's entry is claimed for ``gate_entry_window_s`` (Redis SET NX) and
-  the fare charged -> ``gate_open``. A second track of the same account inside the window
-  (the track broke and re-formed) is not charged and not announced again.
+- match -> the account's entry is claimed for ``gate_entry_window_s`` (Redis SET NX of a
+  token only this claim's holder may release) and the fare charged -> ``gate_open``. A
+  second track of the same account inside the window (the track broke and re-formed) is
+  not charged and not announced again.
 A track that leaves before its evidence is enough gets no decision: no guess, ever.
 ``decision_ms`` runs from the first frame in which the track's face reached the gate's
 minimum size to the decision; from the first of the frames skipped before that one, if the
@@ -31,6 +32,7 @@ from pipeline.errors import (
     AccountLocked,
     AuthError,
     FacePayError,
+    Forbidden,
     LimitExceeded,
     NotFound,
     StoreUnavailable,
@@ -54,6 +56,9 @@ _REFUSALS: tuple[tuple[type[FacePayError], str, str], ...] = (
     (NotFound, "unknown", "Not recognised: please use the ticket gate"),
     # The gate's own terminal was revoked (its socket is being closed): charge nobody.
     (AuthError, "revoked", "Gate out of service: please use the ticket gate"),
+    # Its record does not allow the fare (another merchant's, or an enrolment terminal):
+    # out of service as well; never expected, the session takes both from that record.
+    (Forbidden, "revoked", "Gate out of service: please use the ticket gate"),
 )
 _REFUSED = tuple(kind for kind, _, _ in _REFUSALS)
 
@@ -188,7 +193,9 @@ class GateSession(VideoSession):
         ]
         await self._send_faces(size, tracks=tracks)
 
-    async def _written_after_all(self, account_id: str, payment_id: str) -> Payment | None:
+    async def _written_after_all(
+        self, account_id: str, payment_id: str, claim: str
+    ) -> Payment | None:
         """After a fare's write failed with Redis unreachable: the payment if it was written
         after all (only its reply was lost), else None. Only a payment known not to exist
         releases the entry claim: with the claim gone a retry would charge again, so while
@@ -201,8 +208,20 @@ class GateSession(VideoSession):
             log.warning("gate %s: fare %s unknown; entry kept", self.gate.terminal_id, payment_id)
             return None
         if payment is None:  # not written, and voided: it never will be
-            await store.release_gate_entry(self.gate.merchant_id, account_id)
+            await store.release_gate_entry(self.gate.merchant_id, account_id, claim)
         return payment
+
+    async def _settle(self, account_id: str, claim: str, age_s: float) -> None:
+        """The fare is written: a claim held past a short entry window for the write's sake
+        goes back to that window. If Redis cannot take that now, the claim simply lasts
+        longer: a re-entry inside it is a repeat, never a second fare, and the person has
+        paid, so the gate still opens."""
+        try:
+            await self.svc.store.settle_gate_entry(
+                self.gate.merchant_id, account_id, claim, self.policy.gate_entry_window_s, age_s
+            )
+        except StoreUnavailable:
+            log.warning("gate %s: entry claim kept past its window", self.gate.terminal_id)
 
     def _decision_ms(self, report: TrackReport) -> float:
         start = report.ready_since if report.ready_since is not None else report.first_seen
@@ -281,7 +300,11 @@ class GateSession(VideoSession):
         fare = self.policy.gate_fare  # at most policy.gate_limit (checked with the config)
         merchant = self.gate.merchant_id
         window = self.policy.gate_entry_window_s
-        if not await store.claim_gate_entry(merchant, account.account_id, window):
+        claim = await store.claim_gate_entry(merchant, account.account_id, window)
+        # Timed from the reply, after Redis set the claim: cut back to the window from here,
+        # the claim ends no earlier than the window would have.
+        claimed_at = time.monotonic()
+        if claim is None:
             # Same person again inside the entry window (a re-formed track or a second gate):
             # never charge twice, and do not announce a second opening for one person.
             self.decisions[report.track_id] = "repeat"
@@ -291,7 +314,7 @@ class GateSession(VideoSession):
         if self._stopped:
             # The gate went away while the account was read and the entry claimed (a cancel
             # can be swallowed by redis-py): nobody to open for, so nobody is charged.
-            await store.release_gate_entry(merchant, account.account_id)
+            await store.release_gate_entry(merchant, account.account_id, claim)
             return
         order_id = f"gate:{self.gate.terminal_id}:{secrets.token_hex(8)}"
         payment_id = store.new_payment_id()  # chosen first: a lost reply can be looked up
@@ -309,15 +332,16 @@ class GateSession(VideoSession):
         except _REFUSED as exc:
             # Refused by the ledger (locked or erased since the read above, through any
             # server): nothing was charged, so the person may try again.
-            await store.release_gate_entry(merchant, account.account_id)
+            await store.release_gate_entry(merchant, account.account_id, claim)
             reason, text = next((r, t) for kind, r, t in _REFUSALS if isinstance(exc, kind))
             await self._deny(report, reason, text)
             return
         except StoreUnavailable:
-            written = await self._written_after_all(account.account_id, payment_id)
+            written = await self._written_after_all(account.account_id, payment_id, claim)
             if written is None:
                 raise
             payment = written  # charged after all: the person has paid, so open
+        await self._settle(account.account_id, claim, time.monotonic() - claimed_at)
         self.decisions[report.track_id] = "open"
         self.outcomes["open"] += 1
         ms = self._decision_ms(report)

@@ -49,7 +49,7 @@ from stream_server.admin_bodies import (
     json_body,
 )
 from stream_server.app import ANALYZER, CONFIG, DIRECTORY, EXECUTOR, HASHER, STORE
-from stream_server.revocation import close_revoked
+from stream_server.revocation import close_revoked, close_stale
 
 log = logging.getLogger(__name__)
 
@@ -209,10 +209,16 @@ async def add_terminal(request: web.Request) -> web.StreamResponse:
 async def rotate_terminal(request: web.Request) -> web.StreamResponse:
     """``POST /api/terminals/{terminal_id}/rotate`` -> 200 {terminal_id, token} (new token).
 
-    The old token stops working at once; sockets already open stay up until they reconnect.
+    The old token stops working at once, and the sockets opened with it are closed (4401):
+    here before this answer (no Redis read, so the new token is never lost to a failure
+    after the rotation committed), on the other servers when ``rotated:{id}`` on
+    ``fp:events`` tells them (revocation.py). The terminal reconnects with its new token.
     """
     terminal_id = request.match_info["terminal_id"]
-    token = await request.app[STORE].rotate_terminal_token(terminal_id, operator=request[OPERATOR])
+    store = request.app[STORE]
+    token = await store.rotate_terminal_token(terminal_id, operator=request[OPERATOR])
+    stale = close_stale(request.app, terminal_id, store.token_sha256(token))
+    await asyncio.gather(*stale, return_exceptions=True)
     return web.json_response({"terminal_id": terminal_id, "token": token})
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections import Counter
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -49,6 +50,8 @@ PEERS = web.AppKey("peers", set)  # RTCPeerConnection objects, closed on shutdow
 CONNECTIONS = web.AppKey("connections", set)  # open terminal connections
 #: Terminals revoked while this server ran (stream_server.revocation).
 REVOKED_TERMINALS = web.AppKey("revoked_terminals", set)
+#: Token rotations this server was told of, by terminal id (stream_server.revocation).
+TOKEN_ROTATIONS = web.AppKey("token_rotations", Counter)
 MODELS_DIR = web.AppKey("models_dir", str)
 #: How much of its checkout cameras' frames this process analysed lately (load pacing).
 CHECKOUT_LOAD = web.AppKey("checkout_load", CheckoutLoad)
@@ -74,6 +77,7 @@ def create_app(
     app[PEERS] = set()
     app[CONNECTIONS] = set()
     app[REVOKED_TERMINALS] = set()
+    app[TOKEN_ROTATIONS] = Counter()
     app[CHECKOUT_LOAD] = CheckoutLoad(config.checkout.load_pacing.window_s)
     app[MODELS_DIR] = str(models_dir) if models_dir is not None else ""
     if web_root is not None:

@@ -3,8 +3,8 @@
 The store publishes ``enrolled:{sid}`` and ``erased:{sid}`` on the Redis channel
 ``fp:events`` after each commit (the CLI, the admin API of any instance, an enrolment
 terminal). A background task subscribed to it adds or drops the subject here, normally within
-milliseconds; ``revoked:{terminal_id}`` closes that terminal's sockets here
-(stream_server.revocation).
+milliseconds; ``revoked:{terminal_id}`` closes that terminal's sockets here, and
+``rotated:{terminal_id}`` those opened with its old token (stream_server.revocation).
 
 Pub/sub keeps no history, so whenever the subscription had to be re-made (Redis
 restarted, network cut) the directory is reloaded from the store to catch what was missed;
@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 from redis.asyncio import Redis
@@ -33,7 +33,7 @@ from session.directory import Directory
 from session.store import Store
 from stream_server.app import DIRECTORY, REDIS, STORE
 from stream_server.background import stop_background
-from stream_server.revocation import close_revoked, close_revoked_meanwhile
+from stream_server.revocation import close_revoked, close_revoked_meanwhile, close_rotated
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +53,13 @@ async def apply_event(
     directory: Directory,
     data: bytes | str,
     on_revoked: Callable[[str], object] | None = None,
+    on_rotated: Callable[[str], Awaitable[object]] | None = None,
 ) -> str:
     """Apply one ``fp:events`` message to ``directory``; returns what was done.
 
     ``revoked:{terminal_id}`` is passed to ``on_revoked`` (which closes the terminal's
-    sockets on this server, stream_server.revocation).
+    sockets on this server, stream_server.revocation), ``rotated:{terminal_id}`` to
+    ``on_rotated`` (which closes those opened with the token it replaced).
 
     StoreUnavailable propagates (the caller reconnects); other domain errors (a subject that
     cannot be decrypted with this instance's key, say) are logged and skipped.
@@ -74,6 +76,10 @@ async def apply_event(
         if on_revoked is not None:
             on_revoked(subject_id)  # a terminal id here
         return "revoked"
+    if kind == "rotated":
+        if on_rotated is not None:
+            await on_rotated(subject_id)  # a terminal id here
+        return "rotated"
     if kind != "enrolled":
         log.debug("directory sync: ignoring event %s", text[:80])
         return "ignored"
@@ -153,6 +159,7 @@ async def _drain(app: web.Application, pubsub: PubSub) -> int:
     run_sync catches up (reload) when it sees the new confirmation.
     """
     store, directory, on_revoked = app[STORE], app[DIRECTORY], _closer(app)
+    on_rotated = _rotation_closer(app)
     end, applied = time.monotonic() + DRAIN_S, 0
     try:
         while time.monotonic() < end:
@@ -160,7 +167,7 @@ async def _drain(app: web.Application, pubsub: PubSub) -> int:
             if message is None:
                 break
             if message["type"] == "message":
-                await apply_event(store, directory, message["data"], on_revoked)
+                await apply_event(store, directory, message["data"], on_revoked, on_rotated)
                 applied += 1
     except (RedisError, OSError, StoreUnavailable) as exc:
         log.warning("directory sync: subscription cut after the load (%s); catching up", exc)
@@ -174,9 +181,17 @@ def _closer(app: web.Application) -> Callable[[str], None]:
     return on_revoked
 
 
+def _rotation_closer(app: web.Application) -> Callable[[str], Awaitable[None]]:
+    async def on_rotated(terminal_id: str) -> None:
+        await close_rotated(app, terminal_id)  # the closes themselves not awaited either
+
+    return on_rotated
+
+
 async def _catch_up(app: web.Application) -> int:
-    """After a gap in the subscription: close sockets of terminals revoked meanwhile, then
-    reload the directory; returns how many subjects it holds."""
+    """After a gap in the subscription: close sockets of terminals revoked meanwhile (and
+    those opened with tokens rotated meanwhile), then reload the directory; returns how
+    many subjects it holds."""
     await close_revoked_meanwhile(app)
     return await app[DIRECTORY].load(app[STORE])
 
@@ -193,7 +208,7 @@ async def run_sync(
     Runs until cancelled or until ``stop`` is set (checked at least once a second).
     """
     store, directory, redis = app[STORE], app[DIRECTORY], app[REDIS]
-    on_revoked = _closer(app)
+    on_revoked, on_rotated = _closer(app), _rotation_closer(app)
     stop = stop or asyncio.Event()
     backoff = INITIAL_BACKOFF_S
     reload: asyncio.Task[int] | None = None
@@ -222,7 +237,7 @@ async def run_sync(
                         )
                         backoff = INITIAL_BACKOFF_S
                     elif message["type"] == "message":
-                        await apply_event(store, directory, message["data"], on_revoked)
+                        await apply_event(store, directory, message["data"], on_revoked, on_rotated)
             except (RedisError, OSError, FacePayError) as exc:
                 log.warning(
                     "directory sync: %s (%s); retrying in %.1f s",

@@ -74,6 +74,8 @@ class TerminalConnection:
         self.config = self.app[CONFIG]
         self.metrics = self.app[METRICS]
         self.terminal: Terminal | None = None
+        #: The sha256 of the token it said hello with: a rotation closes it unless current.
+        self.token_sha256: str | None = None
         self.frames: FrameSlot[Any] = FrameSlot()
         self.frames.on_dropped = self.metrics.frames_dropped.inc
         self.ingest: Any = None
@@ -93,12 +95,12 @@ class TerminalConnection:
         async with self._send_lock:
             await self.ws.send_json(event)
 
-    def revoke(self) -> asyncio.Task[bool]:
-        """The terminal was revoked: stop its session now and close the socket (4401)."""
+    def revoke(self, message: bytes = b"terminal revoked") -> asyncio.Task[bool]:
+        """Revoked, or its token rotated: stop the session now and close the socket (4401)."""
         if self._revoked is None:
             if self.session is not None:
                 self.session.stop()
-            self._revoked = revoked_close(self.ws)
+            self._revoked = revoked_close(self.ws, message)
         return self._revoked
 
     # --- connection life cycle ------------------------------------------------------------

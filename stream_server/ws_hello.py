@@ -12,7 +12,8 @@ from aiohttp import WSMessage, WSMsgType, web
 from pydantic import ValidationError
 
 from pipeline.errors import AuthError, StoreUnavailable
-from stream_server.app import CONFIG, CONNECTIONS, REVOKED_TERMINALS, STORE
+from session.models import Terminal
+from stream_server.app import CONFIG, CONNECTIONS, REVOKED_TERMINALS, STORE, TOKEN_ROTATIONS
 from stream_server.revocation import terminal_connections
 from stream_server.ws_messages import (
     CLOSE_TOO_MANY,
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from stream_server.ws import TerminalConnection
 
 log = logging.getLogger(__name__)
+#: Token checks one hello makes while rotations keep being announced before it gives up.
+_TOKEN_CHECKS = 3
 
 
 def admit(request: web.Request) -> None:
@@ -72,12 +75,28 @@ async def _first_message(conn: TerminalConnection) -> WSMessage | None:
     return receive.result()
 
 
+async def _authenticate(conn: TerminalConnection, token: str) -> Terminal:
+    """The token's terminal (AuthError as ``Store.authenticate_terminal``); records the
+    token's sha256 on ``conn``. A rotation announced here while the token was being checked
+    (stream_server.revocation) may have committed after Redis read it: it is checked again,
+    so an old token that lost that race is refused, and a new one is not."""
+    store, rotations = conn.app[STORE], conn.app[TOKEN_ROTATIONS]
+    for _ in range(_TOKEN_CHECKS):
+        seen = rotations.total()
+        terminal = await store.authenticate_terminal(token)
+        if rotations.total() == seen:  # no await from here until the caller has it
+            conn.token_sha256 = store.token_sha256(token)
+            return terminal
+    raise StoreUnavailable("terminal tokens keep changing; try again")
+
+
 async def hello(conn: TerminalConnection) -> bool:
     """Authenticate the connection by its first message; False once the socket is closed.
 
     Sets ``conn.terminal``. The revoked-ids check comes right after the token check with no
     await between them (stream_server.revocation): either this sees a revocation that
-    committed meanwhile, or the revocation's close sees this connection.
+    committed meanwhile, or the revocation's close sees this connection. A token rotation
+    is met the same way (``_authenticate``).
     """
     timeout = conn.config.policy.hello_timeout_s
     try:
@@ -97,7 +116,7 @@ async def hello(conn: TerminalConnection) -> bool:
         return False
     try:
         greeting = Hello.model_validate(json.loads(msg.data))
-        conn.terminal = await conn.app[STORE].authenticate_terminal(greeting.token)
+        conn.terminal = await _authenticate(conn, greeting.token)
     except (ValueError, RecursionError, ValidationError, AuthError):
         # RecursionError: JSON nested deeper than the parser goes is not a hello either.
         await conn.ws.close(code=CLOSE_UNAUTHENTICATED, message=b"unauthenticated")

@@ -543,19 +543,24 @@ async def test_terminal_token_rotation_and_revocation_via_admin_api(make_server)
             assert resp.status == 200
             new_token = (await resp.json())["token"]
         assert new_token != env.token and new_token.startswith("fpt_")
+        # The socket opened with the old token is closed (a rotation answers a stolen
+        # token: it must not keep paying), before the answer on this instance.
+        closed = await old_socket.next(timeout=5)
+        assert closed == {"type": "_closed", "code": 4401}, old_socket.events
         stale = await env.terminal(hello=False)
         await stale.send({"type": "hello", "token": env.token})
         assert (await stale.next())["code"] == 4401
         fresh = await env.terminal(new_token)
         assert fresh.events[0]["terminal_id"] == tid
+        await fresh.send({"type": "ping"})
+        assert (await fresh.next(timeout=5))["type"] == "pong"  # the new token's socket serves
         assert "terminal_rotated" in [e["event"] for e in await env.store.read_audit()]
         async with http.post(env.server.make_url("/api/terminals/t_nope/rotate")) as resp:
             assert resp.status == 404 and (await resp.json())["error"] == "not_found"
         async with http.delete(env.server.make_url(f"/api/terminals/{tid}")) as resp:
             assert resp.status == 200 and (await resp.json())["status"] == "revoked"
         # Revocation also closes the terminal's open sockets on this instance.
-        for sock in (old_socket, fresh):
-            assert (await sock.expect("_closed", timeout=5))["code"] == 4401
+        assert (await fresh.expect("_closed", timeout=5))["code"] == 4401
         async with http.post(env.server.make_url(f"/api/terminals/{tid}/rotate")) as resp:
             assert resp.status == 409  # a revoked terminal is not revived by a rotation
 

@@ -177,6 +177,10 @@ async def test_same_order_twice_and_concurrently_pays_once(make_env, analyzer, p
     assert outcomes == ["approved", "declined"]
     declined = next(e for t in terms for e in t.events if e["type"] == "declined")
     assert declined["reason"] == "duplicate_order"
+    # Both prompts opened before either write: the loser's own write conflicted, and the
+    # till is still told which payment settled the order.
+    paid = await env.store.find_payment(env.merchant.merchant_id, "dup-1")
+    assert paid is not None and declined.get("payment_id") == paid.payment_id, declined
     assert len(await env.payments()) == 1
     # And once more, later: refused before any prompt.
     await terms[0].checkout("10.00", "dup-1")

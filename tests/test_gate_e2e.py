@@ -137,7 +137,7 @@ async def test_a_fare_whose_write_fails_is_never_charged_twice(
     else:
         assert decided == [("gate_deny", "unavailable")], events
         assert await env.payments() == []
-        assert claimed_again is (fault == "not_written")
+        assert (claimed_again is not None) is (fault == "not_written")
 
 
 async def test_a_decision_that_fails_unexpectedly_denies_and_the_gate_goes_on(
@@ -193,7 +193,7 @@ async def test_a_gate_that_went_away_during_its_entry_claim_charges_nobody(
     assert stopped, "the gate never claimed an entry"
     assert opened == [] and not [e for e in events if e["type"] == "gate_open"], events
     assert await env.payments() == []
-    assert await store.claim_gate_entry(env.merchant.merchant_id, "obama", 60)  # released
+    assert await store.claim_gate_entry(env.merchant.merchant_id, "obama", 60) is not None
 
 
 async def test_turning_away_before_enough_evidence_gets_no_decision(env, analyzer, photo):
@@ -202,20 +202,65 @@ async def test_turning_away_before_enough_evidence_gets_no_decision(env, analyze
     assert await env.payments() == []
 
 
-async def test_concurrent_gates_claim_an_entry_once(redis_url):
+@pytest.fixture
+async def claims(redis_url):
+    """A store on the test's Redis, for the gate entry claims alone."""
     import redis.asyncio as aioredis
 
     from session.crypto import TemplateCipher, generate_key
 
     client = aioredis.from_url(redis_url)
-    store = Store(client, TemplateCipher(generate_key()))
+    yield Store(client, TemplateCipher(generate_key()))
+    await client.aclose()
+
+
+async def test_concurrent_gates_claim_an_entry_once(claims):
+    store = claims
     wins = await asyncio.gather(*[store.claim_gate_entry("m1", "acct", 60) for _ in range(20)])
-    assert sum(wins) == 1
-    await store.release_gate_entry("m1", "acct")
+    won = [w for w in wins if w is not None]
+    assert len(won) == 1
+    await store.release_gate_entry("m1", "acct", won[0])
     assert await store.claim_gate_entry("m1", "acct", 60)
     assert not await store.claim_gate_entry("m1", "acct", 60)
     assert await store.claim_gate_entry("m2", "acct", 60)  # another operator's gates
-    await client.aclose()
+
+
+async def test_a_late_release_does_not_free_the_next_gates_claim(claims):
+    """Gate A's fare write outlasts its claim; gate B claims and charges the same person;
+    A's release then (its write failed) must leave B's claim alone, or a re-formed track
+    would be charged a second time inside one window."""
+    store = claims
+    store.gate_claim_hold_s = 0.2  # as if the write had outlasted the hold
+    first = await store.claim_gate_entry("m1", "acct", 0.2)
+    assert first is not None
+    await asyncio.sleep(0.3)
+    second = await store.claim_gate_entry("m1", "acct", 60)
+    assert second is not None and second != first
+    await store.release_gate_entry("m1", "acct", first)  # A, late
+    assert await store.claim_gate_entry("m1", "acct", 60) is None, "B's claim was freed"
+    await store.release_gate_entry("m1", "acct", second)  # B's own release still works
+    assert await store.claim_gate_entry("m1", "acct", 60) is not None
+
+
+async def test_a_claim_outlives_a_short_window_until_its_fare_is_written(claims):
+    """A window shorter than a fare's write could take (a bench's few seconds): the claim
+    is held for ``gate_claim_hold_s`` while the fare may be in flight, then cut back to the
+    window once it is written."""
+    store = claims
+    store.gate_claim_hold_s = 1.5
+    claim = await store.claim_gate_entry("m1", "acct", 0.2)
+    assert claim is not None
+    await asyncio.sleep(0.4)  # past the window, the write still in flight
+    assert await store.claim_gate_entry("m1", "acct", 0.2) is None, "claim lapsed mid-write"
+    await store.settle_gate_entry("m1", "acct", claim, 0.2, 0.4)  # written: window is over
+    assert await store.claim_gate_entry("m1", "acct", 60) is not None
+    # Written early in the window: the claim lasts the rest of it, then ends.
+    other = await store.claim_gate_entry("m2", "acct", 0.5)
+    assert other is not None
+    await store.settle_gate_entry("m2", "acct", other, 0.5, 0.0)
+    assert await store.claim_gate_entry("m2", "acct", 0.5) is None
+    await asyncio.sleep(0.6)
+    assert await store.claim_gate_entry("m2", "acct", 0.5) is not None
 
 
 def test_actor_type_is_frozen():

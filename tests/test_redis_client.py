@@ -32,3 +32,19 @@ async def test_no_command_fails_after_a_redis_restart(redis_server: Any, redis_u
         assert int(await client.get("n")) == 32
     finally:
         await client.aclose()
+
+
+async def test_a_gate_entry_claim_outlasts_a_fare_write_and_its_lookup(redis_url: str) -> None:
+    """A gate's entry claim must not expire while its fare may still be written
+    (docs/gate.md): the hold covers the longest the server's client can spend on the write
+    and then on the lookup that fences it off (pool wait, connect, reply; twice)."""
+    from session.store import Store
+
+    client = connect(redis_url, max_connections=8)
+    try:
+        pool = client.connection_pool
+        kwargs = pool.connection_kwargs
+        one_command = pool.timeout + kwargs["socket_connect_timeout"] + kwargs["socket_timeout"]
+        assert 2 * one_command <= Store.gate_claim_hold_s, (one_command, Store.gate_claim_hold_s)
+    finally:
+        await client.aclose()

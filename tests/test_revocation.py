@@ -5,6 +5,9 @@ A revoked terminal (a stolen gate or kiosk token, say) must stop everywhere at o
 - a hello whose token check raced the revocation is refused, not served;
 - a prompt still open when the revocation lands (its socket not closed yet: the event lost
   with a cut subscription) pays nothing: the payment script refuses the terminal.
+
+A token rotation (the answer to a stolen token) closes the sockets opened with the old
+token the same ways (``rotated:{id}``), and leaves those opened with the new one.
 """
 
 from __future__ import annotations
@@ -140,6 +143,90 @@ async def test_a_revocation_missed_during_a_subscription_gap_still_closes_the_so
         assert await admin.client_kill_filter(_type="pubsub") >= 1  # the gap starts
         # Revoked through another process (the CLI, another server): the event is lost here.
         await Store(admin, server.app[CIPHER]).revoke_terminal(desk.terminal_id)
+        assert (await term.expect("_closed", timeout=5))["code"] == 4401
+    finally:
+        await admin.aclose()
+        await term.close()
+
+
+async def _rotate(server: Any, terminal_id: str) -> str:
+    url = server.make_url(f"/api/terminals/{terminal_id}/rotate")
+    async with aiohttp.ClientSession(headers=AUTH) as http, http.post(url) as resp:
+        assert resp.status == 200, await resp.text()
+        return str((await resp.json())["token"])
+
+
+async def test_rotating_through_one_server_closes_the_old_tokens_socket_on_another(
+    aiohttp_server, redis_url, models_dir
+):
+    a, b = await _servers(aiohttp_server, redis_url, models_dir, 2)
+    store: Store = a.app[STORE]
+    merchant = await store.add_merchant("Metro")
+    gate, token = await store.add_terminal(merchant.merchant_id, "gate")
+    old = TestTerminal(str(b.make_url("/ws")), token)
+    await old.connect()
+    new = None
+    try:
+        new_token = await _rotate(a, gate.terminal_id)
+        # Closed by B when the event reaches it: the old token must not keep paying there.
+        assert (await old.next(timeout=2)).get("code") == 4401, old.events
+        new = TestTerminal(str(b.make_url("/ws")), new_token)
+        await new.connect()
+        # B gets the event again (as if it arrived late): the new token's socket stays up.
+        await b.app[STORE]._r.publish(b.app[STORE].events_channel, f"rotated:{gate.terminal_id}")
+        await asyncio.sleep(0.3)
+        await new.send({"type": "ping"})
+        assert (await new.next(timeout=5))["type"] == "pong", new.events
+    finally:
+        await old.close()
+        if new is not None:
+            await new.close()
+
+
+async def test_a_hello_racing_the_rotation_with_the_old_token_is_refused(
+    aiohttp_server, redis_url, models_dir, monkeypatch
+):
+    (server,) = await _servers(aiohttp_server, redis_url, models_dir, 1)
+    store: Store = server.app[STORE]
+    merchant = await store.add_merchant("Shop")
+    till, token = await store.add_terminal(merchant.merchant_id, "checkout")
+    checked, release = asyncio.Event(), asyncio.Event()
+    real = Store.authenticate_terminal
+
+    async def first_reply_slow(self: Store, token: str) -> Any:
+        terminal = await real(self, token)  # reads the old token as current
+        if not checked.is_set():
+            checked.set()
+            await release.wait()  # the reply still on its way while the rotation commits
+        return terminal
+
+    monkeypatch.setattr(Store, "authenticate_terminal", first_reply_slow)
+    term = TestTerminal(str(server.make_url("/ws")), token)
+    await term.connect(hello=False)
+    try:
+        await term.send({"type": "hello", "token": token})
+        await asyncio.wait_for(checked.wait(), 10)
+        await _rotate(server, till.terminal_id)  # finds no socket of the terminal yet
+        release.set()
+        assert (await term.next(timeout=5)).get("code") == 4401, term.events
+    finally:
+        await term.close()
+
+
+async def test_a_rotation_missed_during_a_subscription_gap_still_closes_the_socket(
+    aiohttp_server, redis_url, models_dir
+):
+    (server,) = await _servers(aiohttp_server, redis_url, models_dir, 1)
+    store: Store = server.app[STORE]
+    merchant = await store.add_merchant("Shop")
+    till, token = await store.add_terminal(merchant.merchant_id, "checkout")
+    term = TestTerminal(str(server.make_url("/ws")), token)
+    await term.connect()
+    admin = aioredis.from_url(redis_url)
+    try:
+        assert await admin.client_kill_filter(_type="pubsub") >= 1  # the gap starts
+        # Rotated through another process (the CLI, another server): the event is lost here.
+        await Store(admin, server.app[CIPHER]).rotate_terminal_token(till.terminal_id)
         assert (await term.expect("_closed", timeout=5))["code"] == 4401
     finally:
         await admin.aclose()

@@ -18,6 +18,7 @@ from pipeline.errors import (
     AccountLocked,
     AuthError,
     Conflict,
+    Forbidden,
     InvalidRequest,
     LimitExceeded,
     NotFound,
@@ -529,6 +530,32 @@ async def test_a_revoked_or_unknown_terminal_is_never_charged(
     # A retry of the payment written before the revocation still finds it (a lost reply).
     assert await db.create_payment(**pay, payment_id="p_before") == paid
     assert [e["order_id"] for e in await db.read_audit() if e["event"] == "payment"] == ["order-1"]
+
+
+async def test_a_terminal_pays_only_for_its_own_merchant_and_only_if_it_takes_payments(
+    db: Store, client: aioredis.Redis, passhash: str
+) -> None:
+    """Defence in depth: the sessions take the merchant and the mode from the terminal's
+    record, but the payment script itself refuses a terminal of another merchant, and an
+    enrolment terminal, before anything is written."""
+    await _enrol(db, passhash, "alice")
+    shop, other = await db.add_merchant("Shop"), await db.add_merchant("Other shop")
+    till, _ = await db.add_terminal(shop.merchant_id, "checkout")
+    gate, _ = await db.add_terminal(shop.merchant_id, "gate")
+    kiosk, _ = await db.add_terminal(shop.merchant_id, "enroll")
+    with pytest.raises(Forbidden, match="does not belong"):
+        await db.create_payment(**_pay(merchant_id=other.merchant_id, terminal_id=till.terminal_id))
+    with pytest.raises(Forbidden, match="enroll terminal cannot take payments"):
+        await db.create_payment(**_pay(merchant_id=shop.merchant_id, terminal_id=kiosk.terminal_id))
+    assert await db.find_payment(other.merchant_id, "order-1") is None
+    assert await db.find_payment(shop.merchant_id, "order-1") is None
+    assert not [k async for k in client.scan_iter("fp:daily:*")]
+    assert not [e for e in await db.read_audit() if e["event"] == "payment"]
+    for order, terminal in (("o-till", till), ("o-gate", gate)):
+        paid = await db.create_payment(
+            **_pay(merchant_id=shop.merchant_id, order_id=order, terminal_id=terminal.terminal_id)
+        )
+        assert paid.terminal_id == terminal.terminal_id
 
 
 async def test_a_lookup_after_a_lost_reply_fences_off_a_late_write(
