@@ -286,12 +286,17 @@ class StoreCore:
         currency: str,
         daily_limit: int,
         payment_id: str | None = None,
+        account_created: float | None = None,
     ) -> Payment:
         """Write one payment atomically (Lua): Conflict if the order is already paid,
         AuthError if the terminal is revoked (or unknown), Forbidden if it belongs to another
         merchant or is not a checkout or gate terminal, AccountLocked if the account is
         locked, NotFound if it is erased or missing,
         LimitExceeded if the account's daily total would pass ``daily_limit``. Audit ``payment``.
+
+        ``account_created`` (a session passes the ``created`` of the account it read, and
+        every session does): NotFound as well if the account id now belongs to a later
+        enrolment (erased and enrolled again, by someone else, while a prompt was open).
 
         ``payment_id`` (new random id by default) is chosen before the script runs, so a call
         that redis-py retries after a lost reply finds its own payment and succeeds. The
@@ -325,6 +330,7 @@ class StoreCore:
             f"{merchant_id}:{order_id}",
             str(h.DAILY_TTL_S),
             str(self.audit_maxlen),
+            "" if account_created is None else repr(account_created),
         ]
         with h.unavailable("create_payment"):
             status, value = await self._pay_script(keys=keys, args=args)

@@ -55,7 +55,8 @@ _CURRENCY = re.compile(r"[A-Z]{3}")
 # KEYS: 1 pay hash, 2 payid key, 3 daily key, 4 audit stream, 5 account's lock, 6 account,
 #       7 terminal, 8 the payment id's void mark (VOID_LUA)
 # ARGV: 1 payment_id, 2 merchant_id, 3 order_id, 4 account_id, 5 terminal_id, 6 amount,
-#       7 currency, 8 created, 9 daily_limit, 10 payid value, 11 daily ttl, 12 audit maxlen
+#       7 currency, 8 created, 9 daily_limit, 10 payid value, 11 daily ttl, 12 audit maxlen,
+#       13 the account's ``created`` as the session read it ("" for none)
 # Returns {"ok", pid} | {"exists", existing_pid} | {"void", ""} | {"revoked", ""}
 # | {"foreign", ""} | {"not_paying", mode} | {"locked", lock end}
 # | {"inactive", ""} | {"limit", spent_today}. The terminal, the lock and the account are
@@ -64,7 +65,9 @@ _CURRENCY = re.compile(r"[A-Z]{3}")
 # revocation, a lockout or an erasure meanwhile (through any server) must still stop it.
 # The terminal must also belong to the payment's merchant and be one that takes payments
 # (checkout or gate): the sessions take both from the terminal's record today, and the
-# ledger must not depend on every caller doing so (defence in depth).
+# ledger must not depend on every caller doing so (defence in depth). The account must be
+# the one the session read (ARGV 13): an erased account id may be enrolled again by someone
+# else, and a prompt opened for the first holder must not charge the second.
 PAY_LUA = """
 local existing = redis.call('HGET', KEYS[1], 'payment_id')
 if existing then
@@ -87,7 +90,11 @@ local lock = redis.call('GET', KEYS[5])
 if lock then
   return {'locked', lock}
 end
-if redis.call('HGET', KEYS[6], 'status') ~= 'active' then
+local account = redis.call('HMGET', KEYS[6], 'status', 'created')
+if account[1] ~= 'active' then
+  return {'inactive', ''}
+end
+if ARGV[13] ~= '' and tonumber(account[2]) ~= tonumber(ARGV[13]) then
   return {'inactive', ''}
 end
 local amount = tonumber(ARGV[6])

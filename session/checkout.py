@@ -379,7 +379,7 @@ class CheckoutSession(VideoSession):
             await self._finish(S.CANCELLED, "cancelled")
         try:
             payment = await write_payment(
-                self.svc.store, self.req, account.account_id, self.policy.daily_limit
+                self.svc.store, self.req, account, self.policy.daily_limit
             )
         except Refused as refused:
             await self._finish(S.DECLINED, refused.reason, **refused.extra)

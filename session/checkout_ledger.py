@@ -20,7 +20,7 @@ from pipeline.errors import (
     PaymentConflict,
     StoreUnavailable,
 )
-from session.models import CheckoutRequest, Payment
+from session.models import Account, CheckoutRequest, Payment
 from session.store import Store
 
 log = logging.getLogger(__name__)
@@ -54,26 +54,28 @@ async def checked(check: asyncio.Future[bool], bound_s: float, session_id: str) 
 
 
 async def write_payment(
-    store: Store, req: CheckoutRequest, account_id: str, daily_limit: int
+    store: Store, req: CheckoutRequest, account: Account, daily_limit: int
 ) -> Payment:
     """Write the checkout's payment; Refused with the decline reason when it was not taken.
 
     The ledger script checks the order, the terminal, the account's lock and status and the
     daily limit in the same step as the write: a prompt stays open for up to half a minute,
-    and a revocation, lockout or erasure meanwhile (through any server) must still stop it.
-    The payment id is chosen first, so a write whose reply was lost can be looked up.
+    and a revocation, lockout or erasure meanwhile (through any server) must still stop it,
+    as must a new enrolment under the erased account's id (``account.created``). The payment
+    id is chosen first, so a write whose reply was lost can be looked up.
     """
     payment_id = store.new_payment_id()
     try:
         return await store.create_payment(
             merchant_id=req.merchant_id,
             order_id=req.order_id,
-            account_id=account_id,
+            account_id=account.account_id,
             terminal_id=req.terminal_id,
             amount=req.amount,
             currency=req.currency,
             daily_limit=daily_limit,
             payment_id=payment_id,
+            account_created=account.created,
         )
     except StoreUnavailable as exc:
         if exc.unsent:  # never reached Redis: certainly nothing was written

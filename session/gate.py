@@ -328,6 +328,7 @@ class GateSession(VideoSession):
                 currency=self.policy.currency,
                 daily_limit=self.policy.daily_limit,
                 payment_id=payment_id,
+                account_created=account.created,
             )
         except _REFUSED as exc:
             # Refused by the ledger (locked or erased since the read above, through any

@@ -18,6 +18,7 @@ from tests.faultkit import fail_payment_writes
 
 ENROLL = "faces/obama/obama.jpg"
 SHOPPER = "faces/obama/obama3.jpg"
+OTHER = "faces/biden/biden.jpg"  # another person
 
 
 pytestmark = pytest.mark.usefixtures("loopback_ice")
@@ -339,6 +340,36 @@ async def test_an_erasure_as_the_prompt_opens_declines_no_match(
     await term.start_video(camera_frames(analyzer, photo(SHOPPER)))
     await term.checkout("3.30", "o-erased")
     await term.expect("confirm")
+    end = await term.expect("approved", "declined", timeout=30)
+    assert (end["type"], end["reason"]) == ("declined", "no_match"), term.events
+    assert await env.payments() == []
+
+
+async def test_an_account_id_enrolled_again_during_the_prompt_is_not_charged(
+    make_env, analyzer, photo, monkeypatch
+):
+    """The prompt's passphrase hash is read; then the account is erased and its id enrolled
+    again by someone else (through another server). The shopper's right passphrase matches
+    the hash read: the payment would have been written to the id's new holder."""
+    env = await make_env()
+    await env.enroll("acct-obama", "Barack Obama", "+12025550101", photo(ENROLL))
+    store = env.store
+    read = store.passphrase_hash
+
+    async def then_erased_and_taken(account_id):
+        passhash = await read(account_id)
+        await store.erase_account(account_id)
+        await env.enroll(account_id, "Someone Else", "+12025550188", photo(OTHER))
+        return passhash
+
+    monkeypatch.setattr(store, "passphrase_hash", then_erased_and_taken)
+    term = await env.terminal()
+    await term.start_video(camera_frames(analyzer, photo(SHOPPER)))
+    await term.checkout("3.30", "o-taken")
+    confirm = await term.expect("confirm")
+    await term.send(
+        {"type": "passphrase", "prompt_id": confirm["prompt_id"], "passphrase": PASSPHRASE}
+    )
     end = await term.expect("approved", "declined", timeout=30)
     assert (end["type"], end["reason"]) == ("declined", "no_match"), term.events
     assert await env.payments() == []

@@ -616,6 +616,25 @@ def _pay(**overrides: Any) -> dict[str, Any]:
     return args
 
 
+async def test_a_prompt_opened_for_an_erased_account_cannot_charge_its_id_s_next_holder(
+    db: Store, passhash: str, till: str
+) -> None:
+    """An erased account id may be enrolled again, by someone else. A payment prepared for
+    the account a session read (its ``created``) must not be written to the new holder: the
+    old holder's passphrase was checked against the old hash, and the ledger would say the
+    new holder paid."""
+    await _enrol(db, passhash, "alice", seed=1)
+    first, _ = await db.account_with_lock("alice")
+    await db.erase_account("alice")
+    await db.create_account("alice", "Mallory", "+8613800009999", passhash, _templates(), CONSENT)
+    with pytest.raises(NotFound):
+        await db.create_payment(**_pay(), account_created=first.created)
+    assert await db.find_payment("m_shop", "order-1") is None
+    holder, _ = await db.account_with_lock("alice")
+    paid = await db.create_payment(**_pay(), account_created=holder.created)  # its own: paid
+    assert paid.account_id == "alice"
+
+
 @pytest.mark.usefixtures("payers")
 async def test_twenty_concurrent_payments_for_one_order_charge_once(
     db: Store, client: aioredis.Redis, till: str
