@@ -34,7 +34,8 @@ class StoreKeys(StoreKeyCheck):
         """
         key = self._k("terminal", terminal_id)
         token, digest = h.new_terminal_token()
-        with h.unavailable("rotate_terminal_token"):
+        sent = h.Sent()
+        with h.unavailable_tx("rotate_terminal_token", sent):
             async with self._r.pipeline(transaction=True) as pipe:
                 for _ in range(_WATCH_RETRIES):
                     try:
@@ -55,6 +56,7 @@ class StoreKeys(StoreKeyCheck):
                         )
                         self._queue_audit(pipe, entry)
                         pipe.publish(self.events_channel, f"rotated:{terminal_id}")
+                        sent.exec = True
                         await pipe.execute()
                         return token
                     except WatchError:

@@ -287,6 +287,7 @@ class StoreCore:
         daily_limit: int,
         payment_id: str | None = None,
         account_created: float | None = None,
+        terminal_token_sha256: str | None = None,
     ) -> Payment:
         """Write one payment atomically (Lua): Conflict if the order is already paid,
         AuthError if the terminal is revoked (or unknown), Forbidden if it belongs to another
@@ -297,6 +298,9 @@ class StoreCore:
         ``account_created`` (a session passes the ``created`` of the account it read, and
         every session does): NotFound as well if the account id now belongs to a later
         enrolment (erased and enrolled again, by someone else, while a prompt was open).
+        ``terminal_token_sha256`` (the sessions pass the digest of the token their socket
+        said hello with): AuthError as well once the terminal's token was rotated, so a
+        stolen token's socket cannot pay, even before its close reaches it.
 
         ``payment_id`` (new random id by default) is chosen before the script runs, so a call
         that redis-py retries after a lost reply finds its own payment and succeeds. The
@@ -331,6 +335,7 @@ class StoreCore:
             str(h.DAILY_TTL_S),
             str(self.audit_maxlen),
             "" if account_created is None else repr(account_created),
+            terminal_token_sha256 or "",
         ]
         with h.unavailable("create_payment"):
             status, value = await self._pay_script(keys=keys, args=args)
@@ -339,6 +344,8 @@ class StoreCore:
             raise Conflict(f"payment id {pid} was voided after a lost reply")
         if status == "revoked":
             raise AuthError("terminal revoked")
+        if status == "rotated":
+            raise AuthError("terminal token rotated")
         if status == "foreign":
             raise Forbidden(f"terminal {terminal_id} does not belong to merchant {merchant_id}")
         if status == "not_paying":

@@ -56,8 +56,10 @@ _CURRENCY = re.compile(r"[A-Z]{3}")
 #       7 terminal, 8 the payment id's void mark (VOID_LUA)
 # ARGV: 1 payment_id, 2 merchant_id, 3 order_id, 4 account_id, 5 terminal_id, 6 amount,
 #       7 currency, 8 created, 9 daily_limit, 10 payid value, 11 daily ttl, 12 audit maxlen,
-#       13 the account's ``created`` as the session read it ("" for none)
+#       13 the account's ``created`` as the session read it ("" for none), 14 the sha256 of
+#       the token the session's socket said hello with ("" for none)
 # Returns {"ok", pid} | {"exists", existing_pid} | {"void", ""} | {"revoked", ""}
+# | {"rotated", ""}
 # | {"foreign", ""} | {"not_paying", mode} | {"locked", lock end}
 # | {"inactive", ""} | {"limit", spent_today}. The terminal, the lock and the account are
 # read here, in the same step as the write, because a session reads them once (the terminal
@@ -76,9 +78,12 @@ end
 if redis.call('EXISTS', KEYS[8]) == 1 then
   return {'void', ''}
 end
-local terminal = redis.call('HMGET', KEYS[7], 'status', 'merchant_id', 'mode')
+local terminal = redis.call('HMGET', KEYS[7], 'status', 'merchant_id', 'mode', 'token_sha256')
 if terminal[1] ~= 'active' then
   return {'revoked', ''}
+end
+if ARGV[14] ~= '' and terminal[4] ~= ARGV[14] then
+  return {'rotated', ''}
 end
 if terminal[2] ~= ARGV[2] then
   return {'foreign', ''}

@@ -76,6 +76,7 @@ async def write_payment(
             daily_limit=daily_limit,
             payment_id=payment_id,
             account_created=account.created,
+            terminal_token_sha256=req.token_sha256 or None,
         )
     except StoreUnavailable as exc:
         if exc.unsent:  # never reached Redis: certainly nothing was written

@@ -55,6 +55,9 @@ class EnrollRequest:
     account_id: str
     name: str
     phone: str
+    #: The sha256 of the token the terminal's socket said hello with ("": not checked): no
+    #: account is written for a socket whose token has since been rotated.
+    token_sha256: str = ""
 
 
 class _Ended(Exception):
@@ -176,13 +179,29 @@ class EnrollSession(VideoSession):
 
     async def _check(self) -> None:
         """Stopped (terminal gone) or a queued cancel ends the session."""
+        why = self._gone_or_cancelled()
+        if why is not None:
+            await self._end(why)
+
+    def _gone_or_cancelled(self) -> str | None:
+        """ "disconnected" (the terminal is gone), "cancelled" (a cancel was queued; the
+        inbox is emptied, as nothing else is expected meanwhile) or None; sends nothing."""
         if self._stopped and not self.finished:
+            return "disconnected"
+        cancelled = False
+        while not self.inbox.empty():
+            cancelled |= self.inbox.get_nowait().get("type") == "cancel"
+        return "cancelled" if cancelled else None
+
+    async def _end(self, why: str) -> NoReturn:
+        """End for ``why``: "disconnected" (nobody to tell), "cancelled", or a decline."""
+        if why == "disconnected":
             self.state = "cancelled"
             self.svc.observer.decision("enroll", "cancelled", "disconnected")
             raise _Ended
-        while not self.inbox.empty():
-            if self.inbox.get_nowait().get("type") == "cancel":
-                await self._finish("cancelled", "cancelled")
+        if why == "cancelled":
+            await self._finish("cancelled", "cancelled")
+        await self._finish("declined", why)
 
     # --- capture ------------------------------------------------------------------------
     async def _capture(self, deadline: float) -> None:
@@ -295,21 +314,6 @@ class EnrollSession(VideoSession):
             if msg.get("type") == "enroll_passphrase":
                 return msg
 
-    async def _check_duplicate(self, templates: list[FloatArray]) -> None:
-        """``refuse_duplicate`` within the phone-digit budget of every look-alike the face
-        matches (session/phone_digits.py): whether it refuses says whether the phone digits
-        given are a look-alike's, so this answer is a guess of them like a checkout's.
-
-        The answer is spent before it is given, in one atomic count per look-alike, so that
-        enrolments running at once on several kiosks cannot all pass one last check."""
-        budget, limiter = self.svc.config.limits.phone_digit_misses_per_subject, self.svc.limiter
-        named = await self.svc.search(lookalikes, templates)
-        if not await spend_answer(limiter, named, budget):
-            await self._finish("declined", "ambiguous")
-        await refuse_duplicate(
-            self.svc.directory, self.svc.search_executor, templates, self.req.phone
-        )
-
     async def _create(self, passhash: str) -> None:
         await self._check()  # a gone or cancelling terminal gets no account
         templates, self._templates = self._templates, []
@@ -318,27 +322,10 @@ class EnrollSession(VideoSession):
             "terminal": self.req.terminal_id,
             "time": repr(self.consent_time),
         }
-        # One enrolment at a time on this server from the duplicate check to the index, so
-        # that two of one face (two kiosks, a double submit) cannot both pass the check.
-        async with self.svc.directory.enrolling:
-            try:
-                await self._check_duplicate(templates)
-                # The duplicate check awaited Redis, where a disconnect's cancel can be lost
-                # (session/video.py): nothing may be written for a terminal that has gone.
-                await self._check()
-                account, subject = await self._write(passhash, templates, consent)
-            except AuthError:
-                await self._finish("declined", "terminal_revoked")
-            except TemplateKeyMismatch:
-                # This server's key is not the data's (a rotation begun while it runs):
-                # nothing is written, as when Redis is down.
-                log.warning("enrolment refused: the template key check in Redis names another key")
-                await self._finish("declined", "unavailable")
-            except AlreadyEnrolled:
-                await self._finish("declined", "already_enrolled")
-            except Conflict:
-                await self._finish("declined", "conflict")
-            self.svc.directory.add(subject, templates, account.phone_last4)
+        result = await self._write_once(passhash, templates, consent)
+        if isinstance(result, str):
+            await self._end(result)
+        account, _ = result
         count = len(templates)
         del templates
         log.info("enrolled account %s live with %s templates", account.account_id, count)
@@ -347,23 +334,65 @@ class EnrollSession(VideoSession):
         await self._send({"type": "state", "state": "enrolled", "session_id": self.session_id})
         self.svc.observer.decision("enroll", "enrolled", "enrolled")
 
-    async def _write(
+    async def _write_once(
         self, passhash: str, templates: list[FloatArray], consent: dict[str, str]
-    ) -> tuple[Account, str]:
-        """``create_account``; a write whose reply was lost ends ``enrolment_unknown``: the
-        account may exist, so the person must not be told that nothing was stored."""
-        try:
-            return await self.svc.store.create_account(
-                self.req.account_id,
-                self.req.name,
-                self.req.phone,
-                passhash,
-                templates,
-                consent,
-                terminal_id=self.req.terminal_id,
-            )
-        except StoreUnavailable as exc:
-            if exc.unsent:
-                raise
-            log.warning("enrolment %s: the account's write may have been made", self.session_id)
-            await self._finish("declined", "enrolment_unknown")
+    ) -> tuple[Account, str] | str:
+        """The duplicate check, the write and the index, one enrolment at a time on this
+        server (``Directory.enrolling``: two of one face, from two kiosks or a double
+        submit, cannot both pass the check). Returns (account, subject), or why not; the
+        caller tells the terminal, outside the lock, so that a slow socket does not hold up
+        the server's other enrolments."""
+        async with self.svc.directory.enrolling:
+            try:
+                if not await self._spend_answer(templates):
+                    return "ambiguous"
+                await refuse_duplicate(
+                    self.svc.directory, self.svc.search_executor, templates, self.req.phone
+                )
+            except AlreadyEnrolled:
+                return "already_enrolled"
+            # The check awaited Redis, where a disconnect's cancel can be lost
+            # (session/video.py): nothing may be written for a terminal that has gone.
+            why = self._gone_or_cancelled()
+            if why is not None:
+                return why
+            try:
+                account, subject = await self.svc.store.create_account(
+                    self.req.account_id,
+                    self.req.name,
+                    self.req.phone,
+                    passhash,
+                    templates,
+                    consent,
+                    terminal_id=self.req.terminal_id,
+                    terminal_token_sha256=self.req.token_sha256 or None,
+                )
+            except AuthError:
+                return "terminal_revoked"
+            except TemplateKeyMismatch:
+                # This server's key is not the data's (a rotation begun while it runs):
+                # nothing is written, as when Redis is down.
+                log.warning("enrolment refused: the template key check in Redis names another key")
+                return "unavailable"
+            except Conflict:
+                return "conflict"
+            except StoreUnavailable as exc:
+                if exc.unsent:
+                    raise
+                # The write was sent and its reply lost: the account may exist, so the
+                # person must not be told that nothing was stored.
+                log.warning("enrolment %s: the account's write may have been made", self.session_id)
+                return "enrolment_unknown"
+            self.svc.directory.add(subject, templates, account.phone_last4)
+            return account, subject
+
+    async def _spend_answer(self, templates: list[FloatArray]) -> bool:
+        """Spend one phone-digit answer of every look-alike the face matches; False if one
+        had none left (session/phone_digits.py). The duplicate check compares the face only
+        with enrolled people whose phone ends in the digits given, so whether it refuses
+        answers a guess of those digits, like a checkout's. Spent before it is given, in
+        one atomic count per look-alike, so that enrolments at the same moment on several
+        kiosks cannot all pass one last check."""
+        budget, limiter = self.svc.config.limits.phone_digit_misses_per_subject, self.svc.limiter
+        named = await self.svc.search(lookalikes, templates)
+        return named is not None and await spend_answer(limiter, named, budget)

@@ -196,8 +196,13 @@ async def enroll_from_images(
     passphrase: str,
     images: Sequence[Photo],
     consent: Mapping[str, str],
+    search_executor: Executor | None = None,
 ) -> tuple[Account, int]:
     """Create an account from photos; returns (account, number of templates).
+
+    ``search_executor`` runs the duplicate check's searches (the server's search thread:
+    never queued behind inference while ``Directory.enrolling`` is held); ``executor``
+    by default.
 
     Raises InvalidRequest (fields or passphrase rules), ImageFileError (a photo that cannot
     be decoded, found only after the fields passed), ImageQualityError (a photo refused,
@@ -214,7 +219,7 @@ async def enroll_from_images(
     passhash = await loop.run_in_executor(executor, hasher.hash, passphrase)
     # From the duplicate check to the index one enrolment at a time (Directory.enrolling).
     async with directory.enrolling:
-        await refuse_duplicate(directory, executor, templates, phone)
+        await refuse_duplicate(directory, search_executor or executor, templates, phone)
         account, subject_id = await store.create_account(
             account_id, name, phone, passhash, templates, consent
         )

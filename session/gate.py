@@ -69,6 +69,9 @@ class GateTerminal:
 
     merchant_id: str
     terminal_id: str
+    #: The sha256 of the token its socket said hello with ("": not checked); a fare is
+    #: refused once the gate's token was rotated (a stolen token's socket cannot pay).
+    token_sha256: str = ""
 
 
 class GateSession(VideoSession):
@@ -329,6 +332,7 @@ class GateSession(VideoSession):
                 daily_limit=self.policy.daily_limit,
                 payment_id=payment_id,
                 account_created=account.created,
+                terminal_token_sha256=self.gate.token_sha256 or None,
             )
         except _REFUSED as exc:
             # Refused by the ledger (locked or erased since the read above, through any
@@ -342,7 +346,6 @@ class GateSession(VideoSession):
             if written is None:
                 raise
             payment = written  # charged after all: the person has paid, so open
-        await self._settle(account.account_id, claim, time.monotonic() - claimed_at)
         self.decisions[report.track_id] = "open"
         self.outcomes["open"] += 1
         ms = self._decision_ms(report)
@@ -359,3 +362,5 @@ class GateSession(VideoSession):
         )
         self.svc.observer.decision("gate", "open", "paid")
         self._observe_latency(ms)
+        # After the opening: the person has paid and must not wait on this round trip.
+        await self._settle(account.account_id, claim, time.monotonic() - claimed_at)

@@ -154,3 +154,6 @@ class CheckoutRequest:
     order_id: str
     amount: int
     currency: str
+    #: The sha256 of the token the terminal's socket said hello with ("": not checked): the
+    #: payment script refuses it once the terminal's token was rotated.
+    token_sha256: str = ""

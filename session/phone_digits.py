@@ -45,16 +45,25 @@ def ambiguous_subjects(directory: Directory, probe: FloatArray) -> list[str]:
     return [m.subject_id for m in found if m.score >= floor]
 
 
-def lookalikes(directory: Directory, templates: Sequence[FloatArray]) -> list[str]:
+#: The most look-alikes an enrolment names per template. A face matching this many enrolled
+#: subjects is declined: otherwise someone could enrol their own face under new accounts
+#: until the person whose digits they guess drops out of the subjects named.
+LOOKALIKE_LIMIT = 32
+
+
+def lookalikes(directory: Directory, templates: Sequence[FloatArray]) -> list[str] | None:
     """The enrolled subjects any of ``templates`` matches at ``match.threshold`` or above,
     whatever their phone digits: those an enrolment's duplicate check would compare the
-    digits of. Searched deep, since a look-alike the index misses here escapes the budget."""
-    match = directory.match
+    digits of. None when a template matches ``LOOKALIKE_LIMIT`` or more (a crowd that could
+    hide one). Searched deep, since a look-alike the index misses escapes the budget."""
+    threshold = directory.match.threshold
     named: list[str] = []
     for template in templates:
-        for found in directory.gallery.search(template, k=match.top_k, deep=True):
-            if found.score >= match.threshold and found.subject_id not in named:
-                named.append(found.subject_id)
+        found = directory.gallery.search(template, k=LOOKALIKE_LIMIT, deep=True)
+        above = [m.subject_id for m in found if m.score >= threshold]
+        if len(above) >= LOOKALIKE_LIMIT:
+            return None
+        named += [sid for sid in above if sid not in named]
     return named
 
 

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from pipeline.analyzer import FaceAnalyzer
 from pipeline.decision import Decision
@@ -16,6 +16,8 @@ from session.crypto import PassphraseHasher
 from session.directory import Directory
 from session.ratelimit import RateLimiter
 from session.store import Store
+
+_T = TypeVar("_T")
 
 
 class Observer(Protocol):
@@ -56,7 +58,7 @@ class SessionServices:
             self.search_executor, self.directory.identify, probe, phone_last4
         )
 
-    async def search(self, fn: Callable[[Directory, Any], list[str]], probe: Any) -> list[str]:
+    async def search(self, fn: Callable[[Directory, Any], _T], probe: Any) -> _T:
         """``fn(directory, probe)``, a function of the gallery such as
         ``session.phone_digits.lookalikes``, in ``search_executor``."""
         loop = asyncio.get_running_loop()

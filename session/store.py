@@ -111,6 +111,7 @@ class Store(StoreTerminals, StorePurge):
         consent: Mapping[str, str],
         *,
         terminal_id: str | None = None,
+        terminal_token_sha256: str | None = None,
     ) -> tuple[Account, str]:
         """Create an account with its encrypted templates under a new subject id, atomically.
 
@@ -118,7 +119,9 @@ class Store(StoreTerminals, StorePurge):
         Records ``consent`` and ``enrolled`` audit events (no biometric data). With
         ``terminal_id`` (a live enrolment), AuthError unless that terminal is still active
         when the account is written: a terminal revoked while its socket's close was missed
-        (a gap in the events channel) enrols no one. TemplateKeyMismatch unless Redis's key
+        (a gap in the events channel) enrols no one; with ``terminal_token_sha256`` too,
+        unless its token is still that one (a socket opened with a token rotated since, a
+        stolen one say, enrols no one). TemplateKeyMismatch unless Redis's key
         check (watched with the account) names this store's key and no rotation is open.
         """
         name, phone = h.check_account_fields(account_id, name, phone)
@@ -139,12 +142,14 @@ class Store(StoreTerminals, StorePurge):
         )
         account = Account(account_id, name, phone, "active", now)
         akey, a2s = self._k("account", account_id), self._a2s_key(account_id)
-        await self.check_template_key()
         watched = [akey, a2s, *self._check_keys()]
         if terminal_id is not None:
             watched.append(self._k("terminal", terminal_id))
         sent = h.Sent()
         with h.unavailable_tx("create_account", sent):
+            # Inside: a failure of this read (or its first-use write of the key check) is
+            # before the account's EXEC, so it is known that no account was written.
+            await self.check_template_key()
             async with self._r.pipeline(transaction=True) as pipe:
                 for _ in range(_WATCH_RETRIES):
                     try:
@@ -156,9 +161,15 @@ class Store(StoreTerminals, StorePurge):
                                 break  # our EXEC committed but its reply was lost
                             raise Conflict("account id already taken")
                         if terminal_id is not None:
-                            t_status = await pipe.hget(watched[4], "status")
+                            t_status, t_digest = await pipe.hmget(
+                                watched[4], ["status", "token_sha256"]
+                            )
                             if t_status is None or h.text(t_status) != "active":
                                 raise AuthError("terminal revoked")
+                            if terminal_token_sha256 is not None and (
+                                t_digest is None or h.text(t_digest) != terminal_token_sha256
+                            ):
+                                raise AuthError("terminal token rotated")
                         pipe.multi()
                         pipe.delete(akey)
                         pipe.hset(

@@ -48,7 +48,15 @@ from stream_server.admin_bodies import (
     account_form,
     json_body,
 )
-from stream_server.app import ANALYZER, CONFIG, DIRECTORY, EXECUTOR, HASHER, STORE
+from stream_server.app import (
+    ANALYZER,
+    CONFIG,
+    DIRECTORY,
+    EXECUTOR,
+    HASHER,
+    SEARCH_EXECUTOR,
+    STORE,
+)
 from stream_server.revocation import close_revoked, close_stale
 
 log = logging.getLogger(__name__)
@@ -218,7 +226,10 @@ async def rotate_terminal(request: web.Request) -> web.StreamResponse:
     store = request.app[STORE]
     token = await store.rotate_terminal_token(terminal_id, operator=request[OPERATOR])
     stale = close_stale(request.app, terminal_id, store.token_sha256(token))
-    await asyncio.gather(*stale, return_exceptions=True)
+    if stale:
+        # Their sessions are stopped already; a socket that does not read must not hold
+        # back the new token, which is shown only in this answer.
+        await asyncio.wait(stale, timeout=1.0)
     return web.json_response({"terminal_id": terminal_id, "token": token})
 
 
@@ -271,6 +282,7 @@ async def _enroll(
         analyzer=app[ANALYZER],
         hasher=app[HASHER],
         executor=app[EXECUTOR],
+        search_executor=app[SEARCH_EXECUTOR],
         account_id=form.account_id,
         name=form.name,
         phone=form.phone,

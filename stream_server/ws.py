@@ -307,6 +307,7 @@ class TerminalConnection:
             account_id=msg.account_id,
             name=msg.name,
             phone=msg.phone,
+            token_sha256=self.token_sha256 or "",
         )
         session = EnrollSession(self._services(), request, self.frames, self.send)  # validates
         await self._limit("enrolments_per_terminal", self.terminal.terminal_id)
@@ -334,7 +335,9 @@ class TerminalConnection:
         assert self.terminal is not None
         if self.session_task is not None and not self.session_task.done():
             return
-        gate = GateTerminal(self.terminal.merchant_id, self.terminal.terminal_id)
+        gate = GateTerminal(
+            self.terminal.merchant_id, self.terminal.terminal_id, self.token_sha256 or ""
+        )
         self._begin(GateSession(self._services(), gate, self.frames, self.send), "gate")
 
     async def _start_checkout(self, msg: StartCheckout) -> None:
@@ -361,6 +364,7 @@ class TerminalConnection:
             order_id=msg.order_id,
             amount=amount,
             currency=currency,
+            token_sha256=self.token_sha256 or "",
         )
         self.frames.clear()  # frames from before this checkout are not evidence for it
         self._begin(CheckoutSession(services, request, self.frames, self.send), "checkout")

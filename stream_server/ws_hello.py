@@ -82,9 +82,12 @@ async def _authenticate(conn: TerminalConnection, token: str) -> Terminal:
     so an old token that lost that race is refused, and a new one is not."""
     store, rotations = conn.app[STORE], conn.app[TOKEN_ROTATIONS]
     for _ in range(_TOKEN_CHECKS):
-        seen = rotations.total()
+        seen = rotations.copy()
         terminal = await store.authenticate_terminal(token)
-        if rotations.total() == seen:  # no await from here until the caller has it
+        tid = terminal.terminal_id
+        # Only this terminal's rotations (and catch-ups, "*") count: a script rotating many
+        # terminals must not fail every other terminal's hello meanwhile.
+        if (rotations[tid], rotations["*"]) == (seen[tid], seen["*"]):  # no await until used
             conn.token_sha256 = store.token_sha256(token)
             return terminal
     raise StoreUnavailable("terminal tokens keep changing; try again")

@@ -16,9 +16,12 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
+from pipeline.config import MatchConfig
 from pipeline.errors import InvalidRequest, RateLimited, StoreUnavailable
 from session.config import FacePayConfig, Limit, RateLimitConfig
 from session.crypto import TEMPLATE_DIM, PassphraseHasher, TemplateCipher, generate_key
+from session.directory import Directory
+from session.phone_digits import LOOKALIKE_LIMIT, lookalikes
 from session.ratelimit import RateLimiter
 from session.store import Store
 from stream_server import admin
@@ -389,6 +392,28 @@ async def test_a_live_enrolment_cannot_confirm_a_look_alikes_phone_digits(
     assert second == {"type": "declined", "reason": "ambiguous"}, term.events
     accounts = [k async for k in env.app[REDIS].scan_iter("fp:account:*")]
     assert sorted(accounts) == [b"fp:account:acct-guess-1", b"fp:account:acct-victim"]
+
+
+def test_a_face_matching_a_crowd_of_enrolled_subjects_names_none() -> None:
+    """The look-alikes an enrolment's answer is counted against come from a top-k search:
+    someone enrolling their own face again and again (each a 'twin' with other digits)
+    would push the person whose digits they guess out of it. A crowd that could hide one
+    names nobody, and the enrolment is declined."""
+    directory = Directory(MatchConfig())
+    rng = np.random.default_rng(5)
+    face = rng.standard_normal(128).astype(np.float32)
+    face /= np.linalg.norm(face)
+
+    def near() -> np.ndarray:
+        v = face + 0.05 * rng.standard_normal(128).astype(np.float32)
+        return (v / np.linalg.norm(v)).astype(np.float32)
+
+    for i in range(3):
+        directory.add(f"s_{i}", [near()], f"{i:04d}")
+    assert sorted(lookalikes(directory, [near()]) or []) == ["s_0", "s_1", "s_2"]
+    for i in range(3, LOOKALIKE_LIMIT):
+        directory.add(f"s_{i}", [near()], f"{i:04d}")
+    assert lookalikes(directory, [near()]) is None
 
 
 async def test_rate_limits_fail_closed_when_redis_is_down(make_server, redis_server) -> None:

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from session.config import FacePayConfig
 from session.crypto import TemplateCipher, generate_key
 from session.store import Store
-from stream_server.app import CIPHER, STORE, create_app
+from stream_server.app import CIPHER, STORE, TOKEN_ROTATIONS, create_app
 from tests.e2e import ADMIN_TOKEN, PASSPHRASE, camera_frames
 from tests.terminal import TestTerminal
 
@@ -126,6 +126,27 @@ async def test_a_prompt_open_when_the_terminal_is_revoked_pays_nothing(make_env,
     assert await env.store.find_payment(env.merchant.merchant_id, "o-revoked") is None
 
 
+async def test_a_prompt_open_when_the_token_is_rotated_pays_nothing(make_env, analyzer, photo):
+    """A rotation answers a stolen token. Its socket is closed when ``rotated:`` arrives;
+    until then (a payment already on its way, or the event lost to a cut subscription) the
+    payment script itself refuses a socket whose token is no longer the terminal's."""
+    env = await make_env()
+    await env.enroll("acct-obama", "Barack Obama", "+12025550101", photo(ENROLL))
+    till = await env.store.authenticate_terminal(env.token)
+    term = await env.terminal()
+    await term.start_video(camera_frames(analyzer, photo(SHOPPER)))
+    await term.checkout("9.90", "o-rotated")
+    confirm = await term.expect("confirm")
+    # The new token's digest written with no event to any server: this socket stays open.
+    await env.app[STORE]._r.hset(f"fp:terminal:{till.terminal_id}", "token_sha256", "0" * 64)
+    await term.send(
+        {"type": "passphrase", "prompt_id": confirm["prompt_id"], "passphrase": PASSPHRASE}
+    )
+    end = await term.expect("approved", "declined", timeout=30)
+    assert (end["type"], end.get("reason")) == ("declined", "terminal_revoked"), term.events
+    assert await env.payments() == []
+
+
 async def test_a_revocation_missed_during_a_subscription_gap_still_closes_the_socket(
     aiohttp_server, redis_url, models_dir
 ):
@@ -209,6 +230,33 @@ async def test_a_hello_racing_the_rotation_with_the_old_token_is_refused(
         await _rotate(server, till.terminal_id)  # finds no socket of the terminal yet
         release.set()
         assert (await term.next(timeout=5)).get("code") == 4401, term.events
+    finally:
+        await term.close()
+
+
+async def test_rotating_other_terminals_does_not_fail_a_hello(
+    aiohttp_server, redis_url, models_dir, monkeypatch
+):
+    """Each hello's token check is repeated when a rotation of *its* terminal was announced
+    meanwhile; a script rotating many other terminals used to fail every hello (three
+    checks, then "try later"), new tokens' hellos included."""
+    (server,) = await _servers(aiohttp_server, redis_url, models_dir, 1)
+    store: Store = server.app[STORE]
+    merchant = await store.add_merchant("Shop")
+    _, token = await store.add_terminal(merchant.merchant_id, "checkout")
+    real = Store.authenticate_terminal
+
+    async def others_rotated_meanwhile(self: Store, token: str) -> Any:
+        terminal = await real(self, token)
+        server.app[TOKEN_ROTATIONS]["t_someone_else"] += 1  # another terminal's rotation
+        return terminal
+
+    monkeypatch.setattr(Store, "authenticate_terminal", others_rotated_meanwhile)
+    term = TestTerminal(str(server.make_url("/ws")), token)
+    try:
+        await term.connect()
+        await term.send({"type": "ping"})
+        assert (await term.expect("pong"))["type"] == "pong", term.events
     finally:
         await term.close()
 

@@ -635,6 +635,43 @@ async def test_a_prompt_opened_for_an_erased_account_cannot_charge_its_id_s_next
     assert paid.account_id == "alice"
 
 
+async def test_a_socket_whose_token_was_rotated_neither_pays_nor_enrols(
+    db: Store, client: aioredis.Redis, passhash: str, till: str
+) -> None:
+    """The sessions pass the digest of the token their socket said hello with: once the
+    terminal's token is another (rotated: a stolen token's socket), the payment script and
+    the account's write refuse it, even before the socket's close reaches it."""
+    await _enrol(db, passhash, "alice", seed=1)
+    await client.hset(f"fp:terminal:{till}", "token_sha256", "a" * 64)
+    with pytest.raises(AuthError):
+        await db.create_payment(**_pay(), terminal_token_sha256="b" * 64)
+    with pytest.raises(AuthError):
+        await db.create_account(
+            "bob",
+            "Bob",
+            "+8613800005555",
+            passhash,
+            _templates(),
+            CONSENT,
+            terminal_id=till,
+            terminal_token_sha256="b" * 64,
+        )
+    with pytest.raises(NotFound):
+        await db.get_account("bob")
+    paid = await db.create_payment(**_pay(), terminal_token_sha256="a" * 64)
+    assert paid.terminal_id == till
+    await db.create_account(
+        "bob",
+        "Bob",
+        "+8613800005555",
+        passhash,
+        _templates(),
+        CONSENT,
+        terminal_id=till,
+        terminal_token_sha256="a" * 64,
+    )
+
+
 @pytest.mark.usefixtures("payers")
 async def test_twenty_concurrent_payments_for_one_order_charge_once(
     db: Store, client: aioredis.Redis, till: str
