@@ -29,9 +29,14 @@ Key layout (prefix ``fp:``), chosen so that a stolen dump does not join faces to
 - ``fp:purge:erasures`` erasures so far; ``fp:purge:done`` the count the last finished purge
   of Redis's own files started from (session/_store_purge.py); ``fp:purge:running`` the
   purge's short lock
+- ``fp:gate:{mid}:{aid}`` a gate entry claim: the claiming gate's token, for the entry window
+  (at least ``gate_claim_hold_s`` until its fare is written); ``fp:voided:{pid}`` a payment
+  id fenced off after a lost reply
 
 After an enrolment or an erasure commits, the store PUBLISHes ``enrolled:{sid}`` or
-``erased:{sid}`` on channel ``fp:events`` so every server instance updates its directory.
+``erased:{sid}`` on channel ``fp:events`` so every server instance updates its directory;
+a revocation publishes ``revoked:{tid}`` and a token rotation ``rotated:{tid}``, so every
+server closes the terminal's sockets (those opened with the old token, for a rotation).
 
 Every Redis failure becomes ``StoreUnavailable`` (chained); multi-key writes are atomic
 (MULTI/EXEC or a Lua script) so a failure leaves nothing half-written.
