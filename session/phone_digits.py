@@ -22,7 +22,6 @@ digits are compared, and once a look-alike's budget is spent it is declined ``am
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 from pipeline.errors import RateLimited
@@ -90,9 +89,6 @@ async def spend_answer(limiter: RateLimiter, subjects: Sequence[str], limit: Lim
 
 
 async def count_miss(limiter: RateLimiter, subjects: Sequence[str], limit: Limit) -> None:
-    """Count one wrong answer against each of ``subjects``."""
-    for sid in subjects:
-        # Past the budget, hit() raises; the count is what matters here, and the next
-        # ``budget_spent`` reads it.
-        with contextlib.suppress(RateLimited):
-            await limiter.hit(BUCKET, sid, limit)
+    """Count one wrong answer against each of ``subjects``. Whether a budget was spent
+    already does not matter here: the next ``budget_spent`` reads the count."""
+    await spend_answer(limiter, subjects, limit)
