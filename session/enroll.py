@@ -184,8 +184,9 @@ class EnrollSession(VideoSession):
             await self._end(why)
 
     def _gone_or_cancelled(self) -> str | None:
-        """ "disconnected" (the terminal is gone), "cancelled" (a cancel was queued; the
-        inbox is emptied, as nothing else is expected meanwhile) or None; sends nothing."""
+        """Why the session must end now, without sending anything: "disconnected" (the
+        terminal is gone), "cancelled" (a cancel was queued; the inbox is emptied, as
+        nothing else is expected meanwhile), or None."""
         if self._stopped and not self.finished:
             return "disconnected"
         cancelled = False

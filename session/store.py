@@ -47,6 +47,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
@@ -351,6 +352,9 @@ class Store(StoreTerminals, StorePurge):
                                 self._k(k, account_id)
                                 for k in ("fail", "lock", "lockouts", "failday")
                             ),
+                            # Its daily totals not expired yet: the id may be enrolled again,
+                            # by someone else, who must not start with this one's spending.
+                            *(self._k("daily", account_id, day) for day in _recent_days(now)),
                         )
                         pipe.hdel(akey, *_PII_FIELDS)
                         pipe.hset(akey, mapping={"status": "erased", "erased": repr(now)})
@@ -399,3 +403,11 @@ class Store(StoreTerminals, StorePurge):
             keys = [self._cipher.audit, *retired]
             names = (self._k("audit"), self._k("audit", "seal"))
             return await _audit.verify(self._r, names, keys, maxlen=self.audit_maxlen)
+
+
+def _recent_days(now: float) -> list[str]:
+    """The UTC days (``YYYYMMDD``) whose daily totals may still exist at ``now``: a total
+    expires ``DAILY_TTL_S`` (two days) after its last payment."""
+    today = datetime.fromtimestamp(now, UTC)
+    days = range(h.DAILY_TTL_S // 86400 + 1)
+    return [(today - timedelta(days=n)).strftime("%Y%m%d") for n in days]

@@ -415,6 +415,21 @@ async def test_an_erased_account_may_enrol_again(db: Store, passhash: str) -> No
         await _enrol(db, passhash, "alice", seed=3)
 
 
+async def test_erasure_drops_the_accounts_daily_total(
+    db: Store, client: aioredis.Redis, passhash: str, till: str
+) -> None:
+    """What an erased account spent today is its own: a later holder of the id (it may be
+    enrolled again, by someone else) starts the day at nothing."""
+    await _enrol(db, passhash, "alice", seed=1)
+    await db.create_payment(**_pay(amount=9_000, daily_limit=10_000))
+    assert [k async for k in client.scan_iter("fp:daily:alice:*")]
+    await db.erase_account("alice")
+    assert [k async for k in client.scan_iter("fp:daily:alice:*")] == []
+    await db.create_account("alice", "Alice Again", "123456789", passhash, _templates(), CONSENT)
+    paid = await db.create_payment(**_pay(order_id="o-2", amount=9_000, daily_limit=10_000))
+    assert paid.amount == 9_000
+
+
 async def test_enrolment_audit_records_consent_without_biometrics(db: Store, passhash: str) -> None:
     sid, _ = await _enrol(db, passhash, "alice", n=3)
     events = await db.read_audit()
