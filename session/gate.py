@@ -349,18 +349,21 @@ class GateSession(VideoSession):
         self.decisions[report.track_id] = "open"
         self.outcomes["open"] += 1
         ms = self._decision_ms(report)
-        await self._send(
-            {
-                "type": "gate_open",
-                "track_id": report.track_id,
-                "account": account.masked_name,
-                "fare": format_amount(fare),
-                "currency": self.policy.currency,
-                "payment_id": payment.payment_id,
-                "decision_ms": ms,
-            }
-        )
-        self.svc.observer.decision("gate", "open", "paid")
-        self._observe_latency(ms)
-        # After the opening: the person has paid and must not wait on this round trip.
-        await self._settle(account.account_id, claim, time.monotonic() - claimed_at)
+        try:
+            await self._send(
+                {
+                    "type": "gate_open",
+                    "track_id": report.track_id,
+                    "account": account.masked_name,
+                    "fare": format_amount(fare),
+                    "currency": self.policy.currency,
+                    "payment_id": payment.payment_id,
+                    "decision_ms": ms,
+                }
+            )
+            self.svc.observer.decision("gate", "open", "paid")
+            self._observe_latency(ms)
+        finally:
+            # After the opening: the person has paid and must not wait on this round trip;
+            # and settled even if the gate is going away meanwhile (the fare is written).
+            await self._settle(account.account_id, claim, time.monotonic() - claimed_at)

@@ -46,8 +46,11 @@ def ambiguous_subjects(directory: Directory, probe: FloatArray) -> list[str]:
 
 #: The most look-alikes an enrolment names per template. A face matching this many enrolled
 #: subjects is declined: otherwise someone could enrol their own face under new accounts
-#: until the person whose digits they guess drops out of the subjects named.
-LOOKALIKE_LIMIT = 32
+#: until the person whose digits they guess drops out of the subjects named. At most 16, so
+#: that a deep index search (``ann_recheck_pool`` 256 templates) can find this many subjects
+#: of up to 10 templates each (the most an enrolment keeps); at a million templates a
+#: face's impostors above the threshold number about one.
+LOOKALIKE_LIMIT = 16
 
 
 def lookalikes(directory: Directory, templates: Sequence[FloatArray]) -> list[str] | None:

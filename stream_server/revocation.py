@@ -114,7 +114,11 @@ def revoked_close(
     ws: web.WebSocketResponse, message: bytes = b"terminal revoked"
 ) -> asyncio.Task[bool]:
     """Close ``ws`` as revoked, or opened with a rotated token (4401), in a task."""
-    return asyncio.create_task(
+    task = asyncio.create_task(
         ws.close(code=CLOSE_UNAUTHENTICATED, message=message),
         name="facepay-revoked-close",
     )
+    # Nobody may await it (a rotation answers after a second at most): its outcome is
+    # retrieved here, so a failed close is not reported as never retrieved.
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task
