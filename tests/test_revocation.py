@@ -51,6 +51,13 @@ async def _revoke(server: Any, terminal_id: str) -> None:
         assert resp.status == 200, await resp.text()
 
 
+async def _rotate(server: Any, terminal_id: str) -> str:
+    url = server.make_url(f"/api/terminals/{terminal_id}/rotate")
+    async with aiohttp.ClientSession(headers=AUTH) as http, http.post(url) as resp:
+        assert resp.status == 200, await resp.text()
+        return str((await resp.json())["token"])
+
+
 async def test_revoking_through_one_server_closes_the_socket_on_another(
     aiohttp_server, redis_url, models_dir
 ):
@@ -76,9 +83,12 @@ async def test_revoking_through_one_server_closes_the_socket_on_another(
         await again.close()
 
 
-async def test_a_hello_racing_the_revocation_is_refused(
-    aiohttp_server, redis_url, models_dir, monkeypatch
+@pytest.mark.parametrize("change", ["revoke", "rotate"])
+async def test_a_hello_racing_a_revocation_or_rotation_is_refused(
+    aiohttp_server, redis_url, models_dir, monkeypatch, change
 ):
+    """The hello's token check reads the terminal as active with this token; the revocation
+    or rotation commits while that reply is on its way, and finds no socket to close yet."""
     (server,) = await _servers(aiohttp_server, redis_url, models_dir, 1)
     store: Store = server.app[STORE]
     merchant = await store.add_merchant("Shop")
@@ -86,21 +96,23 @@ async def test_a_hello_racing_the_revocation_is_refused(
     checked, release = asyncio.Event(), asyncio.Event()
     real = Store.authenticate_terminal
 
-    async def slow_reply(self: Store, token: str) -> Any:
-        terminal = await real(self, token)  # reads "active"
-        checked.set()
-        await release.wait()  # the reply still on its way while the revocation commits
+    async def first_reply_slow(self: Store, token: str) -> Any:
+        terminal = await real(self, token)  # reads "active", with this token current
+        if not checked.is_set():
+            checked.set()
+            await release.wait()  # the reply still on its way while the change commits
         return terminal
 
-    monkeypatch.setattr(Store, "authenticate_terminal", slow_reply)
+    monkeypatch.setattr(Store, "authenticate_terminal", first_reply_slow)
     term = TestTerminal(str(server.make_url("/ws")), token)
     await term.connect(hello=False)
     try:
         await term.send({"type": "hello", "token": token})
         await asyncio.wait_for(checked.wait(), 10)
-        await _revoke(server, till.terminal_id)  # finds no socket of the terminal yet
+        change_it = _revoke if change == "revoke" else _rotate
+        await change_it(server, till.terminal_id)  # finds no socket of the terminal yet
         release.set()
-        assert (await term.next(timeout=5))["code"] == 4401, term.events
+        assert (await term.next(timeout=5)).get("code") == 4401, term.events
     finally:
         await term.close()
 
@@ -176,13 +188,6 @@ async def test_a_change_missed_during_a_subscription_gap_still_closes_the_socket
         await term.close()
 
 
-async def _rotate(server: Any, terminal_id: str) -> str:
-    url = server.make_url(f"/api/terminals/{terminal_id}/rotate")
-    async with aiohttp.ClientSession(headers=AUTH) as http, http.post(url) as resp:
-        assert resp.status == 200, await resp.text()
-        return str((await resp.json())["token"])
-
-
 async def test_rotating_through_one_server_closes_the_old_tokens_socket_on_another(
     aiohttp_server, redis_url, models_dir
 ):
@@ -208,36 +213,6 @@ async def test_rotating_through_one_server_closes_the_old_tokens_socket_on_anoth
         await old.close()
         if new is not None:
             await new.close()
-
-
-async def test_a_hello_racing_the_rotation_with_the_old_token_is_refused(
-    aiohttp_server, redis_url, models_dir, monkeypatch
-):
-    (server,) = await _servers(aiohttp_server, redis_url, models_dir, 1)
-    store: Store = server.app[STORE]
-    merchant = await store.add_merchant("Shop")
-    till, token = await store.add_terminal(merchant.merchant_id, "checkout")
-    checked, release = asyncio.Event(), asyncio.Event()
-    real = Store.authenticate_terminal
-
-    async def first_reply_slow(self: Store, token: str) -> Any:
-        terminal = await real(self, token)  # reads the old token as current
-        if not checked.is_set():
-            checked.set()
-            await release.wait()  # the reply still on its way while the rotation commits
-        return terminal
-
-    monkeypatch.setattr(Store, "authenticate_terminal", first_reply_slow)
-    term = TestTerminal(str(server.make_url("/ws")), token)
-    await term.connect(hello=False)
-    try:
-        await term.send({"type": "hello", "token": token})
-        await asyncio.wait_for(checked.wait(), 10)
-        await _rotate(server, till.terminal_id)  # finds no socket of the terminal yet
-        release.set()
-        assert (await term.next(timeout=5)).get("code") == 4401, term.events
-    finally:
-        await term.close()
 
 
 async def test_rotating_other_terminals_does_not_fail_a_hello(
